@@ -1,10 +1,36 @@
 //! The push-to-talk wire protocol: message types, their encoding over
-//! [`bytes`], and the session and clip state machines.
+//! [`bytes`], and the session, clip and floor state machines.
 //!
 //! This crate does no I/O and has no async runtime: the relay and the client
-//! library feed it bytes and time, and act on what it returns. PROTOCOL.md at
-//! the repository root specifies the same format for client writers in other
-//! languages.
+//! library feed it bytes and time (`now: Instant`), and act on what it
+//! returns. PROTOCOL.md at the repository root specifies the same format for
+//! client writers in other languages.
+//!
+//! - [`stream::FrameDecoder`] cuts a QUIC stream into frames.
+//! - [`message`] holds every message and its encoding.
+//! - [`clip::ClipReader`] checks one clip stream.
+//! - [`floor::FloorState`] decides who may talk in a walkie group.
+//! - [`session::SessionState`] enforces auth first and the clip limits.
+
+pub mod clip;
+pub mod coding;
+pub mod error;
+pub mod floor;
+pub mod ids;
+pub mod message;
+pub mod session;
+pub mod stream;
+
+pub use clip::{ClipError, ClipEvent, ClipLimits, ClipReader};
+pub use error::{DecodeError, ErrorCode};
+pub use floor::{FloorDecision, FloorHolder, FloorState};
+pub use ids::{ClipId, GroupMode, is_valid_id};
+pub use message::{
+    ClipFormat, ClipHeader, ClipMessage, ControlMessage, GroupSummary, Limits, PROTOCOL_VERSION,
+    ReceiptKind, Welcome,
+};
+pub use session::{SessionLimits, SessionPhase, SessionState};
+pub use stream::{Frame, FrameDecoder};
 
 /// The ALPN protocol identifier negotiated in the TLS handshake.
 pub const ALPN: &[u8] = b"ptt/1";

@@ -1,0 +1,1355 @@
+//! Every message of the protocol, with its encoding.
+//!
+//! A message on any stream is a frame: `type (varint) | length (varint) |
+//! payload (length bytes)`. Fields are read in order from the payload and
+//! any bytes after the last known field are ignored, so a later version may
+//! append fields. Control messages of an unknown type are skipped
+//! ([`ControlMessage::Unknown`]); on clip streams an unknown type is an error
+//! because the stream's order matters. PROTOCOL.md specifies each layout.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::coding::*;
+use crate::error::{DecodeError, ErrorCode};
+use crate::ids::{ClipId, GroupMode};
+
+/// The protocol version this crate speaks, sent in the hello.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The largest payload of any message, in bytes.
+pub const MAX_PAYLOAD_LEN: usize = 64 * 1024;
+/// The longest group or user id, in bytes of UTF-8.
+pub const MAX_ID_LEN: usize = 64;
+/// The longest token, in bytes.
+pub const MAX_TOKEN_LEN: usize = 2048;
+/// The longest free text (error messages, client names), in bytes.
+pub const MAX_TEXT_LEN: usize = 1024;
+/// The most entries in a list (groups, members).
+pub const MAX_LIST_LEN: usize = 4096;
+/// The longest waveform preview, in buckets.
+pub const MAX_WAVEFORM_LEN: usize = 256;
+/// The largest frame payload the decoder accepts (relays set a lower limit).
+pub const MAX_FRAME_LEN: usize = 32 * 1024;
+
+/// Message type numbers (PROTOCOL.md, "Message types"). All are below 64,
+/// so each takes one byte on the wire.
+pub mod kind {
+    #![allow(missing_docs)]
+    pub const HELLO: u64 = 0x01;
+    pub const JOIN: u64 = 0x02;
+    pub const LEAVE: u64 = 0x03;
+    pub const FLOOR_REQUEST: u64 = 0x04;
+    pub const FLOOR_RELEASE: u64 = 0x05;
+    pub const DELIVERY_ACK: u64 = 0x06;
+    pub const PLAYED: u64 = 0x07;
+    pub const FETCH_RECENT: u64 = 0x08;
+    pub const CREATE_GROUP: u64 = 0x10;
+    pub const ADD_MEMBER: u64 = 0x11;
+    pub const REMOVE_MEMBER: u64 = 0x12;
+    pub const LIST_GROUPS: u64 = 0x13;
+    pub const SET_MODE: u64 = 0x14;
+    pub const LIST_MEMBERS: u64 = 0x15;
+
+    pub const WELCOME: u64 = 0x20;
+    pub const OK: u64 = 0x21;
+    pub const ERROR: u64 = 0x22;
+    pub const JOINED: u64 = 0x23;
+    pub const CAUGHT_UP: u64 = 0x24;
+    pub const GAP: u64 = 0x25;
+    pub const STORED: u64 = 0x26;
+    pub const CLIP_REJECTED: u64 = 0x27;
+    pub const RECEIPT: u64 = 0x28;
+    pub const FLOOR_GRANTED: u64 = 0x29;
+    pub const FLOOR_DENIED: u64 = 0x2a;
+    pub const FLOOR_TAKEN: u64 = 0x2b;
+    pub const FLOOR_IDLE: u64 = 0x2c;
+    pub const FLOOR_REVOKED: u64 = 0x2d;
+    pub const GROUP_LIST: u64 = 0x2e;
+    pub const MEMBER_LIST: u64 = 0x2f;
+    pub const FETCH_DONE: u64 = 0x30;
+
+    pub const CLIP_HEADER: u64 = 0x38;
+    pub const CLIP_FRAME: u64 = 0x39;
+    pub const CLIP_END: u64 = 0x3a;
+}
+
+/// The limits a relay enforces, announced in [`Welcome`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest clip, in milliseconds.
+    pub max_clip_ms: u32,
+    /// Largest clip, in bytes of frame payload.
+    pub max_clip_bytes: u32,
+    /// Largest single frame payload, in bytes.
+    pub max_frame_bytes: u32,
+    /// Clips one user may upload at the same time.
+    pub max_concurrent_clips: u32,
+    /// Clips one user may start per minute.
+    pub clips_per_minute: u32,
+    /// Idle time after which the relay closes a silent connection, in ms.
+    pub idle_timeout_ms: u32,
+}
+
+/// The relay's answer to a valid hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// The protocol version the relay speaks.
+    pub version: u32,
+    /// The authenticated user id, from the token.
+    pub user: String,
+    /// The relay's clock, Unix milliseconds.
+    pub server_time_ms: u64,
+    /// What the relay enforces.
+    pub limits: Limits,
+}
+
+/// Whether a receipt reports delivery or playback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ReceiptKind {
+    /// The member's client received the whole clip and acknowledged it.
+    Delivered = 1,
+    /// The member listened to the clip.
+    Played = 2,
+}
+
+/// A group and its floor mode, as listed by [`ControlMessage::GroupList`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSummary {
+    /// The group id.
+    pub group: String,
+    /// The group's mode.
+    pub mode: GroupMode,
+}
+
+/// A message on the control stream, in either direction.
+///
+/// Variants up to `ListMembers` are sent by clients, the rest by the relay.
+/// Requests carry a `request_id` chosen by the client and echoed in the
+/// reply (`Ok`, `Error`, or the request's own answer), so a client can match
+/// replies to requests; `0` is reserved for errors not tied to a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlMessage {
+    /// First message of a connection: protocol version and token.
+    Hello {
+        /// The client's protocol version.
+        version: u32,
+        /// The signed token.
+        token: String,
+        /// Free text naming the client software, for logs.
+        client: String,
+    },
+    /// Start receiving a group's clips: catch-up from the member's cursor,
+    /// then live.
+    Join {
+        /// Echoed in the reply.
+        request_id: u64,
+        /// The group to listen to.
+        group: String,
+    },
+    /// Stop receiving a group's clips on this connection.
+    Leave {
+        /// Echoed in the reply.
+        request_id: u64,
+        /// The group.
+        group: String,
+    },
+    /// Ask for the floor of a walkie group before talking.
+    FloorRequest {
+        /// Echoed in the reply.
+        request_id: u64,
+        /// The group.
+        group: String,
+        /// Ask with emergency priority (needs the token's emergency claim).
+        emergency: bool,
+    },
+    /// Give the floor back without sending a clip.
+    FloorRelease {
+        /// The group.
+        group: String,
+    },
+    /// The client has the whole clip `seq`; moves the member's cursor.
+    DeliveryAck {
+        /// The group.
+        group: String,
+        /// The clip's group sequence number.
+        seq: u64,
+    },
+    /// The member listened to clip `seq`.
+    Played {
+        /// The group.
+        group: String,
+        /// The clip's group sequence number.
+        seq: u64,
+    },
+    /// Send the group's last `count` stored clips again.
+    FetchRecent {
+        /// Echoed in the reply.
+        request_id: u64,
+        /// The group.
+        group: String,
+        /// How many clips, newest last.
+        count: u32,
+    },
+    /// Admin: create a group.
+    CreateGroup {
+        /// Echoed in the reply.
+        request_id: u64,
+        /// The new group's id.
+        group: String,
+        /// Its mode.
+        mode: GroupMode,
+    },
+    /// Admin: add a member to a group.
+    AddMember {
+        /// Echoed in the reply.
+        request_id: u64,
+        /// The group.
+        group: String,
+        /// The user to add.
+        user: String,
+    },
+    /// Admin: remove a member from a group.
+    RemoveMember {
+        /// Echoed in the reply.
+        request_id: u64,
+        /// The group.
+        group: String,
+        /// The user to remove.
+        user: String,
+    },
+    /// The groups the user belongs to (every group, for an admin).
+    ListGroups {
+        /// Echoed in the reply.
+        request_id: u64,
+    },
+    /// Admin: change a group's mode.
+    SetMode {
+        /// Echoed in the reply.
+        request_id: u64,
+        /// The group.
+        group: String,
+        /// The new mode.
+        mode: GroupMode,
+    },
+    /// The members of a group the user belongs to.
+    ListMembers {
+        /// Echoed in the reply.
+        request_id: u64,
+        /// The group.
+        group: String,
+    },
+
+    /// The relay accepted the hello.
+    Welcome(Welcome),
+    /// A request succeeded and has no other answer.
+    Ok {
+        /// The request's id.
+        request_id: u64,
+    },
+    /// A request failed, or (with `request_id` 0) the connection is about to
+    /// be closed with this code.
+    Error {
+        /// The request's id, or 0.
+        request_id: u64,
+        /// What went wrong.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+    /// The answer to `Join`: catch-up follows.
+    Joined {
+        /// The request's id.
+        request_id: u64,
+        /// The group.
+        group: String,
+        /// The group's mode.
+        mode: GroupMode,
+        /// The member's cursor: every clip up to it was acknowledged.
+        cursor: u64,
+        /// The newest stored clip's sequence number.
+        last_seq: u64,
+    },
+    /// Catch-up of a group reached `seq`; what follows is live.
+    CaughtUp {
+        /// The group.
+        group: String,
+        /// The newest clip sent by catch-up.
+        seq: u64,
+    },
+    /// Clips `from_seq..=to_seq` expired before the member received them.
+    Gap {
+        /// The group.
+        group: String,
+        /// The first missing clip.
+        from_seq: u64,
+        /// The last missing clip.
+        to_seq: u64,
+    },
+    /// An uploaded clip is durable in the store as `seq`.
+    Stored {
+        /// The group.
+        group: String,
+        /// The talker's clip id.
+        clip_id: ClipId,
+        /// Its group sequence number.
+        seq: u64,
+    },
+    /// An uploaded clip was refused; its stream is closed with the same code.
+    ClipRejected {
+        /// The talker's clip id (all zero when the header was unreadable).
+        clip_id: ClipId,
+        /// Why.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+    /// A member received or played the talker's clip.
+    Receipt {
+        /// The group.
+        group: String,
+        /// The clip's sequence number.
+        seq: u64,
+        /// The clip's id.
+        clip_id: ClipId,
+        /// The member.
+        user: String,
+        /// Delivered or played.
+        kind: ReceiptKind,
+    },
+    /// The floor is the requester's for at most `max_ms`.
+    FloorGranted {
+        /// The request's id.
+        request_id: u64,
+        /// The group.
+        group: String,
+        /// How long the talker may hold the floor, in ms.
+        max_ms: u32,
+    },
+    /// The floor is held by someone else.
+    FloorDenied {
+        /// The request's id.
+        request_id: u64,
+        /// The group.
+        group: String,
+        /// Who holds it.
+        holder: String,
+    },
+    /// Sent to the group's members: `user` holds the floor now.
+    FloorTaken {
+        /// The group.
+        group: String,
+        /// The talker.
+        user: String,
+        /// Taken with emergency priority.
+        emergency: bool,
+    },
+    /// Sent to the group's members: nobody holds the floor.
+    FloorIdle {
+        /// The group.
+        group: String,
+    },
+    /// Sent to a talker who lost the floor before releasing it.
+    FloorRevoked {
+        /// The group.
+        group: String,
+        /// Why: [`ErrorCode::Preempted`] or [`ErrorCode::ClipTooLong`].
+        code: ErrorCode,
+    },
+    /// The answer to `ListGroups`.
+    GroupList {
+        /// The request's id.
+        request_id: u64,
+        /// The groups.
+        groups: Vec<GroupSummary>,
+    },
+    /// The answer to `ListMembers`.
+    MemberList {
+        /// The request's id.
+        request_id: u64,
+        /// The group.
+        group: String,
+        /// Its members' user ids.
+        members: Vec<String>,
+    },
+    /// `FetchRecent` sent its clips (on clip streams) and is done.
+    FetchDone {
+        /// The request's id.
+        request_id: u64,
+        /// The group.
+        group: String,
+        /// How many clips were sent.
+        count: u32,
+    },
+    /// A message type this version does not know; skipped.
+    Unknown {
+        /// Its type number.
+        kind: u64,
+    },
+}
+
+/// The audio format of a clip's frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ClipFormat {
+    /// Each frame is one Opus packet.
+    Opus = 1,
+    /// The frames are consecutive pieces of one WAV file, for clients that
+    /// cannot encode; the relay transcodes it to Opus before delivering it.
+    Wav = 2,
+}
+
+/// The first message of every clip stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClipHeader {
+    /// The group the clip is spoken into.
+    pub group: String,
+    /// The talker's id for this clip, unique per talker; retries reuse it.
+    pub clip_id: ClipId,
+    /// The talker's user id (empty from talkers; the relay fills it in).
+    pub talker: String,
+    /// The group sequence number, or 0 while the clip is still live.
+    pub seq: u64,
+    /// The frames' format.
+    pub format: ClipFormat,
+    /// The sample rate of the audio the frames encode (Opus: the input rate).
+    pub sample_rate: u32,
+    /// Channels in the frames.
+    pub channels: u8,
+    /// Duration of each frame in ms (0 for WAV).
+    pub frame_ms: u8,
+    /// When the talker started, Unix ms (the relay's clock on delivery).
+    pub created_ms: u64,
+    /// Bit flags, see [`ClipHeader::FLAG_HISTORY`] and
+    /// [`ClipHeader::FLAG_EMERGENCY`]; unknown bits are ignored.
+    pub flags: u8,
+}
+
+impl ClipHeader {
+    /// The clip comes from the store (catch-up or fetch), not live.
+    pub const FLAG_HISTORY: u8 = 0x01;
+    /// The clip was spoken with emergency priority.
+    pub const FLAG_EMERGENCY: u8 = 0x02;
+}
+
+/// A message on a clip stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClipMessage {
+    /// What the clip is; first on the stream.
+    Header(ClipHeader),
+    /// One frame: an Opus packet (or a piece of WAV).
+    Frame {
+        /// 0 for the first frame, then one more each frame.
+        index: u32,
+        /// The frame's bytes.
+        data: Bytes,
+    },
+    /// The clip is complete; last on the stream.
+    End {
+        /// How many frames the clip has.
+        frame_count: u32,
+        /// Its group sequence number (0 from talkers).
+        seq: u64,
+        /// A waveform preview, one byte (0 to 31) per bucket; may be empty.
+        waveform: Bytes,
+    },
+}
+
+impl ControlMessage {
+    /// The message's type number.
+    pub fn kind(&self) -> u64 {
+        use ControlMessage::*;
+        match self {
+            Hello { .. } => kind::HELLO,
+            Join { .. } => kind::JOIN,
+            Leave { .. } => kind::LEAVE,
+            FloorRequest { .. } => kind::FLOOR_REQUEST,
+            FloorRelease { .. } => kind::FLOOR_RELEASE,
+            DeliveryAck { .. } => kind::DELIVERY_ACK,
+            Played { .. } => kind::PLAYED,
+            FetchRecent { .. } => kind::FETCH_RECENT,
+            CreateGroup { .. } => kind::CREATE_GROUP,
+            AddMember { .. } => kind::ADD_MEMBER,
+            RemoveMember { .. } => kind::REMOVE_MEMBER,
+            ListGroups { .. } => kind::LIST_GROUPS,
+            SetMode { .. } => kind::SET_MODE,
+            ListMembers { .. } => kind::LIST_MEMBERS,
+            Welcome(_) => kind::WELCOME,
+            Ok { .. } => kind::OK,
+            Error { .. } => kind::ERROR,
+            Joined { .. } => kind::JOINED,
+            CaughtUp { .. } => kind::CAUGHT_UP,
+            Gap { .. } => kind::GAP,
+            Stored { .. } => kind::STORED,
+            ClipRejected { .. } => kind::CLIP_REJECTED,
+            Receipt { .. } => kind::RECEIPT,
+            FloorGranted { .. } => kind::FLOOR_GRANTED,
+            FloorDenied { .. } => kind::FLOOR_DENIED,
+            FloorTaken { .. } => kind::FLOOR_TAKEN,
+            FloorIdle { .. } => kind::FLOOR_IDLE,
+            FloorRevoked { .. } => kind::FLOOR_REVOKED,
+            GroupList { .. } => kind::GROUP_LIST,
+            MemberList { .. } => kind::MEMBER_LIST,
+            FetchDone { .. } => kind::FETCH_DONE,
+            Unknown { kind } => *kind,
+        }
+    }
+
+    /// Appends the framed message (type, length, payload) to `buf`.
+    pub fn encode(&self, buf: &mut BytesMut) {
+        let mut payload = BytesMut::new();
+        self.encode_payload(&mut payload);
+        put_frame(buf, self.kind(), &payload);
+    }
+
+    /// The framed message as one buffer.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut buf = BytesMut::new();
+        self.encode(&mut buf);
+        buf.freeze()
+    }
+
+    fn encode_payload(&self, p: &mut BytesMut) {
+        use ControlMessage::*;
+        match self {
+            Hello {
+                version,
+                token,
+                client,
+            } => {
+                put_varint(p, u64::from(*version));
+                put_string(p, token);
+                put_string(p, client);
+            }
+            Join { request_id, group }
+            | Leave { request_id, group }
+            | ListMembers { request_id, group } => {
+                put_varint(p, *request_id);
+                put_string(p, group);
+            }
+            FloorRequest {
+                request_id,
+                group,
+                emergency,
+            } => {
+                put_varint(p, *request_id);
+                put_string(p, group);
+                p.put_u8(u8::from(*emergency));
+            }
+            FloorRelease { group } | FloorIdle { group } => put_string(p, group),
+            DeliveryAck { group, seq } | Played { group, seq } | CaughtUp { group, seq } => {
+                put_string(p, group);
+                put_varint(p, *seq);
+            }
+            FetchRecent {
+                request_id,
+                group,
+                count,
+            } => {
+                put_varint(p, *request_id);
+                put_string(p, group);
+                put_varint(p, u64::from(*count));
+            }
+            CreateGroup {
+                request_id,
+                group,
+                mode,
+            }
+            | SetMode {
+                request_id,
+                group,
+                mode,
+            } => {
+                put_varint(p, *request_id);
+                put_string(p, group);
+                p.put_u8(*mode as u8);
+            }
+            AddMember {
+                request_id,
+                group,
+                user,
+            }
+            | RemoveMember {
+                request_id,
+                group,
+                user,
+            } => {
+                put_varint(p, *request_id);
+                put_string(p, group);
+                put_string(p, user);
+            }
+            ListGroups { request_id } | Ok { request_id } => put_varint(p, *request_id),
+            Welcome(w) => {
+                put_varint(p, u64::from(w.version));
+                put_string(p, &w.user);
+                put_varint(p, w.server_time_ms);
+                let l = &w.limits;
+                for v in [
+                    l.max_clip_ms,
+                    l.max_clip_bytes,
+                    l.max_frame_bytes,
+                    l.max_concurrent_clips,
+                    l.clips_per_minute,
+                    l.idle_timeout_ms,
+                ] {
+                    put_varint(p, u64::from(v));
+                }
+            }
+            Error {
+                request_id,
+                code,
+                message,
+            } => {
+                put_varint(p, *request_id);
+                put_varint(p, u64::from(code.code()));
+                put_string(p, truncate_text(message));
+            }
+            Joined {
+                request_id,
+                group,
+                mode,
+                cursor,
+                last_seq,
+            } => {
+                put_varint(p, *request_id);
+                put_string(p, group);
+                p.put_u8(*mode as u8);
+                put_varint(p, *cursor);
+                put_varint(p, *last_seq);
+            }
+            Gap {
+                group,
+                from_seq,
+                to_seq,
+            } => {
+                put_string(p, group);
+                put_varint(p, *from_seq);
+                put_varint(p, *to_seq);
+            }
+            Stored {
+                group,
+                clip_id,
+                seq,
+            } => {
+                put_string(p, group);
+                p.put_slice(clip_id.as_bytes());
+                put_varint(p, *seq);
+            }
+            ClipRejected {
+                clip_id,
+                code,
+                message,
+            } => {
+                p.put_slice(clip_id.as_bytes());
+                put_varint(p, u64::from(code.code()));
+                put_string(p, truncate_text(message));
+            }
+            Receipt {
+                group,
+                seq,
+                clip_id,
+                user,
+                kind,
+            } => {
+                put_string(p, group);
+                put_varint(p, *seq);
+                p.put_slice(clip_id.as_bytes());
+                put_string(p, user);
+                p.put_u8(*kind as u8);
+            }
+            FloorGranted {
+                request_id,
+                group,
+                max_ms,
+            } => {
+                put_varint(p, *request_id);
+                put_string(p, group);
+                put_varint(p, u64::from(*max_ms));
+            }
+            FloorDenied {
+                request_id,
+                group,
+                holder,
+            } => {
+                put_varint(p, *request_id);
+                put_string(p, group);
+                put_string(p, holder);
+            }
+            FloorTaken {
+                group,
+                user,
+                emergency,
+            } => {
+                put_string(p, group);
+                put_string(p, user);
+                p.put_u8(u8::from(*emergency));
+            }
+            FloorRevoked { group, code } => {
+                put_string(p, group);
+                put_varint(p, u64::from(code.code()));
+            }
+            GroupList { request_id, groups } => {
+                put_varint(p, *request_id);
+                put_varint(p, groups.len() as u64);
+                for g in groups {
+                    put_string(p, &g.group);
+                    p.put_u8(g.mode as u8);
+                }
+            }
+            MemberList {
+                request_id,
+                group,
+                members,
+            } => {
+                put_varint(p, *request_id);
+                put_string(p, group);
+                put_varint(p, members.len() as u64);
+                for m in members {
+                    put_string(p, m);
+                }
+            }
+            FetchDone {
+                request_id,
+                group,
+                count,
+            } => {
+                put_varint(p, *request_id);
+                put_string(p, group);
+                put_varint(p, u64::from(*count));
+            }
+            Unknown { .. } => {}
+        }
+    }
+
+    /// Decodes the payload of a control message of type `kind`.
+    pub fn decode(kind: u64, mut p: Bytes) -> Result<ControlMessage, DecodeError> {
+        let p = &mut p;
+        let result = Self::decode_fields(kind, p);
+        // A payload that ends inside its fields is malformed, not "wait for
+        // more": the frame length said how long it is.
+        result.map_err(|e| match e {
+            DecodeError::Short => DecodeError::Truncated { kind },
+            e => e,
+        })
+    }
+
+    fn decode_fields(k: u64, p: &mut Bytes) -> Result<ControlMessage, DecodeError> {
+        use ControlMessage::*;
+        let group = |p: &mut Bytes| get_string(p, MAX_ID_LEN, "group");
+        let user = |p: &mut Bytes| get_string(p, MAX_ID_LEN, "user");
+        Ok(match k {
+            kind::HELLO => Hello {
+                version: get_varint_u32(p, "version")?,
+                token: get_string(p, MAX_TOKEN_LEN, "token")?,
+                client: get_string(p, MAX_TEXT_LEN, "client")?,
+            },
+            kind::JOIN => Join {
+                request_id: get_varint(p)?,
+                group: group(p)?,
+            },
+            kind::LEAVE => Leave {
+                request_id: get_varint(p)?,
+                group: group(p)?,
+            },
+            kind::FLOOR_REQUEST => FloorRequest {
+                request_id: get_varint(p)?,
+                group: group(p)?,
+                emergency: get_bool(p, "emergency")?,
+            },
+            kind::FLOOR_RELEASE => FloorRelease { group: group(p)? },
+            kind::DELIVERY_ACK => DeliveryAck {
+                group: group(p)?,
+                seq: get_varint(p)?,
+            },
+            kind::PLAYED => Played {
+                group: group(p)?,
+                seq: get_varint(p)?,
+            },
+            kind::FETCH_RECENT => FetchRecent {
+                request_id: get_varint(p)?,
+                group: group(p)?,
+                count: get_varint_u32(p, "count")?,
+            },
+            kind::CREATE_GROUP => CreateGroup {
+                request_id: get_varint(p)?,
+                group: group(p)?,
+                mode: get_mode(p)?,
+            },
+            kind::ADD_MEMBER => AddMember {
+                request_id: get_varint(p)?,
+                group: group(p)?,
+                user: user(p)?,
+            },
+            kind::REMOVE_MEMBER => RemoveMember {
+                request_id: get_varint(p)?,
+                group: group(p)?,
+                user: user(p)?,
+            },
+            kind::LIST_GROUPS => ListGroups {
+                request_id: get_varint(p)?,
+            },
+            kind::SET_MODE => SetMode {
+                request_id: get_varint(p)?,
+                group: group(p)?,
+                mode: get_mode(p)?,
+            },
+            kind::LIST_MEMBERS => ListMembers {
+                request_id: get_varint(p)?,
+                group: group(p)?,
+            },
+            kind::WELCOME => Welcome(self::Welcome {
+                version: get_varint_u32(p, "version")?,
+                user: user(p)?,
+                server_time_ms: get_varint(p)?,
+                limits: Limits {
+                    max_clip_ms: get_varint_u32(p, "max_clip_ms")?,
+                    max_clip_bytes: get_varint_u32(p, "max_clip_bytes")?,
+                    max_frame_bytes: get_varint_u32(p, "max_frame_bytes")?,
+                    max_concurrent_clips: get_varint_u32(p, "max_concurrent_clips")?,
+                    clips_per_minute: get_varint_u32(p, "clips_per_minute")?,
+                    idle_timeout_ms: get_varint_u32(p, "idle_timeout_ms")?,
+                },
+            }),
+            kind::OK => Ok {
+                request_id: get_varint(p)?,
+            },
+            kind::ERROR => Error {
+                request_id: get_varint(p)?,
+                code: ErrorCode::from_code(get_varint(p)?),
+                message: get_string(p, MAX_TEXT_LEN, "message")?,
+            },
+            kind::JOINED => Joined {
+                request_id: get_varint(p)?,
+                group: group(p)?,
+                mode: get_mode(p)?,
+                cursor: get_varint(p)?,
+                last_seq: get_varint(p)?,
+            },
+            kind::CAUGHT_UP => CaughtUp {
+                group: group(p)?,
+                seq: get_varint(p)?,
+            },
+            kind::GAP => Gap {
+                group: group(p)?,
+                from_seq: get_varint(p)?,
+                to_seq: get_varint(p)?,
+            },
+            kind::STORED => Stored {
+                group: group(p)?,
+                clip_id: ClipId::from_bytes(get_array(p)?),
+                seq: get_varint(p)?,
+            },
+            kind::CLIP_REJECTED => ClipRejected {
+                clip_id: ClipId::from_bytes(get_array(p)?),
+                code: ErrorCode::from_code(get_varint(p)?),
+                message: get_string(p, MAX_TEXT_LEN, "message")?,
+            },
+            kind::RECEIPT => Receipt {
+                group: group(p)?,
+                seq: get_varint(p)?,
+                clip_id: ClipId::from_bytes(get_array(p)?),
+                user: user(p)?,
+                kind: match get_u8(p)? {
+                    1 => ReceiptKind::Delivered,
+                    2 => ReceiptKind::Played,
+                    v => {
+                        return Err(DecodeError::OutOfRange {
+                            field: "receipt kind",
+                            value: u64::from(v),
+                        });
+                    }
+                },
+            },
+            kind::FLOOR_GRANTED => FloorGranted {
+                request_id: get_varint(p)?,
+                group: group(p)?,
+                max_ms: get_varint_u32(p, "max_ms")?,
+            },
+            kind::FLOOR_DENIED => FloorDenied {
+                request_id: get_varint(p)?,
+                group: group(p)?,
+                holder: user(p)?,
+            },
+            kind::FLOOR_TAKEN => FloorTaken {
+                group: group(p)?,
+                user: user(p)?,
+                emergency: get_bool(p, "emergency")?,
+            },
+            kind::FLOOR_IDLE => FloorIdle { group: group(p)? },
+            kind::FLOOR_REVOKED => FloorRevoked {
+                group: group(p)?,
+                code: ErrorCode::from_code(get_varint(p)?),
+            },
+            kind::GROUP_LIST => {
+                let request_id = get_varint(p)?;
+                let n = get_count(p, MAX_LIST_LEN, 2, "groups")?;
+                let mut groups = Vec::with_capacity(n);
+                for _ in 0..n {
+                    groups.push(GroupSummary {
+                        group: group(p)?,
+                        mode: get_mode(p)?,
+                    });
+                }
+                GroupList { request_id, groups }
+            }
+            kind::MEMBER_LIST => {
+                let request_id = get_varint(p)?;
+                let group = group(p)?;
+                let n = get_count(p, MAX_LIST_LEN, 1, "members")?;
+                let mut members = Vec::with_capacity(n);
+                for _ in 0..n {
+                    members.push(user(p)?);
+                }
+                MemberList {
+                    request_id,
+                    group,
+                    members,
+                }
+            }
+            kind::FETCH_DONE => FetchDone {
+                request_id: get_varint(p)?,
+                group: group(p)?,
+                count: get_varint_u32(p, "count")?,
+            },
+            kind::CLIP_HEADER | kind::CLIP_FRAME | kind::CLIP_END => {
+                return Err(DecodeError::Unexpected {
+                    kind: k,
+                    stream: "control",
+                });
+            }
+            other => Unknown { kind: other },
+        })
+    }
+}
+
+impl ClipMessage {
+    /// The message's type number.
+    pub fn kind(&self) -> u64 {
+        match self {
+            ClipMessage::Header(_) => kind::CLIP_HEADER,
+            ClipMessage::Frame { .. } => kind::CLIP_FRAME,
+            ClipMessage::End { .. } => kind::CLIP_END,
+        }
+    }
+
+    /// Appends the framed message to `buf`.
+    pub fn encode(&self, buf: &mut BytesMut) {
+        match self {
+            ClipMessage::Frame { index, data } => encode_frame(buf, *index, data),
+            _ => {
+                let mut p = BytesMut::new();
+                self.encode_payload(&mut p);
+                put_frame(buf, self.kind(), &p);
+            }
+        }
+    }
+
+    /// The framed message as one buffer.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut buf = BytesMut::new();
+        self.encode(&mut buf);
+        buf.freeze()
+    }
+
+    fn encode_payload(&self, p: &mut BytesMut) {
+        match self {
+            ClipMessage::Header(h) => {
+                put_string(p, &h.group);
+                p.put_slice(h.clip_id.as_bytes());
+                put_string(p, &h.talker);
+                put_varint(p, h.seq);
+                p.put_u8(h.format as u8);
+                put_varint(p, u64::from(h.sample_rate));
+                p.put_u8(h.channels);
+                p.put_u8(h.frame_ms);
+                put_varint(p, h.created_ms);
+                p.put_u8(h.flags);
+            }
+            ClipMessage::Frame { index, data } => {
+                put_varint(p, u64::from(*index));
+                put_bytes(p, data);
+            }
+            ClipMessage::End {
+                frame_count,
+                seq,
+                waveform,
+            } => {
+                put_varint(p, u64::from(*frame_count));
+                put_varint(p, *seq);
+                put_bytes(p, waveform);
+            }
+        }
+    }
+
+    /// Decodes the payload of a clip-stream message of type `kind`. The
+    /// frame data shares `payload`'s memory.
+    pub fn decode(kind: u64, mut payload: Bytes) -> Result<ClipMessage, DecodeError> {
+        let p = &mut payload;
+        let result = (|| {
+            Ok(match kind {
+                kind::CLIP_HEADER => ClipMessage::Header(ClipHeader {
+                    group: get_string(p, MAX_ID_LEN, "group")?,
+                    clip_id: ClipId::from_bytes(get_array(p)?),
+                    talker: get_string(p, MAX_ID_LEN, "talker")?,
+                    seq: get_varint(p)?,
+                    format: match get_u8(p)? {
+                        1 => ClipFormat::Opus,
+                        2 => ClipFormat::Wav,
+                        v => {
+                            return Err(DecodeError::OutOfRange {
+                                field: "format",
+                                value: u64::from(v),
+                            });
+                        }
+                    },
+                    sample_rate: get_varint_u32(p, "sample_rate")?,
+                    channels: get_u8(p)?,
+                    frame_ms: get_u8(p)?,
+                    created_ms: get_varint(p)?,
+                    flags: get_u8(p)?,
+                }),
+                kind::CLIP_FRAME => ClipMessage::Frame {
+                    index: get_varint_u32(p, "index")?,
+                    data: get_bytes(p, MAX_FRAME_LEN, "frame")?,
+                },
+                kind::CLIP_END => ClipMessage::End {
+                    frame_count: get_varint_u32(p, "frame_count")?,
+                    seq: get_varint(p)?,
+                    waveform: get_bytes(p, MAX_WAVEFORM_LEN, "waveform")?,
+                },
+                other => {
+                    return Err(DecodeError::Unexpected {
+                        kind: other,
+                        stream: "clip",
+                    });
+                }
+            })
+        })();
+        result.map_err(|e| match e {
+            DecodeError::Short => DecodeError::Truncated { kind },
+            e => e,
+        })
+    }
+}
+
+/// Appends a clip frame message without building a [`ClipMessage`]; the
+/// talker's hot path.
+pub fn encode_frame(buf: &mut BytesMut, index: u32, data: &[u8]) {
+    let payload_len = varint_len(u64::from(index)) + varint_len(data.len() as u64) + data.len();
+    buf.reserve(1 + varint_len(payload_len as u64) + payload_len);
+    put_varint(buf, kind::CLIP_FRAME);
+    put_varint(buf, payload_len as u64);
+    put_varint(buf, u64::from(index));
+    put_bytes(buf, data);
+}
+
+fn put_frame(buf: &mut BytesMut, kind: u64, payload: &[u8]) {
+    buf.reserve(varint_len(kind) + varint_len(payload.len() as u64) + payload.len());
+    put_varint(buf, kind);
+    put_varint(buf, payload.len() as u64);
+    buf.put_slice(payload);
+}
+
+fn get_bool(p: &mut Bytes, field: &'static str) -> Result<bool, DecodeError> {
+    match get_u8(p)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        v => Err(DecodeError::OutOfRange {
+            field,
+            value: u64::from(v),
+        }),
+    }
+}
+
+fn get_mode(p: &mut Bytes) -> Result<GroupMode, DecodeError> {
+    let v = get_u8(p)?;
+    GroupMode::from_u8(v).ok_or(DecodeError::OutOfRange {
+        field: "mode",
+        value: u64::from(v),
+    })
+}
+
+fn truncate_text(s: &str) -> &str {
+    if s.len() <= MAX_TEXT_LEN {
+        return s;
+    }
+    let mut end = MAX_TEXT_LEN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::FrameDecoder;
+
+    fn control_samples() -> Vec<ControlMessage> {
+        use ControlMessage::*;
+        let id = ClipId::from_bytes([7; 16]);
+        vec![
+            Hello {
+                version: 1,
+                token: "ptt1.abc.def".into(),
+                client: "test".into(),
+            },
+            Join {
+                request_id: 1,
+                group: "g".into(),
+            },
+            Leave {
+                request_id: 2,
+                group: "g".into(),
+            },
+            FloorRequest {
+                request_id: 3,
+                group: "g".into(),
+                emergency: true,
+            },
+            FloorRelease { group: "g".into() },
+            DeliveryAck {
+                group: "g".into(),
+                seq: 300,
+            },
+            Played {
+                group: "g".into(),
+                seq: 1,
+            },
+            FetchRecent {
+                request_id: 4,
+                group: "g".into(),
+                count: 10,
+            },
+            CreateGroup {
+                request_id: 5,
+                group: "g".into(),
+                mode: GroupMode::Walkie,
+            },
+            AddMember {
+                request_id: 6,
+                group: "g".into(),
+                user: "bob".into(),
+            },
+            RemoveMember {
+                request_id: 7,
+                group: "g".into(),
+                user: "bob".into(),
+            },
+            ListGroups { request_id: 8 },
+            SetMode {
+                request_id: 9,
+                group: "g".into(),
+                mode: GroupMode::Notes,
+            },
+            ListMembers {
+                request_id: 10,
+                group: "g".into(),
+            },
+            Welcome(self::Welcome {
+                version: 1,
+                user: "alice".into(),
+                server_time_ms: 1_763_700_000_000,
+                limits: Limits {
+                    max_clip_ms: 60_000,
+                    max_clip_bytes: 1 << 20,
+                    max_frame_bytes: 4000,
+                    max_concurrent_clips: 2,
+                    clips_per_minute: 30,
+                    idle_timeout_ms: 30_000,
+                },
+            }),
+            Ok { request_id: 11 },
+            Error {
+                request_id: 0,
+                code: ErrorCode::NotMember,
+                message: "no".into(),
+            },
+            Joined {
+                request_id: 12,
+                group: "g".into(),
+                mode: GroupMode::Notes,
+                cursor: 3,
+                last_seq: 9,
+            },
+            CaughtUp {
+                group: "g".into(),
+                seq: 9,
+            },
+            Gap {
+                group: "g".into(),
+                from_seq: 1,
+                to_seq: 4,
+            },
+            Stored {
+                group: "g".into(),
+                clip_id: id,
+                seq: 5,
+            },
+            ClipRejected {
+                clip_id: id,
+                code: ErrorCode::TooLarge,
+                message: "big".into(),
+            },
+            Receipt {
+                group: "g".into(),
+                seq: 5,
+                clip_id: id,
+                user: "bob".into(),
+                kind: ReceiptKind::Played,
+            },
+            FloorGranted {
+                request_id: 13,
+                group: "g".into(),
+                max_ms: 60_000,
+            },
+            FloorDenied {
+                request_id: 14,
+                group: "g".into(),
+                holder: "carol".into(),
+            },
+            FloorTaken {
+                group: "g".into(),
+                user: "carol".into(),
+                emergency: false,
+            },
+            FloorIdle { group: "g".into() },
+            FloorRevoked {
+                group: "g".into(),
+                code: ErrorCode::Preempted,
+            },
+            GroupList {
+                request_id: 15,
+                groups: vec![GroupSummary {
+                    group: "g".into(),
+                    mode: GroupMode::Walkie,
+                }],
+            },
+            MemberList {
+                request_id: 16,
+                group: "g".into(),
+                members: vec!["a".into(), "b".into()],
+            },
+            FetchDone {
+                request_id: 17,
+                group: "g".into(),
+                count: 2,
+            },
+        ]
+    }
+
+    #[test]
+    fn every_control_message_round_trips() {
+        for msg in control_samples() {
+            let mut dec = FrameDecoder::new(MAX_PAYLOAD_LEN);
+            dec.push(msg.to_bytes());
+            let frame = dec.next_frame().unwrap().expect("a whole frame");
+            assert_eq!(
+                ControlMessage::decode(frame.kind, frame.payload).unwrap(),
+                msg
+            );
+            assert!(dec.next_frame().unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn every_clip_message_round_trips() {
+        let msgs = [
+            ClipMessage::Header(ClipHeader {
+                group: "g".into(),
+                clip_id: ClipId::from_bytes([1; 16]),
+                talker: "alice".into(),
+                seq: 0,
+                format: ClipFormat::Opus,
+                sample_rate: 48_000,
+                channels: 1,
+                frame_ms: 20,
+                created_ms: 5,
+                flags: ClipHeader::FLAG_EMERGENCY,
+            }),
+            ClipMessage::Frame {
+                index: 70_000,
+                data: Bytes::from_static(&[0xfc, 1, 2, 3]),
+            },
+            ClipMessage::End {
+                frame_count: 3,
+                seq: 9,
+                waveform: Bytes::from_static(&[0, 31, 4]),
+            },
+        ];
+        for msg in msgs {
+            let bytes = msg.to_bytes();
+            let mut dec = FrameDecoder::new(MAX_PAYLOAD_LEN);
+            dec.push(bytes);
+            let frame = dec.next_frame().unwrap().unwrap();
+            assert_eq!(ClipMessage::decode(frame.kind, frame.payload).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn unknown_control_types_and_trailing_fields_are_tolerated() {
+        // Type 0x3f with a 2-byte payload, then an Ok with an extra byte.
+        let mut dec = FrameDecoder::new(MAX_PAYLOAD_LEN);
+        dec.push(Bytes::from_static(&[
+            0x3f, 0x02, 0xaa, 0xbb, 0x21, 0x02, 0x05, 0xff,
+        ]));
+        let f = dec.next_frame().unwrap().unwrap();
+        assert_eq!(
+            ControlMessage::decode(f.kind, f.payload).unwrap(),
+            ControlMessage::Unknown { kind: 0x3f }
+        );
+        let f = dec.next_frame().unwrap().unwrap();
+        assert_eq!(
+            ControlMessage::decode(f.kind, f.payload).unwrap(),
+            ControlMessage::Ok { request_id: 5 }
+        );
+    }
+
+    #[test]
+    fn malformed_payloads_are_typed_errors() {
+        // A Join whose group string claims more bytes than the payload holds.
+        let err = ControlMessage::decode(kind::JOIN, Bytes::from_static(&[0x01, 0x09, b'g']));
+        assert_eq!(err, Err(DecodeError::Truncated { kind: kind::JOIN }));
+        // A clip message on the control stream.
+        assert!(matches!(
+            ControlMessage::decode(kind::CLIP_FRAME, Bytes::new()),
+            Err(DecodeError::Unexpected { .. })
+        ));
+        // An unknown type on a clip stream.
+        assert!(matches!(
+            ClipMessage::decode(0x99, Bytes::new()),
+            Err(DecodeError::Unexpected { .. })
+        ));
+        // A group id over the cap.
+        let mut p = BytesMut::new();
+        put_varint(&mut p, 1);
+        put_string(&mut p, &"x".repeat(MAX_ID_LEN + 1));
+        assert!(matches!(
+            ControlMessage::decode(kind::JOIN, p.freeze()),
+            Err(DecodeError::TooLong { .. })
+        ));
+        // A member list whose count is larger than the payload could hold.
+        let mut p = BytesMut::new();
+        put_varint(&mut p, 1);
+        put_string(&mut p, "g");
+        put_varint(&mut p, 4000);
+        assert!(ControlMessage::decode(kind::MEMBER_LIST, p.freeze()).is_err());
+    }
+
+    #[test]
+    fn encode_frame_matches_the_generic_encoder() {
+        let mut fast = BytesMut::new();
+        encode_frame(&mut fast, 3, &[9; 200]);
+        let generic = {
+            let mut p = BytesMut::new();
+            ClipMessage::Frame {
+                index: 3,
+                data: Bytes::from(vec![9; 200]),
+            }
+            .encode_payload(&mut p);
+            let mut b = BytesMut::new();
+            put_frame(&mut b, kind::CLIP_FRAME, &p);
+            b
+        };
+        assert_eq!(fast, generic);
+    }
+}
