@@ -7,7 +7,7 @@
 //! ([`ControlMessage::Unknown`]); on clip streams an unknown type is an error
 //! because the stream's order matters. PROTOCOL.md specifies each layout.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::coding::*;
 use crate::error::{DecodeError, ErrorCode};
