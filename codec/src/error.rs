@@ -111,7 +111,12 @@ impl CodecError {
     /// Maps a hound header error to the variant that names the problem.
     pub(crate) fn from_hound(e: hound::Error) -> Self {
         match e {
-            hound::Error::IoError(io) if io.kind() == io::ErrorKind::UnexpectedEof => {
+            // hound reports a short read inside the header either as
+            // UnexpectedEof or as its own "Failed to read enough bytes.".
+            hound::Error::IoError(io)
+                if io.kind() == io::ErrorKind::UnexpectedEof
+                    || io.to_string().contains("Failed to read enough bytes") =>
+            {
                 CodecError::TruncatedHeader
             }
             hound::Error::IoError(io) => CodecError::Io(io),

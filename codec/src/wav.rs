@@ -104,8 +104,16 @@ impl<R: Read + Seek> WavSource<R> {
         }
         reader.seek(SeekFrom::Start(0))?;
 
-        let wav = hound::WavReader::new(BufReader::with_capacity(1 << 16, reader))
-            .map_err(CodecError::from_hound)?;
+        let fmt_tag = scan_fmt_tag(&mut reader);
+        reader.seek(SeekFrom::Start(0))?;
+        let wav = hound::WavReader::new(BufReader::with_capacity(1 << 16, reader)).map_err(
+            |e| match (CodecError::from_hound(e), fmt_tag) {
+                (CodecError::UnsupportedFormat(reason), Some((tag, bits))) => {
+                    CodecError::UnsupportedFormat(describe_format(tag, bits).unwrap_or(reason))
+                }
+                (err, _) => err,
+            },
+        )?;
         let spec = wav.spec();
         let samples = u64::from(wav.len());
         let mut reader = wav.into_inner();
@@ -245,6 +253,56 @@ impl<R: Read + Seek> WavSource<R> {
         }
         Ok(frames)
     }
+}
+
+/// Best effort: the format tag and bits per sample of the fmt chunk, to
+/// name an unsupported format in the error message.
+fn scan_fmt_tag<R: Read + Seek>(reader: &mut R) -> Option<(u16, u16)> {
+    reader.seek(SeekFrom::Start(12)).ok()?;
+    for _ in 0..64 {
+        let mut h = [0u8; 8];
+        reader.read_exact(&mut h).ok()?;
+        let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+        if &h[..4] == b"fmt " {
+            let mut f = [0u8; 16];
+            reader.read_exact(&mut f).ok()?;
+            return Some((
+                u16::from_le_bytes([f[0], f[1]]),
+                u16::from_le_bytes([f[14], f[15]]),
+            ));
+        }
+        reader
+            .seek(SeekFrom::Current(i64::from(len) + i64::from(len % 2)))
+            .ok()?;
+    }
+    None
+}
+
+/// A name for a format this crate does not read, from its fmt tag.
+fn describe_format(tag: u16, bits: u16) -> Option<String> {
+    let name = match tag {
+        0x0001 | 0xFFFE if !bits.is_multiple_of(8) => {
+            return Some(format!(
+                "{bits}-bit integer PCM (only 8, 16, 24 and 32 bits are read)"
+            ));
+        }
+        0x0003 if bits != 32 => {
+            return Some(format!("{bits}-bit float (only 32-bit float is read)"));
+        }
+        0x0002 => "Microsoft ADPCM",
+        0x0006 => "A-law",
+        0x0007 => "µ-law",
+        0x0011 => "IMA ADPCM",
+        0x0031 => "GSM 6.10",
+        0x0055 => "MPEG layer 3",
+        0x0001 | 0x0003 | 0xFFFE => return None,
+        other => {
+            return Some(format!(
+                "format tag 0x{other:04x} (only PCM and IEEE float are read)"
+            ));
+        }
+    };
+    Some(format!("{name} (only PCM and IEEE float are read)"))
 }
 
 /// Reads until `buf` is full or the input ends; returns the bytes read.
