@@ -163,6 +163,12 @@ impl ClipReader {
         }
     }
 
+    /// Replaces the limits, e.g. once the header says which format the
+    /// clip has; frames already received count against the new limits.
+    pub fn set_limits(&mut self, limits: ClipLimits) {
+        self.limits = limits;
+    }
+
     /// Where the stream is.
     pub fn phase(&self) -> ClipPhase {
         self.phase

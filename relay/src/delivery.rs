@@ -1,0 +1,154 @@
+//! Writing clips to a member: one unidirectional stream per clip.
+//!
+//! A live clip is written from the shared [`LiveClip`] buffer as frames
+//! arrive; if the member falls too far behind (or a write stalls), the
+//! stream is reset with [`ErrorCode::SlowReceiver`] and the clip is sent
+//! again from the store once it is complete. Stored clips (catch-up, fetch,
+//! recovery) are written whole, flagged as history.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use ptt_protocol::{ClipMessage, ErrorCode};
+use quinn::{Connection, SendStream, VarInt};
+
+use crate::live::{ClipState, LiveClip, end_message};
+use crate::store::StoredClip;
+
+/// How a clip delivery ended.
+#[derive(Debug)]
+pub enum Delivery {
+    /// The whole clip, ending with its sequence number, was written.
+    Complete {
+        /// The clip's sequence number.
+        seq: u64,
+    },
+    /// The member fell behind; the stream was reset.
+    Cut,
+    /// The clip was discarded by its talker or the relay.
+    Aborted,
+    /// The connection or stream failed.
+    Failed,
+}
+
+/// Limits on how far a live receiver may lag.
+#[derive(Debug, Clone, Copy)]
+pub struct LagPolicy {
+    /// Frames the receiver may be behind the talker.
+    pub max_frames: usize,
+    /// Longest a single write may block.
+    pub max_stall: Duration,
+}
+
+/// Writes a live (or just completed) clip from its shared buffer.
+pub async fn deliver_live(conn: &Connection, clip: &Arc<LiveClip>, lag: LagPolicy) -> Delivery {
+    let mut rx = clip.subscribe();
+    let Ok(mut stream) = conn.open_uni().await else {
+        return Delivery::Failed;
+    };
+    let seq_now = match &rx.borrow().state {
+        ClipState::Ended { seq, .. } => *seq,
+        _ => 0,
+    };
+    let header = ClipMessage::Header(clip.header(seq_now, false)).to_bytes();
+    if !write(&mut stream, header, lag.max_stall).await {
+        return cut_or_failed(&mut stream, conn);
+    }
+    let mut sent = 0usize;
+    let mut batch: Vec<Bytes> = Vec::with_capacity(32);
+    // The backlog a late joiner starts with is allowed; beyond it, only
+    // `max_frames` more.
+    let allowed_lag = rx.borrow().raw.len().max(lag.max_frames);
+    loop {
+        let state = {
+            let progress = rx.borrow_and_update();
+            if progress.raw.len() - sent > allowed_lag {
+                stream.reset(code(ErrorCode::SlowReceiver)).ok();
+                return Delivery::Cut;
+            }
+            batch.extend(progress.raw[sent..].iter().cloned());
+            progress.state.clone()
+        };
+        for frame in batch.drain(..) {
+            if !write(&mut stream, frame, lag.max_stall).await {
+                return cut_or_failed(&mut stream, conn);
+            }
+            sent += 1;
+        }
+        match state {
+            ClipState::Live => {
+                if rx.changed().await.is_err() {
+                    stream.reset(code(ErrorCode::ClipAborted)).ok();
+                    return Delivery::Aborted;
+                }
+            }
+            ClipState::Ended { seq, waveform } => {
+                if sent < rx.borrow().raw.len() {
+                    continue;
+                }
+                let end = end_message(sent as u32, seq, waveform);
+                if !write(&mut stream, end, lag.max_stall).await {
+                    return cut_or_failed(&mut stream, conn);
+                }
+                return finish(stream, seq);
+            }
+            ClipState::Aborted(reason) => {
+                stream.reset(code(reason)).ok();
+                return Delivery::Aborted;
+            }
+        }
+    }
+}
+
+/// Writes a stored clip whole, flagged as history.
+pub async fn deliver_stored(conn: &Connection, clip: &StoredClip) -> Delivery {
+    let Ok(mut stream) = conn.open_uni().await else {
+        return Delivery::Failed;
+    };
+    let live = LiveClip::new(clip.meta.clone(), 0);
+    let mut buf = BytesMut::new();
+    ClipMessage::Header(live.header(clip.seq, true)).encode(&mut buf);
+    for (index, data) in clip.frames.iter().enumerate() {
+        ptt_protocol::message::encode_frame(&mut buf, index as u32, data);
+        if buf.len() >= 16 * 1024 && stream.write_chunk(buf.split().freeze()).await.is_err() {
+            return Delivery::Failed;
+        }
+    }
+    buf.extend_from_slice(&end_message(
+        clip.frames.len() as u32,
+        clip.seq,
+        clip.waveform.clone(),
+    ));
+    if stream.write_chunk(buf.freeze()).await.is_err() {
+        return Delivery::Failed;
+    }
+    finish(stream, clip.seq)
+}
+
+fn finish(mut stream: SendStream, seq: u64) -> Delivery {
+    match stream.finish() {
+        Ok(()) => Delivery::Complete { seq },
+        Err(_) => Delivery::Failed,
+    }
+}
+
+async fn write(stream: &mut SendStream, bytes: Bytes, max_stall: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(max_stall, stream.write_chunk(bytes)).await,
+        Ok(Ok(()))
+    )
+}
+
+fn cut_or_failed(stream: &mut SendStream, conn: &Connection) -> Delivery {
+    if conn.close_reason().is_some() {
+        return Delivery::Failed;
+    }
+    stream.reset(code(ErrorCode::SlowReceiver)).ok();
+    Delivery::Cut
+}
+
+/// An error code as a QUIC varint.
+pub fn code(code: ErrorCode) -> VarInt {
+    VarInt::from_u32(code.code())
+}

@@ -1,0 +1,170 @@
+//! A clip in flight: one shared, append-only buffer of frames that every
+//! receiver reads at its own pace.
+//!
+//! The talker's ingest task appends each frame as it arrives (the very
+//! bytes it received, as a [`Bytes`] shared by all receivers, never copied)
+//! and wakes the receivers through a [`tokio::sync::watch`] channel. Each
+//! receiver keeps its own position, so a late joiner starts at frame 0 and a
+//! slow receiver falls behind alone: the talker never waits for anyone. The
+//! same type carries complete clips (transcoded uploads, catch-up) so there
+//! is one delivery path.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use ptt_protocol::{ClipHeader, ClipMessage, ErrorCode, message::encode_frame};
+use tokio::sync::watch;
+
+use crate::store::{ClipMeta, StoredClip};
+
+/// How a clip stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClipState {
+    /// Frames are still coming.
+    Live,
+    /// Complete and stored as `seq`.
+    Ended {
+        /// The group sequence number.
+        seq: u64,
+        /// The talker's waveform preview.
+        waveform: Bytes,
+    },
+    /// Discarded; receivers reset their streams with this code.
+    Aborted(ErrorCode),
+}
+
+/// The frames so far and the state.
+#[derive(Debug)]
+pub struct Progress {
+    /// Each frame as a framed `ClipFrame` message, ready to forward.
+    pub raw: Vec<Bytes>,
+    /// Each frame's Opus packet (a slice of the same memory as `raw`).
+    pub data: Vec<Bytes>,
+    /// Live, ended or aborted.
+    pub state: ClipState,
+}
+
+/// A clip being spoken (or a complete clip on its way to members).
+#[derive(Debug)]
+pub struct LiveClip {
+    /// Identity and audio parameters, with the talker's user id.
+    pub meta: ClipMeta,
+    /// The talker's connection, for floor release and receipts.
+    pub talker_session: u64,
+    progress: watch::Sender<Progress>,
+}
+
+/// Frames reserved up front: 15 s of 20 ms frames, a typical voice note,
+/// so most clips never reallocate their buffer.
+const INITIAL_FRAMES: usize = 750;
+
+impl LiveClip {
+    /// A clip whose frames will follow.
+    pub fn new(meta: ClipMeta, talker_session: u64) -> Arc<LiveClip> {
+        let (progress, _) = watch::channel(Progress {
+            raw: Vec::with_capacity(INITIAL_FRAMES),
+            data: Vec::with_capacity(INITIAL_FRAMES),
+            state: ClipState::Live,
+        });
+        Arc::new(LiveClip {
+            meta,
+            talker_session,
+            progress,
+        })
+    }
+
+    /// A complete stored clip, frames framed for sending.
+    pub fn from_stored(clip: StoredClip) -> Arc<LiveClip> {
+        let mut raw = Vec::with_capacity(clip.frames.len());
+        let mut buf = BytesMut::new();
+        for (index, data) in clip.frames.iter().enumerate() {
+            encode_frame(&mut buf, index as u32, data);
+            raw.push(buf.split().freeze());
+        }
+        let (progress, _) = watch::channel(Progress {
+            raw,
+            data: clip.frames,
+            state: ClipState::Ended {
+                seq: clip.seq,
+                waveform: clip.waveform,
+            },
+        });
+        Arc::new(LiveClip {
+            meta: clip.meta,
+            talker_session: 0,
+            progress,
+        })
+    }
+
+    /// The header members receive; `seq` 0 while live.
+    pub fn header(&self, seq: u64, history: bool) -> ClipHeader {
+        let m = &self.meta;
+        let mut flags = m.flags & ClipHeader::FLAG_EMERGENCY;
+        if history {
+            flags |= ClipHeader::FLAG_HISTORY;
+        }
+        ClipHeader {
+            group: m.group.clone(),
+            clip_id: m.clip_id,
+            talker: m.talker.clone(),
+            seq,
+            format: m.format,
+            sample_rate: m.sample_rate,
+            channels: m.channels,
+            frame_ms: m.frame_ms,
+            created_ms: m.created_ms,
+            flags,
+        }
+    }
+
+    /// Appends a frame: `raw` is the framed message, `data` its packet.
+    pub fn push_frame(&self, raw: Bytes, data: Bytes) {
+        self.progress.send_modify(|p| {
+            p.raw.push(raw);
+            p.data.push(data);
+        });
+    }
+
+    /// The clip is stored as `seq`.
+    pub fn end(&self, seq: u64, waveform: Bytes) {
+        self.progress
+            .send_modify(|p| p.state = ClipState::Ended { seq, waveform });
+    }
+
+    /// The clip is discarded.
+    pub fn abort(&self, code: ErrorCode) {
+        self.progress.send_if_modified(|p| {
+            if p.state == ClipState::Live {
+                p.state = ClipState::Aborted(code);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The current state.
+    pub fn state(&self) -> ClipState {
+        self.progress.borrow().state.clone()
+    }
+
+    /// The Opus packets so far.
+    pub fn packets(&self) -> Vec<Bytes> {
+        self.progress.borrow().data.clone()
+    }
+
+    /// A receiver of the clip's progress.
+    pub fn subscribe(&self) -> watch::Receiver<Progress> {
+        self.progress.subscribe()
+    }
+}
+
+/// The framed `ClipEnd` message.
+pub fn end_message(frame_count: u32, seq: u64, waveform: Bytes) -> Bytes {
+    ClipMessage::End {
+        frame_count,
+        seq,
+        waveform,
+    }
+    .to_bytes()
+}

@@ -1,0 +1,303 @@
+//! The relay server: accept loop, connection limit, shutdown and the
+//! handle tests and the simulator use to run a relay in-process.
+//!
+//! Model: mini-redis's `server.rs`. [`run`] takes the shutdown trigger as a
+//! future; every connection task watches the same cancellation token; a
+//! task tracker waits until all of them are gone before the store is
+//! flushed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use ptt_protocol::{ClipFormat, ClipLimits, ErrorCode, Limits, SessionLimits};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{TokenIssuer, TokenVerifier};
+use crate::config::RelayConfig;
+use crate::delivery::{LagPolicy, code};
+use crate::hub::Hub;
+use crate::store::{ClipStore, RedbStore, RetentionPolicy};
+use crate::tls::{Identity, TransportTuning};
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// The certificate could not be loaded or made.
+    #[error("certificate: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    /// The token key could not be loaded or made, or is invalid.
+    #[error("token key: {0}")]
+    Key(String),
+    /// The UDP socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The failure.
+        source: std::io::Error,
+    },
+}
+
+/// What every connection task shares.
+pub struct RelayContext {
+    /// Fan-out and groups.
+    pub hub: Hub,
+    /// Checks tokens.
+    pub verifier: TokenVerifier,
+    /// The configuration.
+    pub config: RelayConfig,
+    /// The limits announced in `Welcome`.
+    pub limits: Limits,
+    /// Fired when the relay starts draining.
+    pub shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for RelayContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayContext").field("hub", &self.hub).finish()
+    }
+}
+
+impl RelayContext {
+    /// Session limits from the configuration.
+    pub fn session_limits(&self) -> SessionLimits {
+        SessionLimits {
+            auth_timeout: self.config.auth_timeout,
+            max_concurrent_clips: self.config.max_concurrent_clips,
+            clips_per_minute: self.config.clips_per_minute,
+        }
+    }
+
+    /// Limits for an uploaded clip of `format`.
+    pub fn clip_limits(&self, format: ClipFormat) -> ClipLimits {
+        let c = &self.config;
+        match format {
+            ClipFormat::Opus => ClipLimits {
+                max_duration: c.max_clip,
+                max_bytes: c.max_clip_bytes as usize,
+                max_frame_bytes: c.max_frame_bytes as usize,
+                wall_slack: Duration::from_secs(5),
+            },
+            ClipFormat::Wav => ClipLimits {
+                // An upload of a recorded clip may take longer than the
+                // clip on a slow link.
+                max_duration: c.max_clip * 4,
+                max_bytes: c.max_wav_bytes as usize,
+                max_frame_bytes: ptt_protocol::message::MAX_FRAME_LEN,
+                wall_slack: Duration::from_secs(30),
+            },
+        }
+    }
+
+    /// The lag policy for live delivery of clips with `frame_ms` frames.
+    pub fn lag_policy(&self, frame_ms: u8) -> LagPolicy {
+        let frame = Duration::from_millis(u64::from(frame_ms.max(10)));
+        LagPolicy {
+            max_frames: self.config.live_lag_frames,
+            max_stall: frame * self.config.live_lag_frames as u32,
+        }
+    }
+
+    /// Longest clip in new groups, ms.
+    pub fn max_clip_ms(&self) -> u32 {
+        self.config.max_clip.as_millis().min(u128::from(u32::MAX)) as u32
+    }
+}
+
+/// A relay running in this process.
+#[derive(Debug)]
+pub struct RelayHandle {
+    addr: SocketAddr,
+    fingerprint: String,
+    cert_pem: String,
+    issuer: Option<TokenIssuer>,
+    ctx: Arc<RelayContext>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RelayHandle {
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// SHA-256 of its certificate, 64 hex digits.
+    pub fn cert_fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Its certificate as PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Issues a token the relay accepts (when it signs with its data
+    /// directory key, the default).
+    pub fn issue_token(&self, user: &str, ttl: Duration, admin: bool, emergency: bool) -> String {
+        self.issuer
+            .as_ref()
+            .expect("the relay uses its own token key")
+            .issue(user, ttl, admin, emergency)
+    }
+
+    /// The store, for tests that set up groups directly.
+    pub fn store(&self) -> &Arc<dyn ClipStore> {
+        self.ctx.hub.store()
+    }
+
+    /// Connected sessions.
+    pub fn session_count(&self) -> usize {
+        self.ctx.hub.session_count()
+    }
+
+    /// Drains and stops: no new connections, clips in flight finish within
+    /// the grace period, the store is flushed.
+    pub async fn shutdown(self) {
+        self.ctx.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Opens the store, loads keys and certificate, binds, and serves until
+/// [`RelayHandle::shutdown`].
+pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
+    let store: Arc<dyn ClipStore> = Arc::new(RedbStore::open(&config.data_dir)?);
+    let identity = match (&config.cert, &config.key) {
+        (Some(cert), Some(key)) => Identity::from_pem_files(cert, key)?,
+        _ => Identity::load_or_create_dev(&config.data_dir)?,
+    };
+    let (verifier, issuer) = match &config.token_public_key {
+        Some(key) => (
+            TokenVerifier::from_base64(key)
+                .ok_or_else(|| StartError::Key("token_public_key is not a base64 Ed25519 key".into()))?,
+            None,
+        ),
+        None => {
+            let issuer = TokenIssuer::load_or_create(&config.data_dir.join("token.key"))
+                .map_err(|e| StartError::Key(e.to_string()))?;
+            (issuer.verifier(), Some(issuer))
+        }
+    };
+    let fingerprint = identity.fingerprint();
+    let cert_pem = identity.leaf_pem();
+    let server_config = crate::tls::server_config(
+        identity,
+        &TransportTuning {
+            idle_timeout: config.idle_timeout,
+            max_uni_streams: config.max_streams_per_connection,
+        },
+    )?;
+    let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+        StartError::Bind {
+            addr: config.listen,
+            source,
+        }
+    })?;
+    let addr = endpoint.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let limits = Limits {
+        max_clip_ms: config.max_clip.as_millis().min(u128::from(u32::MAX)) as u32,
+        max_clip_bytes: config.max_clip_bytes,
+        max_frame_bytes: config.max_frame_bytes,
+        max_concurrent_clips: config.max_concurrent_clips,
+        clips_per_minute: config.clips_per_minute,
+        idle_timeout_ms: config.idle_timeout.as_millis().min(u128::from(u32::MAX)) as u32,
+    };
+    let ctx = Arc::new(RelayContext {
+        hub: Hub::new(store),
+        verifier,
+        config,
+        limits,
+        shutdown: CancellationToken::new(),
+    });
+    let task = tokio::spawn(serve(endpoint, ctx.clone()));
+    Ok(RelayHandle {
+        addr,
+        fingerprint,
+        cert_pem,
+        issuer,
+        ctx,
+        task,
+    })
+}
+
+/// Runs a relay until `shutdown` completes, then drains (mini-redis's
+/// `server::run`).
+pub async fn run(config: RelayConfig, shutdown: impl Future) -> Result<(), StartError> {
+    let handle = start(config).await?;
+    tracing::info!(addr = %handle.addr(), "relay listening");
+    shutdown.await;
+    tracing::info!("shutting down: draining clips in flight");
+    handle.shutdown().await;
+    Ok(())
+}
+
+/// The accept loop and the retention timer.
+async fn serve(endpoint: quinn::Endpoint, ctx: Arc<RelayContext>) {
+    let tracker = TaskTracker::new();
+    let next_id = AtomicU64::new(1);
+    tracker.spawn(retention_loop(ctx.clone()));
+    loop {
+        let incoming = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        // Count connections still handshaking too: the tracker holds
+        // every connection task.
+        if tracker.len() > ctx.config.max_connections {
+            tracing::warn!(addr = %incoming.remote_address(), "connection limit reached");
+            incoming.refuse();
+            continue;
+        }
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        tracker.spawn(crate::session::run(incoming, ctx.clone(), id));
+    }
+    // Refuse new connections while the sessions drain.
+    endpoint.set_server_config(None);
+    tracker.close();
+    let grace = ctx.config.shutdown_grace + Duration::from_secs(1);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!("sessions did not finish within the grace period");
+    }
+    if let Err(e) = ctx.hub.store().flush().await {
+        tracing::error!(error = %e, "final store flush failed");
+    }
+    endpoint.close(code(ErrorCode::ShuttingDown), b"relay shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    tracing::info!("relay stopped");
+}
+
+/// Applies the retention policy at start and then every minute.
+async fn retention_loop(ctx: Arc<RelayContext>) {
+    let policy = RetentionPolicy {
+        max_age_ms: ctx.config.retention_max_age.as_millis() as u64,
+        max_clips_per_group: ctx.config.retention_max_clips,
+    };
+    if policy.max_age_ms == 0 && policy.max_clips_per_group == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = crate::auth::unix_millis(SystemTime::now());
+        match ctx.hub.store().apply_retention(policy, now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "retention"),
+            Err(e) => tracing::warn!(error = %e, "retention failed"),
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! The relay's TLS certificate and QUIC transport settings.
+//!
+//! Deployments pass PEM files; out of the box the relay makes a self-signed
+//! certificate for `localhost` and `127.0.0.1` on first start, keeps it in
+//! the data directory, and prints its SHA-256 fingerprint for clients to pin.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::QuicServerConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+
+/// A certificate chain and its key.
+#[derive(Debug)]
+pub struct Identity {
+    /// The chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+/// Why the certificate could not be loaded or made.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The failure.
+        source: std::io::Error,
+    },
+    /// A PEM file holds no certificate or key, or a damaged one.
+    #[error("{path}: {detail}")]
+    Pem {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// rustls or rcgen refused the material.
+    #[error("TLS setup failed: {0}")]
+    Setup(String),
+}
+
+impl Identity {
+    /// Loads a PEM certificate chain and private key.
+    pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Identity, TlsError> {
+        let pem_err = |path: &Path, detail: String| TlsError::Pem {
+            path: path.display().to_string(),
+            detail,
+        };
+        let chain = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| pem_err(cert, e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_err(cert, e.to_string()))?;
+        if chain.is_empty() {
+            return Err(pem_err(cert, "no certificate found".into()));
+        }
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(key, e.to_string()))?;
+        Ok(Identity { chain, key })
+    }
+
+    /// Loads `cert.pem`/`key.pem` from `dir`, creating a self-signed pair
+    /// for `localhost` and `127.0.0.1` if they do not exist.
+    pub fn load_or_create_dev(dir: &Path) -> Result<Identity, TlsError> {
+        let cert_path = dir.join("dev-cert.pem");
+        let key_path = dir.join("dev-key.pem");
+        if !cert_path.exists() {
+            let io = |source| TlsError::Io {
+                path: dir.display().to_string(),
+                source,
+            };
+            std::fs::create_dir_all(dir).map_err(io)?;
+            let (cert_pem, key_pem) = self_signed_pem()?;
+            crate::auth::write_private(&key_path, key_pem.as_bytes()).map_err(io)?;
+            std::fs::write(&cert_path, cert_pem).map_err(io)?;
+        }
+        Identity::from_pem_files(&cert_path, &key_path)
+    }
+
+    /// A new self-signed identity held in memory (tests).
+    pub fn self_signed() -> Result<Identity, TlsError> {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+            .map_err(|e| TlsError::Setup(e.to_string()))?;
+        Ok(Identity {
+            chain: vec![cert.cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into()),
+        })
+    }
+
+    /// The SHA-256 fingerprint of the leaf certificate, 64 hex digits.
+    pub fn fingerprint(&self) -> String {
+        fingerprint_hex(&self.chain[0])
+    }
+
+    /// The leaf certificate as PEM, for clients that trust it directly.
+    pub fn leaf_pem(&self) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(self.chain[0].as_ref());
+        let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+        pem
+    }
+}
+
+/// The SHA-256 of a DER certificate, as lowercase hex.
+pub fn fingerprint_hex(cert: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn self_signed_pem() -> Result<(String, String), TlsError> {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .map_err(|e| TlsError::Setup(e.to_string()))?;
+    Ok((cert.cert.pem(), cert.signing_key.serialize_pem()))
+}
+
+/// Transport settings for many connections carrying small voice frames.
+#[derive(Debug, Clone)]
+pub struct TransportTuning {
+    /// Close a connection after this long without any packet.
+    pub idle_timeout: Duration,
+    /// Streams a client may open at once (its clip uploads).
+    pub max_uni_streams: u32,
+}
+
+/// A quinn server configuration for `identity`.
+///
+/// Windows are sized for voice, not bulk transfer: an Opus clip is tens of
+/// KB, so a 64 KiB stream window and 512 KiB connection window let a member
+/// receive several clips at once without letting one connection pin
+/// megabytes of relay memory; keep-alive is the client's job (it sits behind
+/// the NAT), the relay only enforces the idle timeout.
+pub fn server_config(
+    identity: Identity,
+    tuning: &TransportTuning,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Setup(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain, identity.key)
+        .map_err(|e| TlsError::Setup(e.to_string()))?;
+    tls.alpn_protocols = vec![ptt_protocol::ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto =
+        QuicServerConfig::try_from(tls).map_err(|e| TlsError::Setup(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(tuning.idle_timeout)
+                .map_err(|e| TlsError::Setup(e.to_string()))?,
+        ))
+        .max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(tuning.max_uni_streams.into())
+        .stream_receive_window((64u32 * 1024).into())
+        .receive_window((512u32 * 1024).into())
+        .send_window(512 * 1024)
+        .datagram_receive_buffer_size(None);
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_identity_is_created_once_and_fingerprint_is_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Identity::load_or_create_dev(dir.path()).unwrap();
+        let b = Identity::load_or_create_dev(dir.path()).unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.fingerprint().len(), 64);
+        assert!(a.leaf_pem().starts_with("-----BEGIN CERTIFICATE-----"));
+    }
+
+    #[test]
+    fn bad_pem_files_are_typed_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("c.pem");
+        let key = dir.path().join("k.pem");
+        std::fs::write(&cert, "not pem").unwrap();
+        std::fs::write(&key, "not pem").unwrap();
+        assert!(matches!(
+            Identity::from_pem_files(&cert, &key),
+            Err(TlsError::Pem { .. })
+        ));
+        assert!(Identity::from_pem_files(&dir.path().join("missing"), &key).is_err());
+    }
+}
