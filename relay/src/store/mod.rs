@@ -1,0 +1,207 @@
+//! Durable storage of groups, members, clips and member cursors.
+//!
+//! The relay talks to storage only through the [`ClipStore`] trait, so the
+//! embedded single-node store ([`redb_store::RedbStore`]) and a later
+//! several-node store on NATS JetStream are interchangeable without touching
+//! connection handling.
+//!
+//! Guarantees every implementation gives:
+//! - [`ClipStore::append_clip`] returns only once the clip is durable
+//!   (fsync'd), and assigns the group's next sequence number (1, 2, 3, ...
+//!   per group, never reused, never skipped).
+//! - A `(group, clip_id)` pair is stored at most once: appending it again
+//!   returns [`AppendOutcome::Duplicate`] with the first copy's sequence
+//!   number and stores nothing.
+//! - Cursors only move forward. A cursor update may be lost in a crash (it
+//!   is committed without fsync and made durable by the next durable
+//!   commit); the worst outcome is that a member receives a clip again,
+//!   which clients drop by clip id.
+
+use std::collections::BTreeSet;
+
+use bytes::Bytes;
+use ptt_protocol::{ClipFormat, ClipId, GroupMode};
+
+pub mod redb_store;
+
+pub use redb_store::RedbStore;
+
+/// A boxed future, so that the trait can be used as `Arc<dyn ClipStore>`.
+pub type StoreFuture<'a, T> =
+    std::pin::Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A group as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// The group id.
+    pub id: String,
+    /// Walkie (floor control) or notes.
+    pub mode: GroupMode,
+    /// Longest clip (and longest floor hold) in this group, in ms.
+    pub max_clip_ms: u32,
+    /// The members' user ids.
+    pub members: BTreeSet<String>,
+}
+
+/// The audio parameters and identity of a clip, as the talker's header gave
+/// them (plus the talker's authenticated user id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClipMeta {
+    /// The group.
+    pub group: String,
+    /// The talker's clip id.
+    pub clip_id: ClipId,
+    /// The talker's user id.
+    pub talker: String,
+    /// Frame format (always Opus once stored: WAV uploads are transcoded
+    /// before they are stored).
+    pub format: ClipFormat,
+    /// Sample rate of the talker's audio.
+    pub sample_rate: u32,
+    /// Channels.
+    pub channels: u8,
+    /// Frame duration in ms.
+    pub frame_ms: u8,
+    /// When the clip was started, Unix ms (relay clock).
+    pub created_ms: u64,
+    /// Header flags (emergency).
+    pub flags: u8,
+}
+
+/// A clip to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewClip {
+    /// Identity and audio parameters.
+    pub meta: ClipMeta,
+    /// The Opus packets, in order.
+    pub frames: Vec<Bytes>,
+    /// The waveform preview (may be empty).
+    pub waveform: Bytes,
+}
+
+/// A clip read back from the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredClip {
+    /// Its group sequence number.
+    pub seq: u64,
+    /// Identity and audio parameters.
+    pub meta: ClipMeta,
+    /// The Opus packets, in order.
+    pub frames: Vec<Bytes>,
+    /// The waveform preview (may be empty).
+    pub waveform: Bytes,
+}
+
+/// What [`ClipStore::append_clip`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// Stored durably as `seq`.
+    Stored {
+        /// The new clip's sequence number.
+        seq: u64,
+    },
+    /// The clip id was stored before as `seq`; nothing was written.
+    Duplicate {
+        /// The earlier copy's sequence number.
+        seq: u64,
+    },
+}
+
+impl AppendOutcome {
+    /// The sequence number either way.
+    pub fn seq(self) -> u64 {
+        match self {
+            AppendOutcome::Stored { seq } | AppendOutcome::Duplicate { seq } => seq,
+        }
+    }
+}
+
+/// How long clips are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Clips older than this many ms are deleted (0: keep forever).
+    pub max_age_ms: u64,
+    /// At most this many clips per group are kept, the newest (0: no cap).
+    pub max_clips_per_group: u64,
+}
+
+/// The range of clip sequence numbers a group holds now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SeqRange {
+    /// The oldest retained clip, or `last + 1` when none is retained.
+    pub first: u64,
+    /// The newest clip ever stored (0 if none ever was).
+    pub last: u64,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The group does not exist.
+    #[error("no such group: {0}")]
+    NoSuchGroup(String),
+    /// A group with that id exists already.
+    #[error("group exists already: {0}")]
+    GroupExists(String),
+    /// The data directory is locked by another process (a running relay).
+    #[error("the store at {path} is in use by another process (is a relay running on it?)")]
+    Locked {
+        /// The database file.
+        path: String,
+    },
+    /// A stored record does not decode: the file is damaged or from an
+    /// incompatible version.
+    #[error("corrupt record in {table}: {detail}")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The underlying database or file system failed.
+    #[error("storage failure: {0}")]
+    Backend(String),
+}
+
+/// Durable storage for the relay. See the module documentation.
+pub trait ClipStore: Send + Sync + 'static {
+    /// Creates a group with no members.
+    fn create_group(&self, group: &str, mode: GroupMode, max_clip_ms: u32) -> StoreFuture<'_, ()>;
+    /// Changes a group's mode.
+    fn set_mode(&self, group: &str, mode: GroupMode) -> StoreFuture<'_, ()>;
+    /// Adds a member (no-op if present).
+    fn add_member(&self, group: &str, user: &str) -> StoreFuture<'_, ()>;
+    /// Removes a member (no-op if absent).
+    fn remove_member(&self, group: &str, user: &str) -> StoreFuture<'_, ()>;
+    /// One group with its members.
+    fn group(&self, group: &str) -> StoreFuture<'_, Option<GroupInfo>>;
+    /// Every group, sorted by id.
+    fn groups(&self) -> StoreFuture<'_, Vec<GroupInfo>>;
+
+    /// Stores a clip durably, deduplicated by `(group, clip_id)`.
+    fn append_clip(&self, clip: NewClip) -> StoreFuture<'_, AppendOutcome>;
+    /// The sequence number of a stored clip id, if it was stored (even if
+    /// retention deleted the clip since): lets the relay acknowledge a
+    /// retried upload at its header instead of relaying it again.
+    fn clip_seq(&self, group: &str, clip_id: ClipId) -> StoreFuture<'_, Option<u64>>;
+    /// Up to `limit` clips with `seq > after`, in sequence order.
+    fn clips_after(&self, group: &str, after: u64, limit: usize)
+    -> StoreFuture<'_, Vec<StoredClip>>;
+    /// The newest `count` clips, oldest first.
+    fn recent_clips(&self, group: &str, count: usize) -> StoreFuture<'_, Vec<StoredClip>>;
+    /// The metadata of clip `seq`, if retained.
+    fn clip_meta(&self, group: &str, seq: u64) -> StoreFuture<'_, Option<ClipMeta>>;
+    /// The sequence numbers the group holds.
+    fn seq_range(&self, group: &str) -> StoreFuture<'_, SeqRange>;
+
+    /// The member's cursor: every clip up to it was delivered (0: none).
+    fn cursor(&self, group: &str, user: &str) -> StoreFuture<'_, u64>;
+    /// Moves the cursor to `seq` if that is forward.
+    fn advance_cursor(&self, group: &str, user: &str, seq: u64) -> StoreFuture<'_, ()>;
+
+    /// Deletes clips the policy no longer keeps, as of `now_ms`; returns
+    /// how many were deleted.
+    fn apply_retention(&self, policy: RetentionPolicy, now_ms: u64) -> StoreFuture<'_, u64>;
+    /// Makes everything committed so far durable (used at shutdown).
+    fn flush(&self) -> StoreFuture<'_, ()>;
+}

@@ -1,0 +1,1470 @@
+//! The embedded single-node [`ClipStore`]: one [redb] file, `relay.redb`, in
+//! the relay's data directory.
+//!
+//! # Tables
+//!
+//! | table              | key                       | value                                   |
+//! |--------------------|---------------------------|-----------------------------------------|
+//! | `groups`           | group id                  | encoded group record (mode, max clip)  |
+//! | `members`          | group id (multimap)       | user id                                 |
+//! | `group_seq`        | group id                  | last sequence number ever assigned      |
+//! | `clips`            | (group id, seq)           | encoded clip blob                       |
+//! | `clip_ids`         | (group id, clip id)       | seq (the dedup index)                   |
+//! | `expired_clip_ids` | (group id, seq)           | (clip id, ms the clip was deleted)      |
+//! | `cursors`          | (group id, user id)       | seq of the member's cursor              |
+//!
+//! # Encoding
+//!
+//! Records are encoded by hand with the protocol's varint helpers and start
+//! with a version byte, so that a later layout can be told apart. A clip blob
+//! is: version, clip id (16 bytes), talker (varint length + UTF-8), format,
+//! sample rate (varint), channels, frame ms, created ms (8 bytes big
+//! endian), flags, waveform (varint length + bytes), frame count (varint),
+//! then each frame as (varint length, bytes). The group id is not repeated in
+//! the blob: it is the key's first half. On read the blob is copied once into
+//! a [`Bytes`] and every frame and the waveform are zero-copy slices of it.
+//! A record that does not decode gives [`StoreError::Corrupt`], never a
+//! panic.
+//!
+//! # Writes and group commit
+//!
+//! Every write goes through one dedicated writer thread fed by a channel, so
+//! there is never contention for redb's single write transaction. The
+//! thread takes the first pending command, drains whatever else is queued
+//! (up to [`MAX_BATCH`] commands), and writes all consecutive clip appends
+//! and cursor updates in ONE write transaction with one commit: with many
+//! talkers, many appends share one fsync. Each caller is answered through
+//! its own oneshot channel only after the commit returned. A batch holding
+//! at least one append commits with [`Durability::Immediate`] (fsync); a
+//! batch of cursor updates alone commits with [`Durability::None`] and
+//! becomes durable with the next durable commit (the next append, an admin
+//! change, [`ClipStore::flush`], or the final commit the writer thread makes
+//! when the store is dropped). Administrative writes (groups, members,
+//! retention, flush) run as their own durable transactions in queue order.
+//!
+//! Reads run on [`tokio::task::spawn_blocking`] with their own read
+//! transaction (a consistent snapshot); they never wait for the writer.
+//!
+//! # Retention and dedup
+//!
+//! Retention deletes from the oldest sequence number forward and stops at
+//! the first clip it keeps, so the retained clips of a group are always the
+//! contiguous range [`SeqRange`] reports. Clips are appended in the order
+//! they finish, so a clip can be up to one clip length older than a clip
+//! before it; it is then deleted at most that much later than its age
+//! allows. The cost is proportional to the clips deleted, not to the clips
+//! stored.
+//!
+//! The dedup entry (`clip_ids`) of a deleted clip is kept: a talker's late
+//! retry of a clip that was stored and then expired is still answered
+//! [`AppendOutcome::Duplicate`] with the original sequence number instead of
+//! being stored again. When retention deletes a clip it records the clip id
+//! in `expired_clip_ids`; the dedup entry is dropped only once it has
+//! outlived its clip by `max(max_age_ms, 24 h)`, which bounds the dedup
+//! index without shortening the dedup window below the clip's own
+//! lifetime.
+//!
+//! # Unknown groups
+//!
+//! Every operation naming a group that does not exist fails with
+//! [`StoreError::NoSuchGroup`], except [`ClipStore::group`], which returns
+//! `None`. Removing a member keeps its cursor, so that a member removed and
+//! added back does not receive the group's history again.
+
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use ptt_protocol::coding::{
+    get_array, get_bytes, get_count, get_u8, get_varint, get_varint_u32, put_bytes, put_varint,
+};
+use ptt_protocol::{ClipFormat, ClipId, DecodeError, GroupMode};
+use redb::{
+    Database, DatabaseError, Durability, MultimapTableDefinition, ReadTransaction,
+    ReadableDatabase, ReadableMultimapTable, ReadableTable, Table, TableDefinition,
+    WriteTransaction,
+};
+use tokio::sync::oneshot;
+
+use super::{
+    AppendOutcome, ClipMeta, ClipStore, GroupInfo, NewClip, RetentionPolicy, SeqRange, StoreError,
+    StoreFuture, StoredClip,
+};
+
+/// The database file's name inside the data directory.
+pub const DB_FILE_NAME: &str = "relay.redb";
+
+/// The most commands the writer thread takes into one batch.
+pub const MAX_BATCH: usize = 1024;
+
+/// The shortest time a deleted clip's dedup entry is kept after the clip
+/// was deleted (see the module documentation).
+pub const MIN_DEDUP_GRACE_MS: u64 = 24 * 60 * 60 * 1000;
+
+const GROUPS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("groups");
+const MEMBERS: MultimapTableDefinition<'static, &str, &str> =
+    MultimapTableDefinition::new("members");
+const GROUP_SEQ: TableDefinition<'static, &str, u64> = TableDefinition::new("group_seq");
+const CLIPS: TableDefinition<'static, (&str, u64), &[u8]> = TableDefinition::new("clips");
+const CLIP_IDS: TableDefinition<'static, (&str, &[u8; 16]), u64> = TableDefinition::new("clip_ids");
+const EXPIRED: TableDefinition<'static, (&str, u64), (&[u8; 16], u64)> =
+    TableDefinition::new("expired_clip_ids");
+const CURSORS: TableDefinition<'static, (&str, &str), u64> = TableDefinition::new("cursors");
+
+const GROUP_RECORD_V1: u8 = 1;
+const CLIP_BLOB_V1: u8 = 1;
+
+/// Maps any displayable error to [`StoreError::Backend`] with what was being
+/// done.
+trait Context<T> {
+    fn ctx(self, what: &str) -> Result<T, StoreError>;
+}
+
+impl<T, E: Display> Context<T> for Result<T, E> {
+    fn ctx(self, what: &str) -> Result<T, StoreError> {
+        self.map_err(|e| StoreError::Backend(format!("{what}: {e}")))
+    }
+}
+
+/// A copy of an error, to answer every caller of a failed batch.
+fn copy_error(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::NoSuchGroup(g) => StoreError::NoSuchGroup(g.clone()),
+        StoreError::GroupExists(g) => StoreError::GroupExists(g.clone()),
+        StoreError::Locked { path } => StoreError::Locked { path: path.clone() },
+        StoreError::Corrupt { table, detail } => StoreError::Corrupt {
+            table,
+            detail: detail.clone(),
+        },
+        StoreError::Backend(s) => StoreError::Backend(s.clone()),
+    }
+}
+
+fn writer_gone() -> StoreError {
+    StoreError::Backend("the store's writer thread has stopped".into())
+}
+
+/// A write for the writer thread.
+enum Command {
+    /// Append an encoded clip (batched).
+    Append {
+        group: String,
+        clip_id: ClipId,
+        blob: Vec<u8>,
+        reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
+    },
+    /// Advance a cursor (batched).
+    Cursor {
+        group: String,
+        user: String,
+        seq: u64,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// Run one durable transaction on its own; returns whether it
+    /// committed.
+    Exec(Box<dyn FnOnce(&Database) -> bool + Send>),
+}
+
+/// The embedded single-node store. See the module documentation.
+pub struct RedbStore {
+    db: Arc<Database>,
+    tx: Option<mpsc::Sender<Command>>,
+    writer: Option<JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedbStore {
+    /// Opens the store in `dir` (created if missing), creating
+    /// `dir/relay.redb` on first use.
+    ///
+    /// Fails with [`StoreError::Locked`] if the database is open elsewhere
+    /// (another relay process, or another `RedbStore` in this process).
+    pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
+        std::fs::create_dir_all(dir).ctx(&format!("creating {}", dir.display()))?;
+        let path = dir.join(DB_FILE_NAME);
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::Locked {
+                    path: path.display().to_string(),
+                });
+            }
+            Err(e) => {
+                return Err(StoreError::Backend(format!(
+                    "opening {}: {e}",
+                    path.display()
+                )));
+            }
+        };
+        // Create every table once, so that read transactions always find them.
+        let txn = db.begin_write().ctx("begin write")?;
+        {
+            txn.open_table(GROUPS).ctx("creating groups")?;
+            txn.open_multimap_table(MEMBERS).ctx("creating members")?;
+            txn.open_table(GROUP_SEQ).ctx("creating group_seq")?;
+            txn.open_table(CLIPS).ctx("creating clips")?;
+            txn.open_table(CLIP_IDS).ctx("creating clip_ids")?;
+            txn.open_table(EXPIRED).ctx("creating expired_clip_ids")?;
+            txn.open_table(CURSORS).ctx("creating cursors")?;
+        }
+        txn.commit().ctx("commit")?;
+
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel();
+        let writer_db = Arc::clone(&db);
+        let writer = std::thread::Builder::new()
+            .name("relay-store-writer".into())
+            .spawn(move || writer_loop(&writer_db, &rx))
+            .ctx("starting the store writer thread")?;
+        Ok(RedbStore {
+            db,
+            tx: Some(tx),
+            writer: Some(writer),
+            path,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), StoreError> {
+        self.tx
+            .as_ref()
+            .ok_or_else(writer_gone)?
+            .send(cmd)
+            .map_err(|_| writer_gone())
+    }
+
+    /// Runs `f` in its own durable write transaction on the writer thread;
+    /// commits if it returns `Ok`, aborts otherwise.
+    fn write<T, F>(&self, f: F) -> StoreFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel();
+        let job = move |db: &Database| {
+            let result = (|| {
+                let txn = db.begin_write().ctx("begin write")?;
+                let out = f(&txn)?;
+                txn.commit().ctx("commit")?;
+                Ok(out)
+            })();
+            let committed = result.is_ok();
+            let _ = reply.send(result);
+            committed
+        };
+        let sent = self.send(Command::Exec(Box::new(job)));
+        Box::pin(async move {
+            sent?;
+            rx.await.map_err(|_| writer_gone())?
+        })
+    }
+
+    /// Runs `f` in a read transaction on the blocking pool.
+    fn read<T, F>(&self, f: F) -> StoreFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&ReadTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = Arc::clone(&self.db);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let txn = db.begin_read().ctx("begin read")?;
+                f(&txn)
+            })
+            .await
+            .map_err(|e| StoreError::Backend(format!("store read task failed: {e}")))?
+        })
+    }
+
+    /// Overwrites a clip's stored blob, for tests of damaged records.
+    #[cfg(test)]
+    pub(crate) fn put_raw_clip(&self, group: &str, seq: u64, blob: &[u8]) {
+        let txn = self.db.begin_write().expect("begin write");
+        {
+            let mut clips = txn.open_table(CLIPS).expect("clips");
+            clips.insert((group, seq), blob).expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+}
+
+impl Drop for RedbStore {
+    /// Stops the writer thread after it has answered everything queued and
+    /// made every commit durable, so that the file is closed (and can be
+    /// reopened) when this returns.
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Writer thread.
+
+fn writer_loop(db: &Database, rx: &mpsc::Receiver<Command>) {
+    // Whether a non-durable commit happened since the last durable one.
+    let mut unsynced = false;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(cmd) => batch.push(cmd),
+                Err(_) => break,
+            }
+        }
+        let mut pending = Vec::new();
+        for cmd in batch {
+            match cmd {
+                Command::Exec(job) => {
+                    if !pending.is_empty() {
+                        commit_batch(db, std::mem::take(&mut pending), &mut unsynced);
+                    }
+                    if job(db) {
+                        unsynced = false;
+                    }
+                }
+                other => pending.push(other),
+            }
+        }
+        if !pending.is_empty() {
+            commit_batch(db, pending, &mut unsynced);
+        }
+    }
+    if unsynced {
+        // Make the last cursor updates durable before the file is closed.
+        if let Ok(txn) = db.begin_write() {
+            let _ = txn.commit();
+        }
+    }
+}
+
+/// An answer to send once the batch's commit has returned.
+enum Answer {
+    Append(
+        oneshot::Sender<Result<AppendOutcome, StoreError>>,
+        Result<AppendOutcome, StoreError>,
+    ),
+    Cursor(
+        oneshot::Sender<Result<(), StoreError>>,
+        Result<(), StoreError>,
+    ),
+}
+
+impl Answer {
+    fn send(self) {
+        match self {
+            Answer::Append(reply, result) => {
+                let _ = reply.send(result);
+            }
+            Answer::Cursor(reply, result) => {
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    fn fail(self, e: &StoreError) {
+        match self {
+            Answer::Append(reply, _) => {
+                let _ = reply.send(Err(copy_error(e)));
+            }
+            Answer::Cursor(reply, _) => {
+                let _ = reply.send(Err(copy_error(e)));
+            }
+        }
+    }
+}
+
+/// Writes a batch of appends and cursor updates in one transaction.
+fn commit_batch(db: &Database, cmds: Vec<Command>, unsynced: &mut bool) {
+    let durable = cmds.iter().any(|c| matches!(c, Command::Append { .. }));
+    let mut answers = Vec::with_capacity(cmds.len());
+    // Commands that were not reached because the batch failed part-way.
+    let mut unreached = Vec::new();
+    let result = (|| -> Result<(), StoreError> {
+        let mut txn = db.begin_write().ctx("begin write")?;
+        if !durable {
+            txn.set_durability(Durability::None)
+                .ctx("setting durability")?;
+        }
+        {
+            let groups = txn.open_table(GROUPS).ctx("opening groups")?;
+            let mut seqs = txn.open_table(GROUP_SEQ).ctx("opening group_seq")?;
+            let mut clips = txn.open_table(CLIPS).ctx("opening clips")?;
+            let mut clip_ids = txn.open_table(CLIP_IDS).ctx("opening clip_ids")?;
+            let mut cursors = txn.open_table(CURSORS).ctx("opening cursors")?;
+            let mut cmds = cmds.into_iter();
+            while let Some(cmd) = cmds.next() {
+                let fatal = match cmd {
+                    Command::Append {
+                        group,
+                        clip_id,
+                        blob,
+                        reply,
+                    } => {
+                        let step = append_one(
+                            &groups,
+                            &mut seqs,
+                            &mut clips,
+                            &mut clip_ids,
+                            &group,
+                            &clip_id,
+                            &blob,
+                        );
+                        let (answer, fatal) = split_step(step);
+                        answers.push(Answer::Append(reply, answer));
+                        fatal
+                    }
+                    Command::Cursor {
+                        group,
+                        user,
+                        seq,
+                        reply,
+                    } => {
+                        let step = advance_one(&groups, &mut cursors, &group, &user, seq);
+                        let (answer, fatal) = split_step(step);
+                        answers.push(Answer::Cursor(reply, answer));
+                        fatal
+                    }
+                    Command::Exec(_) => None,
+                };
+                if let Some(e) = fatal {
+                    unreached.extend(cmds);
+                    return Err(e);
+                }
+            }
+        }
+        txn.commit().ctx("commit")?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            if durable {
+                *unsynced = false;
+            } else {
+                *unsynced = true;
+            }
+            answers.into_iter().for_each(Answer::send);
+        }
+        Err(e) => {
+            answers.into_iter().for_each(|a| a.fail(&e));
+            for cmd in unreached {
+                match cmd {
+                    Command::Append { reply, .. } => {
+                        let _ = reply.send(Err(copy_error(&e)));
+                    }
+                    Command::Cursor { reply, .. } => {
+                        let _ = reply.send(Err(copy_error(&e)));
+                    }
+                    Command::Exec(_) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Splits a step's result into this caller's answer and the error that
+/// fails the whole batch.
+fn split_step<T>(
+    step: Result<Result<T, StoreError>, StoreError>,
+) -> (Result<T, StoreError>, Option<StoreError>) {
+    match step {
+        Ok(answer) => (answer, None),
+        Err(e) => (Err(copy_error(&e)), Some(e)),
+    }
+}
+
+/// One append inside the batch's transaction. The outer error fails the
+/// whole batch (a storage failure); the inner one is this caller's answer.
+fn append_one(
+    groups: &Table<'_, &str, &[u8]>,
+    seqs: &mut Table<'_, &str, u64>,
+    clips: &mut Table<'_, (&str, u64), &[u8]>,
+    clip_ids: &mut Table<'_, (&str, &[u8; 16]), u64>,
+    group: &str,
+    clip_id: &ClipId,
+    blob: &[u8],
+) -> Result<Result<AppendOutcome, StoreError>, StoreError> {
+    if groups.get(group).ctx("reading groups")?.is_none() {
+        return Ok(Err(StoreError::NoSuchGroup(group.to_owned())));
+    }
+    let id = clip_id.as_bytes();
+    if let Some(seq) = clip_ids.get((group, id)).ctx("reading clip_ids")? {
+        return Ok(Ok(AppendOutcome::Duplicate { seq: seq.value() }));
+    }
+    let last = seqs
+        .get(group)
+        .ctx("reading group_seq")?
+        .map_or(0, |v| v.value());
+    let seq = last + 1;
+    clips.insert((group, seq), blob).ctx("writing clips")?;
+    clip_ids.insert((group, id), seq).ctx("writing clip_ids")?;
+    seqs.insert(group, seq).ctx("writing group_seq")?;
+    Ok(Ok(AppendOutcome::Stored { seq }))
+}
+
+/// One cursor update inside the batch's transaction (errors as
+/// [`append_one`]).
+fn advance_one(
+    groups: &Table<'_, &str, &[u8]>,
+    cursors: &mut Table<'_, (&str, &str), u64>,
+    group: &str,
+    user: &str,
+    seq: u64,
+) -> Result<Result<(), StoreError>, StoreError> {
+    if groups.get(group).ctx("reading groups")?.is_none() {
+        return Ok(Err(StoreError::NoSuchGroup(group.to_owned())));
+    }
+    let current = cursors
+        .get((group, user))
+        .ctx("reading cursors")?
+        .map_or(0, |v| v.value());
+    if seq > current {
+        cursors.insert((group, user), seq).ctx("writing cursors")?;
+    }
+    Ok(Ok(()))
+}
+
+// ---------------------------------------------------------------------------
+// Encoding.
+
+/// A group's stored attributes (its members live in their own table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GroupRecord {
+    mode: GroupMode,
+    max_clip_ms: u32,
+}
+
+fn encode_group(record: GroupRecord) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(8);
+    buf.put_u8(GROUP_RECORD_V1);
+    buf.put_u8(record.mode as u8);
+    put_varint(&mut buf, u64::from(record.max_clip_ms));
+    buf
+}
+
+fn decode_group(group: &str, mut raw: &[u8]) -> Result<GroupRecord, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt {
+        table: "groups",
+        detail: format!("group {group}: {detail}"),
+    };
+    let de = |e: DecodeError| corrupt(e.to_string());
+    let version = get_u8(&mut raw).map_err(de)?;
+    if version != GROUP_RECORD_V1 {
+        return Err(corrupt(format!("unknown record version {version}")));
+    }
+    let mode_byte = get_u8(&mut raw).map_err(de)?;
+    let mode =
+        GroupMode::from_u8(mode_byte).ok_or_else(|| corrupt(format!("bad mode {mode_byte}")))?;
+    let max_clip_ms = get_varint_u32(&mut raw, "max_clip_ms").map_err(de)?;
+    if !raw.is_empty() {
+        return Err(corrupt(format!("{} trailing bytes", raw.len())));
+    }
+    Ok(GroupRecord { mode, max_clip_ms })
+}
+
+fn format_from_u8(v: u8) -> Option<ClipFormat> {
+    match v {
+        1 => Some(ClipFormat::Opus),
+        2 => Some(ClipFormat::Wav),
+        _ => None,
+    }
+}
+
+/// Encodes a clip's blob (everything but the group and the seq, which are
+/// the key).
+fn encode_clip(clip: &NewClip) -> Vec<u8> {
+    let meta = &clip.meta;
+    let frames_len: usize = clip.frames.iter().map(|f| f.len() + 8).sum();
+    let mut buf =
+        BytesMut::with_capacity(64 + meta.talker.len() + clip.waveform.len() + frames_len);
+    buf.put_u8(CLIP_BLOB_V1);
+    buf.put_slice(meta.clip_id.as_bytes());
+    put_bytes(&mut buf, meta.talker.as_bytes());
+    buf.put_u8(meta.format as u8);
+    put_varint(&mut buf, u64::from(meta.sample_rate));
+    buf.put_u8(meta.channels);
+    buf.put_u8(meta.frame_ms);
+    buf.put_u64(meta.created_ms);
+    buf.put_u8(meta.flags);
+    put_bytes(&mut buf, &clip.waveform);
+    put_varint(&mut buf, clip.frames.len() as u64);
+    for frame in &clip.frames {
+        put_bytes(&mut buf, frame);
+    }
+    buf.into()
+}
+
+fn clip_corrupt(group: &str, seq: u64, detail: impl Display) -> StoreError {
+    StoreError::Corrupt {
+        table: "clips",
+        detail: format!("clip {group}/{seq}: {detail}"),
+    }
+}
+
+/// Decodes the metadata at the start of a clip blob, advancing `raw` past
+/// it. Borrows, so that retention can read a clip's age without copying it.
+fn decode_meta(group: &str, seq: u64, raw: &mut &[u8]) -> Result<ClipMeta, StoreError> {
+    let de = |e: DecodeError| clip_corrupt(group, seq, e);
+    let version = get_u8(raw).map_err(de)?;
+    if version != CLIP_BLOB_V1 {
+        return Err(clip_corrupt(
+            group,
+            seq,
+            format!("unknown blob version {version}"),
+        ));
+    }
+    let clip_id = ClipId::from_bytes(get_array::<16>(raw).map_err(de)?);
+    let talker_len = get_varint(raw).map_err(de)?;
+    if talker_len > raw.len() as u64 {
+        return Err(de(DecodeError::Short));
+    }
+    let (talker, rest) = raw.split_at(talker_len as usize);
+    *raw = rest;
+    let talker = std::str::from_utf8(talker)
+        .map_err(|_| clip_corrupt(group, seq, "talker is not UTF-8"))?
+        .to_owned();
+    let format_byte = get_u8(raw).map_err(de)?;
+    let format = format_from_u8(format_byte)
+        .ok_or_else(|| clip_corrupt(group, seq, format!("bad format {format_byte}")))?;
+    let sample_rate = get_varint_u32(raw, "sample_rate").map_err(de)?;
+    let channels = get_u8(raw).map_err(de)?;
+    let frame_ms = get_u8(raw).map_err(de)?;
+    let created_ms = u64::from_be_bytes(get_array::<8>(raw).map_err(de)?);
+    let flags = get_u8(raw).map_err(de)?;
+    Ok(ClipMeta {
+        group: group.to_owned(),
+        clip_id,
+        talker,
+        format,
+        sample_rate,
+        channels,
+        frame_ms,
+        created_ms,
+        flags,
+    })
+}
+
+/// Decodes a whole clip: one copy of the blob, then zero-copy slices.
+fn decode_clip(group: &str, seq: u64, raw: &[u8]) -> Result<StoredClip, StoreError> {
+    let mut header = raw;
+    let meta = decode_meta(group, seq, &mut header)?;
+    let consumed = raw.len() - header.len();
+    let mut buf = Bytes::copy_from_slice(raw);
+    buf.advance(consumed);
+    let de = |e: DecodeError| clip_corrupt(group, seq, e);
+    let waveform = get_bytes(&mut buf, usize::MAX, "waveform").map_err(de)?;
+    let count = get_count(&mut buf, usize::MAX, 1, "frames").map_err(de)?;
+    let mut frames = Vec::with_capacity(count);
+    for _ in 0..count {
+        frames.push(get_bytes(&mut buf, usize::MAX, "frame").map_err(de)?);
+    }
+    if buf.has_remaining() {
+        return Err(clip_corrupt(
+            group,
+            seq,
+            format!("{} trailing bytes", buf.remaining()),
+        ));
+    }
+    Ok(StoredClip {
+        seq,
+        meta,
+        frames,
+        waveform,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Reads.
+
+fn require_group(txn: &ReadTransaction, group: &str) -> Result<GroupRecord, StoreError> {
+    let groups = txn.open_table(GROUPS).ctx("opening groups")?;
+    let raw = groups
+        .get(group)
+        .ctx("reading groups")?
+        .ok_or_else(|| StoreError::NoSuchGroup(group.to_owned()))?;
+    decode_group(group, raw.value())
+}
+
+fn read_group(txn: &ReadTransaction, group: &str) -> Result<Option<GroupInfo>, StoreError> {
+    let groups = txn.open_table(GROUPS).ctx("opening groups")?;
+    let Some(raw) = groups.get(group).ctx("reading groups")? else {
+        return Ok(None);
+    };
+    let record = decode_group(group, raw.value())?;
+    let members = txn.open_multimap_table(MEMBERS).ctx("opening members")?;
+    group_info(&members, group, record).map(Some)
+}
+
+fn group_info(
+    members: &impl ReadableMultimapTable<&'static str, &'static str>,
+    group: &str,
+    record: GroupRecord,
+) -> Result<GroupInfo, StoreError> {
+    let mut set = std::collections::BTreeSet::new();
+    for user in members.get(group).ctx("reading members")? {
+        set.insert(user.ctx("reading members")?.value().to_owned());
+    }
+    Ok(GroupInfo {
+        id: group.to_owned(),
+        mode: record.mode,
+        max_clip_ms: record.max_clip_ms,
+        members: set,
+    })
+}
+
+fn last_seq(txn: &ReadTransaction, group: &str) -> Result<u64, StoreError> {
+    let seqs = txn.open_table(GROUP_SEQ).ctx("opening group_seq")?;
+    Ok(seqs
+        .get(group)
+        .ctx("reading group_seq")?
+        .map_or(0, |v| v.value()))
+}
+
+// ---------------------------------------------------------------------------
+// Retention.
+
+/// Deletes one group's expired clips (oldest first, stopping at the first
+/// kept one) and the dedup entries that have outlived their grace.
+fn retain_group(
+    txn: &WriteTransaction,
+    group: &str,
+    policy: RetentionPolicy,
+    now_ms: u64,
+) -> Result<u64, StoreError> {
+    let last = {
+        let seqs = txn.open_table(GROUP_SEQ).ctx("opening group_seq")?;
+        seqs.get(group)
+            .ctx("reading group_seq")?
+            .map_or(0, |v| v.value())
+    };
+    // Seqs below this are beyond the newest `max_clips_per_group`.
+    let keep_from = match policy.max_clips_per_group {
+        0 => 0,
+        cap => (last + 1).saturating_sub(cap),
+    };
+    let cutoff = match policy.max_age_ms {
+        0 => None,
+        age => Some(now_ms.saturating_sub(age)),
+    };
+    let mut clips = txn.open_table(CLIPS).ctx("opening clips")?;
+    let mut expired = txn.open_table(EXPIRED).ctx("opening expired_clip_ids")?;
+    let mut deleted = 0;
+    loop {
+        let (seq, clip_id, created_ms) = {
+            let mut range = clips
+                .range((group, 0)..=(group, u64::MAX))
+                .ctx("reading clips")?;
+            let Some(entry) = range.next() else { break };
+            let (key, value) = entry.ctx("reading clips")?;
+            let seq = key.value().1;
+            let mut raw = value.value();
+            let meta = decode_meta(group, seq, &mut raw)?;
+            (seq, meta.clip_id, meta.created_ms)
+        };
+        let too_many = seq < keep_from;
+        let too_old = cutoff.is_some_and(|cutoff| created_ms < cutoff);
+        if !too_many && !too_old {
+            break;
+        }
+        clips.remove((group, seq)).ctx("deleting clips")?;
+        expired
+            .insert((group, seq), (clip_id.as_bytes(), now_ms))
+            .ctx("writing expired_clip_ids")?;
+        deleted += 1;
+    }
+
+    // Drop the dedup entries whose clip was deleted long enough ago.
+    let grace = policy.max_age_ms.max(MIN_DEDUP_GRACE_MS);
+    let mut clip_ids = txn.open_table(CLIP_IDS).ctx("opening clip_ids")?;
+    loop {
+        let (seq, clip_id) = {
+            let mut range = expired
+                .range((group, 0)..=(group, u64::MAX))
+                .ctx("reading expired_clip_ids")?;
+            let Some(entry) = range.next() else { break };
+            let (key, value) = entry.ctx("reading expired_clip_ids")?;
+            let (clip_id, deleted_ms) = value.value();
+            if deleted_ms.saturating_add(grace) > now_ms {
+                break;
+            }
+            (key.value().1, *clip_id)
+        };
+        expired
+            .remove((group, seq))
+            .ctx("deleting expired_clip_ids")?;
+        clip_ids
+            .remove((group, &clip_id))
+            .ctx("deleting clip_ids")?;
+    }
+    Ok(deleted)
+}
+
+// ---------------------------------------------------------------------------
+// The trait.
+
+impl ClipStore for RedbStore {
+    fn create_group(&self, group: &str, mode: GroupMode, max_clip_ms: u32) -> StoreFuture<'_, ()> {
+        let group = group.to_owned();
+        self.write(move |txn| {
+            let mut groups = txn.open_table(GROUPS).ctx("opening groups")?;
+            if groups.get(group.as_str()).ctx("reading groups")?.is_some() {
+                return Err(StoreError::GroupExists(group));
+            }
+            let record = encode_group(GroupRecord { mode, max_clip_ms });
+            groups
+                .insert(group.as_str(), record.as_slice())
+                .ctx("writing groups")?;
+            Ok(())
+        })
+    }
+
+    fn set_mode(&self, group: &str, mode: GroupMode) -> StoreFuture<'_, ()> {
+        let group = group.to_owned();
+        self.write(move |txn| {
+            let mut groups = txn.open_table(GROUPS).ctx("opening groups")?;
+            let mut record = {
+                let raw = groups
+                    .get(group.as_str())
+                    .ctx("reading groups")?
+                    .ok_or_else(|| StoreError::NoSuchGroup(group.clone()))?;
+                decode_group(&group, raw.value())?
+            };
+            record.mode = mode;
+            groups
+                .insert(group.as_str(), encode_group(record).as_slice())
+                .ctx("writing groups")?;
+            Ok(())
+        })
+    }
+
+    fn add_member(&self, group: &str, user: &str) -> StoreFuture<'_, ()> {
+        let (group, user) = (group.to_owned(), user.to_owned());
+        self.write(move |txn| {
+            let groups = txn.open_table(GROUPS).ctx("opening groups")?;
+            if groups.get(group.as_str()).ctx("reading groups")?.is_none() {
+                return Err(StoreError::NoSuchGroup(group));
+            }
+            let mut members = txn.open_multimap_table(MEMBERS).ctx("opening members")?;
+            members
+                .insert(group.as_str(), user.as_str())
+                .ctx("writing members")?;
+            Ok(())
+        })
+    }
+
+    fn remove_member(&self, group: &str, user: &str) -> StoreFuture<'_, ()> {
+        let (group, user) = (group.to_owned(), user.to_owned());
+        self.write(move |txn| {
+            let groups = txn.open_table(GROUPS).ctx("opening groups")?;
+            if groups.get(group.as_str()).ctx("reading groups")?.is_none() {
+                return Err(StoreError::NoSuchGroup(group));
+            }
+            let mut members = txn.open_multimap_table(MEMBERS).ctx("opening members")?;
+            members
+                .remove(group.as_str(), user.as_str())
+                .ctx("writing members")?;
+            Ok(())
+        })
+    }
+
+    fn group(&self, group: &str) -> StoreFuture<'_, Option<GroupInfo>> {
+        let group = group.to_owned();
+        self.read(move |txn| read_group(txn, &group))
+    }
+
+    fn groups(&self) -> StoreFuture<'_, Vec<GroupInfo>> {
+        self.read(|txn| {
+            let groups = txn.open_table(GROUPS).ctx("opening groups")?;
+            let members = txn.open_multimap_table(MEMBERS).ctx("opening members")?;
+            let mut out = Vec::new();
+            for entry in groups.iter().ctx("reading groups")? {
+                let (key, value) = entry.ctx("reading groups")?;
+                let id = key.value();
+                let record = decode_group(id, value.value())?;
+                out.push(group_info(&members, id, record)?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn append_clip(&self, clip: NewClip) -> StoreFuture<'_, AppendOutcome> {
+        let blob = encode_clip(&clip);
+        let (reply, rx) = oneshot::channel();
+        let sent = self.send(Command::Append {
+            group: clip.meta.group,
+            clip_id: clip.meta.clip_id,
+            blob,
+            reply,
+        });
+        Box::pin(async move {
+            sent?;
+            rx.await.map_err(|_| writer_gone())?
+        })
+    }
+
+    fn clip_seq(&self, group: &str, clip_id: ClipId) -> StoreFuture<'_, Option<u64>> {
+        let group = group.to_owned();
+        self.read(move |txn| {
+            require_group(txn, &group)?;
+            let clip_ids = txn.open_table(CLIP_IDS).ctx("opening clip_ids")?;
+            Ok(clip_ids
+                .get((group.as_str(), clip_id.as_bytes()))
+                .ctx("reading clip_ids")?
+                .map(|v| v.value()))
+        })
+    }
+
+    fn clips_after(
+        &self,
+        group: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<StoredClip>> {
+        let group = group.to_owned();
+        self.read(move |txn| {
+            require_group(txn, &group)?;
+            let clips = txn.open_table(CLIPS).ctx("opening clips")?;
+            let mut out = Vec::new();
+            if limit == 0 || after == u64::MAX {
+                return Ok(out);
+            }
+            let g = group.as_str();
+            for entry in clips
+                .range((g, after + 1)..=(g, u64::MAX))
+                .ctx("reading clips")?
+                .take(limit)
+            {
+                let (key, value) = entry.ctx("reading clips")?;
+                out.push(decode_clip(g, key.value().1, value.value())?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn recent_clips(&self, group: &str, count: usize) -> StoreFuture<'_, Vec<StoredClip>> {
+        let group = group.to_owned();
+        self.read(move |txn| {
+            require_group(txn, &group)?;
+            let clips = txn.open_table(CLIPS).ctx("opening clips")?;
+            let g = group.as_str();
+            let mut out = Vec::new();
+            for entry in clips
+                .range((g, 0)..=(g, u64::MAX))
+                .ctx("reading clips")?
+                .rev()
+                .take(count)
+            {
+                let (key, value) = entry.ctx("reading clips")?;
+                out.push(decode_clip(g, key.value().1, value.value())?);
+            }
+            out.reverse();
+            Ok(out)
+        })
+    }
+
+    fn clip_meta(&self, group: &str, seq: u64) -> StoreFuture<'_, Option<ClipMeta>> {
+        let group = group.to_owned();
+        self.read(move |txn| {
+            require_group(txn, &group)?;
+            let clips = txn.open_table(CLIPS).ctx("opening clips")?;
+            let Some(raw) = clips.get((group.as_str(), seq)).ctx("reading clips")? else {
+                return Ok(None);
+            };
+            let mut raw = raw.value();
+            decode_meta(&group, seq, &mut raw).map(Some)
+        })
+    }
+
+    fn seq_range(&self, group: &str) -> StoreFuture<'_, SeqRange> {
+        let group = group.to_owned();
+        self.read(move |txn| {
+            require_group(txn, &group)?;
+            let last = last_seq(txn, &group)?;
+            let clips = txn.open_table(CLIPS).ctx("opening clips")?;
+            let g = group.as_str();
+            let first = match clips
+                .range((g, 0)..=(g, u64::MAX))
+                .ctx("reading clips")?
+                .next()
+            {
+                Some(entry) => entry.ctx("reading clips")?.0.value().1,
+                None => last + 1,
+            };
+            Ok(SeqRange { first, last })
+        })
+    }
+
+    fn cursor(&self, group: &str, user: &str) -> StoreFuture<'_, u64> {
+        let (group, user) = (group.to_owned(), user.to_owned());
+        self.read(move |txn| {
+            require_group(txn, &group)?;
+            let cursors = txn.open_table(CURSORS).ctx("opening cursors")?;
+            Ok(cursors
+                .get((group.as_str(), user.as_str()))
+                .ctx("reading cursors")?
+                .map_or(0, |v| v.value()))
+        })
+    }
+
+    fn advance_cursor(&self, group: &str, user: &str, seq: u64) -> StoreFuture<'_, ()> {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.send(Command::Cursor {
+            group: group.to_owned(),
+            user: user.to_owned(),
+            seq,
+            reply,
+        });
+        Box::pin(async move {
+            sent?;
+            rx.await.map_err(|_| writer_gone())?
+        })
+    }
+
+    fn apply_retention(&self, policy: RetentionPolicy, now_ms: u64) -> StoreFuture<'_, u64> {
+        self.write(move |txn| {
+            let names = {
+                let groups = txn.open_table(GROUPS).ctx("opening groups")?;
+                let mut names = Vec::new();
+                for entry in groups.iter().ctx("reading groups")? {
+                    names.push(entry.ctx("reading groups")?.0.value().to_owned());
+                }
+                names
+            };
+            let mut deleted = 0;
+            for group in &names {
+                deleted += retain_group(txn, group, policy, now_ms)?;
+            }
+            Ok(deleted)
+        })
+    }
+
+    fn flush(&self) -> StoreFuture<'_, ()> {
+        // An empty durable commit also makes every earlier non-durable one
+        // durable.
+        self.write(|_| Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(group: &str, id: u8, created_ms: u64) -> ClipMeta {
+        ClipMeta {
+            group: group.to_owned(),
+            clip_id: ClipId::from_bytes([id; 16]),
+            talker: "alice".to_owned(),
+            format: ClipFormat::Opus,
+            sample_rate: 48_000,
+            channels: 1,
+            frame_ms: 20,
+            created_ms,
+            flags: 0,
+        }
+    }
+
+    fn clip(group: &str, id: u8, created_ms: u64) -> NewClip {
+        NewClip {
+            meta: meta(group, id, created_ms),
+            frames: (0..5u8)
+                .map(|i| Bytes::from(vec![id.wrapping_add(i); 10 + usize::from(i) * 7]))
+                .collect(),
+            waveform: Bytes::from_static(&[1, 2, 3, 250, 0]),
+        }
+    }
+
+    async fn store_with_group(dir: &Path) -> RedbStore {
+        let store = RedbStore::open(dir).unwrap();
+        store
+            .create_group("g", GroupMode::Walkie, 60_000)
+            .await
+            .unwrap();
+        store
+    }
+
+    #[test]
+    fn blob_round_trips_and_shares_one_buffer() {
+        let c = clip("g", 7, 123_456_789_012);
+        let blob = encode_clip(&c);
+        let stored = decode_clip("g", 3, &blob).unwrap();
+        assert_eq!(stored.seq, 3);
+        assert_eq!(stored.meta, c.meta);
+        assert_eq!(stored.frames, c.frames);
+        assert_eq!(stored.waveform, c.waveform);
+        // Every frame points into the same allocation, in order.
+        let base = stored.waveform.as_ptr() as usize;
+        for pair in stored.frames.windows(2) {
+            assert!(pair[0].as_ptr() as usize > base);
+            assert_eq!(
+                pair[0].as_ptr() as usize + pair[0].len() + 1,
+                pair[1].as_ptr() as usize
+            );
+        }
+    }
+
+    #[test]
+    fn every_truncation_of_a_blob_is_corrupt_not_a_panic() {
+        let blob = encode_clip(&clip("g", 7, 1));
+        for len in 0..blob.len() {
+            assert!(
+                matches!(
+                    decode_clip("g", 1, &blob[..len]),
+                    Err(StoreError::Corrupt { table: "clips", .. })
+                ),
+                "{len}"
+            );
+        }
+        let mut long = blob.clone();
+        long.push(0);
+        assert!(decode_clip("g", 1, &long).is_err());
+        assert!(decode_group("g", &[1, 9, 0]).is_err());
+        assert!(decode_group("g", &[]).is_err());
+        assert!(decode_group("g", &[2, 1, 0]).is_err());
+    }
+
+    #[tokio::test]
+    async fn groups_and_members() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert!(store.groups().await.unwrap().is_empty());
+        store
+            .create_group("zulu", GroupMode::Notes, 30_000)
+            .await
+            .unwrap();
+        store
+            .create_group("alpha", GroupMode::Walkie, 60_000)
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.create_group("alpha", GroupMode::Notes, 1).await,
+            Err(StoreError::GroupExists(g)) if g == "alpha"
+        ));
+        store.add_member("alpha", "bob").await.unwrap();
+        store.add_member("alpha", "ann").await.unwrap();
+        store.add_member("alpha", "bob").await.unwrap();
+        store.add_member("zulu", "cy").await.unwrap();
+        store.remove_member("zulu", "cy").await.unwrap();
+        store.remove_member("zulu", "nobody").await.unwrap();
+        store.set_mode("alpha", GroupMode::Notes).await.unwrap();
+
+        let groups = store.groups().await.unwrap();
+        let ids: Vec<_> = groups.iter().map(|g| g.id.as_str()).collect();
+        assert_eq!(ids, ["alpha", "zulu"]);
+        assert_eq!(groups[0].mode, GroupMode::Notes);
+        assert_eq!(groups[0].max_clip_ms, 60_000);
+        assert_eq!(groups[0].members.iter().collect::<Vec<_>>(), ["ann", "bob"]);
+        assert!(groups[1].members.is_empty());
+        assert_eq!(
+            store.group("alpha").await.unwrap().as_ref(),
+            Some(&groups[0])
+        );
+        assert_eq!(store.group("nope").await.unwrap(), None);
+
+        for result in [
+            store.add_member("nope", "x").await,
+            store.remove_member("nope", "x").await,
+            store.set_mode("nope", GroupMode::Walkie).await,
+            store.advance_cursor("nope", "x", 1).await,
+        ] {
+            assert!(matches!(result, Err(StoreError::NoSuchGroup(g)) if g == "nope"));
+        }
+        assert!(matches!(
+            store.append_clip(clip("nope", 1, 0)).await,
+            Err(StoreError::NoSuchGroup(_))
+        ));
+        assert!(matches!(
+            store.seq_range("nope").await,
+            Err(StoreError::NoSuchGroup(_))
+        ));
+        assert!(matches!(
+            store.clips_after("nope", 0, 10).await,
+            Err(StoreError::NoSuchGroup(_))
+        ));
+        assert!(matches!(
+            store.cursor("nope", "x").await,
+            Err(StoreError::NoSuchGroup(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn append_assigns_seqs_and_dedups() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_group(dir.path()).await;
+        store.create_group("h", GroupMode::Notes, 1).await.unwrap();
+        assert_eq!(
+            store.seq_range("g").await.unwrap(),
+            SeqRange { first: 1, last: 0 }
+        );
+        for (i, id) in [1u8, 2, 3].into_iter().enumerate() {
+            assert_eq!(
+                store.append_clip(clip("g", id, 10)).await.unwrap(),
+                AppendOutcome::Stored { seq: i as u64 + 1 }
+            );
+        }
+        // Same clip id in another group is a different clip.
+        assert_eq!(
+            store.append_clip(clip("h", 2, 10)).await.unwrap(),
+            AppendOutcome::Stored { seq: 1 }
+        );
+        // A retry (even with different content) is a duplicate.
+        let mut retry = clip("g", 2, 99);
+        retry.frames.clear();
+        assert_eq!(
+            store.append_clip(retry).await.unwrap(),
+            AppendOutcome::Duplicate { seq: 2 }
+        );
+        assert_eq!(
+            store.seq_range("g").await.unwrap(),
+            SeqRange { first: 1, last: 3 }
+        );
+        let all = store.clips_after("g", 0, 100).await.unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[1].meta, meta("g", 2, 10));
+        assert_eq!(all[1].frames, clip("g", 2, 10).frames);
+    }
+
+    #[tokio::test]
+    async fn reads_order_limit_and_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_group(dir.path()).await;
+        // A neighbouring group whose keys sort right after "g".
+        store.create_group("g2", GroupMode::Notes, 1).await.unwrap();
+        store.append_clip(clip("g2", 200, 0)).await.unwrap();
+        let mut sent = Vec::new();
+        for id in 1..=6u8 {
+            let mut c = clip("g", id, u64::from(id));
+            c.meta.flags = id;
+            c.meta.format = if id % 2 == 0 {
+                ClipFormat::Opus
+            } else {
+                ClipFormat::Wav
+            };
+            c.meta.talker = format!("talker-{id}-ünï");
+            if id == 4 {
+                c.waveform = Bytes::new();
+                c.frames = vec![Bytes::new(), Bytes::from(vec![0u8; 70_000])];
+            }
+            store.append_clip(c.clone()).await.unwrap();
+            sent.push(c);
+        }
+        let after = store.clips_after("g", 2, 3).await.unwrap();
+        assert_eq!(after.iter().map(|c| c.seq).collect::<Vec<_>>(), [3, 4, 5]);
+        for got in &after {
+            let want = &sent[got.seq as usize - 1];
+            assert_eq!(got.meta, want.meta);
+            assert_eq!(got.frames, want.frames);
+            assert_eq!(got.waveform, want.waveform);
+        }
+        assert!(store.clips_after("g", 6, 10).await.unwrap().is_empty());
+        assert!(store.clips_after("g", 0, 0).await.unwrap().is_empty());
+        assert!(
+            store
+                .clips_after("g", u64::MAX, 5)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let recent = store.recent_clips("g", 2).await.unwrap();
+        assert_eq!(recent.iter().map(|c| c.seq).collect::<Vec<_>>(), [5, 6]);
+        let recent = store.recent_clips("g", 100).await.unwrap();
+        assert_eq!(recent.len(), 6);
+        assert_eq!(recent[0].seq, 1);
+        assert_eq!(
+            store.clip_meta("g", 4).await.unwrap(),
+            Some(sent[3].meta.clone())
+        );
+        assert_eq!(store.clip_meta("g", 7).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn cursors_only_move_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_group(dir.path()).await;
+        assert_eq!(store.cursor("g", "ann").await.unwrap(), 0);
+        store.advance_cursor("g", "ann", 5).await.unwrap();
+        store.advance_cursor("g", "ann", 3).await.unwrap();
+        assert_eq!(store.cursor("g", "ann").await.unwrap(), 5);
+        store.advance_cursor("g", "ann", 9).await.unwrap();
+        assert_eq!(store.cursor("g", "ann").await.unwrap(), 9);
+        assert_eq!(store.cursor("g", "bob").await.unwrap(), 0);
+        // Many concurrent updates: the maximum wins.
+        let updates = (1..=50u64)
+            .rev()
+            .map(|s| store.advance_cursor("g", "bob", s));
+        for r in futures_join(updates).await {
+            r.unwrap();
+        }
+        assert_eq!(store.cursor("g", "bob").await.unwrap(), 50);
+    }
+
+    /// Awaits every future concurrently (they were all sent to the writer
+    /// when created, so they are batched together).
+    async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+        let futs: Vec<F> = futs.collect();
+        let mut out = Vec::with_capacity(futs.len());
+        for f in futs {
+            out.push(f.await);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn retention_by_count_and_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_group(dir.path()).await;
+        store.create_group("h", GroupMode::Notes, 1).await.unwrap();
+        for id in 1..=10u8 {
+            store
+                .append_clip(clip("g", id, 1_000 * u64::from(id)))
+                .await
+                .unwrap();
+        }
+        store.append_clip(clip("h", 1, 500)).await.unwrap();
+        let keep_all = RetentionPolicy {
+            max_age_ms: 0,
+            max_clips_per_group: 0,
+        };
+        assert_eq!(store.apply_retention(keep_all, 1_000_000).await.unwrap(), 0);
+
+        let by_count = RetentionPolicy {
+            max_age_ms: 0,
+            max_clips_per_group: 7,
+        };
+        assert_eq!(store.apply_retention(by_count, 10_000).await.unwrap(), 3);
+        assert_eq!(
+            store.seq_range("g").await.unwrap(),
+            SeqRange { first: 4, last: 10 }
+        );
+        assert_eq!(
+            store.seq_range("h").await.unwrap(),
+            SeqRange { first: 1, last: 1 }
+        );
+        assert_eq!(store.clip_meta("g", 3).await.unwrap(), None);
+        assert_eq!(store.clips_after("g", 0, 1).await.unwrap()[0].seq, 4);
+
+        // Age: at 10_500 with max age 4_000 the cutoff is 6_500, so clips
+        // created at 4_000, 5_000 and 6_000 go (and h's clip at 500).
+        let by_age = RetentionPolicy {
+            max_age_ms: 4_000,
+            max_clips_per_group: 0,
+        };
+        assert_eq!(store.apply_retention(by_age, 10_500).await.unwrap(), 4);
+        assert_eq!(
+            store.seq_range("g").await.unwrap(),
+            SeqRange { first: 7, last: 10 }
+        );
+        assert_eq!(
+            store.seq_range("h").await.unwrap(),
+            SeqRange { first: 2, last: 1 }
+        );
+        assert!(store.clips_after("h", 0, 10).await.unwrap().is_empty());
+
+        // The dedup entry of a deleted clip still answers a late retry, and
+        // no seq is reused.
+        assert_eq!(
+            store.append_clip(clip("g", 1, 0)).await.unwrap(),
+            AppendOutcome::Duplicate { seq: 1 }
+        );
+        assert_eq!(
+            store.append_clip(clip("h", 9, 20_000)).await.unwrap(),
+            AppendOutcome::Stored { seq: 2 }
+        );
+        // Past the dedup grace, the entries of deleted clips are dropped:
+        // clips 1-3 were deleted at 10_000, clips 4-6 at 10_500.
+        let later = 10_000 + MIN_DEDUP_GRACE_MS;
+        assert_eq!(store.apply_retention(keep_all, later - 1).await.unwrap(), 0);
+        assert_eq!(
+            store
+                .clip_seq("g", ClipId::from_bytes([1; 16]))
+                .await
+                .unwrap(),
+            Some(1)
+        );
+        assert_eq!(store.apply_retention(keep_all, later).await.unwrap(), 0);
+        assert_eq!(
+            store
+                .clip_seq("g", ClipId::from_bytes([1; 16]))
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            store
+                .clip_seq("g", ClipId::from_bytes([4; 16]))
+                .await
+                .unwrap(),
+            Some(4)
+        );
+        assert_eq!(
+            store.append_clip(clip("g", 1, later)).await.unwrap(),
+            AppendOutcome::Stored { seq: 11 }
+        );
+        assert_eq!(
+            store.append_clip(clip("g", 4, later)).await.unwrap(),
+            AppendOutcome::Duplicate { seq: 4 }
+        );
+        // A retained clip's dedup entry is never dropped.
+        assert_eq!(
+            store.append_clip(clip("g", 8, 0)).await.unwrap(),
+            AppendOutcome::Duplicate { seq: 8 }
+        );
+    }
+
+    #[tokio::test]
+    async fn corrupt_blob_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_group(dir.path()).await;
+        store.append_clip(clip("g", 1, 0)).await.unwrap();
+        store.append_clip(clip("g", 2, 0)).await.unwrap();
+        store.put_raw_clip("g", 2, &[1, 0xff, 0xfe, 0x00]);
+        for result in [
+            store.clips_after("g", 0, 10).await.map(|_| ()),
+            store.recent_clips("g", 1).await.map(|_| ()),
+            store.clip_meta("g", 2).await.map(|_| ()),
+        ] {
+            assert!(
+                matches!(result, Err(StoreError::Corrupt { table: "clips", .. })),
+                "{result:?}"
+            );
+        }
+        // The intact clip still reads.
+        assert_eq!(store.clips_after("g", 0, 1).await.unwrap().len(), 1);
+        // Retention reports the damage rather than deleting blindly.
+        let by_age = RetentionPolicy {
+            max_age_ms: 1,
+            max_clips_per_group: 0,
+        };
+        assert!(matches!(
+            store.apply_retention(by_age, 1_000).await,
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn second_open_in_the_same_process_is_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert!(matches!(
+            RedbStore::open(dir.path()),
+            Err(StoreError::Locked { .. })
+        ));
+        drop(store);
+        RedbStore::open(dir.path()).unwrap();
+    }
+}
