@@ -63,12 +63,12 @@ impl TokenError {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// Reading or writing the key file failed.
-    #[error("key file {path}: {source}")]
+    #[error("key file {path}: {error}")]
     Io {
         /// The file.
         path: String,
         /// The failure.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file does not hold a valid key.
     #[error("key file {path} does not hold a valid Ed25519 key")]
@@ -150,9 +150,9 @@ impl TokenIssuer {
 
     /// Loads the PKCS#8 key at `path`, creating it (mode 0600) if missing.
     pub fn load_or_create(path: &Path) -> Result<TokenIssuer, KeyError> {
-        let io = |source| KeyError::Io {
+        let io = |error| KeyError::Io {
             path: path.display().to_string(),
-            source,
+            error,
         };
         let pkcs8 = match std::fs::read(path) {
             Ok(bytes) => bytes,

@@ -99,20 +99,20 @@ impl Default for RelayConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Io {
         /// The file.
         path: String,
         /// The failure.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is not valid TOML for this struct.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Toml {
         /// The file.
         path: String,
         /// The parse failure, with line and column.
-        source: toml::de::Error,
+        error: toml::de::Error,
     },
 }
 
@@ -138,13 +138,13 @@ impl RelayConfig {
         let Some(path) = file else {
             return Ok(flags.clone());
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Io {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
-        let toml_err = |source| ConfigError::Toml {
+        let toml_err = |error| ConfigError::Toml {
             path: path.display().to_string(),
-            source,
+            error,
         };
         let mut merged: toml::Table = toml::from_str(&text).map_err(toml_err)?;
         // Check the file alone first so its errors name its own keys.

@@ -35,12 +35,12 @@ pub enum StartError {
     #[error("token key: {0}")]
     Key(String),
     /// The UDP socket could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {error}")]
     Bind {
         /// The address.
         addr: SocketAddr,
         /// The failure.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -193,15 +193,15 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
             max_uni_streams: config.max_streams_per_connection,
         },
     )?;
-    let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+    let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|error| {
         StartError::Bind {
             addr: config.listen,
-            source,
+            error,
         }
     })?;
-    let addr = endpoint.local_addr().map_err(|source| StartError::Bind {
+    let addr = endpoint.local_addr().map_err(|error| StartError::Bind {
         addr: config.listen,
-        source,
+        error,
     })?;
     let limits = Limits {
         max_clip_ms: config.max_clip.as_millis().min(u128::from(u32::MAX)) as u32,

@@ -24,12 +24,12 @@ pub struct Identity {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: String,
         /// The failure.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A PEM file holds no certificate or key, or a damaged one.
     #[error("{path}: {detail}")]
@@ -68,9 +68,9 @@ impl Identity {
         let cert_path = dir.join("dev-cert.pem");
         let key_path = dir.join("dev-key.pem");
         if !cert_path.exists() {
-            let io = |source| TlsError::Io {
+            let io = |error| TlsError::Io {
                 path: dir.display().to_string(),
-                source,
+                error,
             };
             std::fs::create_dir_all(dir).map_err(io)?;
             let (cert_pem, key_pem) = self_signed_pem()?;

@@ -454,11 +454,7 @@ fn commit_batch(db: &Database, cmds: Vec<Command>, unsynced: &mut bool) {
     })();
     match result {
         Ok(()) => {
-            if durable {
-                *unsynced = false;
-            } else {
-                *unsynced = true;
-            }
+            *unsynced = !durable;
             answers.into_iter().for_each(Answer::send);
         }
         Err(e) => {
@@ -1315,7 +1311,7 @@ mod tests {
 
     /// Awaits every future concurrently (they were all sent to the writer
     /// when created, so they are batched together).
-    async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    async fn futures_join<F: Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
         let futs: Vec<F> = futs.collect();
         let mut out = Vec::with_capacity(futs.len());
         for f in futs {
