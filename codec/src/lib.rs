@@ -72,6 +72,11 @@ pub use ogg_writer::{
 pub use pcm::PcmSample;
 pub use wav::{WavInfo, WavSampleFormat, WavSource};
 
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctest;
+
 /// Frames read from a WAV per block.
 const READ_BLOCK_FRAMES: usize = 8_192;
 
@@ -201,7 +206,6 @@ pub fn write_atomically<T>(
         w.flush()?;
         value
     };
-    tmp.as_file().sync_data().ok();
     tmp.persist(path).map_err(|e| CodecError::Io(e.error))?;
     Ok(value)
 }

@@ -237,7 +237,7 @@ pub fn external_tool(name: &str) -> Option<PathBuf> {
             None
         }
         None => panic!(
-            "{name} is not installed: run the setup (apt-get install opus-tools ffmpeg) \
+            "{name} is not installed: run `./dev.sh setup` (it installs opus-tools and ffmpeg) \
              or set PTT_SKIP_EXTERNAL_DECODERS=1 to skip the real-decoder checks"
         ),
     }
