@@ -1,0 +1,199 @@
+//! What the relay tells the application, as a stream of events.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use ptt_protocol::{ClipHeader, ClipId, ErrorCode, ReceiptKind, Welcome};
+use tokio::sync::mpsc;
+
+/// Something that happened on the connection.
+///
+/// Events of one clip arrive in order (started, frames, ended or aborted);
+/// events of different clips interleave, since each clip has its own QUIC
+/// stream: order clips by `seq`. Control events (floor, receipts, catch-up)
+/// arrive in the order the relay sent them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A clip began arriving.
+    ClipStarted {
+        /// The group.
+        group: String,
+        /// The talker's clip id.
+        clip_id: ClipId,
+        /// The talker's user id.
+        talker: String,
+        /// The clip's sequence number, or 0 for a live clip (known at its end).
+        seq: u64,
+        /// Whether the clip comes from the store (catch-up or fetch).
+        history: bool,
+        /// The whole header (format, sample rate, frame duration, flags…).
+        header: ClipHeader,
+    },
+    /// One frame (an Opus packet) of a clip.
+    Frame {
+        /// The group.
+        group: String,
+        /// The clip.
+        clip_id: ClipId,
+        /// 0, 1, 2… within the clip.
+        index: u32,
+        /// The Opus packet.
+        data: Bytes,
+        /// When the client read it, for jitter buffers and latency metrics.
+        received_at: Instant,
+    },
+    /// A clip arrived whole.
+    ClipEnded {
+        /// The group.
+        group: String,
+        /// The clip.
+        clip_id: ClipId,
+        /// Its sequence number in the group.
+        seq: u64,
+        /// How many frames it has.
+        frame_count: u32,
+        /// A waveform preview, one byte (0 to 31) per bucket.
+        waveform: Bytes,
+    },
+    /// A clip stopped before its end.
+    ///
+    /// `code` is the relay's reset code: [`ErrorCode::SlowReceiver`] (the
+    /// clip comes again from the store), [`ErrorCode::ClipAborted`] (the
+    /// talker vanished; discard it), [`ErrorCode::ShuttingDown`]; a
+    /// protocol violation found by the client ([`ErrorCode::Protocol`],
+    /// [`ErrorCode::OutOfOrder`]); or [`ErrorCode::None`] when the
+    /// connection was lost (after a reconnect the relay sends it again
+    /// from the store).
+    ClipAborted {
+        /// The group.
+        group: String,
+        /// The clip.
+        clip_id: ClipId,
+        /// Why.
+        code: ErrorCode,
+    },
+    /// A member received or played one of our clips.
+    Receipt {
+        /// The group.
+        group: String,
+        /// The clip's sequence number.
+        seq: u64,
+        /// The clip id we gave it.
+        clip_id: ClipId,
+        /// The member.
+        user: String,
+        /// Delivered or played.
+        kind: ReceiptKind,
+    },
+    /// Someone holds the floor of a walkie group.
+    FloorTaken {
+        /// The group.
+        group: String,
+        /// The talker.
+        user: String,
+        /// Taken with emergency priority.
+        emergency: bool,
+    },
+    /// Nobody holds the floor of a walkie group.
+    FloorIdle {
+        /// The group.
+        group: String,
+    },
+    /// We lost the floor before releasing it.
+    FloorRevoked {
+        /// The group.
+        group: String,
+        /// [`ErrorCode::Preempted`] or [`ErrorCode::ClipTooLong`].
+        code: ErrorCode,
+    },
+    /// Clips `from_seq..=to_seq` expired before we received them.
+    Gap {
+        /// The group.
+        group: String,
+        /// The first missing clip.
+        from_seq: u64,
+        /// The last missing clip.
+        to_seq: u64,
+    },
+    /// The relay sent every stored clip of the group up to `seq` (their
+    /// streams may still be arriving); what follows is live.
+    CaughtUp {
+        /// The group.
+        group: String,
+        /// The newest clip of the catch-up.
+        seq: u64,
+    },
+    /// One of our clips is durable in the store.
+    Stored {
+        /// The group.
+        group: String,
+        /// Our clip id.
+        clip_id: ClipId,
+        /// Its sequence number.
+        seq: u64,
+    },
+    /// The relay refused one of our clips.
+    ClipRejected {
+        /// Our clip id.
+        clip_id: ClipId,
+        /// Why.
+        code: ErrorCode,
+        /// The relay's explanation.
+        message: String,
+    },
+    /// After a reconnect, a group could not be joined again (membership
+    /// removed, group deleted).
+    RejoinFailed {
+        /// The group.
+        group: String,
+        /// The relay's code.
+        code: ErrorCode,
+        /// The relay's explanation.
+        message: String,
+    },
+    /// The connection was lost or closed.
+    Disconnected {
+        /// The relay's close code, when it closed the connection with one.
+        code: Option<ErrorCode>,
+        /// What happened, for logs and the user interface.
+        reason: String,
+        /// Whether the client is trying to reconnect.
+        reconnecting: bool,
+    },
+    /// The client connected again, re-joined its groups and is re-sending
+    /// the clips the relay had not confirmed.
+    Reconnected {
+        /// The relay's new welcome.
+        welcome: Welcome,
+        /// How many attempts it took.
+        attempts: u32,
+    },
+}
+
+/// The events of a client; see [`Event`].
+#[derive(Debug)]
+pub struct Events {
+    rx: mpsc::Receiver<Event>,
+}
+
+impl Events {
+    pub(crate) fn new(rx: mpsc::Receiver<Event>) -> Events {
+        Events { rx }
+    }
+
+    /// The next event, or `None` once the client is closed and every event
+    /// was taken.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// The next event if one is waiting.
+    pub fn try_next(&mut self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
+
+    /// The underlying channel, for `select!` loops and stream adapters.
+    pub fn into_inner(self) -> mpsc::Receiver<Event> {
+        self.rx
+    }
+}
