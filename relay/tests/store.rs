@@ -164,7 +164,10 @@ async fn concurrent_appends_get_distinct_consecutive_seqs() {
 async fn append_throughput_one_vs_many_appenders() {
     // Not a timed assertion: prints appends/s so that group commit can be
     // compared (run with --nocapture). Every append is fsync'd before it
-    // returns; with many appenders they share commits.
+    // returns; with many appenders they share commits. Measured on the
+    // shared 2-core dev box (ext4, other builds running), 2 s clips of
+    // ~6 KiB: 1 appender 140-560 appends/s (one fsync each), 32 appenders
+    // 3 500-5 500 appends/s (one fsync per drained batch), i.e. 10-15x.
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(RedbStore::open(dir.path()).unwrap());
     store.create_group("g", GroupMode::Notes, 1).await.unwrap();

@@ -31,7 +31,7 @@
 //! Every write goes through one dedicated writer thread fed by a channel, so
 //! there is never contention for redb's single write transaction. The
 //! thread takes the first pending command, drains whatever else is queued
-//! (up to [`MAX_BATCH`] commands), and writes all consecutive clip appends
+//! (up to [`MAX_BATCH`] commands or [`MAX_BATCH_BYTES`] of clips), and writes all consecutive clip appends
 //! and cursor updates in ONE write transaction with one commit: with many
 //! talkers, many appends share one fsync. Each caller is answered through
 //! its own oneshot channel only after the commit returned. A batch holding
@@ -99,6 +99,10 @@ pub const DB_FILE_NAME: &str = "relay.redb";
 /// The most commands the writer thread takes into one batch.
 pub const MAX_BATCH: usize = 1024;
 
+/// The clip bytes past which the writer thread stops adding to a batch (a
+/// batch always takes at least one command).
+pub const MAX_BATCH_BYTES: usize = 64 << 20;
+
 /// The shortest time a deleted clip's dedup entry is kept after the clip
 /// was deleted (see the module documentation).
 pub const MIN_DEDUP_GRACE_MS: u64 = 24 * 60 * 60 * 1000;
@@ -165,6 +169,16 @@ enum Command {
     /// Run one durable transaction on its own; returns whether it
     /// committed.
     Exec(Box<dyn FnOnce(&Database) -> bool + Send>),
+}
+
+impl Command {
+    /// The clip bytes this command writes.
+    fn blob_len(&self) -> usize {
+        match self {
+            Command::Append { blob, .. } => blob.len(),
+            _ => 0,
+        }
+    }
 }
 
 /// The embedded single-node store. See the module documentation.
@@ -321,13 +335,18 @@ fn writer_loop(db: &Database, rx: &mpsc::Receiver<Command>) {
     // Whether a non-durable commit happened since the last durable one.
     let mut unsynced = false;
     while let Ok(first) = rx.recv() {
+        let mut bytes = first.blob_len();
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
-                Ok(cmd) => batch.push(cmd),
+                Ok(cmd) => {
+                    bytes += cmd.blob_len();
+                    batch.push(cmd);
+                }
                 Err(_) => break,
             }
         }
+        tracing::trace!(commands = batch.len(), bytes, "store write batch");
         let mut pending = Vec::new();
         for cmd in batch {
             match cmd {
@@ -458,6 +477,7 @@ fn commit_batch(db: &Database, cmds: Vec<Command>, unsynced: &mut bool) {
             answers.into_iter().for_each(Answer::send);
         }
         Err(e) => {
+            tracing::warn!(error = %e, "store write batch failed");
             answers.into_iter().for_each(|a| a.fail(&e));
             for cmd in unreached {
                 match cmd {
@@ -1233,6 +1253,56 @@ mod tests {
         assert_eq!(all.len(), 3);
         assert_eq!(all[1].meta, meta("g", 2, 10));
         assert_eq!(all[1].frames, clip("g", 2, 10).frames);
+    }
+
+    #[tokio::test]
+    async fn queued_appends_dedup_and_isolate_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_group(dir.path()).await;
+        // Every future sends its command when created, so the writer
+        // usually finds them all queued and writes them in one transaction
+        // (the outcome is the same if it does not).
+        let futs = vec![
+            store.append_clip(clip("g", 1, 0)),
+            store.append_clip(clip("nope", 2, 0)),
+            store.append_clip(clip("g", 1, 0)),
+            store.append_clip(clip("g", 3, 0)),
+        ];
+        let cursor = store.advance_cursor("g", "ann", 2);
+        let results = futures_join(futs.into_iter()).await;
+        cursor.await.unwrap();
+        assert_eq!(
+            results[0].as_ref().unwrap(),
+            &AppendOutcome::Stored { seq: 1 }
+        );
+        assert!(matches!(&results[1], Err(StoreError::NoSuchGroup(g)) if g == "nope"));
+        assert_eq!(
+            results[2].as_ref().unwrap(),
+            &AppendOutcome::Duplicate { seq: 1 }
+        );
+        assert_eq!(
+            results[3].as_ref().unwrap(),
+            &AppendOutcome::Stored { seq: 2 }
+        );
+        assert_eq!(store.cursor("g", "ann").await.unwrap(), 2);
+        assert_eq!(
+            store
+                .clip_seq("g", ClipId::from_bytes([3; 16]))
+                .await
+                .unwrap(),
+            Some(2)
+        );
+        assert_eq!(
+            store
+                .clip_seq("g", ClipId::from_bytes([2; 16]))
+                .await
+                .unwrap(),
+            None
+        );
+        assert!(matches!(
+            store.clip_seq("nope", ClipId::from_bytes([2; 16])).await,
+            Err(StoreError::NoSuchGroup(_))
+        ));
     }
 
     #[tokio::test]
