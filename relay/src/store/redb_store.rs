@@ -55,6 +55,10 @@
 //! allows. The cost is proportional to the clips deleted, not to the clips
 //! stored.
 //!
+//! A clip whose blob does not decode stops its group's age-based retention
+//! at that clip (its age is unknown; the error is logged) without failing
+//! the other groups' retention; count-based retention deletes it.
+//!
 //! The dedup entry (`clip_ids`) of a deleted clip is kept: a talker's late
 //! retry of a clip that was stored and then expired is still answered
 //! [`AppendOutcome::Duplicate`] with the original sequence number instead of
@@ -62,7 +66,8 @@
 //! in `expired_clip_ids`; the dedup entry is dropped only once it has
 //! outlived its clip by `max(max_age_ms, 24 h)`, which bounds the dedup
 //! index without shortening the dedup window below the clip's own
-//! lifetime.
+//! lifetime. [`ClipStore::clip_seq`] answers from the same index, so it
+//! knows a deleted clip for exactly as long.
 //!
 //! # Unknown groups
 //!
@@ -782,7 +787,7 @@ fn retain_group(
     let mut expired = txn.open_table(EXPIRED).ctx("opening expired_clip_ids")?;
     let mut deleted = 0;
     loop {
-        let (seq, clip_id, created_ms) = {
+        let (seq, meta) = {
             let mut range = clips
                 .range((group, 0)..=(group, u64::MAX))
                 .ctx("reading clips")?;
@@ -790,18 +795,36 @@ fn retain_group(
             let (key, value) = entry.ctx("reading clips")?;
             let seq = key.value().1;
             let mut raw = value.value();
-            let meta = decode_meta(group, seq, &mut raw)?;
-            (seq, meta.clip_id, meta.created_ms)
+            (seq, decode_meta(group, seq, &mut raw))
         };
         let too_many = seq < keep_from;
-        let too_old = cutoff.is_some_and(|cutoff| created_ms < cutoff);
+        let meta = match meta {
+            Ok(meta) => Some(meta),
+            Err(e) if too_many => {
+                // Past the cap it goes whatever it holds; its dedup entry
+                // (unknown now) stays.
+                tracing::warn!(error = %e, "retention: deleting a damaged clip");
+                None
+            }
+            Err(e) => {
+                // Its age is unknown: keep it (and the clips after it), and
+                // let the other groups' retention go on.
+                tracing::error!(error = %e, "retention: damaged clip stops age retention");
+                break;
+            }
+        };
+        let too_old = meta
+            .as_ref()
+            .is_some_and(|m| cutoff.is_some_and(|cutoff| m.created_ms < cutoff));
         if !too_many && !too_old {
             break;
         }
         clips.remove((group, seq)).ctx("deleting clips")?;
-        expired
-            .insert((group, seq), (clip_id.as_bytes(), now_ms))
-            .ctx("writing expired_clip_ids")?;
+        if let Some(meta) = meta {
+            expired
+                .insert((group, seq), (meta.clip_id.as_bytes(), now_ms))
+                .ctx("writing expired_clip_ids")?;
+        }
         deleted += 1;
     }
 
@@ -1511,15 +1534,29 @@ mod tests {
         }
         // The intact clip still reads.
         assert_eq!(store.clips_after("g", 0, 1).await.unwrap().len(), 1);
-        // Retention reports the damage rather than deleting blindly.
+        // Age retention keeps a clip whose age it cannot read (and logs
+        // it); count retention deletes it.
         let by_age = RetentionPolicy {
             max_age_ms: 1,
             max_clips_per_group: 0,
         };
-        assert!(matches!(
-            store.apply_retention(by_age, 1_000).await,
-            Err(StoreError::Corrupt { .. })
-        ));
+        assert_eq!(store.apply_retention(by_age, 1_000).await.unwrap(), 1);
+        assert_eq!(
+            store.seq_range("g").await.unwrap(),
+            SeqRange { first: 2, last: 2 }
+        );
+        assert_eq!(store.apply_retention(by_age, 1_000).await.unwrap(), 0);
+        let by_count = RetentionPolicy {
+            max_age_ms: 0,
+            max_clips_per_group: 1,
+        };
+        store.append_clip(clip("g", 3, 5_000)).await.unwrap();
+        assert_eq!(store.apply_retention(by_count, 1_000).await.unwrap(), 1);
+        assert_eq!(
+            store.seq_range("g").await.unwrap(),
+            SeqRange { first: 3, last: 3 }
+        );
+        assert_eq!(store.clips_after("g", 0, 10).await.unwrap().len(), 1);
     }
 
     #[tokio::test]
