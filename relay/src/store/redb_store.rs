@@ -42,6 +42,10 @@
 //! when the store is dropped). Administrative writes (groups, members,
 //! retention, flush) run as their own durable transactions in queue order.
 //!
+//! A write is queued when the trait method is called, not when its future
+//! is first polled: dropping the future does not cancel it (an append whose
+//! caller went away may still be stored; a retry is then a duplicate).
+//!
 //! Reads run on [`tokio::task::spawn_blocking`] with their own read
 //! transaction (a consistent snapshot); they never wait for the writer.
 //!
