@@ -59,7 +59,11 @@ fn wav_bytes(rate: u32, channels: u16, bits: u16, interleaved: &[f32]) -> Vec<u8
     let mut w = hound::WavWriter::new(&mut cur, spec).expect("wav writer");
     let scale = ((1i64 << (bits - 1)) - 1) as f32;
     for &s in interleaved {
-        w.write_sample((s * scale) as i32).expect("sample");
+        let v = (s.clamp(-1.0, 1.0) * scale) as i32;
+        match bits {
+            16 => w.write_sample(v as i16).expect("sample"),
+            _ => w.write_sample(v).expect("sample"),
+        }
     }
     w.finalize().expect("finalize");
     cur.into_inner()

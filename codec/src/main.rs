@@ -271,6 +271,17 @@ fn encode(args: EncodeArgs) -> Result<()> {
             .collect(),
     };
 
+    let mut seen = std::collections::HashSet::new();
+    for (input, output) in &jobs {
+        if !seen.insert(output) {
+            bail!(
+                "{}: another input also writes {} (same file name)",
+                input.display(),
+                output.display()
+            );
+        }
+    }
+
     if jobs.len() == 1 {
         let (input, output) = &jobs[0];
         return encode_one(input, output, &config, args.timing);

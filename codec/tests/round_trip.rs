@@ -526,3 +526,37 @@ fn encode_wav_packets_gives_packets_and_metadata() {
     let bitrate = clip.summary.average_bitrate();
     assert!((15_000.0..35_000.0).contains(&bitrate), "{bitrate}");
 }
+
+#[test]
+fn decoder_applies_output_gain() {
+    let rate = 48_000;
+    let pcm = speechlike(rate, 24_000, 0);
+    let mut enc = StreamEncoder::new(rate, 1, &EncoderConfig::default()).unwrap();
+    enc.push_f32(&pcm).unwrap();
+    let end = enc.finish().unwrap();
+    let write = |gain_q8: i16| {
+        let head = OpusHead {
+            channels: 1,
+            pre_skip: end.summary.pre_skip,
+            input_sample_rate: rate,
+            output_gain: gain_q8,
+            mapping_family: 0,
+        };
+        let tags = OpusTags::with_comments(Vec::new());
+        let mut w = OggOpusWriter::new(Vec::new(), &head, &tags, 7, false).unwrap();
+        let mut packets = end.packets.clone();
+        let last = packets.pop().unwrap();
+        for p in packets {
+            w.write_packet(p).unwrap();
+        }
+        let ogg = w.finish(last, end.summary.final_granule).unwrap();
+        decode_ogg_opus(Cursor::new(ogg)).unwrap().samples
+    };
+    let rms =
+        |x: &[f32]| (x.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / x.len() as f64).sqrt();
+    let unity = write(0);
+    let minus_6db = write(-1541); // -6.02 dB in Q7.8
+    assert_eq!(unity.len(), pcm.len());
+    let ratio = rms(&minus_6db) / rms(&unity);
+    assert!((ratio - 0.5).abs() < 0.01, "gain ratio {ratio}");
+}

@@ -263,3 +263,18 @@ fn truncated_data_is_encoded_up_to_the_end_with_a_warning() {
         }]
     );
 }
+
+#[test]
+fn test_signals_do_not_clip() {
+    for seed in 0..6 {
+        for rate in [8_000u32, 44_100, 48_000] {
+            let peak = speechlike(rate, rate as usize, seed)
+                .iter()
+                .fold(0.0f32, |m, s| m.max(s.abs()));
+            assert!(
+                peak < 0.95 && peak > 0.2,
+                "seed {seed} at {rate} Hz: peak {peak}"
+            );
+        }
+    }
+}
