@@ -107,7 +107,10 @@ fn pump_wav<R: Read + Seek>(
     source: &mut WavSource<R>,
     mut push: impl FnMut(&[f32]) -> Result<(), CodecError>,
 ) -> Result<(), CodecError> {
-    let mut buf = Vec::with_capacity(READ_BLOCK_FRAMES * usize::from(source.info().channels));
+    // Sized by the data actually present, not the header's channel count
+    // alone (a corrupt header may claim 65 535 channels).
+    let frames = (source.info().frames as usize).min(READ_BLOCK_FRAMES);
+    let mut buf = Vec::with_capacity(frames * usize::from(source.info().channels));
     while source.read_f32(&mut buf, READ_BLOCK_FRAMES)? > 0 {
         push(&buf)?;
     }

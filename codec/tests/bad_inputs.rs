@@ -328,3 +328,97 @@ fn bad_opus_streams_give_typed_errors() {
         let _ = dec.decode(Some(&garbage), None);
     }
 }
+
+/// A small deterministic generator for the mutation tests.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        self.0 >> 33
+    }
+}
+
+#[test]
+fn mutated_wav_headers_never_panic() {
+    let pcm = speechlike(16_000, 400, 0);
+    let seeds: Vec<Vec<u8>> = vec![
+        hound_wav(spec16(16_000, 1), &pcm),
+        hound_wav(
+            hound::WavSpec {
+                channels: 2,
+                sample_rate: 44_100,
+                bits_per_sample: 24,
+                sample_format: hound::SampleFormat::Int,
+            },
+            &pcm,
+        ),
+        riff(&[
+            (
+                b"fmt ",
+                Fmt {
+                    extensible: Some((24, SUBTYPE_PCM)),
+                    container: 4,
+                    bits: 32,
+                    ..Fmt::pcm16(48_000, 2)
+                }
+                .chunk(),
+            ),
+            (b"LIST", vec![0; 10]),
+            (b"data", int_bytes(&pcm, 4, 24, true)),
+        ]),
+    ];
+    let config = EncoderConfig {
+        max_duration: Some(Duration::from_secs(5)),
+        ..Default::default()
+    };
+    let mut rng = Lcg(42);
+    let mut errors = 0;
+    for i in 0..3_000 {
+        let mut bytes = seeds[i % seeds.len()].clone();
+        let header = bytes.len().min(96);
+        for _ in 0..1 + rng.next() % 4 {
+            let pos = (rng.next() as usize) % header;
+            bytes[pos] = match rng.next() % 3 {
+                0 => rng.next() as u8,
+                1 => 0,
+                _ => 0xFF,
+            };
+        }
+        if rng.next() % 4 == 0 {
+            let cut = (rng.next() as usize) % bytes.len();
+            bytes.truncate(cut);
+        }
+        if encode_wav_packets(std::io::Cursor::new(bytes), &config).is_err() {
+            errors += 1;
+        }
+    }
+    assert!(
+        errors > 100,
+        "the mutations should break most headers ({errors})"
+    );
+}
+
+#[test]
+fn mutated_ogg_streams_never_panic() {
+    let mut ogg = std::io::Cursor::new(Vec::new());
+    encode_wav(
+        std::io::Cursor::new(valid_wav()),
+        &mut ogg,
+        &EncoderConfig::default(),
+    )
+    .unwrap();
+    let valid = ogg.into_inner();
+    let mut rng = Lcg(7);
+    for _ in 0..500 {
+        let mut bytes = valid.clone();
+        for _ in 0..1 + rng.next() % 8 {
+            let pos = (rng.next() as usize) % bytes.len();
+            bytes[pos] = rng.next() as u8;
+        }
+        let _ = decode_ogg_opus(std::io::Cursor::new(bytes));
+    }
+}
