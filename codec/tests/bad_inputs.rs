@@ -388,7 +388,7 @@ fn mutated_wav_headers_never_panic() {
                 _ => 0xFF,
             };
         }
-        if rng.next() % 4 == 0 {
+        if rng.next().is_multiple_of(4) {
             let cut = (rng.next() as usize) % bytes.len();
             bytes.truncate(cut);
         }
