@@ -244,11 +244,11 @@ impl<W: Write> OggOpusWriter<W> {
         self.inner
             .write_packet(packet.data, self.serial, info, self.granule)?;
         if end_page {
+            // Hand the finished page on at once (a socket, a pipe, a
+            // BufWriter): a listener can start before the clip ends.
             self.page_start = self.granule;
             self.pages_flushed += 1;
-            if self.live {
-                self.inner.inner_mut().flush()?;
-            }
+            self.inner.inner_mut().flush()?;
         }
         Ok(())
     }
