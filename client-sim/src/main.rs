@@ -1,6 +1,287 @@
-//! `client-sim`: plays many push-to-talk clients against a relay and verifies
-//! that every clip reached every member exactly once.
+//! `client-sim`: plays many push-to-talk clients against a relay and
+//! verifies that every clip reached every member exactly once.
+//!
+//! Without arguments it starts a relay in-process and runs the `smoke`
+//! scenario. See `client-sim --help` and client-sim/README.md.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use client_sim::scenario::{Mode, NAMED, Scenario};
+use client_sim::sim::Progress;
+use client_sim::{Options, RelayChoice};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Plays thousands of push-to-talk clients against a relay, verifies that
+/// every clip reached every member exactly once and intact, and measures
+/// latencies, relay CPU per frame and memory per client.
+///
+/// With no arguments: `--embedded --scenario smoke`.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Start a relay in this process on a temporary data directory (the
+    /// default unless --relay is given). CPU and memory are then the
+    /// simulator's and the relay's together.
+    #[arg(long, conflicts_with = "relay")]
+    embedded: bool,
+    /// Drive a separately started relay at this address (loopback only).
+    #[arg(long, requires_all = ["fingerprint", "token_key"])]
+    relay: Option<SocketAddr>,
+    /// The relay's certificate SHA-256 fingerprint (printed at its start).
+    #[arg(long)]
+    fingerprint: Option<String>,
+    /// The relay's token signing key: DATA_DIR/token.key.
+    #[arg(long)]
+    token_key: Option<PathBuf>,
+    /// The separate relay's process id, to measure its CPU time and memory
+    /// from /proc.
+    #[arg(long)]
+    relay_pid: Option<u32>,
+    /// A named scenario (see --list-scenarios) or a TOML file.
+    #[arg(long, default_value = "smoke")]
+    scenario: String,
+    /// List the named scenarios and exit.
+    #[arg(long)]
+    list_scenarios: bool,
+    /// Simulated clients (in a capacity search: the largest step).
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Members per group.
+    #[arg(long)]
+    group_size: Option<usize>,
+    /// How long talkers start new clips (e.g. 30s, 2m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// walkie, notes or mixed.
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
+    /// Talkers per group (0: idle clients).
+    #[arg(long)]
+    talkers: Option<usize>,
+    /// Members per group that connect late and catch up.
+    #[arg(long)]
+    offline: Option<usize>,
+    /// Shortest clip.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    clip_min: Option<Duration>,
+    /// Longest clip.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    clip_max: Option<Duration>,
+    /// Fraction of datagrams dropped each way (0.05 = 5%).
+    #[arg(long)]
+    loss: Option<f64>,
+    /// Delay added each way (RTT grows by twice this).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    delay: Option<Duration>,
+    /// Random extra delay each way, 0 to this.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    jitter: Option<Duration>,
+    /// Connection drops per client per minute.
+    #[arg(long)]
+    churn: Option<f64>,
+    /// Fraction of listeners that read slowly.
+    #[arg(long)]
+    slow_receivers: Option<f64>,
+    /// Seed of the fault randomness.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Longest wait for the last deliveries after the talking.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    settle: Option<Duration>,
+    /// New connections per second.
+    #[arg(long)]
+    connect_rate: Option<u32>,
+    /// Clients per UDP socket.
+    #[arg(long)]
+    clients_per_endpoint: Option<usize>,
+    /// WAV file to replay (default: the repository's speech fixture).
+    #[arg(long)]
+    wav: Option<PathBuf>,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Write an SVG of latency over time and its distribution here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Tokio worker threads (0: a current-thread runtime).
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Print only the result table.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+impl Cli {
+    fn scenario(&self) -> anyhow::Result<Scenario> {
+        let mut s = Scenario::load(&self.scenario)?;
+        macro_rules! set {
+            ($($flag:ident => $($field:ident).+),* $(,)?) => {
+                $(if let Some(v) = self.$flag { s.$($field).+ = v; })*
+            };
+        }
+        set!(
+            group_size => group_size,
+            duration => duration,
+            mode => mode,
+            talkers => talkers_per_group,
+            offline => offline_per_group,
+            clip_min => clip_min,
+            clip_max => clip_max,
+            loss => faults.loss,
+            delay => faults.delay,
+            jitter => faults.jitter,
+            churn => faults.churn,
+            slow_receivers => faults.slow_receivers,
+            seed => faults.seed,
+            settle => settle,
+            connect_rate => connect_rate,
+            clients_per_endpoint => clients_per_endpoint,
+        );
+        if let Some(n) = self.clients {
+            match &mut s.capacity {
+                Some(c) => c.max = n,
+                None => s.clients = n,
+            }
+        }
+        s.validate()?;
+        Ok(s)
+    }
+}
+
+/// A progress bar on a terminal; one line per phase otherwise.
+struct Bar {
+    bar: Option<ProgressBar>,
+    quiet: bool,
+}
+
+impl Progress for Bar {
+    fn phase(&self, name: &str, len: u64) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_prefix(name.to_owned());
+                bar.set_length(len);
+                bar.set_position(0);
+                bar.set_message("");
+            }
+            None if !self.quiet => eprintln!("client-sim: {name}…"),
+            None => {}
+        }
+    }
+
+    fn update(&self, pos: u64, msg: String) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(pos);
+            bar.set_message(msg);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
 
 fn main() -> anyhow::Result<()> {
-    anyhow::bail!("client-sim: not implemented yet")
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,quinn=error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if cli.list_scenarios {
+        for (name, _) in NAMED {
+            let s = Scenario::load(name)?;
+            println!("{name:<14} {}", s.description);
+        }
+        return Ok(());
+    }
+    let scenario = cli.scenario()?;
+    let relay = match cli.relay {
+        Some(addr) => RelayChoice::External {
+            addr,
+            fingerprint: cli
+                .fingerprint
+                .clone()
+                .context("--fingerprint is required")?,
+            token_key: cli.token_key.clone().context("--token-key is required")?,
+            pid: cli.relay_pid,
+        },
+        None => RelayChoice::Embedded,
+    };
+    let options = Options {
+        scenario,
+        relay,
+        wav: cli.wav.clone(),
+    };
+    if !cli.quiet {
+        let s = &options.scenario;
+        eprintln!(
+            "client-sim: scenario {} — {}\n  {} clients, groups of {}, {:?} mode, {} talker(s)/group, \
+             talking {:?}, clips {:?}–{:?}, relay {}",
+            s.name,
+            s.description,
+            s.clients,
+            s.group_size,
+            s.mode,
+            s.talkers_per_group,
+            s.duration,
+            s.clip_min,
+            s.clip_max,
+            match &options.relay {
+                RelayChoice::Embedded => "embedded (in this process)".to_owned(),
+                RelayChoice::External { addr, .. } => format!("at {addr}"),
+            }
+        );
+    }
+    let bar = (!cli.quiet && std::io::stderr().is_terminal()).then(|| {
+        let bar = ProgressBar::new(1);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>11} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    });
+    let progress = Bar {
+        bar,
+        quiet: cli.quiet,
+    };
+    let runtime = if cli.workers == 0 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cli.workers)
+            .enable_all()
+            .build()?
+    };
+    let outcome = runtime.block_on(client_sim::run(&options, &progress))?;
+    println!("{}", outcome.table());
+    if let Some(path) = &cli.report {
+        std::fs::write(path, outcome.to_json()?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("report written to {}", path.display());
+    }
+    if let Some(path) = &cli.plot
+        && let Some(report) = outcome.plotted()
+    {
+        client_sim::plot::plot(report, path)?;
+        eprintln!("plot written to {}", path.display());
+    }
+    // Connections still closing must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    if outcome.failed() {
+        std::process::exit(1);
+    }
+    Ok(())
 }

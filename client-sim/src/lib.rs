@@ -1,0 +1,244 @@
+//! `client-sim`: plays thousands of push-to-talk clients against a relay,
+//! proves that every clip reached every member exactly once and intact,
+//! and measures what users feel (latencies) and what operators pay (relay
+//! CPU per frame, memory per client).
+//!
+//! - [`scenario`]: what the simulated users do (TOML, named scenarios).
+//! - [`sim`]: the clients, talkers and receivers.
+//! - [`verify`]: the pure delivery verifier.
+//! - [`stats`]: histograms and `/proc` sampling.
+//! - [`lossy`]: an in-process lossy, slow UDP socket for quinn.
+//! - [`audio`]: the WAV encoded once and replayed.
+//! - [`report`], [`plot`]: the JSON report, the table, the SVG.
+//!
+//! [`run`] is what the binary does.
+
+pub mod audio;
+pub mod lossy;
+pub mod plot;
+pub mod report;
+pub mod scenario;
+pub mod sim;
+pub mod stats;
+pub mod verify;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ptt_relay::auth::TokenIssuer;
+
+use crate::audio::Audio;
+use crate::report::{CapacityReport, CapacityStep, Report};
+use crate::scenario::Scenario;
+use crate::sim::{Progress, Target};
+
+/// Which relay to drive.
+#[derive(Debug, Clone)]
+pub enum RelayChoice {
+    /// Start one in this process on a temporary data directory.
+    Embedded,
+    /// A relay started separately.
+    External {
+        /// Its address.
+        addr: SocketAddr,
+        /// SHA-256 of its certificate, hex.
+        fingerprint: String,
+        /// The token signing key in its data directory (`token.key`).
+        token_key: PathBuf,
+        /// Its process id, to measure CPU and memory.
+        pid: Option<u32>,
+    },
+}
+
+/// Everything a run needs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The scenario, with command-line overrides applied.
+    pub scenario: Scenario,
+    /// The relay.
+    pub relay: RelayChoice,
+    /// The WAV to replay (default: the repository's speech fixture).
+    pub wav: Option<PathBuf>,
+}
+
+/// The result of [`run`].
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// One run.
+    Single(Box<Report>),
+    /// A capacity search.
+    Capacity(Box<CapacityReport>),
+}
+
+impl Outcome {
+    /// Whether it failed: a delivery failed (or, for a capacity search,
+    /// not even the first step held).
+    pub fn failed(&self) -> bool {
+        match self {
+            Outcome::Single(r) => r.failed,
+            Outcome::Capacity(c) => c.largest_load_held.is_none(),
+        }
+    }
+
+    /// The table to print.
+    pub fn table(&self) -> String {
+        match self {
+            Outcome::Single(r) => r.table(),
+            Outcome::Capacity(c) => {
+                let mut t = String::new();
+                if let Some(last) = c.runs.last() {
+                    t.push_str(&last.table());
+                }
+                t.push_str(&c.table());
+                t
+            }
+        }
+    }
+
+    /// The JSON report.
+    pub fn to_json(&self) -> serde_json::Result<String> {
+        match self {
+            Outcome::Single(r) => serde_json::to_string_pretty(r),
+            Outcome::Capacity(c) => serde_json::to_string_pretty(c),
+        }
+    }
+
+    /// The run to plot: the only one, or the last step that held.
+    pub fn plotted(&self) -> Option<&Report> {
+        match self {
+            Outcome::Single(r) => Some(r),
+            Outcome::Capacity(c) => c
+                .largest_load_held
+                .and_then(|n| c.runs.iter().find(|r| r.clients == n))
+                .or(c.runs.last()),
+        }
+    }
+}
+
+/// Runs the scenario: starts the embedded relay if asked, then one run
+/// or a capacity search.
+pub async fn run(options: &Options, progress: &dyn Progress) -> anyhow::Result<Outcome> {
+    let audio = Audio::load(options.wav.as_deref())?;
+    let mut embedded = None;
+    let target = match &options.relay {
+        RelayChoice::Embedded => {
+            let dir = tempfile::Builder::new()
+                .prefix("client-sim-relay-")
+                .tempdir()
+                .context("creating the relay's temporary data directory")?;
+            let mut config = ptt_relay::RelayConfig::for_tests(dir.path());
+            let most = options
+                .scenario
+                .capacity
+                .as_ref()
+                .map_or(options.scenario.clients, |c| c.max);
+            config.max_connections = config.max_connections.max(most * 2 + 100);
+            let handle = ptt_relay::start(config)
+                .await
+                .context("starting the embedded relay")?;
+            let issuer = TokenIssuer::load_or_create(&dir.path().join("token.key"))
+                .context("loading the embedded relay's token key")?;
+            let target = Target {
+                addr: handle.addr(),
+                fingerprint: ptt_client::parse_fingerprint(handle.cert_fingerprint())?,
+                issuer: Arc::new(issuer),
+                store: Some(handle.store().clone()),
+                pid: None,
+                embedded: true,
+            };
+            embedded = Some((handle, dir));
+            target
+        }
+        RelayChoice::External {
+            addr,
+            fingerprint,
+            token_key,
+            pid,
+        } => {
+            anyhow::ensure!(
+                addr.ip().is_loopback(),
+                "the simulator only drives relays on this machine (loopback), not {addr}"
+            );
+            // load_or_create would make a new key the relay does not know.
+            anyhow::ensure!(
+                token_key.is_file(),
+                "{} does not exist: pass the token.key of the relay's data directory",
+                token_key.display()
+            );
+            let issuer = TokenIssuer::load_or_create(token_key)
+                .with_context(|| format!("loading {}", token_key.display()))?;
+            Target {
+                addr: *addr,
+                fingerprint: ptt_client::parse_fingerprint(fingerprint)?,
+                issuer: Arc::new(issuer),
+                store: None,
+                pid: *pid,
+                embedded: false,
+            }
+        }
+    };
+
+    let result = match &options.scenario.capacity {
+        None => sim::run_once(&options.scenario, &target, &audio, progress)
+            .await
+            .map(|r| Outcome::Single(Box::new(r))),
+        Some(cap) => {
+            let mut steps = Vec::new();
+            let mut runs = Vec::new();
+            let mut largest = None;
+            let mut clients = cap.start;
+            let limit_ms = cap.p99_limit.as_secs_f64() * 1000.0;
+            while clients <= cap.max {
+                let scenario = Scenario {
+                    clients,
+                    name: format!("{} ({clients} clients)", options.scenario.name),
+                    ..options.scenario.clone()
+                };
+                let report = sim::run_once(&scenario, &target, &audio, progress).await?;
+                let frame = report.latency_ms.get("frame").copied().unwrap_or_default();
+                let failures = report.deliveries_expected - report.deliveries_ok
+                    + report.deliveries_duplicate
+                    + report.misdelivered
+                    + report.connect_failures;
+                let held = !report.failed && frame.p99 <= limit_ms;
+                steps.push(CapacityStep {
+                    clients,
+                    held,
+                    frames_per_s: report.frames_per_s,
+                    frame_p50_ms: frame.p50,
+                    frame_p99_ms: frame.p99,
+                    failures,
+                    cpu_us_per_frame: report.relay.cpu_us_per_frame,
+                });
+                eprintln!(
+                    "capacity: {clients} clients: {} (p99 {:.2} ms, {failures} failures)",
+                    if held { "held" } else { "NOT held" },
+                    frame.p99
+                );
+                runs.push(report);
+                if !held {
+                    break;
+                }
+                largest = Some(clients);
+                clients += cap.step;
+                // Let the previous step's connections close at the relay.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Ok(Outcome::Capacity(Box::new(CapacityReport {
+                scenario: options.scenario.name.clone(),
+                largest_load_held: largest,
+                p99_limit_ms: limit_ms,
+                steps,
+                runs,
+            })))
+        }
+    };
+    if let Some((handle, dir)) = embedded {
+        handle.shutdown().await;
+        drop(dir);
+    }
+    result
+}

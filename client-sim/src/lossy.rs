@@ -1,0 +1,546 @@
+//! A lossy, slow network in process: a [`quinn::AsyncUdpSocket`] wrapping
+//! the tokio runtime's UDP socket that drops a fraction of the datagrams
+//! it sends and receives, and delays the rest (fixed delay plus uniform
+//! jitter, kept in order). Give it to [`quinn::Endpoint::new_with_abstract_socket`];
+//! every client connection on that endpoint then sees the same network.
+//!
+//! The randomness is a seeded [`SmallRng`], so a run's fault pattern (the
+//! sequence of drop decisions) is reproducible for a given traffic order.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use quinn::udp::{EcnCodepoint, RecvMeta, Transmit};
+use quinn::{AsyncUdpSocket, Runtime, UdpPoller};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::mpsc;
+
+/// Drop decisions and delays for one direction.
+#[derive(Debug)]
+pub struct LossModel {
+    rng: SmallRng,
+    loss: f64,
+    delay: Duration,
+    jitter: Duration,
+    last_deadline: Option<Instant>,
+}
+
+impl LossModel {
+    /// Drops `loss` (0 to 1) of the datagrams and delays the others by
+    /// `delay` plus 0 to `jitter`.
+    pub fn new(seed: u64, loss: f64, delay: Duration, jitter: Duration) -> LossModel {
+        LossModel {
+            rng: SmallRng::seed_from_u64(seed),
+            loss,
+            delay,
+            jitter,
+            last_deadline: None,
+        }
+    }
+
+    /// Whether the next datagram is lost.
+    pub fn drop_next(&mut self) -> bool {
+        self.loss > 0.0 && self.rng.random::<f64>() < self.loss
+    }
+
+    /// Whether datagrams are delayed at all.
+    pub fn delays(&self) -> bool {
+        !self.delay.is_zero() || !self.jitter.is_zero()
+    }
+
+    /// When a datagram that arrives `now` leaves: after the delay and a
+    /// random jitter, but never before the one before it (no reordering).
+    pub fn deadline(&mut self, now: Instant) -> Instant {
+        let jitter = if self.jitter.is_zero() {
+            Duration::ZERO
+        } else {
+            self.jitter.mul_f64(self.rng.random::<f64>())
+        };
+        let mut at = now + self.delay + jitter;
+        if let Some(last) = self.last_deadline {
+            at = at.max(last);
+        }
+        self.last_deadline = Some(at);
+        at
+    }
+}
+
+/// Counters of what the wrapper did.
+#[derive(Debug, Default)]
+pub struct LossCounters {
+    /// Datagrams handed to the socket to send.
+    pub sent: AtomicU64,
+    /// Of those, dropped.
+    pub sent_dropped: AtomicU64,
+    /// Datagrams the socket received.
+    pub received: AtomicU64,
+    /// Of those, dropped.
+    pub received_dropped: AtomicU64,
+}
+
+impl LossCounters {
+    /// (sent, sent dropped, received, received dropped).
+    pub fn snapshot(&self) -> (u64, u64, u64, u64) {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        (
+            g(&self.sent),
+            g(&self.sent_dropped),
+            g(&self.received),
+            g(&self.received_dropped),
+        )
+    }
+}
+
+/// A datagram waiting in the send delay line.
+struct Outgoing {
+    at: Instant,
+    destination: SocketAddr,
+    ecn: Option<EcnCodepoint>,
+    src_ip: Option<std::net::IpAddr>,
+    data: Vec<u8>,
+}
+
+/// Received datagrams (one GRO batch each) waiting out their delay.
+struct Held {
+    at: Instant,
+    meta: RecvMeta,
+    data: Vec<u8>,
+}
+
+struct RecvState {
+    model: LossModel,
+    queue: VecDeque<Held>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// The lossy socket. See the module documentation.
+pub struct LossySocket {
+    inner: Arc<dyn AsyncUdpSocket>,
+    send: Mutex<LossModel>,
+    recv: Mutex<RecvState>,
+    delay_line: Option<mpsc::UnboundedSender<Outgoing>>,
+    counters: Arc<LossCounters>,
+}
+
+impl fmt::Debug for LossySocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LossySocket")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl LossySocket {
+    /// Wraps `socket` (already bound) with the tokio runtime. Must be
+    /// called inside a tokio runtime (the send delay line is a task).
+    pub fn wrap(
+        socket: std::net::UdpSocket,
+        seed: u64,
+        loss: f64,
+        delay: Duration,
+        jitter: Duration,
+    ) -> io::Result<Arc<LossySocket>> {
+        let inner = quinn::TokioRuntime.wrap_udp_socket(socket)?;
+        // Two independent streams of randomness, one per direction.
+        let send = LossModel::new(seed, loss, delay, jitter);
+        let recv = LossModel::new(seed ^ 0x5bd1_e995_7f4a_7c15, loss, delay, jitter);
+        let delay_line = if send.delays() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(run_delay_line(inner.clone(), rx));
+            Some(tx)
+        } else {
+            None
+        };
+        Ok(Arc::new(LossySocket {
+            inner,
+            send: Mutex::new(send),
+            recv: Mutex::new(RecvState {
+                model: recv,
+                queue: VecDeque::new(),
+                timer: None,
+            }),
+            delay_line,
+            counters: Arc::default(),
+        }))
+    }
+
+    /// What it did so far.
+    pub fn counters(&self) -> Arc<LossCounters> {
+        self.counters.clone()
+    }
+}
+
+/// Sends delayed datagrams when their time comes.
+async fn run_delay_line(inner: Arc<dyn AsyncUdpSocket>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+    while let Some(out) = rx.recv().await {
+        tokio::time::sleep_until(out.at.into()).await;
+        let transmit = Transmit {
+            destination: out.destination,
+            ecn: out.ecn,
+            contents: &out.data,
+            segment_size: None,
+            src_ip: out.src_ip,
+        };
+        // A full socket buffer is a congested router: retry briefly, then
+        // drop.
+        for _ in 0..10 {
+            match inner.try_send(&transmit) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Drops segments of a (possibly GRO-coalesced) buffer in place; returns
+/// the new length. Segments are `stride` bytes, the last one may be
+/// shorter; kept segments move down, so only the last can stay short.
+fn filter_segments(
+    buf: &mut [u8],
+    len: usize,
+    stride: usize,
+    mut drop: impl FnMut() -> bool,
+) -> usize {
+    let stride = if stride == 0 { len } else { stride };
+    let (mut read, mut write) = (0, 0);
+    while read < len {
+        let seg = stride.min(len - read);
+        if !drop() {
+            buf.copy_within(read..read + seg, write);
+            write += seg;
+        }
+        read += seg;
+    }
+    write
+}
+
+impl AsyncUdpSocket for LossySocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        let segment = transmit
+            .segment_size
+            .unwrap_or(transmit.contents.len())
+            .max(1);
+        let mut model = lock(&self.send);
+        let now = Instant::now();
+        for chunk in transmit.contents.chunks(segment) {
+            if model.drop_next() {
+                self.counters.sent.fetch_add(1, Ordering::Relaxed);
+                self.counters.sent_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            match &self.delay_line {
+                Some(line) => {
+                    self.counters.sent.fetch_add(1, Ordering::Relaxed);
+                    let at = model.deadline(now);
+                    let _ = line.send(Outgoing {
+                        at,
+                        destination: transmit.destination,
+                        ecn: transmit.ecn,
+                        src_ip: transmit.src_ip,
+                        data: chunk.to_vec(),
+                    });
+                }
+                None => {
+                    let one = Transmit {
+                        destination: transmit.destination,
+                        ecn: transmit.ecn,
+                        contents: chunk,
+                        segment_size: None,
+                        src_ip: transmit.src_ip,
+                    };
+                    // On WouldBlock quinn retries the same transmit later;
+                    // it is counted then.
+                    self.inner.try_send(&one)?;
+                    self.counters.sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        if bufs.is_empty() || meta.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let mut st = lock(&self.recv);
+        let st = &mut *st;
+        loop {
+            // Delayed datagrams whose time has come go first.
+            if st.queue.front().is_some_and(|h| h.at <= Instant::now()) {
+                let held = st.queue.pop_front().expect("checked");
+                let n = held.data.len().min(bufs[0].len());
+                bufs[0][..n].copy_from_slice(&held.data[..n]);
+                meta[0] = held.meta;
+                meta[0].len = n;
+                return Poll::Ready(Ok(1));
+            }
+            match self.inner.poll_recv(cx, &mut bufs[..1], &mut meta[..1]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
+                Poll::Ready(Ok(_)) => {
+                    let m = &mut meta[0];
+                    let stride = if m.stride == 0 { m.len } else { m.stride };
+                    let segments = m.len.div_ceil(stride.max(1)) as u64;
+                    let before = m.len;
+                    let model = &mut st.model;
+                    let len = filter_segments(&mut bufs[0], m.len, stride, || model.drop_next());
+                    let kept = if len == before {
+                        segments
+                    } else {
+                        len.div_ceil(stride.max(1)) as u64
+                    };
+                    self.counters
+                        .received
+                        .fetch_add(segments, Ordering::Relaxed);
+                    self.counters
+                        .received_dropped
+                        .fetch_add(segments - kept, Ordering::Relaxed);
+                    if len == 0 {
+                        continue;
+                    }
+                    m.len = len;
+                    if !st.model.delays() {
+                        return Poll::Ready(Ok(1));
+                    }
+                    let at = st.model.deadline(Instant::now());
+                    st.queue.push_back(Held {
+                        at,
+                        meta: *m,
+                        data: bufs[0][..len].to_vec(),
+                    });
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    let Some(front) = st.queue.front() else {
+                        return Poll::Pending;
+                    };
+                    let at = tokio::time::Instant::from_std(front.at);
+                    let timer = st
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                    if timer.deadline() != at {
+                        timer.as_mut().reset(at);
+                    }
+                    match timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => continue,
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        // One datagram per transmit, so that each can be dropped alone.
+        1
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drop_rate_matches_and_is_deterministic() {
+        let run = |seed| {
+            let mut m = LossModel::new(seed, 0.05, Duration::ZERO, Duration::ZERO);
+            (0..100_000).map(|_| m.drop_next()).collect::<Vec<_>>()
+        };
+        let a = run(42);
+        let dropped = a.iter().filter(|&&d| d).count();
+        assert!((4_700..=5_300).contains(&dropped), "{dropped}");
+        assert_eq!(a, run(42), "same seed, same decisions");
+        assert_ne!(a, run(43));
+        let mut none = LossModel::new(1, 0.0, Duration::ZERO, Duration::ZERO);
+        assert!((0..1000).all(|_| !none.drop_next()));
+    }
+
+    #[test]
+    fn deadlines_keep_order_within_the_jitter() {
+        let mut m = LossModel::new(3, 0.0, Duration::from_millis(40), Duration::from_millis(10));
+        let now = Instant::now();
+        let mut last = now;
+        for i in 0..1000u64 {
+            let t = now + Duration::from_micros(i * 100);
+            let at = m.deadline(t);
+            assert!(at >= last);
+            assert!(at >= t + Duration::from_millis(40));
+            assert!(at <= t + Duration::from_millis(51));
+            last = at;
+        }
+    }
+
+    #[test]
+    fn gro_segments_are_dropped_one_by_one() {
+        // Four segments of 4 bytes and a short last one of 2.
+        let mut buf: Vec<u8> = (0..18).collect();
+        let mut decisions = [false, true, false, true, false].into_iter();
+        let len = filter_segments(&mut buf, 18, 4, || decisions.next().unwrap());
+        assert_eq!(len, 10);
+        assert_eq!(&buf[..10], &[0, 1, 2, 3, 8, 9, 10, 11, 16, 17]);
+        let mut one = vec![1u8, 2, 3];
+        assert_eq!(filter_segments(&mut one, 3, 0, || true), 0);
+        assert_eq!(filter_segments(&mut one, 3, 3, || false), 3);
+    }
+
+    fn bound() -> std::net::UdpSocket {
+        std::net::UdpSocket::bind("127.0.0.1:0").unwrap()
+    }
+
+    /// Real datagrams through the wrapper on loopback: what arrives is
+    /// exactly what the seeded model kept, in both directions.
+    #[tokio::test]
+    async fn real_datagrams_are_dropped_at_the_configured_rate() {
+        const N: u64 = 2_000;
+        let lossy = LossySocket::wrap(bound(), 42, 0.2, Duration::ZERO, Duration::ZERO).unwrap();
+        let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let dest = sink.local_addr().unwrap();
+        let mut poller = lossy.clone().create_io_poller();
+        let mut got = 0;
+        let mut buf = [0u8; 64];
+        for i in 0..N {
+            let data = i.to_be_bytes();
+            let t = Transmit {
+                destination: dest,
+                ecn: None,
+                contents: &data,
+                segment_size: None,
+                src_ip: None,
+            };
+            loop {
+                match lossy.try_send(&t) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx))
+                            .await
+                            .unwrap();
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            // Drain as we go: the sink's socket buffer is small.
+            while sink.try_recv(&mut buf).is_ok() {
+                got += 1;
+            }
+            if i % 50 == 49 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        let (sent, sent_dropped, _, _) = lossy.counters().snapshot();
+        assert_eq!(sent, N);
+        while let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(200), sink.recv(&mut buf)).await
+        {
+            got += 1;
+        }
+        assert_eq!(got, N - sent_dropped);
+        assert!((300..=500).contains(&sent_dropped), "{sent_dropped}");
+
+        // Receiving side.
+        let lossy_rx = LossySocket::wrap(bound(), 7, 0.2, Duration::ZERO, Duration::ZERO).unwrap();
+        let to = lossy_rx.local_addr().unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut got = 0;
+        let mut storage = vec![0u8; 65_536];
+        for i in 0..N {
+            sender.send_to(&i.to_be_bytes(), to).unwrap();
+            if i % 50 == 49 {
+                while let Ok(Ok(n)) = tokio::time::timeout(
+                    Duration::from_millis(20),
+                    std::future::poll_fn(|cx| {
+                        let mut bufs = [IoSliceMut::new(&mut storage)];
+                        let mut meta = [RecvMeta::default()];
+                        lossy_rx.poll_recv(cx, &mut bufs, &mut meta)
+                    }),
+                )
+                .await
+                {
+                    got += n as u64;
+                }
+            }
+        }
+        let (_, _, received, received_dropped) = lossy_rx.counters().snapshot();
+        assert_eq!(received, N);
+        assert_eq!(got, N - received_dropped);
+        assert!(
+            (300..=500).contains(&received_dropped),
+            "{received_dropped}"
+        );
+    }
+
+    #[tokio::test]
+    async fn delayed_datagrams_arrive_late() {
+        let delay = Duration::from_millis(60);
+        let lossy = LossySocket::wrap(bound(), 1, 0.0, delay, Duration::ZERO).unwrap();
+        let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let t0 = Instant::now();
+        lossy
+            .try_send(&Transmit {
+                destination: sink.local_addr().unwrap(),
+                ecn: None,
+                contents: b"hello",
+                segment_size: None,
+                src_ip: None,
+            })
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let n = sink.recv(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        assert!(t0.elapsed() >= delay, "{:?}", t0.elapsed());
+
+        // And on the receiving side.
+        let lossy_rx = LossySocket::wrap(bound(), 1, 0.0, delay, Duration::ZERO).unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let t0 = Instant::now();
+        sender
+            .send_to(b"late", lossy_rx.local_addr().unwrap())
+            .unwrap();
+        let mut storage = vec![0u8; 65_536];
+        let n = std::future::poll_fn(|cx| {
+            let mut bufs = [IoSliceMut::new(&mut storage)];
+            let mut meta = [RecvMeta::default()];
+            lossy_rx
+                .poll_recv(cx, &mut bufs, &mut meta)
+                .map_ok(|n| (n, meta[0].len))
+        })
+        .await
+        .unwrap();
+        assert_eq!(n, (1, 4));
+        assert_eq!(&storage[..4], b"late");
+        assert!(t0.elapsed() >= delay, "{:?}", t0.elapsed());
+    }
+}
