@@ -81,22 +81,25 @@ done
 
 echo
 echo "batch: $BATCH_FILES × 60 s files in one 'codec encode … -o dir/' against one file at a time"
+echo "(cores used = CPU time / wall time of the batch: below 2 means other processes held a core)"
+TIMEFORMAT='%R %U %S'
 for name in 48k-mono 16k-mono; do
     files=()
     for i in $(seq "$BATCH_FILES"); do
         ln -sf "$WORK/$name.wav" "$WORK/batch-$name-$i.wav"
         files+=("$WORK/batch-$name-$i.wav")
     done
-    : > "$WORK/batch.t"; : > "$WORK/seq.t"
+    : > "$WORK/batch.t"; : > "$WORK/seq.t"; : > "$WORK/cores.t"
     for _ in $(seq 3); do
         t0=$(now)
         for f in "${files[@]}"; do "$CODEC" encode "$f" -o "$WORK/seq.opus" "${CODEC_ARGS[@]}"; done
         t1=$(now)
-        "$CODEC" encode "${files[@]}" -o "$WORK/batch-out/" "${CODEC_ARGS[@]}"
-        t2=$(now)
+        { time "$CODEC" encode "${files[@]}" -o "$WORK/batch-out/" "${CODEC_ARGS[@]}" ; } 2> "$WORK/time.t"
         awk -v a="$t0" -v b="$t1" 'BEGIN {print (b-a)/1e9}' >> "$WORK/seq.t"
-        awk -v a="$t1" -v b="$t2" 'BEGIN {print (b-a)/1e9}' >> "$WORK/batch.t"
+        awk '{print $1}' "$WORK/time.t" >> "$WORK/batch.t"
+        awk '{print ($2+$3)/$1}' "$WORK/time.t" >> "$WORK/cores.t"
     done
-    ms=$(median < "$WORK/seq.t"); mb=$(median < "$WORK/batch.t")
-    printf '%-22s one at a time %7.3f s, batch %7.3f s: %.2f× throughput\n' "$name" "$ms" "$mb" "$(awk -v s="$ms" -v b="$mb" 'BEGIN {print s/b}')"
+    ms=$(median < "$WORK/seq.t"); mb=$(median < "$WORK/batch.t"); mcores=$(median < "$WORK/cores.t")
+    printf '%-22s one at a time %7.3f s, batch %7.3f s: %.2f× throughput (cores used %.2f)\n' \
+        "$name" "$ms" "$mb" "$(awk -v s="$ms" -v b="$mb" 'BEGIN {print s/b}')" "$mcores"
 done
