@@ -206,6 +206,11 @@ impl Framer {
 /// Streaming Opus encoder: push PCM as it arrives, take packets as soon as
 /// each frame is complete, [`finish`](Self::finish) to flush the end.
 ///
+/// At 8, 12, 16, 24 and 48 kHz a packet is ready the moment its frame's last
+/// sample is pushed. At other rates the resampler works on chunks of 1024
+/// input frames, so packets lag the input by up to one chunk (23 ms at
+/// 44.1 kHz) plus the resampler's filter delay.
+///
 /// ```
 /// use ptt_codec::{EncoderConfig, StreamEncoder};
 ///
