@@ -66,12 +66,20 @@ pub async fn add_member(store: &dyn ClipStore, group: &str, user: &str) -> Resul
 }
 
 /// Removes a member.
-pub async fn remove_member(store: &dyn ClipStore, group: &str, user: &str) -> Result<(), AdminError> {
+pub async fn remove_member(
+    store: &dyn ClipStore,
+    group: &str,
+    user: &str,
+) -> Result<(), AdminError> {
     Ok(store.remove_member(group, user).await?)
 }
 
 /// Changes a group's mode.
-pub async fn set_mode(store: &dyn ClipStore, group: &str, mode: GroupMode) -> Result<(), AdminError> {
+pub async fn set_mode(
+    store: &dyn ClipStore,
+    group: &str,
+    mode: GroupMode,
+) -> Result<(), AdminError> {
     Ok(store.set_mode(group, mode).await?)
 }
 

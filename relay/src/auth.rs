@@ -121,8 +121,8 @@ impl TokenVerifier {
         let json = B64
             .decode(claims_b64)
             .map_err(|_| TokenError::Malformed("claims are not base64url"))?;
-        let claims: Claims =
-            serde_json::from_slice(&json).map_err(|_| TokenError::Malformed("claims are not JSON"))?;
+        let claims: Claims = serde_json::from_slice(&json)
+            .map_err(|_| TokenError::Malformed("claims are not JSON"))?;
         if !is_valid_id(&claims.sub) {
             return Err(TokenError::Malformed("invalid user id"));
         }
@@ -260,14 +260,20 @@ mod tests {
         assert_eq!(TokenError::Expired.code(), ErrorCode::TokenExpired);
 
         let other = TokenIssuer::generate().issue("alice", Duration::from_secs(60), true, true);
-        assert_eq!(v.verify(&other, SystemTime::now()), Err(TokenError::BadSignature));
+        assert_eq!(
+            v.verify(&other, SystemTime::now()),
+            Err(TokenError::BadSignature)
+        );
 
         // Claims swapped under a valid signature.
         let admin = issuer.issue("mallory", Duration::from_secs(60), true, false);
         let (_, sig) = token.rsplit_once('.').unwrap();
         let (head, _) = admin.rsplit_once('.').unwrap();
         let spliced = format!("{head}.{sig}");
-        assert_eq!(v.verify(&spliced, SystemTime::now()), Err(TokenError::BadSignature));
+        assert_eq!(
+            v.verify(&spliced, SystemTime::now()),
+            Err(TokenError::BadSignature)
+        );
 
         for junk in ["", "ptt1.", "ptt1.abc", "xyz.a.b", "ptt1.!!.??"] {
             assert_eq!(

@@ -153,7 +153,9 @@ impl RelayConfig {
         for id in matches.ids() {
             let typed = matches!(
                 matches.value_source(id.as_str()),
-                Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+                Some(
+                    clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable
+                )
             );
             if let (true, Some(value)) = (typed, flag_table.get(id.as_str())) {
                 merged.insert(id.to_string(), value.clone());

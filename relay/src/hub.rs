@@ -154,9 +154,12 @@ impl Hub {
         for cell in cells {
             let mut g = lock(&cell);
             if g.floor.handle_release(session) {
-                broadcast(&g, ControlMessage::FloorIdle {
-                    group: g.info.id.clone(),
-                });
+                broadcast(
+                    &g,
+                    ControlMessage::FloorIdle {
+                        group: g.info.id.clone(),
+                    },
+                );
             }
         }
     }
@@ -205,7 +208,11 @@ impl Hub {
     }
 
     /// Subscribes a session to a group's live clips.
-    pub async fn join(&self, group: &str, session: &SessionHandle) -> Result<JoinSnapshot, ErrorCode> {
+    pub async fn join(
+        &self,
+        group: &str,
+        session: &SessionHandle,
+    ) -> Result<JoinSnapshot, ErrorCode> {
         let cell = self.cell(group).await?;
         let mut g = lock(&cell);
         if !g.info.members.contains(&*session.user) {
@@ -248,18 +255,20 @@ impl Hub {
                 max_ms,
             });
         }
-        Ok(match grant_floor(&mut g, session, emergency, Instant::now()) {
-            Ok(()) => ControlMessage::FloorGranted {
-                request_id,
-                group: group.to_owned(),
-                max_ms,
+        Ok(
+            match grant_floor(&mut g, session, emergency, Instant::now()) {
+                Ok(()) => ControlMessage::FloorGranted {
+                    request_id,
+                    group: group.to_owned(),
+                    max_ms,
+                },
+                Err(holder) => ControlMessage::FloorDenied {
+                    request_id,
+                    group: group.to_owned(),
+                    holder,
+                },
             },
-            Err(holder) => ControlMessage::FloorDenied {
-                request_id,
-                group: group.to_owned(),
-                holder,
-            },
-        })
+        )
     }
 
     /// A floor release; `true` if the session held it.
@@ -284,9 +293,12 @@ impl Hub {
                     code: ErrorCode::ClipTooLong,
                 }));
             }
-            broadcast(&g, ControlMessage::FloorIdle {
-                group: group.to_owned(),
-            });
+            broadcast(
+                &g,
+                ControlMessage::FloorIdle {
+                    group: group.to_owned(),
+                },
+            );
         }
     }
 
@@ -328,12 +340,9 @@ impl Hub {
 
     /// Whether a clip with this id is in flight in the group.
     pub fn is_active(&self, group: &str, clip_id: ClipId) -> bool {
-        self.groups.get(group).is_some_and(|cell| {
-            lock(&cell)
-                .active
-                .iter()
-                .any(|c| c.meta.clip_id == clip_id)
-        })
+        self.groups
+            .get(group)
+            .is_some_and(|cell| lock(&cell).active.iter().any(|c| c.meta.clip_id == clip_id))
     }
 
     /// A clip's upload failed: receivers reset, the floor is freed.
@@ -419,8 +428,7 @@ impl Hub {
         };
         if let Some(cell) = self.groups.get(group).map(|c| c.clone()) {
             let mut g = lock(&cell);
-            g.subscribers
-                .retain(|_, s| info.members.contains(&*s.user));
+            g.subscribers.retain(|_, s| info.members.contains(&*s.user));
             g.info = info;
         }
     }
@@ -465,7 +473,11 @@ fn grant_floor(
         FloorDecision::Granted => {}
         FloorDecision::Preempted { previous } => {
             // The preempted talker's clip in flight is discarded.
-            for clip in g.active.iter().filter(|c| c.talker_session == previous.session) {
+            for clip in g
+                .active
+                .iter()
+                .filter(|c| c.talker_session == previous.session)
+            {
                 clip.abort(ErrorCode::Preempted);
             }
             g.active.retain(|c| c.talker_session != previous.session);
@@ -478,19 +490,25 @@ fn grant_floor(
         }
         FloorDecision::Denied { holder } => return Err(holder.user),
     }
-    broadcast(g, ControlMessage::FloorTaken {
-        group: g.info.id.clone(),
-        user: session.user.to_string(),
-        emergency,
-    });
+    broadcast(
+        g,
+        ControlMessage::FloorTaken {
+            group: g.info.id.clone(),
+            user: session.user.to_string(),
+            emergency,
+        },
+    );
     Ok(())
 }
 
 fn release(g: &mut GroupState, session: u64) -> bool {
     if g.info.mode == GroupMode::Walkie && g.floor.handle_release(session) {
-        broadcast(g, ControlMessage::FloorIdle {
-            group: g.info.id.clone(),
-        });
+        broadcast(
+            g,
+            ControlMessage::FloorIdle {
+                group: g.info.id.clone(),
+            },
+        );
         true
     } else {
         false

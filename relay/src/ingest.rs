@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use ptt_protocol::{
-    ClipEvent, ClipFormat, ClipHeader, ClipMessage, ClipReader, ControlMessage,
-    ErrorCode, FrameDecoder, SessionState, message::MAX_PAYLOAD_LEN,
+    ClipEvent, ClipFormat, ClipHeader, ClipMessage, ClipReader, ControlMessage, ErrorCode,
+    FrameDecoder, SessionState, message::MAX_PAYLOAD_LEN,
 };
 use quinn::RecvStream;
 
@@ -61,7 +61,18 @@ pub async fn run(mut recv: RecvStream, ctx: Arc<RelayContext>, who: Uploader) {
         tracing::debug!(code = %code_, %message, "clip refused");
         recv.stop(code(code_)).ok();
         if let Some(clip) = &upload.clip {
-            ctx.hub.abort_clip(clip, if code_ == ErrorCode::Preempted { code_ } else { ErrorCode::ClipAborted });
+            ctx.hub.abort_clip(
+                clip,
+                if code_ == ErrorCode::Preempted {
+                    code_
+                } else {
+                    ErrorCode::ClipAborted
+                },
+            );
+        }
+        if code_ == ErrorCode::Duplicate {
+            // The talker already has its answer: `Stored` with the seq.
+            return;
         }
         let clip_id = upload.header.map(|h| h.clip_id).unwrap_or_default();
         let _ = who
@@ -153,6 +164,8 @@ impl Upload<'_> {
 
     async fn start(&mut self, header: ClipHeader) -> Result<(), Refusal> {
         let who = self.who;
+        // Known from here on, so that a refusal names the clip.
+        self.header = Some(header.clone());
         lock(&who.state)
             .handle_clip_start(Instant::now())
             .map_err(|c| Refusal(c, format!("clip refused: {c}")))?;
@@ -162,7 +175,10 @@ impl Upload<'_> {
             .await
             .map_err(|c| Refusal(c, format!("cannot talk in {}", header.group)))?;
         if header.flags & ClipHeader::FLAG_EMERGENCY != 0 && !who.emergency {
-            return Err(Refusal(ErrorCode::Forbidden, "token lacks the emergency claim".into()));
+            return Err(Refusal(
+                ErrorCode::Forbidden,
+                "token lacks the emergency claim".into(),
+            ));
         }
         // A retry of a clip that is already stored: acknowledge, drop.
         if let Some(seq) = self
@@ -182,7 +198,6 @@ impl Upload<'_> {
                     seq,
                 }))
                 .await;
-            self.header = Some(header);
             return Err(Refusal(ErrorCode::Duplicate, "clip stored before".into()));
         }
         let meta = ClipMeta {
@@ -205,10 +220,10 @@ impl Upload<'_> {
                 self.clip = Some(clip);
             }
             ClipFormat::Wav => {
-                self.reader.set_limits(self.ctx.clip_limits(ClipFormat::Wav));
+                self.reader
+                    .set_limits(self.ctx.clip_limits(ClipFormat::Wav));
             }
         }
-        self.header = Some(header);
         Ok(())
     }
 
@@ -233,7 +248,10 @@ impl Upload<'_> {
                 tracing::error!(error = %e, "storing a clip failed");
                 self.ctx.hub.abort_clip(&clip, ErrorCode::Internal);
                 self.clip = None;
-                return Err(Refusal(ErrorCode::Internal, "the clip could not be stored".into()));
+                return Err(Refusal(
+                    ErrorCode::Internal,
+                    "the clip could not be stored".into(),
+                ));
             }
         };
         if let AppendOutcome::Stored { seq } = outcome {
@@ -277,7 +295,10 @@ impl Upload<'_> {
         };
         let max = self.ctx.clip_limits(ClipFormat::Opus).max_duration;
         if encoded.length_48k > max.as_millis() as u64 * 48 {
-            return Err(Refusal(ErrorCode::ClipTooLong, "the WAV is longer than allowed".into()));
+            return Err(Refusal(
+                ErrorCode::ClipTooLong,
+                "the WAV is longer than allowed".into(),
+            ));
         }
         let clip = LiveClip::new(meta, self.who.handle.id);
         let mut buf = bytes::BytesMut::new();

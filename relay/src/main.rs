@@ -144,7 +144,10 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
         b.worker_threads(workers);
         b
     };
-    builder.enable_all().build().context("starting the async runtime")
+    builder
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 fn serve(config: RelayConfig) -> anyhow::Result<()> {

@@ -60,7 +60,9 @@ pub struct RelayContext {
 
 impl std::fmt::Debug for RelayContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RelayContext").field("hub", &self.hub).finish()
+        f.debug_struct("RelayContext")
+            .field("hub", &self.hub)
+            .finish()
     }
 }
 
@@ -174,8 +176,9 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
     };
     let (verifier, issuer) = match &config.token_public_key {
         Some(key) => (
-            TokenVerifier::from_base64(key)
-                .ok_or_else(|| StartError::Key("token_public_key is not a base64 Ed25519 key".into()))?,
+            TokenVerifier::from_base64(key).ok_or_else(|| {
+                StartError::Key("token_public_key is not a base64 Ed25519 key".into())
+            })?,
             None,
         ),
         None => {

@@ -139,11 +139,19 @@ impl Session {
         let (version, token) = match hello {
             Err(_) => return Err((conn, ErrorCode::AuthTimeout, "no hello in time".into())),
             Ok(Ok(Some(ControlMessage::Hello { version, token, .. }))) => (version, token),
-            Ok(Ok(_)) => return Err((conn, ErrorCode::Protocol, "the first message must be hello".into())),
+            Ok(Ok(_)) => {
+                return Err((
+                    conn,
+                    ErrorCode::Protocol,
+                    "the first message must be hello".into(),
+                ));
+            }
             Ok(Err((code_, msg))) => return Err((conn, code_, msg)),
         };
         if version != PROTOCOL_VERSION {
-            let msg = format!("protocol version {version} is not supported (this relay speaks {PROTOCOL_VERSION})");
+            let msg = format!(
+                "protocol version {version} is not supported (this relay speaks {PROTOCOL_VERSION})"
+            );
             write_then_close(&mut send, ErrorCode::UnsupportedVersion, &msg).await;
             return Err((conn, ErrorCode::UnsupportedVersion, msg));
         }
@@ -329,7 +337,10 @@ impl Session {
             other => {
                 return Err((
                     ErrorCode::Protocol,
-                    format!("message type {:#x} is sent by relays, not clients", other.kind()),
+                    format!(
+                        "message type {:#x} is sent by relays, not clients",
+                        other.kind()
+                    ),
                 ));
             }
         }
@@ -347,14 +358,15 @@ impl Session {
         };
         let store = hub.store().clone();
         let user = self.handle.user.clone();
-        let (cursor, range) = match tokio::try_join!(store.cursor(&group, &user), store.seq_range(&group)) {
-            Ok(v) => v,
-            Err(e) => {
-                hub.leave(&group, self.handle.id);
-                self.reply_result(request_id, Err(store_code(&e))).await;
-                return;
-            }
-        };
+        let (cursor, range) =
+            match tokio::try_join!(store.cursor(&group, &user), store.seq_range(&group)) {
+                Ok(v) => v,
+                Err(e) => {
+                    hub.leave(&group, self.handle.id);
+                    self.reply_result(request_id, Err(store_code(&e))).await;
+                    return;
+                }
+            };
         let key: Arc<str> = group.as_str().into();
         let entry = self.joined.entry(key.clone()).or_default();
         entry.cursor = entry.cursor.max(cursor);
@@ -385,7 +397,10 @@ impl Session {
         let to = snapshot.last_seq;
         self.deliveries.spawn(async move {
             catch_up(&conn, &*store, &key, from, to, &skip).await;
-            TaskDone::CaughtUp { group: key, seq: to }
+            TaskDone::CaughtUp {
+                group: key,
+                seq: to,
+            }
         });
     }
 
@@ -569,10 +584,18 @@ impl Session {
     async fn admin(&mut self, message: ControlMessage) {
         use ControlMessage as M;
         let (request_id, group) = match &message {
-            M::CreateGroup { request_id, group, .. }
-            | M::AddMember { request_id, group, .. }
-            | M::RemoveMember { request_id, group, .. }
-            | M::SetMode { request_id, group, .. } => (*request_id, group.clone()),
+            M::CreateGroup {
+                request_id, group, ..
+            }
+            | M::AddMember {
+                request_id, group, ..
+            }
+            | M::RemoveMember {
+                request_id, group, ..
+            }
+            | M::SetMode {
+                request_id, group, ..
+            } => (*request_id, group.clone()),
             _ => unreachable!("admin is called with admin messages"),
         };
         let result = if !self.claims.adm {
@@ -606,7 +629,11 @@ impl Session {
         Ok(ControlMessage::GroupList { request_id, groups })
     }
 
-    async fn list_members(&self, request_id: u64, group: String) -> Result<ControlMessage, ErrorCode> {
+    async fn list_members(
+        &self,
+        request_id: u64,
+        group: String,
+    ) -> Result<ControlMessage, ErrorCode> {
         let info = self
             .ctx
             .hub

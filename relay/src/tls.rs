@@ -150,8 +150,7 @@ pub fn server_config(
         .map_err(|e| TlsError::Setup(e.to_string()))?;
     tls.alpn_protocols = vec![ptt_protocol::ALPN.to_vec()];
     tls.max_early_data_size = 0;
-    let crypto =
-        QuicServerConfig::try_from(tls).map_err(|e| TlsError::Setup(e.to_string()))?;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Setup(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport

@@ -185,8 +185,12 @@ pub trait ClipStore: Send + Sync + 'static {
     /// retried upload at its header instead of relaying it again.
     fn clip_seq(&self, group: &str, clip_id: ClipId) -> StoreFuture<'_, Option<u64>>;
     /// Up to `limit` clips with `seq > after`, in sequence order.
-    fn clips_after(&self, group: &str, after: u64, limit: usize)
-    -> StoreFuture<'_, Vec<StoredClip>>;
+    fn clips_after(
+        &self,
+        group: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<StoredClip>>;
     /// The newest `count` clips, oldest first.
     fn recent_clips(&self, group: &str, count: usize) -> StoreFuture<'_, Vec<StoredClip>>;
     /// The metadata of clip `seq`, if retained.
