@@ -1,0 +1,404 @@
+//! The client against the real relay, started in-process on loopback.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use ptt_client::{
+    Client, ClientConfig, ClientError, ClipParams, ErrorCode, Event, Events, GroupMode,
+    ReceiptKind, ReconnectPolicy, Trust,
+};
+use ptt_relay::{RelayConfig, RelayHandle};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Harness {
+    relay: RelayHandle,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = ptt_relay::start(RelayConfig::for_tests(dir.path()))
+            .await
+            .unwrap();
+        Harness { relay, _dir: dir }
+    }
+
+    fn config(&self, user: &str, admin: bool) -> ClientConfig {
+        let token = self
+            .relay
+            .issue_token(user, Duration::from_secs(3600), admin, false);
+        let trust = Trust::fingerprint_from_hex(self.relay.cert_fingerprint()).unwrap();
+        ClientConfig::new(self.relay.addr(), "localhost", trust, token)
+            .with_client_name(format!("test-{user}"))
+    }
+
+    async fn connect(&self, user: &str) -> (Client, Events) {
+        Client::connect(self.config(user, false)).await.unwrap()
+    }
+
+    /// Creates `group` with `members` through an admin client.
+    async fn group(&self, group: &str, mode: GroupMode, members: &[&str]) {
+        let (admin, _events) = Client::connect(self.config("root", true)).await.unwrap();
+        admin.create_group(group, mode).await.unwrap();
+        for m in members {
+            admin.add_member(group, m).await.unwrap();
+        }
+        admin.close().await;
+    }
+}
+
+/// The next event that `pick` accepts, skipping the others.
+async fn wait_for<T>(events: &mut Events, mut pick: impl FnMut(&Event) -> Option<T>) -> T {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let event = events.next().await.expect("events ended");
+            if let Some(t) = pick(&event) {
+                return t;
+            }
+        }
+    })
+    .await
+    .expect("timed out waiting for an event")
+}
+
+fn frames(n: usize) -> Vec<Bytes> {
+    (0..n)
+        .map(|i| Bytes::from(vec![0xf8, i as u8, 0xaa, 0x55]))
+        .collect()
+}
+
+/// Collects one whole clip's frames from the events, returning (seq,
+/// frames).
+async fn receive_clip(events: &mut Events, group: &str) -> (ptt_client::ClipId, u64, Vec<Bytes>) {
+    let clip_id = wait_for(events, |e| match e {
+        Event::ClipStarted { group: g, clip_id, .. } if g == group => Some(*clip_id),
+        _ => None,
+    })
+    .await;
+    let mut got = Vec::new();
+    let seq = wait_for(events, |e| match e {
+        Event::Frame {
+            clip_id: c, data, index, ..
+        } if *c == clip_id => {
+            assert_eq!(*index as usize, got.len());
+            got.push(data.clone());
+            None
+        }
+        Event::ClipEnded {
+            clip_id: c,
+            seq,
+            frame_count,
+            ..
+        } if *c == clip_id => {
+            assert_eq!(*frame_count as usize, got.len());
+            Some(*seq)
+        }
+        Event::ClipAborted { clip_id: c, code, .. } if *c == clip_id => {
+            panic!("clip aborted with {code}")
+        }
+        _ => None,
+    })
+    .await;
+    (clip_id, seq, got)
+}
+
+#[tokio::test]
+async fn a_clip_goes_live_to_a_member_and_the_talker_gets_receipts() {
+    let h = Harness::start().await;
+    h.group("team", GroupMode::Notes, &["alice", "bob"]).await;
+    let (alice, mut alice_events) = h.connect("alice").await;
+    let (bob, mut bob_events) = h.connect("bob").await;
+    assert_eq!(alice.user(), "alice");
+    let info = bob.join("team").await.unwrap();
+    assert_eq!((info.mode, info.cursor, info.last_seq), (GroupMode::Notes, 0, 0));
+    alice.join("team").await.unwrap();
+
+    let sent = frames(25);
+    let mut talk = alice.talk("team", ClipParams::default()).await.unwrap();
+    let clip_id = talk.clip_id();
+    for f in &sent {
+        talk.send_frame(f.clone()).await.unwrap();
+    }
+    let stored = talk.finish(vec![1, 2, 3]).await.unwrap();
+    assert_eq!(stored.seq, 1);
+    assert_eq!(stored.clip_id, clip_id);
+
+    let (got_id, seq, got) = receive_clip(&mut bob_events, "team").await;
+    assert_eq!((got_id, seq), (clip_id, 1));
+    assert_eq!(got, sent);
+
+    // Bob auto-acknowledged: Alice hears it was delivered; then played.
+    bob.played("team", 1).await.unwrap();
+    let mut kinds = Vec::new();
+    while kinds.len() < 2 {
+        let kind = wait_for(&mut alice_events, |e| match e {
+            Event::Receipt {
+                user, seq: 1, kind, ..
+            } if user == "bob" => Some(*kind),
+            _ => None,
+        })
+        .await;
+        kinds.push(kind);
+    }
+    assert!(kinds.contains(&ReceiptKind::Delivered) && kinds.contains(&ReceiptKind::Played));
+    assert_eq!(bob.stats().clips_received, 1);
+    alice.close().await;
+    bob.close().await;
+    h.relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_late_joiner_catches_up_from_the_store_then_fetches_again() {
+    let h = Harness::start().await;
+    h.group("ops", GroupMode::Notes, &["alice", "carol"]).await;
+    let (alice, _ae) = h.connect("alice").await;
+    for n in 0..3 {
+        let stored = alice
+            .send_clip("ops", ClipParams::default(), frames(5 + n), Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(stored.seq, n as u64 + 1);
+    }
+    let (carol, mut events) = h.connect("carol").await;
+    let info = carol.join("ops").await.unwrap();
+    assert_eq!((info.cursor, info.last_seq), (0, 3));
+    let mut seqs = Vec::new();
+    let mut caught_up = false;
+    while seqs.len() < 3 || !caught_up {
+        match tokio::time::timeout(WAIT, events.next()).await.unwrap().unwrap() {
+            Event::ClipStarted { history, seq, .. } => {
+                assert!(history);
+                assert_ne!(seq, 0);
+            }
+            Event::ClipEnded { seq, .. } => seqs.push(seq),
+            Event::CaughtUp { seq, .. } => {
+                assert_eq!(seq, 3);
+                caught_up = true;
+            }
+            _ => {}
+        }
+    }
+    seqs.sort();
+    assert_eq!(seqs, [1, 2, 3]);
+
+    // Fetched clips are surfaced again although received before.
+    assert_eq!(carol.fetch_recent("ops", 2).await.unwrap(), 2);
+    let mut fetched = Vec::new();
+    while fetched.len() < 2 {
+        if let Event::ClipEnded { seq, .. } =
+            tokio::time::timeout(WAIT, events.next()).await.unwrap().unwrap()
+        {
+            fetched.push(seq);
+        }
+    }
+    fetched.sort();
+    assert_eq!(fetched, [2, 3]);
+    assert_eq!(carol.stats().duplicates_dropped, 0);
+    h.relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_walkie_floor_is_one_talker_at_a_time() {
+    let h = Harness::start().await;
+    h.group("radio", GroupMode::Walkie, &["alice", "bob"]).await;
+    let (alice, _ae) = h.connect("alice").await;
+    let (bob, mut bob_events) = h.connect("bob").await;
+    bob.join("radio").await.unwrap();
+    let grant = alice.request_floor("radio", false).await.unwrap();
+    assert!(grant.max_ms > 0);
+    wait_for(&mut bob_events, |e| match e {
+        Event::FloorTaken { user, .. } if user == "alice" => Some(()),
+        _ => None,
+    })
+    .await;
+    match bob.request_floor("radio", false).await {
+        Err(ClientError::FloorDenied { holder }) => assert_eq!(holder, "alice"),
+        other => panic!("{other:?}"),
+    }
+    // A clip while someone else holds the floor is rejected.
+    let rejected = tokio::time::timeout(
+        WAIT,
+        bob.send_clip("radio", ClipParams::default(), frames(3), Bytes::new()),
+    )
+    .await
+    .expect("the clip is refused in time");
+    assert_eq!(
+        rejected.unwrap_err().code(),
+        Some(ErrorCode::FloorTaken),
+        "clip during another talker's floor"
+    );
+    alice.release_floor("radio").await.unwrap();
+    wait_for(&mut bob_events, |e| match e {
+        Event::FloorIdle { .. } => Some(()),
+        _ => None,
+    })
+    .await;
+    bob.request_floor("radio", false).await.unwrap();
+    h.relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn trust_and_tokens_are_checked() {
+    let h = Harness::start().await;
+    // The certificate itself as PEM trust.
+    let mut config = h.config("alice", false);
+    config.trust = Trust::CertificatePem(h.relay.cert_pem().as_bytes().to_vec());
+    let (client, _e) = Client::connect(config).await.unwrap();
+    client.close().await;
+
+    // A wrong pin fails the handshake.
+    let mut config = h.config("alice", false);
+    config.trust = Trust::Fingerprint([7; 32]);
+    assert!(matches!(
+        Client::connect(config).await,
+        Err(ClientError::Connection(_))
+    ));
+
+    // A forged token is refused with its code.
+    let mut config = h.config("alice", false);
+    config.token = "ptt1.e30.AAAA".into();
+    let err = Client::connect(config).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidToken), "{err}");
+    assert!(err.is_fatal());
+
+    // Admin operations need the admin claim.
+    let (plain, _e) = h.connect("alice").await;
+    let err = plain.create_group("nope", GroupMode::Notes).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Forbidden));
+    h.relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_operations_and_lists() {
+    let h = Harness::start().await;
+    let (admin, _e) = Client::connect(h.config("root", true)).await.unwrap();
+    admin.create_group("a", GroupMode::Walkie).await.unwrap();
+    let err = admin.create_group("a", GroupMode::Walkie).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::GroupExists));
+    admin.add_member("a", "bob").await.unwrap();
+    admin.add_member("a", "eve").await.unwrap();
+    admin.remove_member("a", "eve").await.unwrap();
+    admin.set_mode("a", GroupMode::Notes).await.unwrap();
+    let groups = admin.list_groups().await.unwrap();
+    assert!(groups.iter().any(|g| g.group == "a" && g.mode == GroupMode::Notes));
+    let (bob, _be) = h.connect("bob").await;
+    assert_eq!(bob.list_members("a").await.unwrap(), ["bob"]);
+    let err = bob.join("missing").await.unwrap_err();
+    assert!(
+        matches!(err.code(), Some(ErrorCode::NoSuchGroup | ErrorCode::NotMember)),
+        "{err}"
+    );
+    h.relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn after_a_reconnect_unconfirmed_clips_are_resent_and_redeliveries_dropped() {
+    let h = Harness::start().await;
+    h.group("crew", GroupMode::Notes, &["alice", "bob"]).await;
+    let policy = ReconnectPolicy {
+        initial_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(200),
+        ..ReconnectPolicy::default()
+    };
+    // Bob acknowledges nothing by himself, so the relay sends his clips
+    // again after the reconnect: the client drops them (and acks them).
+    let (bob, mut bob_events) =
+        Client::connect(h.config("bob", false).with_reconnect(policy.clone()).with_auto_ack(false))
+            .await
+            .unwrap();
+    bob.join("crew").await.unwrap();
+    let (alice, mut alice_events) =
+        Client::connect(h.config("alice", false).with_reconnect(policy))
+            .await
+            .unwrap();
+
+    let first = alice
+        .send_clip("crew", ClipParams::default(), frames(4), Bytes::new())
+        .await
+        .unwrap();
+    let (id, seq, _) = receive_clip(&mut bob_events, "crew").await;
+    assert_eq!((id, seq), (first.clip_id, 1));
+
+    // Alice starts a clip, loses her connection mid-way, and finishes it
+    // offline or on the new connection: it is sent again whole, same id.
+    let sent = frames(10);
+    let mut talk = alice.talk("crew", ClipParams::default()).await.unwrap();
+    let clip_id = talk.clip_id();
+    for f in &sent[..5] {
+        talk.send_frame(f.clone()).await.unwrap();
+    }
+    alice.connection().unwrap().close(0u32.into(), b"network switch");
+    for f in &sent[5..] {
+        talk.send_frame(f.clone()).await.unwrap();
+    }
+    let stored = talk.finish(Bytes::new()).await.unwrap();
+    assert_eq!(stored.clip_id, clip_id);
+    wait_for(&mut alice_events, |e| match e {
+        Event::Reconnected { .. } => Some(()),
+        _ => None,
+    })
+    .await;
+
+    // Bob gets the complete second clip (after an aborted first attempt).
+    let (id, seq, got) = loop {
+        let (id, seq, got) = tokio::time::timeout(WAIT, async {
+            loop {
+                match receive_clip_or_abort(&mut bob_events).await {
+                    Some(done) => return done,
+                    None => continue,
+                }
+            }
+        })
+        .await
+        .unwrap();
+        if id == clip_id {
+            break (id, seq, got);
+        }
+    };
+    assert_eq!(id, clip_id);
+    assert_eq!(seq, stored.seq);
+    assert_eq!(got, sent);
+
+    // Bob's connection drops; he never acknowledged clip 1, so the relay
+    // sends it again, and the client drops the copy.
+    bob.connection().unwrap().close(0u32.into(), b"tunnel");
+    wait_for(&mut bob_events, |e| match e {
+        Event::Reconnected { .. } => Some(()),
+        _ => None,
+    })
+    .await;
+    tokio::time::timeout(WAIT, async {
+        while bob.stats().duplicates_dropped < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("both clips were delivered again and dropped");
+    assert_eq!(bob.stats().clips_received, 2);
+    h.relay.shutdown().await;
+}
+
+/// The next clip's (id, seq, frames), or `None` if it was aborted.
+async fn receive_clip_or_abort(
+    events: &mut Events,
+) -> Option<(ptt_client::ClipId, u64, Vec<Bytes>)> {
+    let clip_id = wait_for(events, |e| match e {
+        Event::ClipStarted { clip_id, .. } => Some(*clip_id),
+        _ => None,
+    })
+    .await;
+    let mut got = Vec::new();
+    wait_for(events, |e| match e {
+        Event::Frame { clip_id: c, data, .. } if *c == clip_id => {
+            got.push(data.clone());
+            None
+        }
+        Event::ClipEnded { clip_id: c, seq, .. } if *c == clip_id => Some(Some(*seq)),
+        Event::ClipAborted { clip_id: c, .. } if *c == clip_id => Some(None),
+        _ => None,
+    })
+    .await
+    .map(|seq| (clip_id, seq, got))
+}
