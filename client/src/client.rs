@@ -308,6 +308,31 @@ impl Client {
         Talk::start(self.inner.clone(), group, &params).await
     }
 
+    /// Starts a clip recorded as PCM at `input_rate` Hz with
+    /// `input_channels` interleaved channels; the client encodes it to Opus
+    /// with `encoder` settings (20 ms mono 24 kbit/s voice by default) and
+    /// sends each packet as soon as it is complete.
+    pub async fn talk_pcm(
+        &self,
+        group: &str,
+        input_rate: u32,
+        input_channels: u16,
+        encoder: &crate::EncoderConfig,
+        emergency: bool,
+    ) -> Result<crate::PcmTalk, ClientError> {
+        let encoder = crate::pcm::PcmTalk::encoder(input_rate, input_channels, encoder)?;
+        let params = ClipParams {
+            format: ClipFormat::Opus,
+            sample_rate: input_rate,
+            channels: encoder.channels() as u8,
+            frame_ms: encoder.frame_duration().millis() as u8,
+            emergency,
+            ..ClipParams::default()
+        };
+        let talk = self.talk(group, params).await?;
+        Ok(crate::PcmTalk::new(talk, encoder))
+    }
+
     /// Sends a whole clip of Opus packets and waits until it is stored.
     pub async fn send_clip<I, F>(
         &self,

@@ -65,6 +65,9 @@ pub enum ClientError {
     /// The client was closed.
     #[error("client closed")]
     Closed,
+    /// PCM could not be encoded.
+    #[error("encoder error: {0}")]
+    Codec(String),
     /// The talk was aborted.
     #[error("clip aborted")]
     Aborted,

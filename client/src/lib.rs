@@ -38,6 +38,7 @@ mod dedup;
 mod driver;
 mod error;
 mod event;
+mod pcm;
 mod receive;
 mod shared;
 mod talk;
@@ -50,6 +51,8 @@ pub use config::{ClientConfig, ReconnectPolicy, TransportTuning, Trust, parse_fi
 pub use dedup::DedupCache;
 pub use error::ClientError;
 pub use event::{Event, Events};
+pub use pcm::PcmTalk;
+pub use ptt_codec::EncoderConfig;
 pub use shared::{ClientStats, StoredClip};
 pub use talk::{ClipParams, Talk, random_clip_id};
 pub use tls::{FingerprintVerifier, quinn_config, rustls_config, sha256};

@@ -110,6 +110,9 @@ pub struct Talk {
     /// Whether this handle still owns the upload (until `finish` hands it
     /// to the connection task, or it is aborted).
     active: bool,
+    /// The relay said the clip id was stored before (STOP_SENDING
+    /// Duplicate, with `Stored` on the control stream): nothing more to send.
+    already_stored: bool,
 }
 
 impl std::fmt::Debug for Talk {
@@ -171,6 +174,7 @@ impl Talk {
             done: Some(rx),
             max_frame,
             active: true,
+            already_stored: false,
         };
         talk.deliver(Bytes::new()).await?;
         Ok(talk)
@@ -220,6 +224,9 @@ impl Talk {
     /// opens a stream on the current connection and writes everything so
     /// far when the stream is missing or belongs to a lost connection.
     async fn deliver(&mut self, wire: Bytes) -> Result<(), ClientError> {
+        if self.already_stored {
+            return Ok(());
+        }
         let current = self.inner.current();
         if let (Some((epoch, stream)), Some(slot)) = (&mut self.stream, &current)
             && *epoch == slot.epoch
@@ -256,6 +263,13 @@ impl Talk {
     fn write_failed(&mut self, err: quinn::WriteError) -> Result<(), ClientError> {
         self.stream = None;
         match err {
+            quinn::WriteError::Stopped(code)
+                if ErrorCode::from_code(code.into_inner()) == ErrorCode::Duplicate =>
+            {
+                // Stored before (a retry): `Stored` answers `finish`.
+                self.already_stored = true;
+                Ok(())
+            }
             quinn::WriteError::Stopped(code)
                 if ErrorCode::from_code(code.into_inner()) != ErrorCode::ShuttingDown =>
             {
@@ -300,6 +314,7 @@ impl Talk {
             }
             .to_bytes();
             match (&self.stream, self.inner.current()) {
+                _ if self.already_stored => Finish::Later,
                 (Some((epoch, _)), Some(slot)) if *epoch == slot.epoch => Finish::OnStream(end),
                 (_, Some(slot)) if clip.sent_epoch != slot.epoch => {
                     clip.sent_epoch = slot.epoch;
@@ -324,6 +339,7 @@ impl Talk {
                 self.stream = None;
                 tokio::spawn(send_whole(self.inner.clone(), conn, snapshot));
             }
+            Finish::Later if self.already_stored => {}
             Finish::Later => self.connection_lost()?,
         }
         // From here the connection task owns the upload.

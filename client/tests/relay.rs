@@ -73,14 +73,19 @@ fn frames(n: usize) -> Vec<Bytes> {
 /// frames).
 async fn receive_clip(events: &mut Events, group: &str) -> (ptt_client::ClipId, u64, Vec<Bytes>) {
     let clip_id = wait_for(events, |e| match e {
-        Event::ClipStarted { group: g, clip_id, .. } if g == group => Some(*clip_id),
+        Event::ClipStarted {
+            group: g, clip_id, ..
+        } if g == group => Some(*clip_id),
         _ => None,
     })
     .await;
     let mut got = Vec::new();
     let seq = wait_for(events, |e| match e {
         Event::Frame {
-            clip_id: c, data, index, ..
+            clip_id: c,
+            data,
+            index,
+            ..
         } if *c == clip_id => {
             assert_eq!(*index as usize, got.len());
             got.push(data.clone());
@@ -95,7 +100,9 @@ async fn receive_clip(events: &mut Events, group: &str) -> (ptt_client::ClipId, 
             assert_eq!(*frame_count as usize, got.len());
             Some(*seq)
         }
-        Event::ClipAborted { clip_id: c, code, .. } if *c == clip_id => {
+        Event::ClipAborted {
+            clip_id: c, code, ..
+        } if *c == clip_id => {
             panic!("clip aborted with {code}")
         }
         _ => None,
@@ -112,7 +119,10 @@ async fn a_clip_goes_live_to_a_member_and_the_talker_gets_receipts() {
     let (bob, mut bob_events) = h.connect("bob").await;
     assert_eq!(alice.user(), "alice");
     let info = bob.join("team").await.unwrap();
-    assert_eq!((info.mode, info.cursor, info.last_seq), (GroupMode::Notes, 0, 0));
+    assert_eq!(
+        (info.mode, info.cursor, info.last_seq),
+        (GroupMode::Notes, 0, 0)
+    );
     alice.join("team").await.unwrap();
 
     let sent = frames(25);
@@ -167,7 +177,11 @@ async fn a_late_joiner_catches_up_from_the_store_then_fetches_again() {
     let mut seqs = Vec::new();
     let mut caught_up = false;
     while seqs.len() < 3 || !caught_up {
-        match tokio::time::timeout(WAIT, events.next()).await.unwrap().unwrap() {
+        match tokio::time::timeout(WAIT, events.next())
+            .await
+            .unwrap()
+            .unwrap()
+        {
             Event::ClipStarted { history, seq, .. } => {
                 assert!(history);
                 assert_ne!(seq, 0);
@@ -187,8 +201,10 @@ async fn a_late_joiner_catches_up_from_the_store_then_fetches_again() {
     assert_eq!(carol.fetch_recent("ops", 2).await.unwrap(), 2);
     let mut fetched = Vec::new();
     while fetched.len() < 2 {
-        if let Event::ClipEnded { seq, .. } =
-            tokio::time::timeout(WAIT, events.next()).await.unwrap().unwrap()
+        if let Event::ClipEnded { seq, .. } = tokio::time::timeout(WAIT, events.next())
+            .await
+            .unwrap()
+            .unwrap()
         {
             fetched.push(seq);
         }
@@ -265,7 +281,10 @@ async fn trust_and_tokens_are_checked() {
 
     // Admin operations need the admin claim.
     let (plain, _e) = h.connect("alice").await;
-    let err = plain.create_group("nope", GroupMode::Notes).await.unwrap_err();
+    let err = plain
+        .create_group("nope", GroupMode::Notes)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Forbidden));
     h.relay.shutdown().await;
 }
@@ -275,19 +294,29 @@ async fn admin_operations_and_lists() {
     let h = Harness::start().await;
     let (admin, _e) = Client::connect(h.config("root", true)).await.unwrap();
     admin.create_group("a", GroupMode::Walkie).await.unwrap();
-    let err = admin.create_group("a", GroupMode::Walkie).await.unwrap_err();
+    let err = admin
+        .create_group("a", GroupMode::Walkie)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::GroupExists));
     admin.add_member("a", "bob").await.unwrap();
     admin.add_member("a", "eve").await.unwrap();
     admin.remove_member("a", "eve").await.unwrap();
     admin.set_mode("a", GroupMode::Notes).await.unwrap();
     let groups = admin.list_groups().await.unwrap();
-    assert!(groups.iter().any(|g| g.group == "a" && g.mode == GroupMode::Notes));
+    assert!(
+        groups
+            .iter()
+            .any(|g| g.group == "a" && g.mode == GroupMode::Notes)
+    );
     let (bob, _be) = h.connect("bob").await;
     assert_eq!(bob.list_members("a").await.unwrap(), ["bob"]);
     let err = bob.join("missing").await.unwrap_err();
     assert!(
-        matches!(err.code(), Some(ErrorCode::NoSuchGroup | ErrorCode::NotMember)),
+        matches!(
+            err.code(),
+            Some(ErrorCode::NoSuchGroup | ErrorCode::NotMember)
+        ),
         "{err}"
     );
     h.relay.shutdown().await;
@@ -304,10 +333,13 @@ async fn after_a_reconnect_unconfirmed_clips_are_resent_and_redeliveries_dropped
     };
     // Bob acknowledges nothing by himself, so the relay sends his clips
     // again after the reconnect: the client drops them (and acks them).
-    let (bob, mut bob_events) =
-        Client::connect(h.config("bob", false).with_reconnect(policy.clone()).with_auto_ack(false))
-            .await
-            .unwrap();
+    let (bob, mut bob_events) = Client::connect(
+        h.config("bob", false)
+            .with_reconnect(policy.clone())
+            .with_auto_ack(false),
+    )
+    .await
+    .unwrap();
     bob.join("crew").await.unwrap();
     let (alice, mut alice_events) =
         Client::connect(h.config("alice", false).with_reconnect(policy))
@@ -329,7 +361,10 @@ async fn after_a_reconnect_unconfirmed_clips_are_resent_and_redeliveries_dropped
     for f in &sent[..5] {
         talk.send_frame(f.clone()).await.unwrap();
     }
-    alice.connection().unwrap().close(0u32.into(), b"network switch");
+    alice
+        .connection()
+        .unwrap()
+        .close(0u32.into(), b"network switch");
     for f in &sent[5..] {
         talk.send_frame(f.clone()).await.unwrap();
     }
@@ -391,14 +426,99 @@ async fn receive_clip_or_abort(
     .await;
     let mut got = Vec::new();
     wait_for(events, |e| match e {
-        Event::Frame { clip_id: c, data, .. } if *c == clip_id => {
+        Event::Frame {
+            clip_id: c, data, ..
+        } if *c == clip_id => {
             got.push(data.clone());
             None
         }
-        Event::ClipEnded { clip_id: c, seq, .. } if *c == clip_id => Some(Some(*seq)),
+        Event::ClipEnded {
+            clip_id: c, seq, ..
+        } if *c == clip_id => Some(Some(*seq)),
         Event::ClipAborted { clip_id: c, .. } if *c == clip_id => Some(None),
         _ => None,
     })
     .await
     .map(|seq| (clip_id, seq, got))
+}
+
+#[tokio::test]
+async fn a_retry_under_the_same_clip_id_is_stored_once() {
+    let h = Harness::start().await;
+    h.group("dup", GroupMode::Notes, &["alice"]).await;
+    let (alice, _e) = h.connect("alice").await;
+    let first = alice
+        .send_clip("dup", ClipParams::default(), frames(3), Bytes::new())
+        .await
+        .unwrap();
+    // Another client instance (after an app restart) retries the clip.
+    let (again, _e2) = h.connect("alice").await;
+    let params = ClipParams {
+        clip_id: Some(first.clip_id),
+        ..ClipParams::default()
+    };
+    let second = tokio::time::timeout(
+        WAIT,
+        again.send_clip("dup", params, frames(3), Bytes::new()),
+    )
+    .await
+    .expect("the retry is answered")
+    .unwrap();
+    assert_eq!(second, first);
+    let third = alice
+        .send_clip("dup", ClipParams::default(), frames(1), Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(third.seq, 2);
+    h.relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn pcm_is_encoded_and_sent_as_it_comes() {
+    let h = Harness::start().await;
+    h.group("pcm", GroupMode::Notes, &["alice", "bob"]).await;
+    let (alice, _ae) = h.connect("alice").await;
+    let (bob, mut bob_events) = h.connect("bob").await;
+    bob.join("pcm").await.unwrap();
+    let mut talk = alice
+        .talk_pcm(
+            "pcm",
+            16_000,
+            1,
+            &ptt_client::EncoderConfig::default(),
+            false,
+        )
+        .await
+        .unwrap();
+    // One second of a 440 Hz tone in 10 ms callbacks.
+    let tone: Vec<i16> = (0..16_000)
+        .map(|i| ((i as f32 / 16_000.0 * 440.0 * std::f32::consts::TAU).sin() * 8000.0) as i16)
+        .collect();
+    for chunk in tone.chunks(160) {
+        talk.push_i16(chunk).await.unwrap();
+    }
+    let stored = talk.finish().await.unwrap();
+    let header = wait_for(&mut bob_events, |e| match e {
+        Event::ClipStarted { header, .. } => Some(header.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        (header.sample_rate, header.channels, header.frame_ms),
+        (16_000, 1, 20)
+    );
+    let (count, waveform) = wait_for(&mut bob_events, |e| match e {
+        Event::ClipEnded {
+            frame_count,
+            waveform,
+            seq,
+            ..
+        } if *seq == stored.seq => Some((*frame_count, waveform.clone())),
+        _ => None,
+    })
+    .await;
+    // 1 s of 20 ms packets, plus the encoder's delay.
+    assert!((50..=52).contains(&count), "{count} packets");
+    assert!(!waveform.is_empty() && waveform.iter().any(|&b| b > 0));
+    h.relay.shutdown().await;
 }
