@@ -76,6 +76,22 @@ impl RelayStats {
     }
 }
 
+/// What else ran on the machine during the measured window: other
+/// processes (builds, other tests) compete for the same cores and inflate
+/// latencies.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct HostStats {
+    /// Cores.
+    pub cores: usize,
+    /// 1-minute load average at the start and at the end of the window.
+    pub loadavg: (f64, f64),
+    /// Average busy cores over the window (all processes).
+    pub busy_cores: f64,
+    /// Busy cores used by neither the relay nor the simulator (only known
+    /// when the relay's CPU is measured, or embedded).
+    pub other_cores: Option<f64>,
+}
+
 /// What the lossy sockets did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct NetworkCounters {
@@ -115,6 +131,9 @@ pub struct ClientCounters {
     pub rejoin_failed: u64,
     /// Frames of clips whose start was never seen.
     pub orphan_frames: u64,
+    /// A clip started again while a stream of it was still open (a
+    /// talker's retry overlapping the old stream's abort).
+    pub overlapping_streams: u64,
     /// Errors the simulated users ran into (see `errors`).
     pub errors: u64,
 }
@@ -202,6 +221,11 @@ pub struct Report {
     pub latency_ms: BTreeMap<String, Summary>,
     /// Relay process CPU and memory.
     pub relay: RelayStats,
+    /// CPU time of this process (the simulator, plus the relay when
+    /// embedded) over the same window as `relay.cpu_s`, seconds.
+    pub simulator_cpu_s: Option<f64>,
+    /// The machine during the measured window.
+    pub host: Option<HostStats>,
     /// The faults applied.
     pub faults: Faults,
     /// What the lossy sockets did, when used.
@@ -344,6 +368,24 @@ impl Report {
             opt(r.rss_connected_mib, 1),
             opt(r.rss_kib_per_client, 1),
         );
+        if !r.includes_simulator {
+            let _ = writeln!(
+                t,
+                "simulator process: CPU {} s",
+                opt(self.simulator_cpu_s, 2)
+            );
+        }
+        if let Some(h) = &self.host {
+            let _ = writeln!(
+                t,
+                "machine: {} cores, {:.2} busy on average, {} of them other processes; load {:.2} → {:.2}",
+                h.cores,
+                h.busy_cores,
+                opt(h.other_cores, 2),
+                h.loadavg.0,
+                h.loadavg.1
+            );
+        }
         let c = &self.client;
         let _ = writeln!(
             t,

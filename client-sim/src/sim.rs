@@ -34,9 +34,9 @@ use tokio::time::MissedTickBehavior;
 
 use crate::audio::Audio;
 use crate::lossy::{LossCounters, LossySocket};
-use crate::report::{ClientCounters, NetworkCounters, RelayStats, Report};
+use crate::report::{ClientCounters, HostStats, NetworkCounters, RelayStats, Report};
 use crate::scenario::{Mode, Scenario};
-use crate::stats::{FrameBatch, Metric, Recorder, Tick, sample_process};
+use crate::stats::{FrameBatch, Metric, Recorder, Tick, sample_host, sample_process};
 use crate::verify::{self, Digest, GroupIdx, Outcome, Received, SentClip, UNKNOWN_GROUP, UserIdx};
 
 /// Where the relay is and how to get in.
@@ -125,6 +125,7 @@ struct Counters {
     gaps: AtomicU64,
     rejoin_failed: AtomicU64,
     orphan_frames: AtomicU64,
+    overlapping_streams: AtomicU64,
     errors: AtomicU64,
 }
 
@@ -475,6 +476,8 @@ pub async fn run_once(
     // Let the joins settle before measuring the relay's memory.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let connected = sample_process(target.pid);
+    let sim_cpu_start = sample_process(None);
+    let host_start = sample_host();
     let connected_clients = get(&sim.counters.connected);
 
     // Talk.
@@ -560,6 +563,30 @@ pub async fn run_once(
         .take_tick(talk_start.elapsed().as_secs_f64().round());
     timeline.push(tk);
     let after = sample_process(target.pid);
+    let sim_cpu = sim_cpu_start
+        .zip(sample_process(None))
+        .map(|(a, b)| b.cpu_s - a.cpu_s);
+    let host = host_start.zip(sample_host()).map(|(a, b)| {
+        let wall = settled
+            .saturating_duration_since(talk_start)
+            .as_secs_f64()
+            .max(1e-3);
+        let busy = (b.busy_s - a.busy_s) / wall;
+        let ours = if target.embedded {
+            sim_cpu
+        } else {
+            connected
+                .zip(after)
+                .zip(sim_cpu)
+                .map(|((c, a), s)| a.cpu_s - c.cpu_s + s)
+        };
+        HostStats {
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            loadavg: (a.loadavg, b.loadavg),
+            busy_cores: busy,
+            other_cores: ours.map(|o| (busy - o / wall).max(0.0)),
+        }
+    });
 
     // Stop.
     progress.phase("closing", 1);
@@ -602,6 +629,7 @@ pub async fn run_once(
     client_stats.gaps = get(&c.gaps);
     client_stats.rejoin_failed = get(&c.rejoin_failed);
     client_stats.orphan_frames = get(&c.orphan_frames);
+    client_stats.overlapping_streams = get(&c.overlapping_streams);
     client_stats.errors = get(&c.errors);
 
     let frames_delivered = get(&c.frames_received);
@@ -676,6 +704,8 @@ pub async fn run_once(
         frames_per_s: frames_delivered as f64 / active.as_secs_f64(),
         latency_ms: latency,
         relay,
+        simulator_cpu_s: sim_cpu,
+        host,
         faults: scenario.faults.clone(),
         network,
         client: client_stats,
@@ -937,6 +967,10 @@ async fn talk_one(
 
 /// A clip being received.
 struct RxClip {
+    /// Streams of this clip open at once (a talker's retry after a
+    /// reconnect starts a new stream before the old one's abort arrives;
+    /// the client library's events carry only the clip id).
+    streams: u32,
     group: GroupIdx,
     record: Option<Arc<ClipRecord>>,
     digest: Digest,
@@ -959,6 +993,8 @@ struct Receiver {
     last_flush: Instant,
     joined_at: Instant,
     late_pending: bool,
+    /// The run is over: our own close's events are not faults.
+    stopping: bool,
 }
 
 impl Receiver {
@@ -976,6 +1012,7 @@ impl Receiver {
             last_flush: Instant::now(),
             joined_at,
             late_pending: true,
+            stopping: false,
         }
     }
 
@@ -1032,6 +1069,7 @@ impl Receiver {
                 () = set(&mut stop) => break,
             }
         }
+        self.stopping = true;
         while let Some(ev) = events.try_next() {
             self.handle(ev);
         }
@@ -1062,9 +1100,17 @@ impl Receiver {
                     .get(&group)
                     .copied()
                     .unwrap_or(UNKNOWN_GROUP);
+                let streams = match self.clips.get(&clip_id) {
+                    Some(old) => {
+                        bump(&sim.counters.overlapping_streams);
+                        old.streams + 1
+                    }
+                    None => 1,
+                };
                 self.clips.insert(
                     clip_id,
                     RxClip {
+                        streams,
                         group,
                         record: sim.record(clip_id),
                         digest: Digest::EMPTY,
@@ -1170,11 +1216,17 @@ impl Receiver {
                 }
                 self.flush();
             }
-            Event::ClipAborted { clip_id, .. } if self.clips.remove(&clip_id).is_some() => {
-                bump(&sim.counters.partial);
+            Event::ClipAborted { clip_id, .. } => {
+                if let Some(c) = self.clips.get_mut(&clip_id) {
+                    bump(&sim.counters.partial);
+                    c.streams -= 1;
+                    if c.streams == 0 {
+                        self.clips.remove(&clip_id);
+                    }
+                }
             }
             Event::Gap { .. } => bump(&sim.counters.gaps),
-            Event::Disconnected { .. } => bump(&sim.counters.disconnects),
+            Event::Disconnected { .. } if !self.stopping => bump(&sim.counters.disconnects),
             Event::Reconnected { .. } => {
                 bump(&sim.counters.reconnects);
                 self.joined_at = Instant::now();

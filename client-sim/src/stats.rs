@@ -300,6 +300,50 @@ pub fn sample_process(pid: Option<u32>) -> Option<ProcSample> {
     })
 }
 
+/// Machine-wide CPU time from `/proc/stat`: (busy, total) in seconds over
+/// all cores, and the 1-minute load average.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct HostSample {
+    /// CPU seconds spent not idle, all cores.
+    pub busy_s: f64,
+    /// CPU seconds elapsed, all cores.
+    pub total_s: f64,
+    /// 1-minute load average.
+    pub loadavg: f64,
+}
+
+/// Parses the aggregate `cpu` line of `/proc/stat` into (busy, total)
+/// clock ticks (idle and iowait are not busy).
+pub fn parse_proc_stat(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if v.len() < 5 {
+        return None;
+    }
+    let total: u64 = v.iter().sum();
+    Some((total - v[3] - v[4], total))
+}
+
+/// Reads the machine's CPU counters and load average.
+pub fn sample_host() -> Option<HostSample> {
+    let (busy, total) = parse_proc_stat(&std::fs::read_to_string("/proc/stat").ok()?)?;
+    let loadavg = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let hz = clock_ticks() as f64;
+    Some(HostSample {
+        busy_s: busy as f64 / hz,
+        total_s: total as f64 / hz,
+        loadavg,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,6 +358,13 @@ mod tests {
         assert!(clock_ticks() >= 1);
         let me = sample_process(None).expect("/proc/self is readable");
         assert!(me.rss_kib > 0);
+    }
+
+    #[test]
+    fn host_counters_parse() {
+        let stat = "cpu  100 5 50 800 45 0 0 0 0 0\ncpu0 50 2 25 400 20 0 0 0 0 0\n";
+        assert_eq!(parse_proc_stat(stat), Some((155, 1000)));
+        assert!(sample_host().is_some());
     }
 
     #[test]
