@@ -59,4 +59,9 @@ pub use tls::{FingerprintVerifier, quinn_config, rustls_config, sha256};
 pub use wav::wav_format;
 
 pub use ptt_protocol;
+
+/// The README's examples, compiled as doc tests so that they stay true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 pub use ptt_protocol::{ClipFormat, ClipHeader, ClipId, ErrorCode, GroupMode, ReceiptKind};

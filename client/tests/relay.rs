@@ -522,3 +522,56 @@ async fn pcm_is_encoded_and_sent_as_it_comes() {
     assert!(!waveform.is_empty() && waveform.iter().any(|&b| b > 0));
     h.relay.shutdown().await;
 }
+
+/// A 16-bit mono PCM WAV file of `samples`.
+fn wav_file(rate: u32, samples: &[i16]) -> Vec<u8> {
+    let data_len = (samples.len() * 2) as u32;
+    let mut v = b"RIFF".to_vec();
+    v.extend_from_slice(&(36 + data_len).to_le_bytes());
+    v.extend_from_slice(b"WAVEfmt ");
+    v.extend_from_slice(&16u32.to_le_bytes());
+    v.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    v.extend_from_slice(&1u16.to_le_bytes()); // mono
+    v.extend_from_slice(&rate.to_le_bytes());
+    v.extend_from_slice(&(rate * 2).to_le_bytes());
+    v.extend_from_slice(&2u16.to_le_bytes());
+    v.extend_from_slice(&16u16.to_le_bytes());
+    v.extend_from_slice(b"data");
+    v.extend_from_slice(&data_len.to_le_bytes());
+    for s in samples {
+        v.extend_from_slice(&s.to_le_bytes());
+    }
+    v
+}
+
+#[tokio::test]
+async fn a_wav_upload_is_transcoded_and_delivered_as_opus() {
+    let h = Harness::start().await;
+    h.group("wav", GroupMode::Notes, &["alice", "bob"]).await;
+    let (alice, _ae) = h.connect("alice").await;
+    let (bob, mut bob_events) = h.connect("bob").await;
+    bob.join("wav").await.unwrap();
+    let tone: Vec<i16> = (0..16_000)
+        .map(|i| ((i as f32 / 16_000.0 * 300.0 * std::f32::consts::TAU).sin() * 9000.0) as i16)
+        .collect();
+    // 32 KB: several pieces of at most max_frame_bytes.
+    let stored = alice
+        .upload_wav("wav", wav_file(16_000, &tone))
+        .await
+        .unwrap();
+    let header = wait_for(&mut bob_events, |e| match e {
+        Event::ClipStarted { header, .. } => Some(header.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(header.format, ptt_client::ClipFormat::Opus);
+    let count = wait_for(&mut bob_events, |e| match e {
+        Event::ClipEnded {
+            seq, frame_count, ..
+        } if *seq == stored.seq => Some(*frame_count),
+        _ => None,
+    })
+    .await;
+    assert!(count >= 50, "{count} Opus packets for one second");
+    h.relay.shutdown().await;
+}

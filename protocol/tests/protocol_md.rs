@@ -486,7 +486,8 @@ fn every_hex_example_in_protocol_md_decodes_to_its_stated_value() {
                 hex(&block.bytes),
                 "{at}: not what the encoder writes"
             );
-        } else if let Some((_, bytes, expected)) = tolerated.iter().find(|(t, ..)| *t == block.title)
+        } else if let Some((_, bytes, expected)) =
+            tolerated.iter().find(|(t, ..)| *t == block.title)
         {
             assert_eq!(&decoded, expected, "{at}");
             assert_eq!(bytes, &block.bytes, "{at}");
@@ -542,7 +543,10 @@ fn annotated(title: &str) -> Option<Vec<(Vec<u8>, String)>> {
     let fields: Vec<(Vec<u8>, String)> = match title {
         "hello" => vec![
             (v(1), "version = 1".into()),
-            (s(TOKEN), format!("token: length {}, then UTF-8", TOKEN.len())),
+            (
+                s(TOKEN),
+                format!("token: length {}, then UTF-8", TOKEN.len()),
+            ),
             (s("ios/2.3"), "client: length 7, \"ios/2.3\"".into()),
         ],
         "clip-header-upload" | "clip-header-history" => {
