@@ -161,8 +161,10 @@ pub struct Report {
     pub clients: usize,
     /// Clients that connected.
     pub clients_connected: u64,
-    /// Clients that never connected.
+    /// Clients that never connected (after 3 attempts).
     pub connect_failures: u64,
+    /// Connection attempts that failed and were retried.
+    pub connect_retries: u64,
     /// Groups.
     pub groups: usize,
     /// Nominal group size.
@@ -285,10 +287,11 @@ impl Report {
         );
         let _ = writeln!(
             t,
-            "clients {} ({} connected, {} failed) in {} groups of {} ({}, {} talker(s) each), {} sockets",
+            "clients {} ({} connected, {} failed, {} retried) in {} groups of {} ({}, {} talker(s) each), {} sockets",
             self.clients,
             self.clients_connected,
             self.connect_failures,
+            self.connect_retries,
             self.groups,
             self.group_size,
             self.mode,

@@ -109,6 +109,7 @@ struct ClipRecord {
 struct Counters {
     connected: AtomicU64,
     connect_failures: AtomicU64,
+    connect_retries: AtomicU64,
     online_now: AtomicU64,
     clips_started: AtomicU64,
     frames_sent: AtomicU64,
@@ -676,6 +677,7 @@ pub async fn run_once(
         clients: scenario.clients,
         clients_connected: get(&c.connected),
         connect_failures: get(&c.connect_failures),
+        connect_retries: get(&c.connect_retries),
         groups: sim.groups.len(),
         group_size: scenario.group_size,
         mode: format!("{:?}", scenario.mode).to_lowercase(),
@@ -751,6 +753,7 @@ async fn client_task(
                 break pair;
             }
             Err(e) if attempt < 3 => {
+                bump(&sim.counters.connect_retries);
                 sim.error(format!(
                     "user {user}: connect attempt {attempt} failed: {e}"
                 ));
@@ -1045,6 +1048,8 @@ impl Receiver {
             tokio::select! {
                 ev = events.next() => match ev {
                     Some(ev) => {
+                        // Our own close may be seen before the stop branch.
+                        self.stopping |= *stop.borrow();
                         self.handle(ev);
                         if slow {
                             tokio::time::sleep(f.slow_delay).await;
