@@ -212,3 +212,18 @@ pub fn write_atomically<T>(
     tmp.persist(path).map_err(|e| CodecError::Io(e.error))?;
     Ok(value)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoders_and_decoders_can_move_between_threads() {
+        fn assert_send<T: Send>() {}
+        assert_send::<StreamEncoder>();
+        assert_send::<OggOpusEncoder<Vec<u8>>>();
+        assert_send::<PacketDecoder>();
+        assert_send::<EncodedClip>();
+        assert_send::<CodecError>();
+    }
+}
