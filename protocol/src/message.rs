@@ -419,8 +419,9 @@ pub struct ClipHeader {
     pub frame_ms: u8,
     /// When the talker started, Unix ms (the relay's clock on delivery).
     pub created_ms: u64,
-    /// Bit flags, see [`ClipHeader::FLAG_HISTORY`] and
-    /// [`ClipHeader::FLAG_EMERGENCY`]; unknown bits are ignored.
+    /// Bit flags, see [`ClipHeader::FLAG_HISTORY`],
+    /// [`ClipHeader::FLAG_EMERGENCY`] and [`ClipHeader::FLAG_FETCHED`];
+    /// unknown bits are ignored.
     pub flags: u8,
 }
 
@@ -429,6 +430,10 @@ impl ClipHeader {
     pub const FLAG_HISTORY: u8 = 0x01;
     /// The clip was spoken with emergency priority.
     pub const FLAG_EMERGENCY: u8 = 0x02;
+    /// The clip answers a `FetchRecent` request (always with
+    /// [`ClipHeader::FLAG_HISTORY`]): the client asked for it again, so it
+    /// is not a repeated delivery.
+    pub const FLAG_FETCHED: u8 = 0x04;
 }
 
 /// A message on a clip stream.

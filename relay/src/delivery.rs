@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use ptt_protocol::{ClipMessage, ErrorCode};
+use ptt_protocol::{ClipHeader, ClipMessage, ErrorCode};
 use quinn::{Connection, SendStream, VarInt};
 
 use crate::live::{ClipState, LiveClip, end_message};
@@ -51,7 +51,7 @@ pub async fn deliver_live(conn: &Connection, clip: &Arc<LiveClip>, lag: LagPolic
         ClipState::Ended { seq, .. } => *seq,
         _ => 0,
     };
-    let header = ClipMessage::Header(clip.header(seq_now, false)).to_bytes();
+    let header = ClipMessage::Header(clip.header(seq_now, 0)).to_bytes();
     if !write(&mut stream, header, lag.max_stall).await {
         return cut_or_failed(&mut stream, conn);
     }
@@ -101,14 +101,19 @@ pub async fn deliver_live(conn: &Connection, clip: &Arc<LiveClip>, lag: LagPolic
     }
 }
 
-/// Writes a stored clip whole, flagged as history.
-pub async fn deliver_stored(conn: &Connection, clip: &StoredClip) -> Delivery {
+/// Writes a stored clip whole, flagged as history (and as fetched when it
+/// answers a fetch).
+pub async fn deliver_stored(conn: &Connection, clip: &StoredClip, fetched: bool) -> Delivery {
     let Ok(mut stream) = conn.open_uni().await else {
         return Delivery::Failed;
     };
     let live = LiveClip::new(clip.meta.clone(), 0);
     let mut buf = BytesMut::new();
-    ClipMessage::Header(live.header(clip.seq, true)).encode(&mut buf);
+    let mut flags = ClipHeader::FLAG_HISTORY;
+    if fetched {
+        flags |= ClipHeader::FLAG_FETCHED;
+    }
+    ClipMessage::Header(live.header(clip.seq, flags)).encode(&mut buf);
     for (index, data) in clip.frames.iter().enumerate() {
         ptt_protocol::message::encode_frame(&mut buf, index as u32, data);
         if buf.len() >= 16 * 1024 && stream.write_chunk(buf.split().freeze()).await.is_err() {

@@ -332,10 +332,20 @@ impl Hub {
             old.abort(ErrorCode::ClipAborted);
         }
         g.active.push(clip.clone());
-        for sub in g.subscribers.values() {
+        // Not back to the connection that speaks it (the user's other
+        // devices do get it); that session counts it as acknowledged when
+        // `Stored` arrives.
+        for sub in g.subscribers.values().filter(|s| s.id != session.id) {
             sub.deliver(&clip);
         }
         Ok(())
+    }
+
+    /// Joined members who are in the group's live fan-out now.
+    pub fn subscriber_count(&self, group: &str) -> usize {
+        self.groups
+            .get(group)
+            .map_or(0, |cell| lock(&cell).subscribers.len())
     }
 
     /// Whether a clip with this id is in flight in the group.
@@ -519,7 +529,11 @@ fn publish(g: &mut GroupState, seq: u64, clip: Arc<LiveClip>, live: bool) {
     g.active.retain(|c| !Arc::ptr_eq(c, &clip));
     g.last_published = g.last_published.max(seq);
     if !live {
-        for sub in g.subscribers.values() {
+        for sub in g
+            .subscribers
+            .values()
+            .filter(|s| s.id != clip.talker_session)
+        {
             sub.deliver(&clip);
         }
     }

@@ -96,13 +96,11 @@ impl LiveClip {
         })
     }
 
-    /// The header members receive; `seq` 0 while live.
-    pub fn header(&self, seq: u64, history: bool) -> ClipHeader {
+    /// The header members receive; `seq` 0 while live, `extra_flags`
+    /// added to the talker's (history, fetched).
+    pub fn header(&self, seq: u64, extra_flags: u8) -> ClipHeader {
         let m = &self.meta;
-        let mut flags = m.flags & ClipHeader::FLAG_EMERGENCY;
-        if history {
-            flags |= ClipHeader::FLAG_HISTORY;
-        }
+        let flags = (m.flags & ClipHeader::FLAG_EMERGENCY) | extra_flags;
         ClipHeader {
             group: m.group.clone(),
             clip_id: m.clip_id,

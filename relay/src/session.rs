@@ -58,6 +58,14 @@ pub async fn run(incoming: quinn::Incoming, ctx: Arc<RelayContext>, id: u64) {
         tracing::info!("connected");
         let (code_, reason) = session.serve().await;
         session.cleanup();
+        if code_ == ErrorCode::ShuttingDown {
+            // Let the last messages (`Stored` for clips that finished
+            // during the drain) reach the client before the close frame.
+            session.flush_queued().await;
+            let _ = session.control_send.finish();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), session.control_send.stopped()).await;
+        }
         session.conn.close(code(code_), reason.as_bytes());
         tracing::info!(code = %code_, "closed");
     }
@@ -248,6 +256,15 @@ impl Session {
         }
     }
 
+    /// Sends the control messages still queued for this session.
+    async fn flush_queued(&mut self) {
+        while let Ok(command) = self.commands.try_recv() {
+            if let SessionCommand::Send(message) = command {
+                self.send(message).await;
+            }
+        }
+    }
+
     fn cleanup(&mut self) {
         let groups: Vec<Arc<str>> = self.joined.keys().cloned().collect();
         self.ctx.hub.unregister(self.handle.id, &groups);
@@ -289,6 +306,7 @@ impl Session {
             M::Join { request_id, group } => self.join(request_id, group).await,
             M::Leave { request_id, group } => {
                 self.ctx.hub.leave(&group, self.handle.id);
+                self.ctx.hub.release_floor(&group, self.handle.id);
                 self.joined.remove(group.as_str());
                 self.send(M::Ok { request_id }).await;
             }
@@ -429,7 +447,7 @@ impl Session {
             let result = match seq {
                 Some(seq) => match store.clips_after(&group, seq - 1, 1).await {
                     Ok(clips) if clips.first().is_some_and(|c| c.seq == seq) => {
-                        delivery::deliver_stored(&conn, &clips[0]).await
+                        delivery::deliver_stored(&conn, &clips[0], false).await
                     }
                     _ => Delivery::Aborted,
                 },
@@ -445,7 +463,14 @@ impl Session {
 
     async fn handle_command(&mut self, command: SessionCommand) {
         match command {
-            SessionCommand::Send(message) => self.send(message).await,
+            SessionCommand::Send(message) => {
+                // The talker's own clip is not sent back to it: storing it
+                // is its delivery, so the cursor does not wait for an ack.
+                if let ControlMessage::Stored { group, seq, .. } = &message {
+                    self.mark_acked(group, *seq);
+                }
+                self.send(message).await;
+            }
             SessionCommand::Deliver(clip) => {
                 if self.joined.contains_key(clip.meta.group.as_str()) {
                     self.spawn_live(clip);
@@ -514,8 +539,17 @@ impl Session {
     /// A delivery ack: move the cursor over the contiguous acked prefix and
     /// send the talker a receipt.
     fn ack(&mut self, group: String, seq: u64) {
-        let Some(joined) = self.joined.get_mut(group.as_str()) else {
+        if !self.mark_acked(&group, seq) {
             return;
+        }
+        self.receipt(group, seq, ReceiptKind::Delivered);
+    }
+
+    /// Records `seq` as acknowledged and persists the cursor if it moved;
+    /// `false` if the group is not joined.
+    fn mark_acked(&mut self, group: &str, seq: u64) -> bool {
+        let Some(joined) = self.joined.get_mut(group) else {
+            return false;
         };
         if seq > joined.cursor {
             joined.acked.insert(seq);
@@ -528,14 +562,14 @@ impl Session {
         if cursor > before {
             let store = self.ctx.hub.store().clone();
             let user = self.handle.user.clone();
-            let group = group.clone();
+            let group = group.to_owned();
             tokio::spawn(async move {
                 if let Err(e) = store.advance_cursor(&group, &user, cursor).await {
                     tracing::warn!(error = %e, "cursor update failed");
                 }
             });
         }
-        self.receipt(group, seq, ReceiptKind::Delivered);
+        true
     }
 
     fn receipt(&self, group: String, seq: u64, kind: ReceiptKind) {
@@ -569,7 +603,8 @@ impl Session {
                 .unwrap_or_default();
             let mut sent = 0;
             for clip in &clips {
-                if let Delivery::Complete { .. } = delivery::deliver_stored(&conn, clip).await {
+                if let Delivery::Complete { .. } = delivery::deliver_stored(&conn, clip, true).await
+                {
                     sent += 1;
                 }
             }
@@ -678,6 +713,19 @@ async fn catch_up(
         let clips = match store.clips_after(group, after, CATCH_UP_BATCH).await {
             Ok(clips) if !clips.is_empty() => clips,
             Ok(_) => break,
+            Err(crate::store::StoreError::Corrupt { .. }) => {
+                // One damaged clip must not hide the ones after it: read
+                // one at a time and step over the damaged one.
+                match store.clips_after(group, after, 1).await {
+                    Ok(clips) if !clips.is_empty() => clips,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, seq = after + 1, "skipping a damaged clip");
+                        after += 1;
+                        continue;
+                    }
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "catch-up read failed");
                 break;
@@ -691,7 +739,7 @@ async fn catch_up(
             if skip.contains(&clip.seq) {
                 continue;
             }
-            if let Delivery::Failed = delivery::deliver_stored(conn, &clip).await {
+            if let Delivery::Failed = delivery::deliver_stored(conn, &clip, false).await {
                 return;
             }
         }

@@ -462,3 +462,77 @@ async fn receipts_reach_the_talker() {
     .await;
     assert_eq!(played, "bob");
 }
+
+#[tokio::test]
+async fn a_member_behind_retention_gets_a_gap_notice_then_the_rest() {
+    let relay = TestRelay::start().await;
+    relay
+        .group("team", GroupMode::Notes, &["alice", "bob"])
+        .await;
+    let (alice, _ae) = relay.member("alice", "team").await;
+    for i in 0..5u8 {
+        alice
+            .send_clip("team", params(), frames(i, 2), Bytes::new())
+            .await
+            .unwrap();
+    }
+    let policy = ptt_relay::store::RetentionPolicy {
+        max_age_ms: 0,
+        max_clips_per_group: 2,
+    };
+    let deleted = relay
+        .handle
+        .store()
+        .apply_retention(policy, u64::MAX / 2)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 3);
+    let (bob, mut bob_events) = relay.client("bob").await;
+    bob.join("team").await.unwrap();
+    // The gap notice comes on the control stream, the clips on their own
+    // streams: QUIC does not order the two, so gather both.
+    let mut gap = None;
+    let mut ended = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while gap.is_none() || ended.len() < 2 {
+            match bob_events.next().await.unwrap() {
+                Event::Gap {
+                    from_seq, to_seq, ..
+                } => gap = Some((from_seq, to_seq)),
+                Event::ClipEnded { seq, .. } => ended.push(seq),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("gap and clips in time");
+    assert_eq!(gap, Some((1, 3)));
+    ended.sort();
+    assert_eq!(ended, vec![4, 5]);
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_clip_in_flight_finish_and_keeps_it() {
+    let relay = TestRelay::start_with(|c| c.shutdown_grace = Duration::from_secs(5)).await;
+    relay.group("team", GroupMode::Notes, &["alice"]).await;
+    let (alice, _ae) = relay.member("alice", "team").await;
+    let mut talk = alice.talk("team", params()).await.unwrap();
+    for frame in frames(1, 5) {
+        talk.send_frame(frame).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let TestRelay { handle, dir } = relay;
+    let stopping = tokio::spawn(handle.shutdown());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for frame in frames(1, 5) {
+        talk.send_frame(frame).await.unwrap();
+    }
+    let stored = talk.finish(Bytes::new()).await.unwrap();
+    assert_eq!(stored.seq, 1);
+    tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();
+    let store = ptt_relay::store::RedbStore::open(dir.path()).unwrap();
+    use ptt_relay::store::ClipStore;
+    let clips = store.clips_after("team", 0, 10).await.unwrap();
+    assert_eq!(clips.len(), 1);
+    assert_eq!(clips[0].frames.len(), 10);
+}

@@ -1,0 +1,200 @@
+//! The relay's live fan-out path: one talker, N receivers, real QUIC on
+//! loopback, relay and clients in one process.
+//!
+//! Reports delivered frames per second (criterion's element throughput,
+//! one element = one frame delivered to one receiver) and prints the
+//! process CPU time per delivered frame, which includes the receiving
+//! clients' work as well as the relay's (the simulator measures the relay
+//! alone, in its own process).
+//!
+//! Also compares runtime layouts: the same load on a current-thread
+//! runtime and on a 2-worker runtime, in one run.
+//!
+//! `cargo bench -p ptt-benches --bench fanout`
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use ptt_client::{Client, ClientConfig, ClipParams, Event, GroupMode, Trust};
+use ptt_relay::{RelayConfig, RelayHandle};
+
+/// A relay with one talker and `n` receivers joined to one group.
+struct Setup {
+    _dir: tempfile::TempDir,
+    relay: RelayHandle,
+    talker: Client,
+    receivers: Vec<Client>,
+    delivered: Arc<AtomicU64>,
+    _endpoint: quinn::Endpoint,
+}
+
+async fn setup(n: usize) -> Setup {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = RelayConfig {
+        max_clip: Duration::from_secs(3600),
+        clips_per_minute: 100_000,
+        max_concurrent_clips: 1000,
+        live_lag_frames: 10_000,
+        ..RelayConfig::for_tests(dir.path())
+    };
+    let relay = ptt_relay::start(config).await.expect("relay starts");
+    let store = relay.store().clone();
+    ptt_relay::admin::create_group(&*store, "bench", GroupMode::Notes, 3_600_000)
+        .await
+        .expect("group");
+    ptt_relay::admin::add_member(&*store, "bench", "talker")
+        .await
+        .expect("member");
+    for i in 0..n {
+        ptt_relay::admin::add_member(&*store, "bench", &format!("r{i}"))
+            .await
+            .expect("member");
+    }
+    let trust = Trust::fingerprint_from_hex(relay.cert_fingerprint()).expect("fingerprint");
+    let config_for = |user: &str| {
+        ClientConfig::new(
+            relay.addr(),
+            "localhost",
+            trust.clone(),
+            relay.issue_token(user, Duration::from_secs(3600), false, false),
+        )
+    };
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let delivered = Arc::new(AtomicU64::new(0));
+    let mut receivers = Vec::with_capacity(n);
+    for i in 0..n {
+        let (client, mut events) =
+            Client::connect_with_endpoint(endpoint.clone(), config_for(&format!("r{i}")))
+                .await
+                .expect("receiver connects");
+        client.join("bench").await.expect("join");
+        let delivered = delivered.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                if let Event::Frame { .. } = event {
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        receivers.push(client);
+    }
+    let (talker, _events) = Client::connect_with_endpoint(endpoint.clone(), config_for("talker"))
+        .await
+        .expect("talker connects");
+    Setup {
+        _dir: dir,
+        relay,
+        talker,
+        receivers,
+        delivered,
+        _endpoint: endpoint,
+    }
+}
+
+/// Sends `frames` frames in clips of at most 1,000 and waits until every
+/// receiver has each; returns the wall time.
+async fn run(s: &Setup, frames: u64) -> Duration {
+    let frame = Bytes::from_static(&[0xfc; 60]);
+    let expected = s.delivered.load(Ordering::Relaxed) + frames * s.receivers.len() as u64;
+    let start = Instant::now();
+    let mut left = frames;
+    while left > 0 {
+        let n = left.min(1000);
+        let mut talk = s
+            .talker
+            .talk("bench", ClipParams::default())
+            .await
+            .expect("talk");
+        for _ in 0..n {
+            talk.send_frame(frame.clone()).await.expect("frame");
+        }
+        // Do not wait for `Stored`: that is the store's fsync, not fan-out.
+        tokio::spawn(talk.finish(Bytes::new()));
+        left -= n;
+    }
+    while s.delivered.load(Ordering::Relaxed) < expected {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "frames were lost: {} of {expected} delivered",
+            s.delivered.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    start.elapsed()
+}
+
+/// CPU time (user + system) of this process so far.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 (1-based), 12 and 13 after the
+    // command name; Linux reports them in 100 Hz clock ticks.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+fn runtime(workers: usize) -> tokio::runtime::Runtime {
+    let mut builder = if workers == 0 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    builder.enable_all().build().expect("runtime")
+}
+
+fn fanout(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fanout");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(5));
+    group.warm_up_time(Duration::from_secs(1));
+    for (label, workers) in [("current_thread", 0), ("2_workers", 2)] {
+        let rt = runtime(workers);
+        for n in [10usize, 100, 1000] {
+            let s = rt.block_on(setup(n));
+            group.throughput(Throughput::Elements(n as u64));
+            let (mut cpu, mut delivered) = (Duration::ZERO, 0u64);
+            group.bench_with_input(BenchmarkId::new(label, n), &n, |b, _| {
+                b.iter_custom(|iters| {
+                    let before = cpu_time();
+                    let wall = rt.block_on(run(&s, iters));
+                    cpu += cpu_time().saturating_sub(before);
+                    delivered += iters * n as u64;
+                    wall
+                });
+            });
+            if delivered > 0 {
+                eprintln!(
+                    "fanout/{label}/{n}: {:.2} µs CPU per delivered frame (relay + receivers, {delivered} frames)",
+                    cpu.as_secs_f64() * 1e6 / delivered as f64
+                );
+            }
+            rt.block_on(async {
+                for r in &s.receivers {
+                    r.close().await;
+                }
+                s.talker.close().await;
+            });
+            let Setup { relay, .. } = s;
+            rt.block_on(relay.shutdown());
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, fanout);
+criterion_main!(benches);
