@@ -1,6 +1,8 @@
 //! The relay's live fan-out path: one talker, N receivers, real QUIC on
 //! loopback, relay and clients in one process.
 //!
+//! Frames go out on one long clip, so the figures are the per-frame path
+//! (the per-clip work, streams and acks, is the simulator's to measure).
 //! Reports delivered frames per second (criterion's element throughput,
 //! one element = one frame delivered to one receiver) and prints the
 //! process CPU time per delivered frame, which includes the receiving
@@ -18,14 +20,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use ptt_client::{Client, ClientConfig, ClipParams, Event, GroupMode, Trust};
+use ptt_client::{Client, ClientConfig, ClipParams, Event, GroupMode, Talk, Trust};
 use ptt_relay::{RelayConfig, RelayHandle};
 
-/// A relay with one talker and `n` receivers joined to one group.
+/// A relay with one talker and `n` receivers joined to one group, and one
+/// long clip open: the bench measures frames, not clip set-up.
 struct Setup {
     _dir: tempfile::TempDir,
     relay: RelayHandle,
     talker: Client,
+    talk: tokio::sync::Mutex<Option<Talk>>,
     receivers: Vec<Client>,
     delivered: Arc<AtomicU64>,
     _endpoint: quinn::Endpoint,
@@ -34,7 +38,7 @@ struct Setup {
 async fn setup(n: usize) -> Setup {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = RelayConfig {
-        max_clip: Duration::from_secs(3600),
+        max_clip: Duration::from_secs(24 * 3600),
         clips_per_minute: 100_000,
         max_concurrent_clips: 1000,
         live_lag_frames: 10_000,
@@ -42,7 +46,7 @@ async fn setup(n: usize) -> Setup {
     };
     let relay = ptt_relay::start(config).await.expect("relay starts");
     let store = relay.store().clone();
-    ptt_relay::admin::create_group(&*store, "bench", GroupMode::Notes, 3_600_000)
+    ptt_relay::admin::create_group(&*store, "bench", GroupMode::Notes, 24 * 3_600_000)
         .await
         .expect("group");
     ptt_relay::admin::add_member(&*store, "bench", "talker")
@@ -84,10 +88,15 @@ async fn setup(n: usize) -> Setup {
     let (talker, _events) = Client::connect_with_endpoint(endpoint.clone(), config_for("talker"))
         .await
         .expect("talker connects");
+    let talk = talker
+        .talk("bench", ClipParams::default())
+        .await
+        .expect("talk");
     Setup {
         _dir: dir,
         relay,
         talker,
+        talk: tokio::sync::Mutex::new(Some(talk)),
         receivers,
         delivered,
         _endpoint: endpoint,
@@ -184,6 +193,9 @@ fn fanout(c: &mut Criterion) {
                 );
             }
             rt.block_on(async {
+                if let Some(talk) = s.talk.lock().await.take() {
+                    talk.abort();
+                }
                 for r in &s.receivers {
                     r.close().await;
                 }

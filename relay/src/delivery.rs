@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use ptt_protocol::{ClipHeader, ClipMessage, ErrorCode};
+use ptt_protocol::{ClipHeader, ClipId, ClipMessage, ErrorCode};
 use quinn::{Connection, SendStream, VarInt};
 
 use crate::live::{ClipState, LiveClip, end_message};
-use crate::store::StoredClip;
+use crate::store::{ClipMeta, StoredClip};
 
 /// How a clip delivery ended.
 #[derive(Debug)]
@@ -23,6 +23,10 @@ pub enum Delivery {
     Complete {
         /// The clip's sequence number.
         seq: u64,
+        /// Its id, for the receipt when the member acknowledges it.
+        clip_id: ClipId,
+        /// Its talker, for the same receipt.
+        talker: String,
     },
     /// The member fell behind; the stream was reset.
     Cut,
@@ -91,7 +95,7 @@ pub async fn deliver_live(conn: &Connection, clip: &Arc<LiveClip>, lag: LagPolic
                 if !write(&mut stream, end, lag.max_stall).await {
                     return cut_or_failed(&mut stream, conn);
                 }
-                return finish(stream, seq);
+                return finish(stream, seq, &clip.meta);
             }
             ClipState::Aborted(reason) => {
                 stream.reset(code(reason)).ok();
@@ -128,12 +132,16 @@ pub async fn deliver_stored(conn: &Connection, clip: &StoredClip, fetched: bool)
     if stream.write_chunk(buf.freeze()).await.is_err() {
         return Delivery::Failed;
     }
-    finish(stream, clip.seq)
+    finish(stream, clip.seq, &clip.meta)
 }
 
-fn finish(mut stream: SendStream, seq: u64) -> Delivery {
+fn finish(mut stream: SendStream, seq: u64, meta: &ClipMeta) -> Delivery {
     match stream.finish() {
-        Ok(()) => Delivery::Complete { seq },
+        Ok(()) => Delivery::Complete {
+            seq,
+            clip_id: meta.clip_id,
+            talker: meta.talker.clone(),
+        },
         Err(_) => Delivery::Failed,
     }
 }

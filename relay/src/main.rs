@@ -169,15 +169,13 @@ fn serve(config: RelayConfig) -> anyhow::Result<()> {
              store:               {dir}\n  \
              get a token:         relay token --user alice --data-dir {dir}\n  \
              create a group:      (stop the relay) relay group create team --mode walkie --data-dir {dir}\n  \
-             stop:                Ctrl-C (drains clips in flight)\n",
+             stop:                Ctrl-C or SIGTERM (drains clips in flight)\n",
             addr = handle.addr(),
             fp = handle.cert_fingerprint(),
             dir = data_dir.display(),
         );
-        tokio::signal::ctrl_c()
-            .await
-            .context("waiting for Ctrl-C")?;
-        tracing::info!("Ctrl-C: draining");
+        shutdown_signal().await?;
+        tracing::info!("draining");
         handle.shutdown().await;
         Ok(())
     })
@@ -230,4 +228,21 @@ async fn group(action: GroupAction, data_dir: &Path) -> anyhow::Result<()> {
     }
     store.flush().await?;
     Ok(())
+}
+
+/// Ctrl-C or SIGTERM (what service managers send), whichever comes first.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C"),
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
+    }
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use ptt_protocol::{
-    ControlMessage, ErrorCode, FrameDecoder, GroupSummary, PROTOCOL_VERSION, ReceiptKind,
+    ClipId, ControlMessage, ErrorCode, FrameDecoder, GroupSummary, PROTOCOL_VERSION, ReceiptKind,
     SessionState, Welcome, message::MAX_PAYLOAD_LEN,
 };
 use quinn::{Connection, RecvStream, SendStream};
@@ -33,6 +33,9 @@ const COMMAND_QUEUE: usize = 512;
 const CATCH_UP_BATCH: usize = 16;
 /// Most clips one fetch may ask for.
 const MAX_FETCH: u32 = 100;
+/// Most delivered-but-unacknowledged clips remembered per group for
+/// receipts.
+const MAX_UNACKED: usize = 4096;
 
 /// Runs a connection from handshake to close.
 pub async fn run(incoming: quinn::Incoming, ctx: Arc<RelayContext>, id: u64) {
@@ -48,6 +51,11 @@ pub async fn run(incoming: quinn::Incoming, ctx: Arc<RelayContext>, id: u64) {
         };
         let mut session = match Session::authenticate(conn, ctx, id).await {
             Ok(session) => session,
+            Err((conn, ErrorCode::None, message)) => {
+                tracing::debug!(%message, "gone");
+                conn.close(code(ErrorCode::None), b"");
+                return;
+            }
             Err((conn, code_, message)) => {
                 tracing::info!(code = %code_, %message, "refused");
                 conn.close(code(code_), message.as_bytes());
@@ -100,6 +108,9 @@ struct Joined {
     acked: BTreeSet<u64>,
     /// Clips delivered whole on this connection.
     delivered: HashSet<u64>,
+    /// Delivered clips not yet acknowledged: who to send the receipt to,
+    /// so that an ack needs no store read.
+    unacked: HashMap<u64, (ClipId, String)>,
 }
 
 struct Session {
@@ -134,13 +145,23 @@ impl Session {
                 let _ = state.handle_timeout(Instant::now());
                 return Err((conn, ErrorCode::AuthTimeout, "no hello in time".into()));
             }
-            _ = conn.accept_uni() => {
-                return Err((conn, ErrorCode::Protocol, "clip stream before hello".into()));
+            uni = conn.accept_uni() => {
+                return Err(match uni {
+                    Ok(_) => (conn, ErrorCode::Protocol, "clip stream before hello".into()),
+                    Err(e) => (conn, ErrorCode::None, format!("connection lost before hello: {e}")),
+                });
             }
             bi = conn.accept_bi() => bi,
         };
-        let Ok((mut send, recv)) = first else {
-            return Err((conn, ErrorCode::Protocol, "no control stream".into()));
+        let (mut send, recv) = match first {
+            Ok(streams) => streams,
+            Err(e) => {
+                return Err((
+                    conn,
+                    ErrorCode::None,
+                    format!("connection lost before hello: {e}"),
+                ));
+            }
         };
         let mut control = ControlReader::new(recv);
         let hello = tokio::time::timeout_at(deadline.into(), control.next()).await;
@@ -501,9 +522,22 @@ impl Session {
                 clip,
                 result,
             } => match result {
-                Delivery::Complete { seq } => {
+                Delivery::Complete {
+                    seq,
+                    clip_id,
+                    talker,
+                } => {
                     if let Some(joined) = self.joined.get_mut(&group) {
                         joined.delivered.insert(seq);
+                        // A client that never acks must not grow this
+                        // without bound: past the cap, receipts fall back
+                        // to a store read.
+                        if seq > joined.cursor
+                            && talker != *self.handle.user
+                            && joined.unacked.len() < MAX_UNACKED
+                        {
+                            joined.unacked.insert(seq, (clip_id, talker));
+                        }
                     }
                 }
                 Delivery::Cut => {
@@ -542,7 +576,21 @@ impl Session {
         if !self.mark_acked(&group, seq) {
             return;
         }
-        self.receipt(group, seq, ReceiptKind::Delivered);
+        let known = self
+            .joined
+            .get_mut(group.as_str())
+            .and_then(|j| j.unacked.remove(&seq));
+        match known {
+            Some((clip_id, talker)) => self.ctx.hub.send_receipt(
+                &talker,
+                &group,
+                seq,
+                clip_id,
+                &self.handle.user,
+                ReceiptKind::Delivered,
+            ),
+            None => self.receipt(group, seq, ReceiptKind::Delivered),
+        }
     }
 
     /// Records `seq` as acknowledged and persists the cursor if it moved;
