@@ -32,7 +32,7 @@ struct Setup {
     talk: tokio::sync::Mutex<Option<Talk>>,
     receivers: Vec<Client>,
     delivered: Arc<AtomicU64>,
-    _endpoint: quinn::Endpoint,
+    _endpoints: Vec<quinn::Endpoint>,
 }
 
 async fn setup(n: usize) -> Setup {
@@ -66,12 +66,23 @@ async fn setup(n: usize) -> Setup {
             relay.issue_token(user, Duration::from_secs(3600), false, false),
         )
     };
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    // A hundred receivers per socket, each socket with room for bursts
+    // (as the simulator does; phones would each have their own).
+    let endpoints: Vec<quinn::Endpoint> = (0..n.div_ceil(100).max(1))
+        .map(|_| {
+            let socket =
+                ptt_relay::net::udp_socket("127.0.0.1:0".parse().expect("addr")).expect("socket");
+            let runtime = Arc::new(quinn::TokioRuntime);
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+                .expect("endpoint")
+        })
+        .collect();
+    let endpoint = endpoints[0].clone();
     let delivered = Arc::new(AtomicU64::new(0));
     let mut receivers = Vec::with_capacity(n);
     for i in 0..n {
         let (client, mut events) =
-            Client::connect_with_endpoint(endpoint.clone(), config_for(&format!("r{i}")))
+            Client::connect_with_endpoint(endpoints[i / 100].clone(), config_for(&format!("r{i}")))
                 .await
                 .expect("receiver connects");
         client.join("bench").await.expect("join");
@@ -99,7 +110,7 @@ async fn setup(n: usize) -> Setup {
         talk: tokio::sync::Mutex::new(Some(talk)),
         receivers,
         delivered,
-        _endpoint: endpoint,
+        _endpoints: endpoints,
     }
 }
 

@@ -10,7 +10,7 @@
 //! - [`live`]: the shared frame buffer of a clip in flight.
 //! - [`hub`]: groups, floor and fan-out.
 //! - [`store`]: durable storage behind the [`store::ClipStore`] trait.
-//! - [`auth`], [`tls`], [`config`], [`admin`].
+//! - [`auth`], [`tls`], [`net`], [`config`], [`admin`].
 
 pub mod admin;
 pub mod auth;
@@ -19,6 +19,7 @@ pub mod delivery;
 pub mod hub;
 pub mod ingest;
 pub mod live;
+pub mod net;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -196,12 +196,18 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
             max_uni_streams: config.max_streams_per_connection,
         },
     )?;
-    let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|error| {
-        StartError::Bind {
-            addr: config.listen,
-            error,
-        }
-    })?;
+    let bind_error = |error| StartError::Bind {
+        addr: config.listen,
+        error,
+    };
+    let socket = crate::net::udp_socket(config.listen).map_err(bind_error)?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind_error)?;
     let addr = endpoint.local_addr().map_err(|error| StartError::Bind {
         addr: config.listen,
         error,
