@@ -69,7 +69,7 @@ pub use error::CodecError;
 pub use ogg_writer::{
     OggOpusEncoder, OggOpusWriter, OpusHead, OpusTags, PAGE_INTERVAL_48K, random_serial,
 };
-pub use pcm::PcmSample;
+pub use pcm::{F32_LIMIT, PcmSample};
 pub use wav::{WavInfo, WavSampleFormat, WavSource};
 
 /// The README's example, compiled and run as a doctest.

@@ -17,10 +17,21 @@ impl PcmSample for i16 {
     }
 }
 
+/// Largest magnitude passed on from `f32` input (+12 dBFS): enough headroom
+/// for float recordings that go over full scale, while infinities and absurd
+/// values from a broken file cannot overflow the resampler's FFT.
+pub const F32_LIMIT: f32 = 4.0;
+
 impl PcmSample for f32 {
+    /// NaN becomes silence and the value is clamped to ±[`F32_LIMIT`]
+    /// (a select, not a branch, once vectorised).
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        self
+        if self.is_nan() {
+            0.0
+        } else {
+            self.clamp(-F32_LIMIT, F32_LIMIT)
+        }
     }
 }
 

@@ -370,6 +370,21 @@ fn mutated_wav_headers_never_panic() {
             (b"LIST", vec![0; 10]),
             (b"data", int_bytes(&pcm, 4, 24, true)),
         ]),
+        // 32-bit float at 44.1 kHz: mutated data bytes become NaN, infinities
+        // and huge values, which must not upset the resampler.
+        riff(&[
+            (
+                b"fmt ",
+                Fmt {
+                    tag: 3,
+                    container: 4,
+                    bits: 32,
+                    ..Fmt::pcm16(44_100, 1)
+                }
+                .chunk(),
+            ),
+            (b"data", pcm.iter().flat_map(|s| s.to_le_bytes()).collect()),
+        ]),
     ];
     let config = EncoderConfig {
         max_duration: Some(Duration::from_secs(5)),
@@ -379,7 +394,12 @@ fn mutated_wav_headers_never_panic() {
     let mut errors = 0;
     for i in 0..3_000 {
         let mut bytes = seeds[i % seeds.len()].clone();
-        let header = bytes.len().min(96);
+        // Mostly the header; every fourth case anywhere in the file.
+        let header = if i % 4 == 3 {
+            bytes.len()
+        } else {
+            bytes.len().min(96)
+        };
         for _ in 0..1 + rng.next() % 4 {
             let pos = (rng.next() as usize) % header;
             bytes[pos] = match rng.next() % 3 {

@@ -560,3 +560,21 @@ fn decoder_applies_output_gain() {
     let ratio = rms(&minus_6db) / rms(&unity);
     assert!((ratio - 0.5).abs() < 0.01, "gain ratio {ratio}");
 }
+
+#[test]
+fn non_finite_float_input_does_not_break_the_stream() {
+    // A broken float WAV: libopus (and the resampler in front of it) must
+    // still give a valid stream of the right length with finite output.
+    for rate in [48_000u32, 44_100] {
+        let mut pcm = speechlike(rate, 9_600, 0);
+        pcm[100] = f32::NAN;
+        pcm[200] = f32::INFINITY;
+        pcm[300] = f32::NEG_INFINITY;
+        pcm[400] = 1e30;
+        let (ogg, summary) = encode_pcm(rate, 1, &pcm, &EncoderConfig::default());
+        assert_eq!(summary.input_frames, 9_600);
+        let decoded = decode_ogg_opus(Cursor::new(ogg)).unwrap();
+        assert_eq!(decoded.frames(), 9_600, "{rate}");
+        assert!(decoded.samples.iter().all(|s| s.is_finite()), "{rate}");
+    }
+}
