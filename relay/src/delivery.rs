@@ -146,11 +146,22 @@ fn finish(mut stream: SendStream, seq: u64, meta: &ClipMeta) -> Delivery {
     }
 }
 
+/// Writes one message, giving up after `max_stall`.
+///
+/// Almost every write completes at once (there is room in the stream's
+/// send buffer), so the first poll is made without a timer; only a write
+/// that has to wait arms one. This keeps a timer registration off the
+/// per-frame path.
 async fn write(stream: &mut SendStream, bytes: Bytes, max_stall: Duration) -> bool {
-    matches!(
-        tokio::time::timeout(max_stall, stream.write_chunk(bytes)).await,
-        Ok(Ok(()))
-    )
+    let mut write = std::pin::pin!(stream.write_chunk(bytes));
+    let first = {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        write.as_mut().poll(&mut cx)
+    };
+    if let std::task::Poll::Ready(result) = first {
+        return result.is_ok();
+    }
+    matches!(tokio::time::timeout(max_stall, write).await, Ok(Ok(())))
 }
 
 fn cut_or_failed(stream: &mut SendStream, conn: &Connection) -> Delivery {
