@@ -28,12 +28,20 @@ use crate::store::{AppendOutcome, ClipStore, GroupInfo, StoreError};
 /// What the hub asks a session to do. Sent on the session's bounded queue.
 #[derive(Debug)]
 pub enum SessionCommand {
-    /// Send a control message.
-    Send(ControlMessage),
+    /// Send a control message (boxed: the queue's slots are allocated in
+    /// blocks per session, and most commands are small).
+    Send(Box<ControlMessage>),
     /// Deliver a clip (live or complete) on a new stream.
     Deliver(Arc<LiveClip>),
     /// The session's live delivery fell behind in `group`: catch up.
     CatchUp(Arc<str>),
+}
+
+impl SessionCommand {
+    /// A command to send `message`.
+    pub fn send(message: ControlMessage) -> SessionCommand {
+        SessionCommand::Send(Box::new(message))
+    }
 }
 
 /// A session as the hub sees it.
@@ -288,7 +296,7 @@ impl Hub {
         let mut g = lock(&cell);
         if let Some(holder) = g.floor.poll_expired(Instant::now()) {
             if let Some(handle) = self.sessions.get(&holder.session) {
-                handle.offer(SessionCommand::Send(ControlMessage::FloorRevoked {
+                handle.offer(SessionCommand::send(ControlMessage::FloorRevoked {
                     group: group.to_owned(),
                     code: ErrorCode::ClipTooLong,
                 }));
@@ -418,7 +426,7 @@ impl Hub {
         };
         for id in ids {
             if let Some(handle) = self.sessions.get(&id) {
-                handle.offer(SessionCommand::Send(ControlMessage::Receipt {
+                handle.offer(SessionCommand::send(ControlMessage::Receipt {
                     group: group.to_owned(),
                     seq,
                     clip_id,
@@ -464,7 +472,7 @@ fn lock(cell: &GroupCell) -> std::sync::MutexGuard<'_, GroupState> {
 
 fn broadcast(g: &GroupState, message: ControlMessage) {
     for sub in g.subscribers.values() {
-        sub.offer(SessionCommand::Send(message.clone()));
+        sub.offer(SessionCommand::send(message.clone()));
     }
 }
 
@@ -492,7 +500,7 @@ fn grant_floor(
             }
             g.active.retain(|c| c.talker_session != previous.session);
             if let Some(handle) = g.subscribers.values().find(|s| s.id == previous.session) {
-                handle.offer(SessionCommand::Send(ControlMessage::FloorRevoked {
+                handle.offer(SessionCommand::send(ControlMessage::FloorRevoked {
                     group: g.info.id.clone(),
                     code: ErrorCode::Preempted,
                 }));

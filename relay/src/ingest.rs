@@ -78,7 +78,7 @@ pub async fn run(mut recv: RecvStream, ctx: Arc<RelayContext>, who: Uploader) {
         let _ = who
             .handle
             .tx
-            .send(SessionCommand::Send(ControlMessage::ClipRejected {
+            .send(SessionCommand::send(ControlMessage::ClipRejected {
                 clip_id,
                 code: code_,
                 message,
@@ -192,7 +192,7 @@ impl Upload<'_> {
             let _ = who
                 .handle
                 .tx
-                .send(SessionCommand::Send(ControlMessage::Stored {
+                .send(SessionCommand::send(ControlMessage::Stored {
                     group: header.group.clone(),
                     clip_id: header.clip_id,
                     seq,
@@ -262,7 +262,7 @@ impl Upload<'_> {
             .who
             .handle
             .tx
-            .send(SessionCommand::Send(ControlMessage::Stored {
+            .send(SessionCommand::send(ControlMessage::Stored {
                 group: header.group.clone(),
                 clip_id: header.clip_id,
                 seq: outcome.seq(),

@@ -281,7 +281,7 @@ impl Session {
     async fn flush_queued(&mut self) {
         while let Ok(command) = self.commands.try_recv() {
             if let SessionCommand::Send(message) = command {
-                self.send(message).await;
+                self.send(*message).await;
             }
         }
     }
@@ -487,10 +487,10 @@ impl Session {
             SessionCommand::Send(message) => {
                 // The talker's own clip is not sent back to it: storing it
                 // is its delivery, so the cursor does not wait for an ack.
-                if let ControlMessage::Stored { group, seq, .. } = &message {
+                if let ControlMessage::Stored { group, seq, .. } = &*message {
                     self.mark_acked(group, *seq);
                 }
-                self.send(message).await;
+                self.send(*message).await;
             }
             SessionCommand::Deliver(clip) => {
                 if self.joined.contains_key(clip.meta.group.as_str()) {
