@@ -4,7 +4,6 @@
 
 use ptt_protocol::{ControlMessage, ErrorCode, GroupMode, is_valid_id};
 
-use crate::hub::store_code;
 use crate::server::RelayContext;
 use crate::store::{ClipStore, StoreError};
 
@@ -25,7 +24,7 @@ impl AdminError {
     pub fn code(&self) -> ErrorCode {
         match self {
             AdminError::InvalidId(_) => ErrorCode::InvalidRequest,
-            AdminError::Store(e) => store_code(e),
+            AdminError::Store(e) => e.code(),
         }
     }
 }
@@ -85,7 +84,7 @@ pub async fn set_mode(
 
 /// Applies an admin control message (the caller checked the admin claim).
 pub async fn apply(ctx: &RelayContext, message: ControlMessage) -> Result<(), ErrorCode> {
-    let store = &**ctx.hub.store();
+    let store = &*ctx.store;
     let result = match message {
         ControlMessage::CreateGroup { group, mode, .. } => {
             create_group(store, &group, mode, ctx.max_clip_ms()).await

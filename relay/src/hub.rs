@@ -1,9 +1,9 @@
 //! Fan-out: which sessions listen to which group, the clips in flight, the
 //! floor, and the order in which stored clips become visible.
 //!
-//! Connection handling talks to the hub only through its methods, never to
-//! its maps; a several-node fan-out (NATS JetStream) replaces this type
-//! behind the same methods. Each group's state sits behind its own short
+//! This is the single-node implementation of [`Fanout`]; connection
+//! handling sees only that trait, so a several-node fan-out (NATS
+//! JetStream) replaces this type without touching it. Each group's state sits behind its own short
 //! `std::sync::Mutex`, never held across an `.await`.
 //!
 //! Ordering: a clip becomes visible in group order. The store assigns
@@ -20,69 +20,10 @@ use dashmap::DashMap;
 use ptt_protocol::{
     ClipId, ControlMessage, ErrorCode, FloorDecision, FloorState, GroupMode, ReceiptKind,
 };
-use tokio::sync::mpsc;
 
+use crate::fanout::{Fanout, FanoutFuture, JoinSnapshot, SessionCommand, SessionHandle};
 use crate::live::LiveClip;
-use crate::store::{AppendOutcome, ClipStore, GroupInfo, StoreError};
-
-/// What the hub asks a session to do. Sent on the session's bounded queue.
-#[derive(Debug)]
-pub enum SessionCommand {
-    /// Send a control message (boxed: the queue's slots are allocated in
-    /// blocks per session, and most commands are small).
-    Send(Box<ControlMessage>),
-    /// Deliver a clip (live or complete) on a new stream.
-    Deliver(Arc<LiveClip>),
-    /// The session's live delivery fell behind in `group`: catch up.
-    CatchUp(Arc<str>),
-}
-
-impl SessionCommand {
-    /// A command to send `message`.
-    pub fn send(message: ControlMessage) -> SessionCommand {
-        SessionCommand::Send(Box::new(message))
-    }
-}
-
-/// A session as the hub sees it.
-#[derive(Debug, Clone)]
-pub struct SessionHandle {
-    /// The connection's id.
-    pub id: u64,
-    /// The authenticated user.
-    pub user: Arc<str>,
-    /// The session's command queue.
-    pub tx: mpsc::Sender<SessionCommand>,
-}
-
-impl SessionHandle {
-    /// Queues a command without waiting; `false` if the queue is full or
-    /// the session is gone.
-    fn offer(&self, command: SessionCommand) -> bool {
-        self.tx.try_send(command).is_ok()
-    }
-
-    /// Queues a live clip; when the queue is full the session is told to
-    /// catch up instead (if even that cannot be queued it will catch up
-    /// when it next joins: its cursor has not moved past the clip).
-    fn deliver(&self, clip: &Arc<LiveClip>) {
-        if !self.offer(SessionCommand::Deliver(clip.clone())) {
-            tracing::debug!(session = self.id, "queue full, live clip cut");
-            self.offer(SessionCommand::CatchUp(clip.meta.group.as_str().into()));
-        }
-    }
-}
-
-/// What a joining session gets: where catch-up ends and what is live.
-#[derive(Debug)]
-pub struct JoinSnapshot {
-    /// The group's mode.
-    pub mode: GroupMode,
-    /// Every clip up to here is in the store.
-    pub last_seq: u64,
-    /// Clips in flight, to deliver from their first frame.
-    pub active: Vec<Arc<LiveClip>>,
-}
+use crate::store::{AppendOutcome, ClipStore, GroupInfo};
 
 struct GroupState {
     info: GroupInfo,
@@ -95,46 +36,33 @@ struct GroupState {
 
 type GroupCell = Arc<Mutex<GroupState>>;
 
-/// The fan-out hub. See the module documentation.
-pub struct Hub {
+/// The single-node fan-out: everything in this process's memory. See the
+/// module documentation.
+pub struct LocalHub {
     store: Arc<dyn ClipStore>,
     groups: DashMap<String, GroupCell>,
     sessions: DashMap<u64, SessionHandle>,
     users: DashMap<Arc<str>, Vec<u64>>,
 }
 
-impl std::fmt::Debug for Hub {
+impl std::fmt::Debug for LocalHub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hub")
+        f.debug_struct("LocalHub")
             .field("groups", &self.groups.len())
             .field("sessions", &self.sessions.len())
             .finish()
     }
 }
 
-/// Maps a store failure to the code a client sees.
-pub fn store_code(err: &StoreError) -> ErrorCode {
-    match err {
-        StoreError::NoSuchGroup(_) => ErrorCode::NoSuchGroup,
-        StoreError::GroupExists(_) => ErrorCode::GroupExists,
-        _ => ErrorCode::Internal,
-    }
-}
-
-impl Hub {
+impl LocalHub {
     /// A hub over `store`.
-    pub fn new(store: Arc<dyn ClipStore>) -> Hub {
-        Hub {
+    pub fn new(store: Arc<dyn ClipStore>) -> LocalHub {
+        LocalHub {
             store,
             groups: DashMap::new(),
             sessions: DashMap::new(),
             users: DashMap::new(),
         }
-    }
-
-    /// The store.
-    pub fn store(&self) -> &Arc<dyn ClipStore> {
-        &self.store
     }
 
     /// Registers a connected, authenticated session.
@@ -181,13 +109,9 @@ impl Hub {
             .store
             .group(group)
             .await
-            .map_err(|e| store_code(&e))?
+            .map_err(|e| e.code())?
             .ok_or(ErrorCode::NoSuchGroup)?;
-        let range = self
-            .store
-            .seq_range(group)
-            .await
-            .map_err(|e| store_code(&e))?;
+        let range = self.store.seq_range(group).await.map_err(|e| e.code())?;
         let cell = Arc::new(Mutex::new(GroupState {
             info,
             subscribers: HashMap::new(),
@@ -349,20 +273,6 @@ impl Hub {
         Ok(())
     }
 
-    /// Joined members who are in the group's live fan-out now.
-    pub fn subscriber_count(&self, group: &str) -> usize {
-        self.groups
-            .get(group)
-            .map_or(0, |cell| lock(&cell).subscribers.len())
-    }
-
-    /// Whether a clip with this id is in flight in the group.
-    pub fn is_active(&self, group: &str, clip_id: ClipId) -> bool {
-        self.groups
-            .get(group)
-            .is_some_and(|cell| lock(&cell).active.iter().any(|c| c.meta.clip_id == clip_id))
-    }
-
     /// A clip's upload failed: receivers reset, the floor is freed.
     pub fn abort_clip(&self, clip: &Arc<LiveClip>, code: ErrorCode) {
         clip.abort(code);
@@ -461,6 +371,96 @@ impl Hub {
         self.groups
             .get(group)
             .map(|cell| Duration::from_millis(u64::from(lock(&cell).info.max_clip_ms)))
+    }
+}
+
+impl Fanout for LocalHub {
+    fn register(&self, session: SessionHandle) {
+        LocalHub::register(self, session)
+    }
+
+    fn unregister(&self, session: u64, groups: &[Arc<str>]) {
+        LocalHub::unregister(self, session, groups)
+    }
+
+    fn member_group<'a>(&'a self, group: &'a str, user: &'a str) -> FanoutFuture<'a, GroupInfo> {
+        Box::pin(LocalHub::member_group(self, group, user))
+    }
+
+    fn join<'a>(
+        &'a self,
+        group: &'a str,
+        session: &'a SessionHandle,
+    ) -> FanoutFuture<'a, JoinSnapshot> {
+        Box::pin(LocalHub::join(self, group, session))
+    }
+
+    fn leave(&self, group: &str, session: u64) {
+        LocalHub::leave(self, group, session)
+    }
+
+    fn request_floor<'a>(
+        &'a self,
+        group: &'a str,
+        session: &'a SessionHandle,
+        emergency: bool,
+        request_id: u64,
+    ) -> FanoutFuture<'a, ControlMessage> {
+        Box::pin(LocalHub::request_floor(
+            self, group, session, emergency, request_id,
+        ))
+    }
+
+    fn release_floor(&self, group: &str, session: u64) -> bool {
+        LocalHub::release_floor(self, group, session)
+    }
+
+    fn expire_floor(&self, group: &str) {
+        LocalHub::expire_floor(self, group)
+    }
+
+    fn floor_timeout(&self, group: &str) -> Option<Duration> {
+        LocalHub::floor_timeout(self, group)
+    }
+
+    fn start_clip<'a>(
+        &'a self,
+        clip: Arc<LiveClip>,
+        session: &'a SessionHandle,
+        emergency_allowed: bool,
+    ) -> FanoutFuture<'a, ()> {
+        Box::pin(LocalHub::start_clip(self, clip, session, emergency_allowed))
+    }
+
+    fn abort_clip(&self, clip: &Arc<LiveClip>, code: ErrorCode) {
+        LocalHub::abort_clip(self, clip, code)
+    }
+
+    fn finish_clip(&self, clip: Arc<LiveClip>, outcome: AppendOutcome, live: bool) {
+        LocalHub::finish_clip(self, clip, outcome, live)
+    }
+
+    fn send_receipt(
+        &self,
+        talker: &str,
+        group: &str,
+        seq: u64,
+        clip_id: ClipId,
+        member: &str,
+        kind: ReceiptKind,
+    ) {
+        LocalHub::send_receipt(self, talker, group, seq, clip_id, member, kind)
+    }
+
+    fn refresh_group<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(LocalHub::refresh_group(self, group))
+    }
+
+    fn session_count(&self) -> usize {
+        LocalHub::session_count(self)
     }
 }
 

@@ -17,7 +17,7 @@ use ptt_protocol::{
 use quinn::RecvStream;
 
 use crate::delivery::code;
-use crate::hub::{SessionCommand, SessionHandle, store_code};
+use crate::fanout::{SessionCommand, SessionHandle};
 use crate::live::LiveClip;
 use crate::server::RelayContext;
 use crate::store::{AppendOutcome, ClipMeta, NewClip};
@@ -183,11 +183,10 @@ impl Upload<'_> {
         // A retry of a clip that is already stored: acknowledge, drop.
         if let Some(seq) = self
             .ctx
-            .hub
-            .store()
+            .store
             .clip_seq(&header.group, header.clip_id)
             .await
-            .map_err(|e| Refusal(store_code(&e), e.to_string()))?
+            .map_err(|e| Refusal(e.code(), e.to_string()))?
         {
             let _ = who
                 .handle
@@ -242,7 +241,7 @@ impl Upload<'_> {
             frames: clip.packets(),
             waveform: waveform.clone(),
         };
-        let outcome = match self.ctx.hub.store().append_clip(new).await {
+        let outcome = match self.ctx.store.append_clip(new).await {
             Ok(outcome) => outcome,
             Err(e) => {
                 tracing::error!(error = %e, "storing a clip failed");

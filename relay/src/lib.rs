@@ -8,7 +8,7 @@
 //! - [`ingest`]: a talker's clip upload.
 //! - [`delivery`]: writing clips to members.
 //! - [`live`]: the shared frame buffer of a clip in flight.
-//! - [`hub`]: groups, floor and fan-out.
+//! - [`fanout`]: the fan-out interface; [`hub`]: its single-node implementation.
 //! - [`store`]: durable storage behind the [`store::ClipStore`] trait.
 //! - [`auth`], [`tls`], [`net`], [`config`], [`admin`].
 
@@ -16,6 +16,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod delivery;
+pub mod fanout;
 pub mod hub;
 pub mod ingest;
 pub mod live;

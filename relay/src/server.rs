@@ -18,7 +18,8 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{TokenIssuer, TokenVerifier};
 use crate::config::RelayConfig;
 use crate::delivery::{LagPolicy, code};
-use crate::hub::Hub;
+use crate::fanout::Fanout;
+use crate::hub::LocalHub;
 use crate::store::{ClipStore, RedbStore, RetentionPolicy};
 use crate::tls::{Identity, TransportTuning};
 
@@ -46,8 +47,10 @@ pub enum StartError {
 
 /// What every connection task shares.
 pub struct RelayContext {
-    /// Fan-out and groups.
-    pub hub: Hub,
+    /// Fan-out across members: groups, floor, clips in flight.
+    pub hub: Arc<dyn Fanout>,
+    /// Durable storage.
+    pub store: Arc<dyn ClipStore>,
     /// Checks tokens.
     pub verifier: TokenVerifier,
     /// The configuration.
@@ -150,7 +153,7 @@ impl RelayHandle {
 
     /// The store, for tests that set up groups directly.
     pub fn store(&self) -> &Arc<dyn ClipStore> {
-        self.ctx.hub.store()
+        &self.ctx.store
     }
 
     /// Connected sessions.
@@ -221,7 +224,8 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         idle_timeout_ms: config.idle_timeout.as_millis().min(u128::from(u32::MAX)) as u32,
     };
     let ctx = Arc::new(RelayContext {
-        hub: Hub::new(store),
+        hub: Arc::new(LocalHub::new(store.clone())),
+        store,
         verifier,
         config,
         limits,
@@ -279,7 +283,7 @@ async fn serve(endpoint: quinn::Endpoint, ctx: Arc<RelayContext>) {
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("sessions did not finish within the grace period");
     }
-    if let Err(e) = ctx.hub.store().flush().await {
+    if let Err(e) = ctx.store.flush().await {
         tracing::error!(error = %e, "final store flush failed");
     }
     endpoint.close(code(ErrorCode::ShuttingDown), b"relay shutting down");
@@ -303,7 +307,7 @@ async fn retention_loop(ctx: Arc<RelayContext>) {
             _ = tick.tick() => {}
         }
         let now = crate::auth::unix_millis(SystemTime::now());
-        match ctx.hub.store().apply_retention(policy, now).await {
+        match ctx.store.apply_retention(policy, now).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(deleted = n, "retention"),
             Err(e) => tracing::warn!(error = %e, "retention failed"),

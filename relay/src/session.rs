@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::auth::Claims;
 use crate::delivery::{self, Delivery, code};
-use crate::hub::{SessionCommand, SessionHandle, store_code};
+use crate::fanout::{SessionCommand, SessionHandle};
 use crate::ingest::{self, Uploader};
 use crate::live::{ClipState, LiveClip};
 use crate::server::RelayContext;
@@ -395,14 +395,14 @@ impl Session {
                 return;
             }
         };
-        let store = hub.store().clone();
+        let store = self.ctx.store.clone();
         let user = self.handle.user.clone();
         let (cursor, range) =
             match tokio::try_join!(store.cursor(&group, &user), store.seq_range(&group)) {
                 Ok(v) => v,
                 Err(e) => {
                     hub.leave(&group, self.handle.id);
-                    self.reply_result(request_id, Err(store_code(&e))).await;
+                    self.reply_result(request_id, Err(e.code())).await;
                     return;
                 }
             };
@@ -461,7 +461,7 @@ impl Session {
     /// store, whole.
     fn spawn_recovery(&mut self, group: Arc<str>, clip: Arc<LiveClip>) {
         let conn = self.conn.clone();
-        let store = self.ctx.hub.store().clone();
+        let store = self.ctx.store.clone();
         self.deliveries.spawn(async move {
             let seq = wait_stored(&clip).await;
             drop(clip);
@@ -504,7 +504,7 @@ impl Session {
                     let skip = joined.delivered.clone();
                     let from = joined.cursor;
                     let conn = self.conn.clone();
-                    let store = self.ctx.hub.store().clone();
+                    let store = self.ctx.store.clone();
                     self.deliveries.spawn(async move {
                         let to = store.seq_range(&group).await.map(|r| r.last).unwrap_or(0);
                         catch_up(&conn, &*store, &group, from, to, &skip).await;
@@ -608,7 +608,7 @@ impl Session {
         }
         let cursor = joined.cursor;
         if cursor > before {
-            let store = self.ctx.hub.store().clone();
+            let store = self.ctx.store.clone();
             let user = self.handle.user.clone();
             let group = group.to_owned();
             tokio::spawn(async move {
@@ -627,7 +627,7 @@ impl Session {
         let ctx = self.ctx.clone();
         let member = self.handle.user.clone();
         tokio::spawn(async move {
-            if let Ok(Some(meta)) = ctx.hub.store().clip_meta(&group, seq).await
+            if let Ok(Some(meta)) = ctx.store.clip_meta(&group, seq).await
                 && meta.talker != *member
             {
                 ctx.hub
@@ -642,7 +642,7 @@ impl Session {
             return;
         }
         let conn = self.conn.clone();
-        let store = self.ctx.hub.store().clone();
+        let store = self.ctx.store.clone();
         let key: Arc<str> = group.as_str().into();
         self.deliveries.spawn(async move {
             let clips = store
@@ -694,13 +694,7 @@ impl Session {
     }
 
     async fn list_groups(&self, request_id: u64) -> Result<ControlMessage, ErrorCode> {
-        let groups = self
-            .ctx
-            .hub
-            .store()
-            .groups()
-            .await
-            .map_err(|e| store_code(&e))?;
+        let groups = self.ctx.store.groups().await.map_err(|e| e.code())?;
         let groups = groups
             .into_iter()
             .filter(|g| self.claims.adm || g.members.contains(&*self.handle.user))
@@ -719,11 +713,10 @@ impl Session {
     ) -> Result<ControlMessage, ErrorCode> {
         let info = self
             .ctx
-            .hub
-            .store()
+            .store
             .group(&group)
             .await
-            .map_err(|e| store_code(&e))?
+            .map_err(|e| e.code())?
             .ok_or(ErrorCode::NoSuchGroup)?;
         if !self.claims.adm && !info.members.contains(&*self.handle.user) {
             return Err(ErrorCode::NotMember);

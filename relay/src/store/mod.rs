@@ -163,6 +163,18 @@ pub enum StoreError {
     Backend(String),
 }
 
+impl StoreError {
+    /// The wire code a client sees for this failure.
+    pub fn code(&self) -> ptt_protocol::ErrorCode {
+        use ptt_protocol::ErrorCode;
+        match self {
+            StoreError::NoSuchGroup(_) => ErrorCode::NoSuchGroup,
+            StoreError::GroupExists(_) => ErrorCode::GroupExists,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
 /// Durable storage for the relay. See the module documentation.
 pub trait ClipStore: Send + Sync + 'static {
     /// Creates a group with no members.
