@@ -7,7 +7,7 @@
 //! `std::sync::Mutex`, never held across an `.await`.
 //!
 //! Ordering: a clip becomes visible in group order. The store assigns
-//! sequence numbers; [`Hub::finish_clip`] publishes clip `n` only after
+//! sequence numbers; [`LocalHub::finish_clip`] publishes clip `n` only after
 //! `n - 1`, so a member that joins sees every clip either as "stored up to
 //! `last_seq`" (catch-up reads it from the store) or as a clip in flight
 //! (late entry), never both and never neither.
