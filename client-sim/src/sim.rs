@@ -255,12 +255,10 @@ fn endpoints(
     let mut out = Vec::with_capacity(n);
     let mut counters = Vec::new();
     for k in 0..n {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("binding a client socket")?;
         // Hundreds of connections share the socket: give it room for the
-        // bursts of a fan-out (capped by net.core.rmem_max / wmem_max).
-        let sock = socket2::SockRef::from(&socket);
-        let _ = sock.set_recv_buffer_size(4 << 20);
-        let _ = sock.set_send_buffer_size(4 << 20);
+        // bursts of a fan-out, as the relay does for its own.
+        let socket = ptt_relay::net::udp_socket(([127, 0, 0, 1], 0).into())
+            .context("binding a client socket")?;
         let runtime = Arc::new(quinn::TokioRuntime);
         let endpoint = if scenario.faults.needs_lossy_socket() {
             let f = &scenario.faults;
