@@ -76,6 +76,9 @@ run_tests() {
     say "cargo test";         cargo test --workspace --locked
     say "cargo doc";          cargo doc --workspace --no-deps --locked
     say "cargo bench --no-run"; cargo bench --workspace --no-run --locked
+    say "fuzz targets compile"
+    cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+    cargo build --manifest-path fuzz/Cargo.toml --locked
     say "all checks passed"
 }
 
