@@ -2,7 +2,7 @@
 # The project's two commands, and the set-up they need on a fresh machine.
 #
 #   ./dev.sh run      build and start the relay with its embedded store in ./data
-#   ./dev.sh test     the whole check: fmt, clippy, tests, docs, benches compile
+#   ./dev.sh test     the whole check: fmt, clippy, tests, docs, benches and fuzz targets compile
 #   ./dev.sh setup    only install the build and test tools (run and test call it)
 #
 # A fresh Debian machine with a Rust toolchain lacks CMake (libopus is compiled
