@@ -199,9 +199,9 @@ pub async fn run(options: &Options, progress: &dyn Progress) -> anyhow::Result<O
                 };
                 let report = sim::run_once(&scenario, &target, &audio, progress).await?;
                 let frame = report.latency_ms.get("frame").copied().unwrap_or_default();
-                let failures = report.deliveries_expected - report.deliveries_ok
-                    + report.deliveries_duplicate
-                    + report.misdelivered
+                let failures = report.verdict.deliveries_expected - report.verdict.deliveries_ok
+                    + report.verdict.deliveries_duplicate
+                    + report.verdict.misdelivered
                     + report.connect_failures;
                 let held = !report.failed && frame.p99 <= limit_ms;
                 steps.push(CapacityStep {

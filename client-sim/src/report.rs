@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::verify::Verdict;
+
 use crate::scenario::Faults;
 use crate::stats::{ProcSample, Summary, Tick, clock_ticks};
 
@@ -181,35 +183,11 @@ pub struct Report {
     pub settle_s: f64,
     /// The whole run, s.
     pub elapsed_s: f64,
-    /// Clips the talkers finished.
-    pub clips_sent: u64,
-    /// Of those, confirmed stored.
-    pub clips_stored: u64,
-    /// Refused by the relay or abandoned.
-    pub clips_failed: u64,
-    /// Outcome unknown.
-    pub clips_unknown: u64,
-    /// (stored clip, member other than the talker) pairs.
-    pub deliveries_expected: u64,
-    /// Pairs received whole, intact, once.
-    pub deliveries_ok: u64,
-    /// Pairs never received whole.
-    pub deliveries_missing: u64,
-    /// Pairs received damaged.
-    pub deliveries_corrupt: u64,
-    /// Extra complete copies.
-    pub deliveries_duplicate: u64,
-    /// Copies to non-members, under the wrong group, or of unknown or
-    /// refused clips.
-    pub misdelivered: u64,
-    /// Sequence number disagreements.
-    pub seq_inconsistent: u64,
-    /// Talkers' own clips sent back to them (not counted as failures).
-    pub self_deliveries: u64,
-    /// Pairs first received from the store.
-    pub catch_up_deliveries: u64,
-    /// Arrivals with a lower sequence number than one already received.
-    pub reordered: u64,
+    /// What the verifier found: clips sent and stored, deliveries ok,
+    /// missing, corrupt, duplicate, misdelivered (flattened into the
+    /// report's top level).
+    #[serde(flatten)]
+    pub verdict: Verdict,
     /// Clip streams cut or aborted before their end (then recovered).
     pub partial_deliveries: u64,
     /// Frames the talkers sent.
@@ -306,21 +284,24 @@ impl Report {
         let _ = writeln!(
             t,
             "clips: {} sent, {} stored, {} refused/abandoned, {} unknown",
-            self.clips_sent, self.clips_stored, self.clips_failed, self.clips_unknown
+            self.verdict.clips_sent,
+            self.verdict.clips_stored,
+            self.verdict.clips_failed,
+            self.verdict.clips_unknown
         );
         let _ = writeln!(t, "\n{:<28} {:>12}", "deliveries", "count");
         for (name, v) in [
-            ("expected", self.deliveries_expected),
-            ("ok (whole, intact, once)", self.deliveries_ok),
-            ("MISSING", self.deliveries_missing),
-            ("CORRUPT", self.deliveries_corrupt),
-            ("DUPLICATE", self.deliveries_duplicate),
-            ("MISDELIVERED", self.misdelivered),
-            ("SEQ INCONSISTENT", self.seq_inconsistent),
-            ("caught up from the store", self.catch_up_deliveries),
+            ("expected", self.verdict.deliveries_expected),
+            ("ok (whole, intact, once)", self.verdict.deliveries_ok),
+            ("MISSING", self.verdict.deliveries_missing),
+            ("CORRUPT", self.verdict.deliveries_corrupt),
+            ("DUPLICATE", self.verdict.deliveries_duplicate),
+            ("MISDELIVERED", self.verdict.misdelivered),
+            ("SEQ INCONSISTENT", self.verdict.seq_inconsistent),
+            ("caught up from the store", self.verdict.catch_up_deliveries),
             ("cut/aborted, then resent", self.partial_deliveries),
-            ("reordered arrivals", self.reordered),
-            ("own clip echoed to talker", self.self_deliveries),
+            ("reordered arrivals", self.verdict.reordered),
+            ("own clip echoed to talker", self.verdict.self_deliveries),
         ] {
             let _ = writeln!(t, "{name:<28} {v:>12}");
         }

@@ -157,7 +157,9 @@ pub struct Verdict {
     /// had in the group (allowed: clips have their own streams and members
     /// order by sequence number; reported for information).
     pub reordered: u64,
-    /// A few examples of each failure, for the report.
+    /// A few examples of each failure, for the report (which lists them as
+    /// `failure_examples`).
+    #[serde(skip)]
     pub examples: Vec<String>,
 }
 
