@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use ptt_protocol::{ClipHeader, ClipId, ClipMessage, ErrorCode};
 use quinn::{Connection, SendStream, VarInt};
 
-use crate::live::{ClipState, LiveClip, end_message};
+use crate::live::{ClipState, LiveClip, end_message, member_header};
 use crate::store::{ClipMeta, StoredClip};
 
 /// How a clip delivery ended.
@@ -111,13 +111,12 @@ pub async fn deliver_stored(conn: &Connection, clip: &StoredClip, fetched: bool)
     let Ok(mut stream) = conn.open_uni().await else {
         return Delivery::Failed;
     };
-    let live = LiveClip::new(clip.meta.clone(), 0);
     let mut buf = BytesMut::new();
     let mut flags = ClipHeader::FLAG_HISTORY;
     if fetched {
         flags |= ClipHeader::FLAG_FETCHED;
     }
-    ClipMessage::Header(live.header(clip.seq, flags)).encode(&mut buf);
+    ClipMessage::Header(member_header(&clip.meta, clip.seq, flags)).encode(&mut buf);
     for (index, data) in clip.frames.iter().enumerate() {
         ptt_protocol::message::encode_frame(&mut buf, index as u32, data);
         if buf.len() >= 16 * 1024 && stream.write_chunk(buf.split().freeze()).await.is_err() {

@@ -5,17 +5,16 @@
 //! bytes it received, as a [`Bytes`] shared by all receivers, never copied)
 //! and wakes the receivers through a [`tokio::sync::watch`] channel. Each
 //! receiver keeps its own position, so a late joiner starts at frame 0 and a
-//! slow receiver falls behind alone: the talker never waits for anyone. The
-//! same type carries complete clips (transcoded uploads, catch-up) so there
-//! is one delivery path.
+//! slow receiver falls behind alone: the talker never waits for anyone. A
+//! transcoded WAV upload is delivered through the same type, filled at once.
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-use ptt_protocol::{ClipHeader, ClipMessage, ErrorCode, message::encode_frame};
+use bytes::Bytes;
+use ptt_protocol::{ClipHeader, ClipMessage, ErrorCode};
 use tokio::sync::watch;
 
-use crate::store::{ClipMeta, StoredClip};
+use crate::store::ClipMeta;
 
 /// How a clip stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,46 +72,9 @@ impl LiveClip {
         })
     }
 
-    /// A complete stored clip, frames framed for sending.
-    pub fn from_stored(clip: StoredClip) -> Arc<LiveClip> {
-        let mut raw = Vec::with_capacity(clip.frames.len());
-        let mut buf = BytesMut::new();
-        for (index, data) in clip.frames.iter().enumerate() {
-            encode_frame(&mut buf, index as u32, data);
-            raw.push(buf.split().freeze());
-        }
-        let (progress, _) = watch::channel(Progress {
-            raw,
-            data: clip.frames,
-            state: ClipState::Ended {
-                seq: clip.seq,
-                waveform: clip.waveform,
-            },
-        });
-        Arc::new(LiveClip {
-            meta: clip.meta,
-            talker_session: 0,
-            progress,
-        })
-    }
-
-    /// The header members receive; `seq` 0 while live, `extra_flags`
-    /// added to the talker's (history, fetched).
+    /// The header members receive; `seq` 0 while live.
     pub fn header(&self, seq: u64, extra_flags: u8) -> ClipHeader {
-        let m = &self.meta;
-        let flags = (m.flags & ClipHeader::FLAG_EMERGENCY) | extra_flags;
-        ClipHeader {
-            group: m.group.clone(),
-            clip_id: m.clip_id,
-            talker: m.talker.clone(),
-            seq,
-            format: m.format,
-            sample_rate: m.sample_rate,
-            channels: m.channels,
-            frame_ms: m.frame_ms,
-            created_ms: m.created_ms,
-            flags,
-        }
+        member_header(&self.meta, seq, extra_flags)
     }
 
     /// Appends a frame: `raw` is the framed message, `data` its packet.
@@ -154,6 +116,23 @@ impl LiveClip {
     /// A receiver of the clip's progress.
     pub fn subscribe(&self) -> watch::Receiver<Progress> {
         self.progress.subscribe()
+    }
+}
+
+/// The header members receive for a clip: the talker's flags (emergency)
+/// plus `extra_flags` (history, fetched); `seq` 0 while live.
+pub fn member_header(m: &ClipMeta, seq: u64, extra_flags: u8) -> ClipHeader {
+    ClipHeader {
+        group: m.group.clone(),
+        clip_id: m.clip_id,
+        talker: m.talker.clone(),
+        seq,
+        format: m.format,
+        sample_rate: m.sample_rate,
+        channels: m.channels,
+        frame_ms: m.frame_ms,
+        created_ms: m.created_ms,
+        flags: (m.flags & ClipHeader::FLAG_EMERGENCY) | extra_flags,
     }
 }
 

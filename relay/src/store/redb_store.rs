@@ -861,6 +861,27 @@ fn retain_group(
 // ---------------------------------------------------------------------------
 // The trait.
 
+impl RedbStore {
+    /// Adds (`add`) or removes a member of an existing group.
+    fn change_member(&self, group: &str, user: &str, add: bool) -> StoreFuture<'_, ()> {
+        let (group, user) = (group.to_owned(), user.to_owned());
+        self.write(move |txn| {
+            let groups = txn.open_table(GROUPS).ctx("opening groups")?;
+            if groups.get(group.as_str()).ctx("reading groups")?.is_none() {
+                return Err(StoreError::NoSuchGroup(group));
+            }
+            let mut members = txn.open_multimap_table(MEMBERS).ctx("opening members")?;
+            if add {
+                members.insert(group.as_str(), user.as_str())
+            } else {
+                members.remove(group.as_str(), user.as_str())
+            }
+            .ctx("writing members")?;
+            Ok(())
+        })
+    }
+}
+
 impl ClipStore for RedbStore {
     fn create_group(&self, group: &str, mode: GroupMode, max_clip_ms: u32) -> StoreFuture<'_, ()> {
         let group = group.to_owned();
@@ -897,33 +918,11 @@ impl ClipStore for RedbStore {
     }
 
     fn add_member(&self, group: &str, user: &str) -> StoreFuture<'_, ()> {
-        let (group, user) = (group.to_owned(), user.to_owned());
-        self.write(move |txn| {
-            let groups = txn.open_table(GROUPS).ctx("opening groups")?;
-            if groups.get(group.as_str()).ctx("reading groups")?.is_none() {
-                return Err(StoreError::NoSuchGroup(group));
-            }
-            let mut members = txn.open_multimap_table(MEMBERS).ctx("opening members")?;
-            members
-                .insert(group.as_str(), user.as_str())
-                .ctx("writing members")?;
-            Ok(())
-        })
+        self.change_member(group, user, true)
     }
 
     fn remove_member(&self, group: &str, user: &str) -> StoreFuture<'_, ()> {
-        let (group, user) = (group.to_owned(), user.to_owned());
-        self.write(move |txn| {
-            let groups = txn.open_table(GROUPS).ctx("opening groups")?;
-            if groups.get(group.as_str()).ctx("reading groups")?.is_none() {
-                return Err(StoreError::NoSuchGroup(group));
-            }
-            let mut members = txn.open_multimap_table(MEMBERS).ctx("opening members")?;
-            members
-                .remove(group.as_str(), user.as_str())
-                .ctx("writing members")?;
-            Ok(())
-        })
+        self.change_member(group, user, false)
     }
 
     fn group(&self, group: &str) -> StoreFuture<'_, Option<GroupInfo>> {
