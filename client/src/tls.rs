@@ -145,6 +145,16 @@ pub fn transport_config(t: &TransportTuning) -> Result<quinn::TransportConfig, C
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(t.max_concurrent_uni_streams))
         // The relay never opens bidirectional streams.
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(0));
+    // The relay ACKs a talker's frames a few at a time, as it asks of us:
+    // fewer packets for the phone's radio to receive.
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(quinn::VarInt::from_u32(
+        ptt_protocol::ACK_ELICITING_THRESHOLD,
+    ))
+    .max_ack_delay(Some(std::time::Duration::from_millis(
+        ptt_protocol::ACK_MAX_DELAY_MS,
+    )));
+    transport.ack_frequency_config(Some(ack));
     Ok(transport)
 }
 

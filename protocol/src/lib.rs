@@ -34,3 +34,17 @@ pub use stream::{Frame, FrameDecoder};
 
 /// The ALPN protocol identifier negotiated in the TLS handshake.
 pub const ALPN: &[u8] = b"ptt/1";
+
+/// Voice frames may go unacknowledged this many at a time: each end asks
+/// its peer for this with the QUIC ACK frequency extension
+/// (draft-ietf-quic-ack-frequency). Frames arrive every 20 ms, so the
+/// default (an ACK for every second packet) costs each listening phone 25
+/// ACK packets a second, and the relay as many to receive. Loss is still
+/// reported at once: a gap triggers an immediate ACK.
+pub const ACK_ELICITING_THRESHOLD: u32 = 9;
+
+/// The longest a peer is asked to hold back an ACK (see
+/// [`ACK_ELICITING_THRESHOLD`]). QUIC stacks cap it at the round-trip time
+/// (quinn: at least 25 ms), so loss recovery never waits longer than it
+/// would for a round trip.
+pub const ACK_MAX_DELAY_MS: u64 = 100;

@@ -38,47 +38,57 @@ const MAX_FETCH: u32 = 100;
 const MAX_UNACKED: usize = 4096;
 
 /// Runs a connection from handshake to close.
-pub async fn run(incoming: quinn::Incoming, ctx: Arc<RelayContext>, id: u64) {
+///
+/// The task lives as long as the connection (hours for an idle phone), so
+/// its future is kept small: the handshake, the hello and the close are
+/// short and their futures large, so each runs boxed, and the main loop
+/// boxes its handlers (see [`Session::serve`]). An idle session then holds
+/// only the main loop's select.
+pub fn run(
+    incoming: quinn::Incoming,
+    ctx: Arc<RelayContext>,
+    id: u64,
+) -> impl Future<Output = ()> + Send {
     let addr = incoming.remote_address();
     let span = tracing::info_span!("session", id, %addr, user = tracing::field::Empty);
+    // Boxed before the task captures it: `quinn::Incoming` is large, and a
+    // captured value stays in the task for its whole life.
+    let connect = Box::pin(connect(incoming, ctx, id));
     async move {
-        let conn = match incoming.await {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::debug!(error = %e, "handshake failed");
-                return;
-            }
-        };
-        let mut session = match Session::authenticate(conn, ctx, id).await {
-            Ok(session) => session,
-            Err((conn, ErrorCode::None, message)) => {
-                tracing::debug!(%message, "gone");
-                conn.close(code(ErrorCode::None), b"");
-                return;
-            }
-            Err((conn, code_, message)) => {
-                tracing::info!(code = %code_, %message, "refused");
-                conn.close(code(code_), message.as_bytes());
-                return;
-            }
+        let Some(mut session) = connect.await else {
+            return;
         };
         tracing::Span::current().record("user", &*session.handle.user);
         tracing::info!("connected");
         let (code_, reason) = session.serve().await;
-        session.cleanup();
-        if code_ == ErrorCode::ShuttingDown {
-            // Let the last messages (`Stored` for clips that finished
-            // during the drain) reach the client before the close frame.
-            session.flush_queued().await;
-            let _ = session.control_send.finish();
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), session.control_send.stopped()).await;
-        }
-        session.conn.close(code(code_), reason.as_bytes());
-        tracing::info!(code = %code_, "closed");
+        Box::pin(session.close(code_, reason)).await;
     }
     .instrument(span)
-    .await
+}
+
+/// Completes the handshake and authenticates; `None` when the connection
+/// failed or was refused (and is closed).
+async fn connect(incoming: quinn::Incoming, ctx: Arc<RelayContext>, id: u64) -> Option<Session> {
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::debug!(error = %e, "handshake failed");
+            return None;
+        }
+    };
+    match Session::authenticate(conn, ctx, id).await {
+        Ok(session) => Some(session),
+        Err((conn, ErrorCode::None, message)) => {
+            tracing::debug!(%message, "gone");
+            conn.close(code(ErrorCode::None), b"");
+            None
+        }
+        Err((conn, code_, message)) => {
+            tracing::info!(code = %code_, %message, "refused");
+            conn.close(code(code_), message.as_bytes());
+            None
+        }
+    }
 }
 
 /// What a delivery task reports back.
@@ -227,6 +237,11 @@ impl Session {
     }
 
     /// The main loop; returns the code and reason to close with.
+    ///
+    /// Handlers run boxed: inline, the largest of them would set the size
+    /// of every session's future, idle or not (boxing them and the phases
+    /// in [`run`] took the task from 2,952 to 1,184 bytes, and the relay
+    /// from 35.9 to 34.3 KiB per idle client).
     async fn serve(&mut self) -> (ErrorCode, String) {
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         loop {
@@ -243,14 +258,14 @@ impl Session {
                 }
                 message = self.control_recv.next() => match message {
                     Ok(Some(message)) => {
-                        if let Err((code_, reason)) = self.handle_control(message).await {
-                            self.send(ControlMessage::Error { request_id: 0, code: code_, message: reason.clone() }).await;
+                        if let Err((code_, reason)) = Box::pin(self.handle_control(message)).await {
+                            Box::pin(self.send(ControlMessage::Error { request_id: 0, code: code_, message: reason.clone() })).await;
                             return (code_, reason);
                         }
                     }
                     Ok(None) => return (ErrorCode::None, "control stream closed".into()),
                     Err((code_, reason)) => {
-                        self.send(ControlMessage::Error { request_id: 0, code: code_, message: reason.clone() }).await;
+                        Box::pin(self.send(ControlMessage::Error { request_id: 0, code: code_, message: reason.clone() })).await;
                         return (code_, reason);
                     }
                 },
@@ -258,10 +273,10 @@ impl Session {
                     Ok(recv) => self.start_upload(recv),
                     Err(_) => return (ErrorCode::None, "connection closed".into()),
                 },
-                Some(command) = self.commands.recv() => self.handle_command(command).await,
+                Some(command) = self.commands.recv() => Box::pin(self.handle_command(command)).await,
                 Some(done) = self.deliveries.join_next() => {
                     if let Ok(done) = done {
-                        self.handle_done(done).await;
+                        Box::pin(self.handle_done(done)).await;
                     }
                 }
                 Some(_) = self.uploads.join_next() => {
@@ -275,6 +290,20 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Leaves every group and closes the connection with `code_`.
+    async fn close(mut self, code_: ErrorCode, reason: String) {
+        self.cleanup();
+        if code_ == ErrorCode::ShuttingDown {
+            // Let the last messages (`Stored` for clips that finished
+            // during the drain) reach the client before the close frame.
+            self.flush_queued().await;
+            let _ = self.control_send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.control_send.stopped()).await;
+        }
+        self.conn.close(code(code_), reason.as_bytes());
+        tracing::info!(code = %code_, "closed");
     }
 
     /// Sends the control messages still queued for this session.

@@ -536,3 +536,28 @@ async fn shutdown_lets_a_clip_in_flight_finish_and_keeps_it() {
     assert_eq!(clips.len(), 1);
     assert_eq!(clips[0].frames.len(), 10);
 }
+
+#[tokio::test]
+async fn each_side_asks_the_other_to_ack_voice_frames_in_batches() {
+    let relay = TestRelay::start().await;
+    relay.group("team", GroupMode::Notes, &["alice"]).await;
+    let (alice, _events) = relay.member("alice", "team").await;
+    let conn = alice.connection().expect("connected");
+    // The ACK_FREQUENCY frames go out with the first 1-RTT packets; allow
+    // for them to be counted.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stats = conn.stats();
+        if stats.frame_rx.ack_frequency >= 1 && stats.frame_tx.ack_frequency >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ACK_FREQUENCY exchanged: received {}, sent {}",
+            stats.frame_rx.ack_frequency,
+            stats.frame_tx.ack_frequency
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    relay.handle.shutdown().await;
+}
