@@ -42,7 +42,7 @@ const MAX_UNACKED: usize = 4096;
 /// The task lives as long as the connection (hours for an idle phone), so
 /// its future is kept small: the handshake, the hello and the close are
 /// short and their futures large, so each runs boxed, and the main loop
-/// boxes its handlers (see [`Session::serve`]). An idle session then holds
+/// boxes its handlers (see `Session::serve`). An idle session then holds
 /// only the main loop's select.
 pub fn run(
     incoming: quinn::Incoming,
