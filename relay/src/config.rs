@@ -33,8 +33,12 @@ pub struct RelayConfig {
     /// Most connections at once.
     #[arg(long, default_value_t = 20_000)]
     pub max_connections: usize,
-    /// Most clip uploads one connection may have open at once.
-    #[arg(long, default_value_t = 16)]
+    /// Most clip streams one connection may have open at once. A client
+    /// uploads at most `max_concurrent_clips` clips at a time, so a few
+    /// more than that is enough (a client wanting more waits for stream
+    /// credit); quinn reserves state for each, about 50 bytes a stream in
+    /// every connection.
+    #[arg(long, default_value_t = 4)]
     pub max_streams_per_connection: u32,
     /// Close connections silent for this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
