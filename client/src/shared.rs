@@ -46,7 +46,8 @@ pub struct ClientStats {
     pub clips_aborted: u64,
     /// Our clips confirmed stored.
     pub clips_stored: u64,
-    /// Our clips sent again (whole) after a reconnect.
+    /// Our clips sent again on a new connection after a reconnect, whole
+    /// or (mid-clip) from their first frame.
     pub clips_resent: u64,
     /// Successful reconnections.
     pub reconnects: u64,

@@ -242,6 +242,10 @@ impl Talk {
         };
         let snapshot = {
             let mut clip = lock(&self.clip);
+            // Sent on an earlier connection: this resumes it on a new one.
+            if clip.sent_epoch != 0 && clip.sent_epoch != epoch {
+                Stats::bump(&self.inner.stats.clips_resent);
+            }
             clip.sent_epoch = epoch;
             clip.snapshot()
         };
