@@ -370,7 +370,11 @@ async fn after_a_reconnect_unconfirmed_clips_are_resent_and_redeliveries_dropped
     }
     let stored = talk.finish(Bytes::new()).await.unwrap();
     assert_eq!(stored.clip_id, clip_id);
-    assert_eq!(alice.stats().clips_resent, 1, "sent again once, on the new connection");
+    assert_eq!(
+        alice.stats().clips_resent,
+        1,
+        "sent again once, on the new connection"
+    );
     wait_for(&mut alice_events, |e| match e {
         Event::Reconnected { .. } => Some(()),
         _ => None,
