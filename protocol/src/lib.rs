@@ -7,6 +7,9 @@
 //! client writers in other languages.
 //!
 //! - [`stream::FrameDecoder`] cuts a QUIC stream into frames.
+//! - [`reader::FramedReader`] reads frames and messages from any
+//!   [`reader::ChunkSource`] (with the `quinn` feature, a
+//!   `quinn::RecvStream`); every stream reader uses it.
 //! - [`message`] holds every message and its encoding.
 //! - [`clip::ClipReader`] checks one clip stream.
 //! - [`floor::FloorState`] decides who may talk in a walkie group.
@@ -18,6 +21,7 @@ pub mod error;
 pub mod floor;
 pub mod ids;
 pub mod message;
+pub mod reader;
 pub mod session;
 pub mod stream;
 
@@ -29,6 +33,7 @@ pub use message::{
     ClipFormat, ClipHeader, ClipMessage, ControlMessage, GroupSummary, Limits, PROTOCOL_VERSION,
     ReceiptKind, Welcome,
 };
+pub use reader::{ChunkSource, FramedReader, ReadError};
 pub use session::{SessionLimits, SessionPhase, SessionState};
 pub use stream::{Frame, FrameDecoder};
 

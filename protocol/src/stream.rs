@@ -55,6 +55,17 @@ impl FrameDecoder {
         self.buffered
     }
 
+    /// The longest payload accepted.
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
+    /// Changes the longest payload accepted, from the next frame on (a
+    /// relay reads the hello with a small limit, then the full one).
+    pub fn set_max_payload(&mut self, max_payload: usize) {
+        self.max_payload = max_payload;
+    }
+
     /// The next whole frame, `None` if more bytes are needed, or an error if
     /// the stream announces a frame longer than allowed.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
