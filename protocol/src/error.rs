@@ -45,6 +45,40 @@ pub enum DecodeError {
         /// The kind of stream it came on.
         stream: &'static str,
     },
+    /// A request's field is all there but holds a value the protocol does
+    /// not allow (a mode byte other than 1 or 2, a bool byte other than 0 or
+    /// 1, an id longer than 64 bytes or not UTF-8, a count over `u32`).
+    ///
+    /// Not fatal: the frame was read whole, so the stream stays in step.
+    /// The relay answers `Error { request_id, InvalidRequest }` and keeps
+    /// the connection (PROTOCOL.md, section 2.3).
+    #[error("request {request_id}: {field} has an invalid value")]
+    InvalidField {
+        /// The request's id (never 0: a request with id 0 and a bad field
+        /// is decoded as the fatal error its field would otherwise give).
+        request_id: u64,
+        /// The field that was read.
+        field: &'static str,
+    },
+}
+
+impl DecodeError {
+    /// The request this error answers, for an error that refuses one
+    /// request and leaves the connection open ([`DecodeError::InvalidField`]).
+    /// `None` means the error is fatal for the stream or connection.
+    pub fn request_id(&self) -> Option<u64> {
+        match self {
+            DecodeError::InvalidField { request_id, .. } => Some(*request_id),
+            _ => None,
+        }
+    }
+
+    /// The wire code for this error: [`ErrorCode::TooLarge`] for lengths
+    /// over a limit, [`ErrorCode::InvalidRequest`] for a request's invalid
+    /// field, [`ErrorCode::Protocol`] for everything else.
+    pub fn code(&self) -> ErrorCode {
+        ErrorCode::from(self)
+    }
 }
 
 /// An error code carried by `Error` messages, QUIC `CONNECTION_CLOSE`
@@ -163,7 +197,12 @@ impl From<&DecodeError> for ErrorCode {
     fn from(err: &DecodeError) -> ErrorCode {
         match err {
             DecodeError::TooLong { .. } => ErrorCode::TooLarge,
-            _ => ErrorCode::Protocol,
+            DecodeError::InvalidField { .. } => ErrorCode::InvalidRequest,
+            DecodeError::Short
+            | DecodeError::OutOfRange { .. }
+            | DecodeError::InvalidUtf8 { .. }
+            | DecodeError::Truncated { .. }
+            | DecodeError::Unexpected { .. } => ErrorCode::Protocol,
         }
     }
 }

@@ -66,6 +66,7 @@ pub mod kind {
     pub const GROUP_LIST: u64 = 0x2e;
     pub const MEMBER_LIST: u64 = 0x2f;
     pub const FETCH_DONE: u64 = 0x30;
+    pub const GROUP_LEFT: u64 = 0x31;
 
     pub const CLIP_HEADER: u64 = 0x38;
     pub const CLIP_FRAME: u64 = 0x39;
@@ -380,6 +381,17 @@ pub enum ControlMessage {
         /// How many clips were sent.
         count: u32,
     },
+    /// This connection no longer receives the group: the member was
+    /// removed from it ([`ErrorCode::NotMember`]) or the group was deleted
+    /// ([`ErrorCode::NoSuchGroup`]). Live deliveries of the group to this
+    /// connection are reset with the same code; the group is no longer
+    /// joined here.
+    GroupLeft {
+        /// The group.
+        group: String,
+        /// Why.
+        code: ErrorCode,
+    },
     /// A message type this version does not know; skipped.
     Unknown {
         /// Its type number.
@@ -495,6 +507,7 @@ impl ControlMessage {
             GroupList { .. } => kind::GROUP_LIST,
             MemberList { .. } => kind::MEMBER_LIST,
             FetchDone { .. } => kind::FETCH_DONE,
+            GroupLeft { .. } => kind::GROUP_LEFT,
             Unknown { kind } => *kind,
         }
     }
@@ -688,7 +701,7 @@ impl ControlMessage {
                 put_string(p, user);
                 p.put_u8(u8::from(*emergency));
             }
-            FloorRevoked { group, code } => {
+            FloorRevoked { group, code } | GroupLeft { group, code } => {
                 put_string(p, group);
                 put_varint(p, u64::from(code.code()));
             }
@@ -747,19 +760,25 @@ impl ControlMessage {
                 token: get_string(p, MAX_TOKEN_LEN, "token")?,
                 client: get_string(p, MAX_TEXT_LEN, "client")?,
             },
-            kind::JOIN => Join {
-                request_id: get_varint(p)?,
-                group: group(p)?,
-            },
-            kind::LEAVE => Leave {
-                request_id: get_varint(p)?,
-                group: group(p)?,
-            },
-            kind::FLOOR_REQUEST => FloorRequest {
-                request_id: get_varint(p)?,
-                group: group(p)?,
-                emergency: get_bool(p, "emergency")?,
-            },
+            kind::JOIN => request(p, |request_id, p| {
+                Ok(Join {
+                    request_id,
+                    group: get_id(p, "group")?,
+                })
+            })?,
+            kind::LEAVE => request(p, |request_id, p| {
+                Ok(Leave {
+                    request_id,
+                    group: get_id(p, "group")?,
+                })
+            })?,
+            kind::FLOOR_REQUEST => request(p, |request_id, p| {
+                Ok(FloorRequest {
+                    request_id,
+                    group: get_id(p, "group")?,
+                    emergency: get_bool(p, "emergency")?,
+                })
+            })?,
             kind::FLOOR_RELEASE => FloorRelease { group: group(p)? },
             kind::DELIVERY_ACK => DeliveryAck {
                 group: group(p)?,
@@ -769,38 +788,50 @@ impl ControlMessage {
                 group: group(p)?,
                 seq: get_varint(p)?,
             },
-            kind::FETCH_RECENT => FetchRecent {
-                request_id: get_varint(p)?,
-                group: group(p)?,
-                count: get_varint_u32(p, "count")?,
-            },
-            kind::CREATE_GROUP => CreateGroup {
-                request_id: get_varint(p)?,
-                group: group(p)?,
-                mode: get_mode(p)?,
-            },
-            kind::ADD_MEMBER => AddMember {
-                request_id: get_varint(p)?,
-                group: group(p)?,
-                user: user(p)?,
-            },
-            kind::REMOVE_MEMBER => RemoveMember {
-                request_id: get_varint(p)?,
-                group: group(p)?,
-                user: user(p)?,
-            },
+            kind::FETCH_RECENT => request(p, |request_id, p| {
+                Ok(FetchRecent {
+                    request_id,
+                    group: get_id(p, "group")?,
+                    count: get_varint_u32(p, "count")?,
+                })
+            })?,
+            kind::CREATE_GROUP => request(p, |request_id, p| {
+                Ok(CreateGroup {
+                    request_id,
+                    group: get_id(p, "group")?,
+                    mode: get_mode(p)?,
+                })
+            })?,
+            kind::ADD_MEMBER => request(p, |request_id, p| {
+                Ok(AddMember {
+                    request_id,
+                    group: get_id(p, "group")?,
+                    user: get_id(p, "user")?,
+                })
+            })?,
+            kind::REMOVE_MEMBER => request(p, |request_id, p| {
+                Ok(RemoveMember {
+                    request_id,
+                    group: get_id(p, "group")?,
+                    user: get_id(p, "user")?,
+                })
+            })?,
             kind::LIST_GROUPS => ListGroups {
                 request_id: get_varint(p)?,
             },
-            kind::SET_MODE => SetMode {
-                request_id: get_varint(p)?,
-                group: group(p)?,
-                mode: get_mode(p)?,
-            },
-            kind::LIST_MEMBERS => ListMembers {
-                request_id: get_varint(p)?,
-                group: group(p)?,
-            },
+            kind::SET_MODE => request(p, |request_id, p| {
+                Ok(SetMode {
+                    request_id,
+                    group: get_id(p, "group")?,
+                    mode: get_mode(p)?,
+                })
+            })?,
+            kind::LIST_MEMBERS => request(p, |request_id, p| {
+                Ok(ListMembers {
+                    request_id,
+                    group: get_id(p, "group")?,
+                })
+            })?,
             kind::WELCOME => Welcome(self::Welcome {
                 version: get_varint_u32(p, "version")?,
                 user: user(p)?,
@@ -914,6 +945,10 @@ impl ControlMessage {
                 request_id: get_varint(p)?,
                 group: group(p)?,
                 count: get_varint_u32(p, "count")?,
+            },
+            kind::GROUP_LEFT => GroupLeft {
+                group: group(p)?,
+                code: ErrorCode::from_code(get_varint(p)?),
             },
             kind::CLIP_HEADER | kind::CLIP_FRAME | kind::CLIP_END => {
                 return Err(DecodeError::Unexpected {
@@ -1052,6 +1087,42 @@ fn put_frame(buf: &mut BytesMut, kind: u64, payload: &[u8]) {
     put_varint(buf, kind);
     put_varint(buf, payload.len() as u64);
     buf.put_slice(payload);
+}
+
+/// Decodes a request: its `request_id`, then the fields `decode` reads.
+///
+/// A field whose bytes are all there but whose value is invalid refuses
+/// this request alone ([`DecodeError::InvalidField`]), since the frame was
+/// read whole and the stream is still in step; a payload that ends inside
+/// a field stays malformed. A request with id 0 cannot be answered (an
+/// `Error` with id 0 announces a close), so its invalid fields stay fatal.
+fn request<T>(
+    p: &mut Bytes,
+    decode: impl FnOnce(u64, &mut Bytes) -> Result<T, DecodeError>,
+) -> Result<T, DecodeError> {
+    let request_id = get_varint(p)?;
+    decode(request_id, p).map_err(|e| match e {
+        DecodeError::OutOfRange { field, .. }
+        | DecodeError::InvalidUtf8 { field }
+        | DecodeError::TooLong { field, .. }
+            if request_id != 0 =>
+        {
+            DecodeError::InvalidField { request_id, field }
+        }
+        e => e,
+    })
+}
+
+/// Reads a group or user id of a request. Unlike [`get_string`], a length
+/// longer than the payload is [`DecodeError::Short`] (malformed) before it
+/// is [`DecodeError::TooLong`] (an invalid id, refused as a request).
+fn get_id(p: &mut Bytes, field: &'static str) -> Result<String, DecodeError> {
+    let mut after_len = &p[..];
+    let len = get_varint(&mut after_len)?;
+    if len > after_len.len() as u64 {
+        return Err(DecodeError::Short);
+    }
+    get_string(p, MAX_ID_LEN, field)
 }
 
 fn get_bool(p: &mut Bytes, field: &'static str) -> Result<bool, DecodeError> {
@@ -1239,6 +1310,10 @@ mod tests {
                 group: "g".into(),
                 count: 2,
             },
+            GroupLeft {
+                group: "g".into(),
+                code: ErrorCode::NotMember,
+            },
         ]
     }
 
@@ -1324,12 +1399,11 @@ mod tests {
             ClipMessage::decode(0x99, Bytes::new()),
             Err(DecodeError::Unexpected { .. })
         ));
-        // A group id over the cap.
+        // A group id over the cap in a relay message.
         let mut p = BytesMut::new();
-        put_varint(&mut p, 1);
         put_string(&mut p, &"x".repeat(MAX_ID_LEN + 1));
         assert!(matches!(
-            ControlMessage::decode(kind::JOIN, p.freeze()),
+            ControlMessage::decode(kind::FLOOR_IDLE, p.freeze()),
             Err(DecodeError::TooLong { .. })
         ));
         // A member list whose count is larger than the payload could hold.
@@ -1338,6 +1412,99 @@ mod tests {
         put_string(&mut p, "g");
         put_varint(&mut p, 4000);
         assert!(ControlMessage::decode(kind::MEMBER_LIST, p.freeze()).is_err());
+    }
+
+    /// A request payload: `request_id`, then `rest`.
+    fn request_payload(request_id: u64, rest: impl FnOnce(&mut BytesMut)) -> Bytes {
+        let mut p = BytesMut::new();
+        put_varint(&mut p, request_id);
+        rest(&mut p);
+        p.freeze()
+    }
+
+    #[test]
+    fn an_invalid_value_in_a_request_refuses_the_request_alone() {
+        let invalid = |request_id, field| {
+            Err::<ControlMessage, _>(DecodeError::InvalidField { request_id, field })
+        };
+        for k in [kind::CREATE_GROUP, kind::SET_MODE] {
+            for mode in [0u8, 3, 0xff] {
+                let p = request_payload(11, |p| {
+                    put_string(p, "team-1");
+                    p.put_u8(mode);
+                });
+                let got = ControlMessage::decode(k, p);
+                assert_eq!(got, invalid(11, "mode"), "type {k:#x} mode {mode}");
+                let err = got.unwrap_err();
+                assert_eq!(err.request_id(), Some(11));
+                assert_eq!(err.code(), ErrorCode::InvalidRequest);
+            }
+        }
+        let p = request_payload(7, |p| {
+            put_string(p, "team-1");
+            p.put_u8(2);
+        });
+        assert_eq!(
+            ControlMessage::decode(kind::FLOOR_REQUEST, p),
+            invalid(7, "emergency")
+        );
+        let p = request_payload(9, |p| {
+            put_string(p, "team-1");
+            put_varint(p, u64::from(u32::MAX) + 1);
+        });
+        assert_eq!(
+            ControlMessage::decode(kind::FETCH_RECENT, p),
+            invalid(9, "count")
+        );
+        // Ids: longer than 64 bytes, or not UTF-8.
+        let p = request_payload(1, |p| put_string(p, &"x".repeat(MAX_ID_LEN + 1)));
+        assert_eq!(ControlMessage::decode(kind::JOIN, p), invalid(1, "group"));
+        let p = request_payload(12, |p| {
+            put_string(p, "team-1");
+            put_bytes(p, &[0xff, 0xfe]);
+        });
+        assert_eq!(
+            ControlMessage::decode(kind::ADD_MEMBER, p),
+            invalid(12, "user")
+        );
+    }
+
+    #[test]
+    fn a_request_that_cannot_be_answered_stays_fatal() {
+        // A payload that ends inside its fields is malformed, even when the
+        // field it ends in claims an over-long id.
+        let p = request_payload(1, |p| {
+            put_varint(p, 1000);
+            p.put_slice(b"abc");
+        });
+        assert_eq!(
+            ControlMessage::decode(kind::JOIN, p),
+            Err(DecodeError::Truncated { kind: kind::JOIN })
+        );
+        let p = request_payload(11, |p| put_string(p, "team-1"));
+        assert_eq!(
+            ControlMessage::decode(kind::CREATE_GROUP, p),
+            Err(DecodeError::Truncated {
+                kind: kind::CREATE_GROUP
+            })
+        );
+        // Request id 0: an `Error` with id 0 would announce a close.
+        let p = request_payload(0, |p| {
+            put_string(p, "team-1");
+            p.put_u8(3);
+        });
+        let err = ControlMessage::decode(kind::SET_MODE, p).unwrap_err();
+        assert!(matches!(err, DecodeError::OutOfRange { field: "mode", .. }));
+        assert_eq!((err.request_id(), err.code()), (None, ErrorCode::Protocol));
+        // A relay message with a bad mode is malformed, not a request.
+        let mut p = BytesMut::new();
+        put_varint(&mut p, 1);
+        put_string(&mut p, "team-1");
+        p.put_u8(3);
+        put_varint(&mut p, 0);
+        put_varint(&mut p, 0);
+        let err = ControlMessage::decode(kind::JOINED, p.freeze()).unwrap_err();
+        assert_eq!(err.request_id(), None);
     }
 
     #[test]
