@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use ptt_protocol::message::MAX_PAYLOAD_LEN;
-use ptt_protocol::{ControlMessage, ErrorCode, FrameDecoder, PROTOCOL_VERSION, Welcome};
+use ptt_protocol::{ControlMessage, ErrorCode, FramedReader, PROTOCOL_VERSION, ReadError, Welcome};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::backoff::Backoff;
@@ -64,7 +64,7 @@ pub(crate) async fn establish(inner: &Arc<Inner>, epoch: u64) -> Result<Session,
             &config.server_name,
         )?;
         let conn = connecting.await?;
-        let (mut send, mut recv) = conn.open_bi().await?;
+        let (mut send, recv) = conn.open_bi().await?;
         let hello = ControlMessage::Hello {
             version: PROTOCOL_VERSION,
             token: lock(&inner.token).clone(),
@@ -73,36 +73,33 @@ pub(crate) async fn establish(inner: &Arc<Inner>, epoch: u64) -> Result<Session,
         send.write_all(&hello.to_bytes())
             .await
             .map_err(|e| write_error(&conn, e))?;
-        let mut decoder = FrameDecoder::new(MAX_PAYLOAD_LEN);
+        let mut reader = FramedReader::new(recv, MAX_PAYLOAD_LEN);
         let welcome = loop {
-            if let Some(frame) = decoder.next_frame()? {
-                match ControlMessage::decode(frame.kind, frame.payload)? {
-                    ControlMessage::Welcome(w) => break w,
-                    ControlMessage::Error { code, message, .. } => {
-                        return Err(ClientError::Relay { code, message });
-                    }
-                    ControlMessage::Unknown { .. } => continue,
-                    other => {
-                        return Err(ClientError::Protocol(format!(
-                            "expected a welcome, got {other:?}"
-                        )));
-                    }
+            match reader.next_control().await {
+                Ok(Some(ControlMessage::Welcome(w))) => break w,
+                Ok(Some(ControlMessage::Error { code, message, .. })) => {
+                    return Err(ClientError::Relay { code, message });
                 }
-            }
-            match recv.read_chunk(usize::MAX, true).await {
-                Ok(Some(chunk)) => decoder.push(chunk.bytes),
+                Ok(Some(ControlMessage::Unknown { .. })) => continue,
+                Ok(Some(other)) => {
+                    return Err(ClientError::Protocol(format!(
+                        "expected a welcome, got {other:?}"
+                    )));
+                }
                 Ok(None) => {
                     return Err(ClientError::Protocol(
                         "the relay ended the control stream before its welcome".into(),
                     ));
                 }
-                Err(quinn::ReadError::ConnectionLost(e)) => return Err(e.into()),
+                Err(ReadError::Stream(quinn::ReadError::ConnectionLost(e))) => {
+                    return Err(e.into());
+                }
                 Err(e) => return Err(ClientError::Protocol(e.to_string())),
             }
         };
-        Ok::<_, ClientError>((conn, send, recv, decoder, welcome))
+        Ok::<_, ClientError>((conn, send, reader, welcome))
     };
-    let (conn, send, recv, decoder, welcome) =
+    let (conn, send, reader, welcome) =
         match tokio::time::timeout(config.connect_timeout, attempt).await {
             Ok(r) => r?,
             Err(_) => return Err(ClientError::Timeout),
@@ -118,7 +115,7 @@ pub(crate) async fn establish(inner: &Arc<Inner>, epoch: u64) -> Result<Session,
         });
     }
     *lock(&inner.welcome) = welcome.clone();
-    tokio::spawn(read_control(inner.clone(), epoch, recv, decoder));
+    tokio::spawn(read_control(inner.clone(), epoch, reader));
     tokio::spawn(accept_clips(inner.clone(), conn.clone()));
     Ok(Session {
         epoch,
@@ -141,40 +138,25 @@ fn write_error(conn: &quinn::Connection, e: quinn::WriteError) -> ClientError {
 
 /// Reads the control stream of connection `epoch` and hands each message
 /// to the connection task.
-async fn read_control(
-    inner: Arc<Inner>,
-    epoch: u64,
-    mut recv: quinn::RecvStream,
-    mut decoder: FrameDecoder,
-) {
-    let (reason, protocol_error) = 'read: loop {
-        loop {
-            let frame = match decoder.next_frame() {
-                Ok(Some(frame)) => frame,
-                Ok(None) => break,
-                Err(e) => break 'read (format!("undecodable control stream: {e}"), true),
-            };
-            match ControlMessage::decode(frame.kind, frame.payload) {
-                Ok(ControlMessage::Unknown { kind }) => {
-                    tracing::debug!(kind, "skipping an unknown control message");
-                }
-                Ok(msg) => {
-                    if inner
-                        .internal
-                        .send(Internal::Control { epoch, msg })
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                Err(e) => break 'read (format!("bad control message: {e}"), true),
+async fn read_control(inner: Arc<Inner>, epoch: u64, mut reader: FramedReader<quinn::RecvStream>) {
+    let (reason, protocol_error) = loop {
+        match reader.next_control().await {
+            Ok(Some(ControlMessage::Unknown { kind })) => {
+                tracing::debug!(kind, "skipping an unknown control message");
             }
-        }
-        match recv.read_chunk(usize::MAX, true).await {
-            Ok(Some(chunk)) => decoder.push(chunk.bytes),
+            Ok(Some(msg)) => {
+                if inner
+                    .internal
+                    .send(Internal::Control { epoch, msg })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
             Ok(None) => break ("the relay ended the control stream".into(), false),
-            Err(e) => break (e.to_string(), false),
+            Err(ReadError::Stream(e)) => break (e.to_string(), false),
+            Err(e) => break (format!("bad control stream: {e}"), true),
         }
     };
     let _ = inner
@@ -518,6 +500,12 @@ impl Driver {
                 to_seq,
             }),
             M::CaughtUp { group, seq } => Some(Event::CaughtUp { group, seq }),
+            M::GroupLeft { group, code } => {
+                // Removed from the group or the group deleted: do not join
+                // it again after a reconnect.
+                self.joined.remove(&group);
+                Some(Event::GroupLeft { group, code })
+            }
             other => {
                 tracing::debug!(?other, "ignoring an unexpected control message");
                 None

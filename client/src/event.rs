@@ -141,6 +141,17 @@ pub enum Event {
         /// The relay's explanation.
         message: String,
     },
+    /// This connection no longer receives the group: we were removed from
+    /// it ([`ErrorCode::NotMember`]) or it was deleted
+    /// ([`ErrorCode::NoSuchGroup`]). Clips of the group being received end
+    /// with [`Event::ClipAborted`] with the same code; the client does not
+    /// join the group again when it reconnects.
+    GroupLeft {
+        /// The group.
+        group: String,
+        /// Why.
+        code: ErrorCode,
+    },
     /// After a reconnect, a group could not be joined again (membership
     /// removed, group deleted).
     RejoinFailed {

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use ptt_protocol::message::MAX_PAYLOAD_LEN;
 use ptt_protocol::{
-    ClipEvent, ClipHeader, ClipId, ClipLimits, ClipMessage, ClipReader, ErrorCode, FrameDecoder,
+    ClipEvent, ClipHeader, ClipId, ClipLimits, ClipMessage, ClipReader, ErrorCode, FramedReader,
+    ReadError,
 };
 
 use crate::event::Event;
@@ -22,32 +23,26 @@ struct Current {
 }
 
 /// Reads the clip stream `recv` to its end, turning it into events.
-pub(crate) async fn read_clip(inner: Arc<Inner>, mut recv: quinn::RecvStream) {
-    let mut decoder = FrameDecoder::new(MAX_PAYLOAD_LEN);
+pub(crate) async fn read_clip(inner: Arc<Inner>, recv: quinn::RecvStream) {
+    let mut stream = FramedReader::new(recv, MAX_PAYLOAD_LEN);
     let mut reader = ClipReader::new(ClipLimits::unlimited());
     let mut current: Option<Current> = None;
     loop {
-        let chunk = match current.as_ref().is_some_and(|c| c.ended) {
+        let next = match current.as_ref().is_some_and(|c| c.ended) {
             // After the end only the FIN is due; do not wait for it forever.
-            true => match tokio::time::timeout(
-                Duration::from_secs(5),
-                recv.read_chunk(usize::MAX, true),
-            )
-            .await
-            {
+            true => match tokio::time::timeout(Duration::from_secs(5), stream.next_clip()).await {
                 Ok(r) => r,
                 Err(_) => return,
             },
-            false => recv.read_chunk(usize::MAX, true).await,
+            false => stream.next_clip().await,
         };
-        let code = match chunk {
-            Ok(Some(chunk)) => {
-                decoder.push(chunk.bytes);
-                match drain(&inner, &mut decoder, &mut reader, &mut current, &mut recv).await {
+        let code = match next {
+            Ok(Some((msg, _))) => {
+                match handle(&inner, msg, &mut reader, &mut current, stream.get_mut()).await {
                     Ok(Flow::Continue) => continue,
                     Ok(Flow::Done) => return,
                     Err(code) => {
-                        let _ = recv.stop(quinn::VarInt::from_u32(code.code()));
+                        let _ = stream.get_mut().stop(quinn::VarInt::from_u32(code.code()));
                         code
                     }
                 }
@@ -59,8 +54,17 @@ pub(crate) async fn read_clip(inner: Arc<Inner>, mut recv: quinn::RecvStream) {
                 // FIN without a clip end.
                 ErrorCode::OutOfOrder
             }
-            Err(quinn::ReadError::Reset(code)) => ErrorCode::from_code(code.into_inner()),
-            Err(_) => ErrorCode::None,
+            // FIN inside a frame: a FIN without a clip end too.
+            Err(ReadError::Truncated) => ErrorCode::OutOfOrder,
+            Err(ReadError::Decode(e)) => {
+                let code = e.code();
+                let _ = stream.get_mut().stop(quinn::VarInt::from_u32(code.code()));
+                code
+            }
+            Err(ReadError::Stream(quinn::ReadError::Reset(code))) => {
+                ErrorCode::from_code(code.into_inner())
+            }
+            Err(ReadError::Stream(_)) => ErrorCode::None,
         };
         if let Some(c) = current
             && !c.ended
@@ -84,91 +88,87 @@ enum Flow {
     Done,
 }
 
-/// Handles every whole message buffered in `decoder`.
-async fn drain(
+/// Handles one message of the clip stream.
+async fn handle(
     inner: &Arc<Inner>,
-    decoder: &mut FrameDecoder,
+    msg: ClipMessage,
     reader: &mut ClipReader,
     current: &mut Option<Current>,
     recv: &mut quinn::RecvStream,
 ) -> Result<Flow, ErrorCode> {
-    while let Some(frame) = decoder.next_frame().map_err(|e| ErrorCode::from(&e))? {
-        let msg =
-            ClipMessage::decode(frame.kind, frame.payload).map_err(|e| ErrorCode::from(&e))?;
-        let now = Instant::now();
-        match reader.handle_message(msg, now).map_err(|e| e.code())? {
-            ClipEvent::Started(header) => {
-                let duplicate = is_duplicate(inner, &header);
-                if duplicate {
-                    Stats::bump(&inner.stats.duplicates_dropped);
-                    tracing::debug!(group = %header.group, clip = %header.clip_id, "duplicate clip dropped");
-                    if header.seq != 0 {
-                        // Stored clip: its seq is known, no need to read it.
-                        ack(inner, &header.group, header.seq).await;
-                        let _ = recv.stop(quinn::VarInt::from_u32(ErrorCode::Duplicate.code()));
-                        return Ok(Flow::Done);
-                    }
-                } else {
-                    inner
-                        .emit(Event::ClipStarted {
-                            group: header.group.clone(),
-                            clip_id: header.clip_id,
-                            talker: header.talker.clone(),
-                            seq: header.seq,
-                            history: header.flags & ClipHeader::FLAG_HISTORY != 0,
-                            header: header.clone(),
-                        })
-                        .await;
+    let now = Instant::now();
+    match reader.handle_message(msg, now).map_err(|e| e.code())? {
+        ClipEvent::Started(header) => {
+            let duplicate = is_duplicate(inner, &header);
+            if duplicate {
+                Stats::bump(&inner.stats.duplicates_dropped);
+                tracing::debug!(group = %header.group, clip = %header.clip_id, "duplicate clip dropped");
+                if header.seq != 0 {
+                    // Stored clip: its seq is known, no need to read it.
+                    ack(inner, &header.group, header.seq).await;
+                    let _ = recv.stop(quinn::VarInt::from_u32(ErrorCode::Duplicate.code()));
+                    return Ok(Flow::Done);
                 }
-                *current = Some(Current {
-                    group: header.group,
-                    clip_id: header.clip_id,
-                    duplicate,
-                    ended: false,
-                });
+            } else {
+                inner
+                    .emit(Event::ClipStarted {
+                        group: header.group.clone(),
+                        clip_id: header.clip_id,
+                        talker: header.talker.clone(),
+                        seq: header.seq,
+                        history: header.flags & ClipHeader::FLAG_HISTORY != 0,
+                        header: header.clone(),
+                    })
+                    .await;
             }
-            ClipEvent::Frame { index, data } => {
-                let c = current.as_ref().expect("the reader checked the header");
-                if !c.duplicate {
-                    Stats::bump(&inner.stats.frames_received);
-                    inner
-                        .emit(Event::Frame {
-                            group: c.group.clone(),
-                            clip_id: c.clip_id,
-                            index,
-                            data,
-                            received_at: now,
-                        })
-                        .await;
-                }
+            *current = Some(Current {
+                group: header.group,
+                clip_id: header.clip_id,
+                duplicate,
+                ended: false,
+            });
+        }
+        ClipEvent::Frame { index, data } => {
+            let c = current.as_ref().expect("the reader checked the header");
+            if !c.duplicate {
+                Stats::bump(&inner.stats.frames_received);
+                inner
+                    .emit(Event::Frame {
+                        group: c.group.clone(),
+                        clip_id: c.clip_id,
+                        index,
+                        data,
+                        received_at: now,
+                    })
+                    .await;
             }
-            ClipEvent::Ended {
-                frame_count,
-                seq,
-                waveform,
-            } => {
-                let c = current.as_mut().expect("the reader checked the header");
-                c.ended = true;
-                let new = lock(&inner.dedup).insert(&c.group, c.clip_id);
-                if c.duplicate {
-                    // Delivered again because our acknowledgement did not
-                    // reach the relay: acknowledge it again, whatever
-                    // `auto_ack` says, since the application had it.
+        }
+        ClipEvent::Ended {
+            frame_count,
+            seq,
+            waveform,
+        } => {
+            let c = current.as_mut().expect("the reader checked the header");
+            c.ended = true;
+            let new = lock(&inner.dedup).insert(&c.group, c.clip_id);
+            if c.duplicate {
+                // Delivered again because our acknowledgement did not
+                // reach the relay: acknowledge it again, whatever
+                // `auto_ack` says, since the application had it.
+                ack(inner, &c.group, seq).await;
+            } else {
+                Stats::bump(&inner.stats.clips_received);
+                inner
+                    .emit(Event::ClipEnded {
+                        group: c.group.clone(),
+                        clip_id: c.clip_id,
+                        seq,
+                        frame_count,
+                        waveform,
+                    })
+                    .await;
+                if new && inner.config.auto_ack {
                     ack(inner, &c.group, seq).await;
-                } else {
-                    Stats::bump(&inner.stats.clips_received);
-                    inner
-                        .emit(Event::ClipEnded {
-                            group: c.group.clone(),
-                            clip_id: c.clip_id,
-                            seq,
-                            frame_count,
-                            waveform,
-                        })
-                        .await;
-                    if new && inner.config.auto_ack {
-                        ack(inner, &c.group, seq).await;
-                    }
                 }
             }
         }
