@@ -387,7 +387,10 @@ impl Client {
 
     /// Acknowledges clip `seq` of `group` (done for us when
     /// [`ClientConfig::auto_ack`] is on): the relay moves our cursor and
-    /// tells the talker it was delivered.
+    /// tells the talker it was delivered. The relay honours it only for a
+    /// clip delivered on the current connection; while disconnected it is
+    /// dropped, and the clip comes again after the reconnect (the client
+    /// acknowledges that copy itself).
     pub async fn ack(&self, group: &str, seq: u64) -> Result<(), ClientError> {
         let group = checked(group)?;
         self.send(ControlMessage::DeliveryAck { group, seq }).await

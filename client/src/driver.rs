@@ -216,8 +216,11 @@ impl Loss {
     }
 }
 
-/// Most acknowledgements and played reports kept while disconnected.
-const OUTBOX_CAP: usize = 4096;
+/// Most played reports kept while disconnected. Each costs a token of the
+/// relay's control-message rate limit when sent after the reconnect (they
+/// name clips delivered on an earlier connection), so they stay well under
+/// its burst of 256, with room for the re-joins.
+const OUTBOX_CAP: usize = 128;
 
 /// The connection task's state.
 pub(crate) struct Driver {
@@ -228,7 +231,7 @@ pub(crate) struct Driver {
     joined: BTreeSet<String>,
     next_request: u64,
     next_epoch: u64,
-    /// Messages without a reply to send once connected again.
+    /// Played reports to send once connected again.
     outbox: Vec<ControlMessage>,
     /// An `Error` with request id 0: the reason of the coming close.
     relay_error: Option<(ErrorCode, String)>,
@@ -661,11 +664,12 @@ impl Driver {
                 Ok(())
             }
             Some(Command::Send(msg)) => {
-                if matches!(
-                    msg,
-                    ControlMessage::DeliveryAck { .. } | ControlMessage::Played { .. }
-                ) && self.outbox.len() < OUTBOX_CAP
-                {
+                // Acknowledgements are not kept: the relay ignores a
+                // DeliveryAck for a clip not delivered on the connection it
+                // arrives on, and catch-up delivers the clip again (it is
+                // acknowledged then). A played report is honoured for a
+                // clip at or below the cursor.
+                if matches!(msg, ControlMessage::Played { .. }) && self.outbox.len() < OUTBOX_CAP {
                     self.outbox.push(msg);
                 }
                 Ok(())
@@ -673,11 +677,12 @@ impl Driver {
         }
     }
 
+    /// A message from a task while disconnected. An acknowledgement is
+    /// dropped (see [`Driver::offline_command`]); control messages of the
+    /// lost connection are stale.
     fn offline_internal(&mut self, msg: Internal) {
-        if let Internal::Ack { group, seq } = msg
-            && self.outbox.len() < OUTBOX_CAP
-        {
-            self.outbox.push(ControlMessage::DeliveryAck { group, seq });
+        if let Internal::Ack { group, seq } = msg {
+            tracing::debug!(%group, seq, "acknowledgement dropped while disconnected");
         }
     }
 

@@ -59,7 +59,9 @@ pub enum Event {
     ///
     /// `code` is the relay's reset code: [`ErrorCode::SlowReceiver`] (the
     /// clip comes again from the store), [`ErrorCode::ClipAborted`] (the
-    /// talker vanished; discard it), [`ErrorCode::ShuttingDown`]; a
+    /// talker vanished; discard it), [`ErrorCode::ShuttingDown`],
+    /// [`ErrorCode::NotMember`] or [`ErrorCode::NoSuchGroup`] (see
+    /// [`Event::GroupLeft`]); a
     /// protocol violation found by the client ([`ErrorCode::Protocol`],
     /// [`ErrorCode::OutOfOrder`]); or [`ErrorCode::None`] when the
     /// connection was lost (after a reconnect the relay sends it again
