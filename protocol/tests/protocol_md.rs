@@ -326,6 +326,13 @@ fn examples() -> Vec<(&'static str, Example)> {
             }),
         ),
         (
+            "group-left",
+            Control(C::GroupLeft {
+                group: g(),
+                code: ErrorCode::NotMember,
+            }),
+        ),
+        (
             "set-mode",
             Control(C::SetMode {
                 request_id: 14,
@@ -593,6 +600,10 @@ fn annotated(title: &str) -> Option<Vec<(Vec<u8>, String)>> {
                 by(&[0, 4, 17, 31, 22, 9, 2, 0]),
                 "waveform: length 8, one byte 0..31 per bucket".into(),
             ),
+        ],
+        "group-left" => vec![
+            (s("team-1"), "group: length 6, \"team-1\"".into()),
+            (v(6), "code = 6 (NotMember)".into()),
         ],
         "stored" => vec![
             (s("team-1"), "group".into()),
