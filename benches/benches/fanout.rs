@@ -63,7 +63,9 @@ async fn setup(n: usize) -> Setup {
             relay.addr(),
             "localhost",
             trust.clone(),
-            relay.issue_token(user, Duration::from_secs(3600), false, false),
+            relay
+                .issue_token(user, Duration::from_secs(3600), false, false)
+                .expect("the relay signs with its own key"),
         )
     };
     // A hundred receivers per socket, each socket with room for bursts

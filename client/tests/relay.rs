@@ -28,7 +28,8 @@ impl Harness {
     fn config(&self, user: &str, admin: bool) -> ClientConfig {
         let token = self
             .relay
-            .issue_token(user, Duration::from_secs(3600), admin, false);
+            .issue_token(user, Duration::from_secs(3600), admin, false)
+            .expect("own key");
         let trust = Trust::fingerprint_from_hex(self.relay.cert_fingerprint()).unwrap();
         ClientConfig::new(self.relay.addr(), "localhost", trust, token)
             .with_client_name(format!("test-{user}"))

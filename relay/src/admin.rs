@@ -4,7 +4,7 @@
 
 use ptt_protocol::{ControlMessage, ErrorCode, GroupMode, is_valid_id};
 
-use crate::server::RelayContext;
+use crate::context::RelayContext;
 use crate::store::{ClipStore, StoreError};
 
 /// Why an admin operation failed.

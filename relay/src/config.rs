@@ -67,6 +67,13 @@ pub struct RelayConfig {
     /// Clips one connection may start per minute.
     #[arg(long, default_value_t = 60)]
     pub clips_per_minute: u32,
+    /// Control messages one connection may send in a burst (a token
+    /// bucket; acknowledgements of clips the relay delivered are free).
+    #[arg(long, default_value_t = ptt_protocol::session::DEFAULT_CONTROL_BURST)]
+    pub control_burst: u32,
+    /// Control messages one connection may send per second, sustained.
+    #[arg(long, default_value_t = ptt_protocol::session::DEFAULT_CONTROL_PER_SECOND)]
+    pub control_per_second: u32,
     /// Delete clips older than this (0s keeps them forever).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30days")]
     #[serde(with = "humantime_serde")]

@@ -1,19 +1,34 @@
 //! Writing clips to a member: one unidirectional stream per clip.
 //!
 //! A live clip is written from the shared [`LiveClip`] buffer as frames
-//! arrive; if the member falls too far behind (or a write stalls), the
-//! stream is reset with [`ErrorCode::SlowReceiver`] and the clip is sent
-//! again from the store once it is complete. Stored clips (catch-up, fetch,
-//! recovery) are written whole, flagged as history.
+//! arrive; if the member falls too far behind, the stream is reset with
+//! [`ErrorCode::SlowReceiver`] and the clip is sent again from the store
+//! once it is complete. Stored clips (catch-up, fetch, recovery) are
+//! written whole, flagged as history.
+//!
+//! "Behind" is measured in frames, against what the member has *read*. A
+//! QUIC sender cannot see that: a write completes as soon as the bytes fit
+//! the member's flow-control credit, and with the 64 KiB stream window
+//! PROTOCOL.md recommends that is about 1,000 voice frames (20 s) ahead of
+//! the application; quinn exposes neither per-stream credit nor
+//! acknowledged offsets. So members report how many frames of each live
+//! stream they have read, in `LiveRead` datagrams ([`LiveReads`]); a
+//! connection that never reports falls back to the transport's signal, a
+//! write that blocks longer than [`LagPolicy::max_stall`].
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+use ptt_protocol::coding::get_varint;
 use ptt_protocol::{ClipHeader, ClipId, ClipMessage, ErrorCode};
 use quinn::{Connection, SendStream, VarInt};
 
-use crate::live::{ClipState, LiveClip, end_message, member_header};
+use tokio::sync::watch;
+
+use crate::live::{ClipState, LiveClip, Progress, end_message, member_header};
 use crate::store::{ClipMeta, StoredClip};
 
 /// How a clip delivery ended.
@@ -39,43 +54,290 @@ pub enum Delivery {
 /// Limits on how far a live receiver may lag.
 #[derive(Debug, Clone, Copy)]
 pub struct LagPolicy {
-    /// Frames the receiver may be behind the talker.
+    /// Frames the receiver may be behind the talker: behind what it has
+    /// reported reading (plus the age of a report), or not yet written to
+    /// its stream.
     pub max_frames: usize,
     /// Longest a single write may block.
     pub max_stall: Duration,
 }
 
+/// The code a delivery's stream is reset with if its task is stopped
+/// before the clip was written whole (the session closing: `ShuttingDown`;
+/// the member removed: `NotMember`). Shared by a subscription's deliveries
+/// and set before they are stopped.
+#[derive(Debug, Clone)]
+pub struct DropCode(Arc<AtomicU32>);
+
+impl DropCode {
+    /// Starts as `code`.
+    pub fn new(code: ErrorCode) -> DropCode {
+        DropCode(Arc::new(AtomicU32::new(code.code())))
+    }
+
+    /// Changes the code for every stream sharing it.
+    pub fn set(&self, code: ErrorCode) {
+        self.0.store(code.code(), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> VarInt {
+        VarInt::from_u32(self.0.load(Ordering::Relaxed))
+    }
+}
+
+/// Where a subscription's delivery tasks leave what the session needs to
+/// know: the code their streams are reset with if stopped, and the clips
+/// they delivered, recorded *before* each clip's end is written, so that a
+/// member's acknowledgement can never overtake the record of the delivery.
+#[derive(Debug, Clone)]
+pub struct Sink {
+    /// The reset code for streams stopped half-way.
+    pub drop_code: DropCode,
+    delivered: Arc<Mutex<Vec<DeliveredClip>>>,
+}
+
+/// A clip a delivery wrote whole: `(seq, clip id, talker)`.
+pub type DeliveredClip = (u64, ClipId, Arc<str>);
+
+impl Sink {
+    /// A sink whose streams reset with `code` when stopped.
+    pub fn new(code: ErrorCode) -> Sink {
+        Sink {
+            drop_code: DropCode::new(code),
+            delivered: Arc::default(),
+        }
+    }
+
+    /// Takes the clips recorded as delivered since the last call:
+    /// `(seq, clip id, talker)`.
+    pub fn take_delivered(&self) -> Vec<DeliveredClip> {
+        std::mem::take(&mut *self.delivered.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn record(&self, seq: u64, meta: &ClipMeta) {
+        self.delivered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((seq, meta.clip_id, meta.talker.as_str().into()));
+    }
+}
+
+/// A delivery stream that is never left to end with a bare FIN: dropped
+/// before [`Guarded::finish`], it is reset with its [`DropCode`] (quinn
+/// finishes a dropped stream, which a reader would take for a clip cut
+/// short without a reason).
+struct Guarded {
+    stream: SendStream,
+    on_drop: DropCode,
+    done: bool,
+}
+
+impl Guarded {
+    async fn open(conn: &Connection, on_drop: &DropCode) -> Option<Guarded> {
+        let stream = conn.open_uni().await.ok()?;
+        Some(Guarded {
+            stream,
+            on_drop: on_drop.clone(),
+            done: false,
+        })
+    }
+
+    fn finish(mut self) -> Result<(), quinn::ClosedStream> {
+        self.done = true;
+        self.stream.finish()
+    }
+}
+
+impl std::ops::Deref for Guarded {
+    type Target = SendStream;
+    fn deref(&self) -> &SendStream {
+        &self.stream
+    }
+}
+
+impl std::ops::DerefMut for Guarded {
+    fn deref_mut(&mut self) -> &mut SendStream {
+        &mut self.stream
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if !self.done {
+            // Already reset or finished streams answer with an error: fine.
+            let _ = self.stream.reset(self.on_drop.get());
+        }
+    }
+}
+
+/// The message type of `LiveRead`, the datagram in which a member reports
+/// how many frames of a live clip stream it has read: `stream` (varint, the
+/// QUIC stream id), `frames` (varint).
+pub const LIVE_READ: u64 = 0x3b;
+
+/// A member reports its reading of a live clip at least once per this much
+/// audio read; a report may be this old, so the relay allows it on top of
+/// [`LagPolicy::max_frames`].
+pub const LIVE_READ_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Bytes of datagrams the relay queues per connection: reports are a few
+/// bytes each and only the newest matter.
+pub const LIVE_READ_BUFFER: usize = 1024;
+
+/// What a member has read of its live clip streams, as it reports in
+/// `LiveRead` datagrams. One per connection, shared by the session (which
+/// feeds it each datagram) and the connection's live deliveries.
+///
+/// A connection is held to its reports from its first report on; until
+/// then (a client that does not report), only a blocked write cuts it.
+#[derive(Debug, Clone, Default)]
+pub struct LiveReads(Arc<ReadsInner>);
+
+#[derive(Debug, Default)]
+struct ReadsInner {
+    reporting: AtomicBool,
+    streams: Mutex<HashMap<u64, Arc<AtomicU32>>>,
+}
+
+impl LiveReads {
+    /// Takes one datagram from the member: one or more framed messages, of
+    /// which `LiveRead`s are counted; others, reports for streams that are
+    /// not live, and a damaged tail are ignored.
+    pub fn receive(&self, mut datagram: Bytes) {
+        while datagram.has_remaining() {
+            let (Ok(kind), Ok(len)) = (get_varint(&mut datagram), get_varint(&mut datagram)) else {
+                return;
+            };
+            let Some(mut payload) = usize::try_from(len)
+                .ok()
+                .filter(|&len| len <= datagram.len())
+                .map(|len| datagram.split_to(len))
+            else {
+                return;
+            };
+            if kind != LIVE_READ {
+                continue;
+            }
+            let Ok(stream) = get_varint(&mut payload) else {
+                continue;
+            };
+            let Ok(frames) = get_varint(&mut payload) else {
+                continue;
+            };
+            self.report(stream, u32::try_from(frames).unwrap_or(u32::MAX));
+        }
+    }
+
+    /// The member has read `frames` frames of the live clip on `stream`.
+    pub fn report(&self, stream: u64, frames: u32) {
+        self.0.reporting.store(true, Ordering::Relaxed);
+        let streams = self
+            .0
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(read) = streams.get(&stream) {
+            read.fetch_max(frames, Ordering::Relaxed);
+        }
+    }
+
+    /// Starts counting what the member reads of `stream`.
+    fn track(&self, stream: u64) -> ReadCount {
+        let frames = Arc::new(AtomicU32::new(0));
+        self.0
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(stream, frames.clone());
+        ReadCount {
+            reads: self.clone(),
+            stream,
+            frames,
+        }
+    }
+}
+
+/// One live stream's reported reading; stops counting when dropped.
+struct ReadCount {
+    reads: LiveReads,
+    stream: u64,
+    frames: Arc<AtomicU32>,
+}
+
+impl ReadCount {
+    /// Frames the member says it has read, `None` if it does not report.
+    fn frames(&self) -> Option<usize> {
+        self.reads
+            .0
+            .reporting
+            .load(Ordering::Relaxed)
+            .then(|| self.frames.load(Ordering::Relaxed) as usize)
+    }
+}
+
+impl Drop for ReadCount {
+    fn drop(&mut self) {
+        self.reads
+            .0
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.stream);
+    }
+}
+
 /// Writes a live (or just completed) clip from its shared buffer.
-pub async fn deliver_live(conn: &Connection, clip: &Arc<LiveClip>, lag: LagPolicy) -> Delivery {
+///
+/// Cuts the stream when the member is more than `lag.max_frames` frames
+/// behind the talker, counted from the frames it reported reading in
+/// `reads` (allowing a report's age: [`LIVE_READ_INTERVAL`] and a round
+/// trip), or when a write blocks longer than `lag.max_stall`.
+pub async fn deliver_live(
+    conn: &Connection,
+    clip: &Arc<LiveClip>,
+    lag: LagPolicy,
+    sink: &Sink,
+    reads: &LiveReads,
+) -> Delivery {
     let mut rx = clip.subscribe();
-    let Ok(mut stream) = conn.open_uni().await else {
+    let Some(mut stream) = Guarded::open(conn, &sink.drop_code).await else {
         return Delivery::Failed;
     };
-    let seq_now = match &rx.borrow().state {
-        ClipState::Ended { seq, .. } => *seq,
-        _ => 0,
+    let frame = Duration::from_millis(u64::from(clip.meta.frame_ms.max(10)));
+    // The backlog a late joiner starts with is allowed; beyond it, only
+    // `max_frames` more.
+    let allowed_lag = rx.borrow().raw.len().max(lag.max_frames);
+    let mut reading = Reading {
+        conn,
+        count: reads.track(stream.id().into()),
+        frame,
+        allowed_unread: allowed_lag + frames_in(LIVE_READ_INTERVAL, frame),
+        progress: clip.subscribe(),
+        max_stall: lag.max_stall,
     };
-    let header = ClipMessage::Header(clip.header(seq_now, 0)).to_bytes();
-    if !write(&mut stream, header, lag.max_stall).await {
+    let header = ClipMessage::Header(clip.header()).to_bytes();
+    if !reading.write(&mut stream, header, 0).await {
         return cut_or_failed(&mut stream, conn);
     }
     let mut sent = 0usize;
     let mut batch: Vec<Bytes> = Vec::with_capacity(32);
-    // The backlog a late joiner starts with is allowed; beyond it, only
-    // `max_frames` more.
-    let allowed_lag = rx.borrow().raw.len().max(lag.max_frames);
     loop {
-        let state = {
+        let (state, available) = {
             let progress = rx.borrow_and_update();
-            if progress.raw.len() - sent > allowed_lag {
+            let available = progress.raw.len();
+            if available - sent > allowed_lag {
                 stream.reset(code(ErrorCode::SlowReceiver)).ok();
                 return Delivery::Cut;
             }
             batch.extend(progress.raw[sent..].iter().cloned());
-            progress.state.clone()
+            (progress.state.clone(), available)
         };
+        if reading.too_far_behind(available, sent) {
+            stream.reset(code(ErrorCode::SlowReceiver)).ok();
+            return Delivery::Cut;
+        }
         for frame in batch.drain(..) {
-            if !write(&mut stream, frame, lag.max_stall).await {
+            if !reading.write(&mut stream, frame, sent).await {
                 return cut_or_failed(&mut stream, conn);
             }
             sent += 1;
@@ -92,7 +354,8 @@ pub async fn deliver_live(conn: &Connection, clip: &Arc<LiveClip>, lag: LagPolic
                     continue;
                 }
                 let end = end_message(sent as u32, seq, waveform);
-                if !write(&mut stream, end, lag.max_stall).await {
+                sink.record(seq, &clip.meta);
+                if !reading.write(&mut stream, end, sent).await {
                     return cut_or_failed(&mut stream, conn);
                 }
                 return finish(stream, seq, &clip.meta);
@@ -105,10 +368,93 @@ pub async fn deliver_live(conn: &Connection, clip: &Arc<LiveClip>, lag: LagPolic
     }
 }
 
+/// One live delivery's lag rules: how far behind its reported reading a
+/// member may be, and how long a write may block.
+struct Reading<'a> {
+    conn: &'a Connection,
+    count: ReadCount,
+    frame: Duration,
+    /// Frames the talker may be ahead of the member's last report.
+    allowed_unread: usize,
+    /// The clip's progress, watched while a write is blocked (the delivery
+    /// loop keeps its own receiver, so this one never hides a change from
+    /// it).
+    progress: watch::Receiver<Progress>,
+    max_stall: Duration,
+}
+
+impl Reading<'_> {
+    /// Whether the talker, at `available` frames, is too far ahead of what
+    /// the member reported reading; it cannot have read more than the
+    /// `sent` frames written to it. A report is up to a round trip old: the
+    /// RTT is only looked up when the member is near the limit.
+    fn too_far_behind(&self, available: usize, sent: usize) -> bool {
+        let Some(read) = self.count.frames() else {
+            return false;
+        };
+        let unread = available - read.min(sent);
+        let behind = unread > self.allowed_unread
+            && unread > self.allowed_unread + frames_in(self.conn.rtt(), self.frame);
+        if behind {
+            tracing::debug!(unread, "live receiver behind its reports: cut");
+        }
+        behind
+    }
+
+    /// Writes one message, after `sent` frames; false if the stream failed,
+    /// the write blocked longer than `max_stall`, or, while it was blocked,
+    /// the talker got too far ahead of the member's reports.
+    ///
+    /// Almost every write completes at once (there is room in the stream's
+    /// send buffer), so the first poll is made without a timer; only a write
+    /// that has to wait arms one. This keeps a timer registration off the
+    /// per-frame path.
+    async fn write(&mut self, stream: &mut SendStream, bytes: Bytes, sent: usize) -> bool {
+        let mut write = std::pin::pin!(stream.write_chunk(bytes));
+        let first = {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            write.as_mut().poll(&mut cx)
+        };
+        if let std::task::Poll::Ready(result) = first {
+            return result.is_ok();
+        }
+        let stall = tokio::time::sleep(self.max_stall);
+        tokio::pin!(stall);
+        self.progress.borrow_and_update();
+        let mut watching = true;
+        loop {
+            tokio::select! {
+                result = &mut write => return result.is_ok(),
+                _ = &mut stall => return false,
+                changed = self.progress.changed(), if watching => {
+                    if changed.is_err() {
+                        watching = false;
+                        continue;
+                    }
+                    let available = self.progress.borrow_and_update().raw.len();
+                    if self.too_far_behind(available, sent) {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How many `frame`s `d` spans, rounded up.
+fn frames_in(d: Duration, frame: Duration) -> usize {
+    d.as_micros().div_ceil(frame.as_micros().max(1)) as usize
+}
+
 /// Writes a stored clip whole, flagged as history (and as fetched when it
 /// answers a fetch).
-pub async fn deliver_stored(conn: &Connection, clip: &StoredClip, fetched: bool) -> Delivery {
-    let Ok(mut stream) = conn.open_uni().await else {
+pub async fn deliver_stored(
+    conn: &Connection,
+    clip: &StoredClip,
+    fetched: bool,
+    sink: &Sink,
+) -> Delivery {
+    let Some(mut stream) = Guarded::open(conn, &sink.drop_code).await else {
         return Delivery::Failed;
     };
     let mut buf = BytesMut::new();
@@ -128,13 +474,16 @@ pub async fn deliver_stored(conn: &Connection, clip: &StoredClip, fetched: bool)
         clip.seq,
         clip.waveform.clone(),
     ));
+    if !fetched {
+        sink.record(clip.seq, &clip.meta);
+    }
     if stream.write_chunk(buf.freeze()).await.is_err() {
         return Delivery::Failed;
     }
     finish(stream, clip.seq, &clip.meta)
 }
 
-fn finish(mut stream: SendStream, seq: u64, meta: &ClipMeta) -> Delivery {
+fn finish(stream: Guarded, seq: u64, meta: &ClipMeta) -> Delivery {
     match stream.finish() {
         Ok(()) => Delivery::Complete {
             seq,
@@ -143,24 +492,6 @@ fn finish(mut stream: SendStream, seq: u64, meta: &ClipMeta) -> Delivery {
         },
         Err(_) => Delivery::Failed,
     }
-}
-
-/// Writes one message, giving up after `max_stall`.
-///
-/// Almost every write completes at once (there is room in the stream's
-/// send buffer), so the first poll is made without a timer; only a write
-/// that has to wait arms one. This keeps a timer registration off the
-/// per-frame path.
-async fn write(stream: &mut SendStream, bytes: Bytes, max_stall: Duration) -> bool {
-    let mut write = std::pin::pin!(stream.write_chunk(bytes));
-    let first = {
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        write.as_mut().poll(&mut cx)
-    };
-    if let std::task::Poll::Ready(result) = first {
-        return result.is_ok();
-    }
-    matches!(tokio::time::timeout(max_stall, write).await, Ok(Ok(())))
 }
 
 fn cut_or_failed(stream: &mut SendStream, conn: &Connection) -> Delivery {
@@ -174,4 +505,58 @@ fn cut_or_failed(stream: &mut SendStream, conn: &Connection) -> Delivery {
 /// An error code as a QUIC varint.
 pub fn code(code: ErrorCode) -> VarInt {
     VarInt::from_u32(code.code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ptt_protocol::coding::put_varint;
+
+    fn live_read(buf: &mut BytesMut, stream: u64, frames: u64) {
+        let mut payload = BytesMut::new();
+        put_varint(&mut payload, stream);
+        put_varint(&mut payload, frames);
+        put_varint(buf, LIVE_READ);
+        put_varint(buf, payload.len() as u64);
+        buf.extend_from_slice(&payload);
+    }
+
+    #[test]
+    fn reports_count_for_their_stream_only_and_never_go_back() {
+        let reads = LiveReads::default();
+        let a = reads.track(3);
+        let b = reads.track(7);
+        assert_eq!(a.frames(), None, "a connection that never reported");
+        let mut datagram = BytesMut::new();
+        live_read(&mut datagram, 3, 25);
+        // Another message type, then a report for a stream that is not live.
+        datagram.extend_from_slice(&[0x3e, 0x02, 0xca, 0xfe]);
+        live_read(&mut datagram, 11, 99);
+        live_read(&mut datagram, 7, 50);
+        reads.receive(datagram.freeze());
+        assert_eq!(a.frames(), Some(25));
+        assert_eq!(b.frames(), Some(50));
+        // An older report arriving late changes nothing.
+        let mut old = BytesMut::new();
+        live_read(&mut old, 3, 10);
+        reads.receive(old.freeze());
+        assert_eq!(a.frames(), Some(25));
+    }
+
+    #[test]
+    fn damaged_datagrams_are_ignored_and_ended_streams_forgotten() {
+        let reads = LiveReads::default();
+        let a = reads.track(3);
+        // Truncated length, a payload cut short, an empty datagram.
+        reads.receive(Bytes::from_static(&[0x3b, 0x40]));
+        reads.receive(Bytes::from_static(&[0x3b, 0x05, 0x03]));
+        reads.receive(Bytes::new());
+        // A count beyond u32 saturates.
+        let mut big = BytesMut::new();
+        live_read(&mut big, 3, u64::from(u32::MAX) + 5);
+        reads.receive(big.freeze());
+        assert_eq!(a.frames(), Some(u32::MAX as usize));
+        drop(a);
+        assert!(reads.0.streams.lock().unwrap().is_empty());
+    }
 }

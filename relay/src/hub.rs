@@ -1,68 +1,114 @@
-//! Fan-out: which sessions listen to which group, the clips in flight, the
-//! floor, and the order in which stored clips become visible.
+//! The node's live plane: which sessions on this node listen to which
+//! group, the clips in flight, and the order in which stored clips become
+//! visible to them.
 //!
-//! This is the single-node implementation of [`Fanout`]; connection
-//! handling sees only that trait, so a several-node fan-out (NATS
-//! JetStream) replaces this type without touching it. Each group's state sits behind its own short
-//! `std::sync::Mutex`, never held across an `.await`.
+//! The hub is the same whatever [`GroupLog`] the relay runs on. For every
+//! group that has listeners (or a clip in flight) on this node it keeps one
+//! [`GroupFeed`] and applies what it yields, in order:
 //!
-//! Ordering: a clip becomes visible in group order. The store assigns
-//! sequence numbers; [`LocalHub::finish_clip`] publishes clip `n` only after
-//! `n - 1`, so a member that joins sees every clip either as "stored up to
-//! `last_seq`" (catch-up reads it from the store) or as a clip in flight
-//! (late entry), never both and never neither.
+//! - a **stored** clip ends the matching clip in flight (its members get
+//!   `ClipEnd` with the sequence number), or, if this node never saw it live
+//!   (another node's, or one whose live copy was replaced), goes to every
+//!   listener complete; either way `last_published` moves to it. So a member
+//!   that joins sees every clip either as "stored up to `last_published`"
+//!   (catch-up reads it) or as a clip in flight (late entry), never both and
+//!   never neither, and the order is the log's;
+//! - a **live** event of another node's talker feeds a clip in flight here,
+//!   exactly as a local talker's ingest does;
+//! - a **group** change drops listeners who are no longer members (they get
+//!   `GroupLeft`, their deliveries stop) and updates the mode.
+//!
+//! Floor changes come from the floor arbiter as [`FloorEvent`]s (the hub is
+//! its listener) and go to the group's listeners on this node.
+//!
+//! Each group's state sits behind its own short `std::sync::Mutex`, never
+//! held across an `.await`. The feed tasks belong to the hub's task tracker
+//! and end with [`Hub::close`].
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use dashmap::DashMap;
-use ptt_protocol::{
-    ClipId, ControlMessage, ErrorCode, FloorDecision, FloorState, GroupMode, ReceiptKind,
-};
+use ptt_protocol::{ClipId, ControlMessage, ErrorCode, GroupMode, ReceiptKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::fanout::{Fanout, FanoutFuture, JoinSnapshot, SessionCommand, SessionHandle};
+use crate::command::{SessionCommand, SessionHandle};
+use crate::floor::{FloorEvent, FloorListener};
 use crate::live::LiveClip;
-use crate::store::{AppendOutcome, ClipStore, GroupInfo};
+use crate::log::{FeedEvent, GroupFeed, GroupLog, LiveEvent};
+use crate::store::{ClipStore, GroupInfo, StoredClip};
+
+/// How long a feed waits before reading again after a failed read.
+const FEED_RETRY: Duration = Duration::from_secs(1);
+
+/// What a joining session gets.
+#[derive(Debug)]
+pub struct JoinSnapshot {
+    /// The group's mode.
+    pub mode: GroupMode,
+    /// Every clip up to here is stored and visible: catch-up ends here.
+    pub last_seq: u64,
+    /// Clips in flight, to deliver from their first frame.
+    pub active: Vec<Arc<LiveClip>>,
+    /// Who holds the floor (walkie groups), and whether in an emergency.
+    pub floor: Option<(String, bool)>,
+}
 
 struct GroupState {
     info: GroupInfo,
     subscribers: HashMap<u64, SessionHandle>,
     active: Vec<Arc<LiveClip>>,
-    floor: FloorState,
     last_published: u64,
-    pending: BTreeMap<u64, (Arc<LiveClip>, bool)>,
+    floor: Option<(String, bool)>,
+    /// Removed from the hub's map: whoever still holds the cell must
+    /// fetch the group again.
+    retired: bool,
+    stop: CancellationToken,
 }
 
 type GroupCell = Arc<Mutex<GroupState>>;
 
-/// The single-node fan-out: everything in this process's memory. See the
-/// module documentation.
-pub struct LocalHub {
-    store: Arc<dyn ClipStore>,
+/// The node's live plane. See the module documentation.
+pub struct Hub {
+    log: Arc<dyn GroupLog>,
+    directory: Arc<dyn ClipStore>,
     groups: DashMap<String, GroupCell>,
     sessions: DashMap<u64, SessionHandle>,
     users: DashMap<Arc<str>, Vec<u64>>,
+    tasks: TaskTracker,
+    closed: CancellationToken,
 }
 
-impl std::fmt::Debug for LocalHub {
+impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalHub")
+        f.debug_struct("Hub")
             .field("groups", &self.groups.len())
             .field("sessions", &self.sessions.len())
             .finish()
     }
 }
 
-impl LocalHub {
-    /// A hub over `store`.
-    pub fn new(store: Arc<dyn ClipStore>) -> LocalHub {
-        LocalHub {
-            store,
+impl Hub {
+    /// A hub reading clips from `log` and group records from `directory`.
+    pub fn new(log: Arc<dyn GroupLog>, directory: Arc<dyn ClipStore>) -> Arc<Hub> {
+        Arc::new(Hub {
+            log,
+            directory,
             groups: DashMap::new(),
             sessions: DashMap::new(),
             users: DashMap::new(),
-        }
+            tasks: TaskTracker::new(),
+            closed: CancellationToken::new(),
+        })
+    }
+
+    /// Stops every feed and waits until their tasks have ended.
+    pub async fn close(&self) {
+        self.closed.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     /// Registers a connected, authenticated session.
@@ -74,254 +120,101 @@ impl LocalHub {
         self.sessions.insert(session.id, session);
     }
 
-    /// Removes a session from every group; releases its floors.
-    pub fn unregister(&self, session: u64, groups: &[Arc<str>]) {
-        if let Some((_, handle)) = self.sessions.remove(&session)
-            && let Some(mut ids) = self.users.get_mut(&handle.user)
-        {
+    /// Removes a session from the groups it joined. Costs O(those groups):
+    /// nothing walks every user or group.
+    pub fn unregister(&self, session: u64, user: &str, groups: &[Arc<str>]) {
+        self.sessions.remove(&session);
+        self.users.remove_if_mut(user, |_, ids| {
             ids.retain(|&id| id != session);
-        }
-        self.users.retain(|_, ids| !ids.is_empty());
+            ids.is_empty()
+        });
         for group in groups {
             self.leave(group, session);
         }
-        // Floors may be held in groups the session never joined.
-        let cells: Vec<GroupCell> = self.groups.iter().map(|e| e.value().clone()).collect();
-        for cell in cells {
-            let mut g = lock(&cell);
-            if g.floor.handle_release(session) {
-                broadcast(
-                    &g,
-                    ControlMessage::FloorIdle {
-                        group: g.info.id.clone(),
-                    },
-                );
-            }
-        }
     }
 
-    /// The group's state, loaded from the store on first use.
-    async fn cell(&self, group: &str) -> Result<GroupCell, ErrorCode> {
-        if let Some(cell) = self.groups.get(group) {
-            return Ok(cell.clone());
-        }
-        let info = self
-            .store
-            .group(group)
-            .await
-            .map_err(|e| e.code())?
-            .ok_or(ErrorCode::NoSuchGroup)?;
-        let range = self.store.seq_range(group).await.map_err(|e| e.code())?;
-        let cell = Arc::new(Mutex::new(GroupState {
-            info,
-            subscribers: HashMap::new(),
-            active: Vec::new(),
-            floor: FloorState::new(),
-            last_published: range.last,
-            pending: BTreeMap::new(),
-        }));
-        Ok(self
-            .groups
-            .entry(group.to_owned())
-            .or_insert(cell)
-            .value()
-            .clone())
+    /// Connected sessions on this node.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
     }
 
-    /// The group, if the user is a member.
-    pub async fn member_group(&self, group: &str, user: &str) -> Result<GroupInfo, ErrorCode> {
-        let cell = self.cell(group).await?;
-        let g = lock(&cell);
-        if g.info.members.contains(user) {
-            Ok(g.info.clone())
+    /// Groups with listeners or clips in flight on this node.
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// The group's record, if `user` is a member.
+    pub async fn member_group(
+        self: &Arc<Self>,
+        group: &str,
+        user: &str,
+    ) -> Result<GroupInfo, ErrorCode> {
+        let (_, info) = self.locked(group, |g| Ok(g.info.clone())).await?;
+        if info.members.contains(user) {
+            Ok(info)
         } else {
             Err(ErrorCode::NotMember)
         }
     }
 
-    /// Subscribes a session to a group's live clips.
+    /// Subscribes a session to a group's live clips; says where catch-up
+    /// ends and what is in flight.
     pub async fn join(
-        &self,
+        self: &Arc<Self>,
         group: &str,
         session: &SessionHandle,
     ) -> Result<JoinSnapshot, ErrorCode> {
-        let cell = self.cell(group).await?;
-        let mut g = lock(&cell);
-        if !g.info.members.contains(&*session.user) {
-            return Err(ErrorCode::NotMember);
-        }
-        g.subscribers.insert(session.id, session.clone());
-        Ok(JoinSnapshot {
-            mode: g.info.mode,
-            last_seq: g.last_published,
-            active: g.active.clone(),
+        self.locked(group, |g| {
+            if !g.info.members.contains(&*session.user) {
+                return Err(ErrorCode::NotMember);
+            }
+            g.subscribers.insert(session.id, session.clone());
+            Ok(JoinSnapshot {
+                mode: g.info.mode,
+                last_seq: g.last_published,
+                active: g.active.clone(),
+                floor: g.floor.clone(),
+            })
         })
+        .await
+        .map(|(_, snapshot)| snapshot)
     }
 
     /// Unsubscribes a session from a group.
     pub fn leave(&self, group: &str, session: u64) {
         if let Some(cell) = self.groups.get(group).map(|c| c.clone()) {
             lock(&cell).subscribers.remove(&session);
+            self.retire_if_idle(group);
         }
     }
 
-    /// A floor request in a walkie group.
-    pub async fn request_floor(
-        &self,
-        group: &str,
-        session: &SessionHandle,
-        emergency: bool,
-        request_id: u64,
-    ) -> Result<ControlMessage, ErrorCode> {
-        let cell = self.cell(group).await?;
-        let mut g = lock(&cell);
-        if !g.info.members.contains(&*session.user) {
-            return Err(ErrorCode::NotMember);
-        }
-        let max_ms = g.info.max_clip_ms;
-        if g.info.mode == GroupMode::Notes {
-            // Nothing to arbitrate: everyone may talk.
-            return Ok(ControlMessage::FloorGranted {
-                request_id,
-                group: group.to_owned(),
-                max_ms,
-            });
-        }
-        Ok(
-            match grant_floor(&mut g, session, emergency, Instant::now()) {
-                Ok(()) => ControlMessage::FloorGranted {
-                    request_id,
-                    group: group.to_owned(),
-                    max_ms,
-                },
-                Err(holder) => ControlMessage::FloorDenied {
-                    request_id,
-                    group: group.to_owned(),
-                    holder,
-                },
-            },
-        )
-    }
-
-    /// A floor release; `true` if the session held it.
-    pub fn release_floor(&self, group: &str, session: u64) -> bool {
-        let Some(cell) = self.groups.get(group).map(|c| c.clone()) else {
-            return false;
-        };
-        let mut g = lock(&cell);
-        release(&mut g, session)
-    }
-
-    /// Frees the floor if its time is up (called by a timer at expiry).
-    pub fn expire_floor(&self, group: &str) {
-        let Some(cell) = self.groups.get(group).map(|c| c.clone()) else {
-            return;
-        };
-        let mut g = lock(&cell);
-        if let Some(holder) = g.floor.poll_expired(Instant::now()) {
-            if let Some(handle) = self.sessions.get(&holder.session) {
-                handle.offer(SessionCommand::send(ControlMessage::FloorRevoked {
-                    group: group.to_owned(),
-                    code: ErrorCode::ClipTooLong,
-                }));
-            }
-            broadcast(
-                &g,
-                ControlMessage::FloorIdle {
-                    group: group.to_owned(),
-                },
-            );
-        }
-    }
-
-    /// Starts a live clip: checks membership and the floor, then hands the
-    /// clip to every subscribed session.
-    pub async fn start_clip(
-        &self,
-        clip: Arc<LiveClip>,
-        session: &SessionHandle,
-        emergency_allowed: bool,
-    ) -> Result<(), ErrorCode> {
+    /// Starts a clip in flight from a talker on this node: checks
+    /// membership, then hands the clip to every listener but the talker's
+    /// own connection. A retry of a clip still in flight (same id; the
+    /// talker switched networks) replaces it.
+    pub async fn start_clip(self: &Arc<Self>, clip: Arc<LiveClip>) -> Result<(), ErrorCode> {
         let group = clip.meta.group.clone();
-        let cell = self.cell(&group).await?;
-        let mut g = lock(&cell);
-        if !g.info.members.contains(&*session.user) {
-            return Err(ErrorCode::NotMember);
-        }
-        if g.info.mode == GroupMode::Walkie {
-            let now = Instant::now();
-            if !g.floor.is_held_by(session.id, now) {
-                let emergency = emergency_allowed
-                    && clip.meta.flags & ptt_protocol::ClipHeader::FLAG_EMERGENCY != 0;
-                grant_floor(&mut g, session, emergency, now).map_err(|_| ErrorCode::FloorTaken)?;
+        self.locked(&group, |g| {
+            if !g.info.members.contains(clip.meta.talker.as_str()) {
+                return Err(ErrorCode::NotMember);
             }
-        }
-        // A retry of a clip still in flight (the talker switched networks
-        // before the old connection died): the new upload wins.
-        let clip_id = clip.meta.clip_id;
-        if let Some(pos) = g.active.iter().position(|c| c.meta.clip_id == clip_id) {
-            let old = g.active.remove(pos);
-            old.abort(ErrorCode::ClipAborted);
-        }
-        g.active.push(clip.clone());
-        // Not back to the connection that speaks it (the user's other
-        // devices do get it); that session counts it as acknowledged when
-        // `Stored` arrives.
-        for sub in g.subscribers.values().filter(|s| s.id != session.id) {
-            sub.deliver(&clip);
-        }
-        Ok(())
+            add_active(g, clip.clone());
+            Ok(())
+        })
+        .await
+        .map(|_| ())
     }
 
-    /// A clip's upload failed: receivers reset, the floor is freed.
+    /// A clip in flight was discarded: its listeners reset their streams.
     pub fn abort_clip(&self, clip: &Arc<LiveClip>, code: ErrorCode) {
         clip.abort(code);
         if let Some(cell) = self.groups.get(&clip.meta.group).map(|c| c.clone()) {
-            let mut g = lock(&cell);
-            g.active.retain(|c| !Arc::ptr_eq(c, clip));
-            release(&mut g, clip.talker_session);
+            lock(&cell).active.retain(|c| !Arc::ptr_eq(c, clip));
+            self.retire_if_idle(&clip.meta.group);
         }
     }
 
-    /// A clip was appended to the store: publish it in sequence order.
-    /// `live` says whether subscribers already received it as it was
-    /// spoken (otherwise it is delivered to them now, complete).
-    pub fn finish_clip(&self, clip: Arc<LiveClip>, outcome: AppendOutcome, live: bool) {
-        let Some(cell) = self.groups.get(&clip.meta.group).map(|c| c.clone()) else {
-            return;
-        };
-        let mut g = lock(&cell);
-        release(&mut g, clip.talker_session);
-        match outcome {
-            AppendOutcome::Duplicate { .. } => {
-                g.active.retain(|c| !Arc::ptr_eq(c, &clip));
-                clip.abort(ErrorCode::Duplicate);
-            }
-            AppendOutcome::Stored { seq } => {
-                g.pending.insert(seq, (clip, live));
-                loop {
-                    let next = g.last_published + 1;
-                    let Some((clip, live)) = g.pending.remove(&next) else {
-                        break;
-                    };
-                    publish(&mut g, next, clip, live);
-                }
-                // A sequence number taken by a clip this node never saw
-                // (another writer on the same store) would stall the queue;
-                // after a bound, publish what is waiting.
-                if g.pending.len() > 64
-                    && let Some((&first, _)) = g.pending.first_key_value()
-                {
-                    g.last_published = first - 1;
-                    while let Some((seq, (clip, live))) = g.pending.pop_first() {
-                        publish(&mut g, seq, clip, live);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Sends a receipt to every session of the clip's talker.
+    /// Sends a receipt to every session of the clip's talker on this node.
     pub fn send_receipt(
         &self,
         talker: &str,
@@ -336,135 +229,227 @@ impl LocalHub {
         };
         for id in ids {
             if let Some(handle) = self.sessions.get(&id) {
-                handle.offer(SessionCommand::send(ControlMessage::Receipt {
+                handle.send(ControlMessage::Receipt {
                     group: group.to_owned(),
                     seq,
                     clip_id,
                     user: member.to_owned(),
                     kind,
-                }));
+                });
             }
         }
     }
 
-    /// Refreshes a group's cached record after an admin change, dropping
-    /// subscribers who are no longer members.
-    pub async fn refresh_group(&self, group: &str) {
-        let Ok(Some(info)) = self.store.group(group).await else {
-            self.groups.remove(group);
-            return;
-        };
-        if let Some(cell) = self.groups.get(group).map(|c| c.clone()) {
+    /// Runs `f` on the group's state, loading the group (and starting its
+    /// feed) on first use. `Err` from the directory or from `f`.
+    async fn locked<T>(
+        self: &Arc<Self>,
+        group: &str,
+        f: impl FnOnce(&mut GroupState) -> Result<T, ErrorCode>,
+    ) -> Result<(GroupCell, T), ErrorCode> {
+        let mut f = Some(f);
+        loop {
+            let cell = self.cell(group).await?;
             let mut g = lock(&cell);
-            g.subscribers.retain(|_, s| info.members.contains(&*s.user));
-            g.info = info;
+            if g.retired {
+                continue;
+            }
+            let f = f.take().expect("called once: the loop ends here");
+            let out = f(&mut g);
+            drop(g);
+            if out.is_err() {
+                self.retire_if_idle(group);
+            }
+            return out.map(|v| (cell, v));
         }
     }
 
-    /// How many sessions are connected.
-    pub fn session_count(&self) -> usize {
-        self.sessions.len()
+    /// The group's cell, loaded on first use.
+    async fn cell(self: &Arc<Self>, group: &str) -> Result<GroupCell, ErrorCode> {
+        if let Some(cell) = self.groups.get(group) {
+            return Ok(cell.clone());
+        }
+        let info = self
+            .directory
+            .group(group)
+            .await
+            .map_err(|e| e.code())?
+            .ok_or(ErrorCode::NoSuchGroup)?;
+        let last = self.log.range(group).await.map_err(|e| e.code())?.last;
+        let stop = self.closed.child_token();
+        let cell = Arc::new(Mutex::new(GroupState {
+            info,
+            subscribers: HashMap::new(),
+            active: Vec::new(),
+            last_published: last,
+            floor: None,
+            retired: false,
+            stop: stop.clone(),
+        }));
+        let mut created = false;
+        let cell = self
+            .groups
+            .entry(group.to_owned())
+            .or_insert_with(|| {
+                created = true;
+                cell
+            })
+            .value()
+            .clone();
+        if created {
+            self.tasks
+                .spawn(feed_group(self.clone(), group.to_owned(), last, stop));
+        }
+        Ok(cell)
     }
 
-    /// The floor hold limit of a group, for the expiry timer.
-    pub fn floor_timeout(&self, group: &str) -> Option<Duration> {
-        self.groups
-            .get(group)
-            .map(|cell| Duration::from_millis(u64::from(lock(&cell).info.max_clip_ms)))
-    }
-}
-
-impl Fanout for LocalHub {
-    fn register(&self, session: SessionHandle) {
-        LocalHub::register(self, session)
-    }
-
-    fn unregister(&self, session: u64, groups: &[Arc<str>]) {
-        LocalHub::unregister(self, session, groups)
+    /// Drops a group nobody on this node listens to or talks in.
+    fn retire_if_idle(&self, group: &str) {
+        self.groups.remove_if(group, |_, cell| {
+            let mut g = lock(cell);
+            let idle = g.subscribers.is_empty() && g.active.is_empty();
+            if idle {
+                g.retired = true;
+                g.stop.cancel();
+            }
+            idle
+        });
     }
 
-    fn member_group<'a>(&'a self, group: &'a str, user: &'a str) -> FanoutFuture<'a, GroupInfo> {
-        Box::pin(LocalHub::member_group(self, group, user))
-    }
-
-    fn join<'a>(
-        &'a self,
-        group: &'a str,
-        session: &'a SessionHandle,
-    ) -> FanoutFuture<'a, JoinSnapshot> {
-        Box::pin(LocalHub::join(self, group, session))
-    }
-
-    fn leave(&self, group: &str, session: u64) {
-        LocalHub::leave(self, group, session)
-    }
-
-    fn request_floor<'a>(
-        &'a self,
-        group: &'a str,
-        session: &'a SessionHandle,
-        emergency: bool,
-        request_id: u64,
-    ) -> FanoutFuture<'a, ControlMessage> {
-        Box::pin(LocalHub::request_floor(
-            self, group, session, emergency, request_id,
-        ))
-    }
-
-    fn release_floor(&self, group: &str, session: u64) -> bool {
-        LocalHub::release_floor(self, group, session)
-    }
-
-    fn expire_floor(&self, group: &str) {
-        LocalHub::expire_floor(self, group)
-    }
-
-    fn floor_timeout(&self, group: &str) -> Option<Duration> {
-        LocalHub::floor_timeout(self, group)
-    }
-
-    fn start_clip<'a>(
-        &'a self,
-        clip: Arc<LiveClip>,
-        session: &'a SessionHandle,
-        emergency_allowed: bool,
-    ) -> FanoutFuture<'a, ()> {
-        Box::pin(LocalHub::start_clip(self, clip, session, emergency_allowed))
-    }
-
-    fn abort_clip(&self, clip: &Arc<LiveClip>, code: ErrorCode) {
-        LocalHub::abort_clip(self, clip, code)
-    }
-
-    fn finish_clip(&self, clip: Arc<LiveClip>, outcome: AppendOutcome, live: bool) {
-        LocalHub::finish_clip(self, clip, outcome, live)
-    }
-
-    fn send_receipt(
-        &self,
-        talker: &str,
-        group: &str,
-        seq: u64,
-        clip_id: ClipId,
-        member: &str,
-        kind: ReceiptKind,
-    ) {
-        LocalHub::send_receipt(self, talker, group, seq, clip_id, member, kind)
-    }
-
-    fn refresh_group<'a>(
-        &'a self,
-        group: &'a str,
-    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
-        Box::pin(LocalHub::refresh_group(self, group))
-    }
-
-    fn session_count(&self) -> usize {
-        LocalHub::session_count(self)
+    /// Applies one event of a group's feed.
+    fn apply(&self, group: &str, event: FeedEvent) {
+        let Some(cell) = self.groups.get(group).map(|c| c.clone()) else {
+            return;
+        };
+        let mut g = lock(&cell);
+        match event {
+            FeedEvent::Stored(clip) => publish(&mut g, clip),
+            FeedEvent::Live(live) => apply_live(&mut g, live),
+            FeedEvent::Group(Some(info)) => {
+                let left: Vec<SessionHandle> = g
+                    .subscribers
+                    .values()
+                    .filter(|s| !info.members.contains(&*s.user))
+                    .cloned()
+                    .collect();
+                for s in &left {
+                    g.subscribers.remove(&s.id);
+                    s.offer(SessionCommand::Left {
+                        group: group.into(),
+                        code: ErrorCode::NotMember,
+                    });
+                }
+                g.info = info;
+            }
+            FeedEvent::Group(None) => {
+                for s in g.subscribers.drain().map(|(_, s)| s) {
+                    s.offer(SessionCommand::Left {
+                        group: group.into(),
+                        code: ErrorCode::NoSuchGroup,
+                    });
+                }
+                for clip in g.active.drain(..) {
+                    clip.abort(ErrorCode::NoSuchGroup);
+                }
+            }
+        }
+        let idle = g.subscribers.is_empty() && g.active.is_empty();
+        drop(g);
+        if idle {
+            self.retire_if_idle(group);
+        }
     }
 }
 
-fn lock(cell: &GroupCell) -> std::sync::MutexGuard<'_, GroupState> {
+impl FloorListener for Hub {
+    fn floor_event(&self, event: FloorEvent) {
+        match event {
+            FloorEvent::Taken {
+                group,
+                user,
+                emergency,
+            } => {
+                if let Some(cell) = self.groups.get(&group).map(|c| c.clone()) {
+                    let mut g = lock(&cell);
+                    g.floor = Some((user.clone(), emergency));
+                    broadcast(
+                        &g,
+                        ControlMessage::FloorTaken {
+                            group,
+                            user,
+                            emergency,
+                        },
+                    );
+                }
+            }
+            FloorEvent::Idle { group } => {
+                if let Some(cell) = self.groups.get(&group).map(|c| c.clone()) {
+                    let mut g = lock(&cell);
+                    g.floor = None;
+                    broadcast(&g, ControlMessage::FloorIdle { group });
+                }
+            }
+            FloorEvent::Revoked {
+                group,
+                session,
+                code,
+            } => {
+                if code == ErrorCode::Preempted
+                    && let Some(cell) = self.groups.get(&group).map(|c| c.clone())
+                {
+                    // The pre-empted talker's clip in flight is discarded.
+                    let mut g = lock(&cell);
+                    g.active.retain(|c| {
+                        let theirs = c.talker_session == session;
+                        if theirs {
+                            c.abort(ErrorCode::Preempted);
+                        }
+                        !theirs
+                    });
+                }
+                if let Some(handle) = self.sessions.get(&session) {
+                    handle.send(ControlMessage::FloorRevoked { group, code });
+                }
+            }
+        }
+    }
+}
+
+/// Reads a group's feed until the group is retired or the hub closes.
+async fn feed_group(hub: Arc<Hub>, group: String, after: u64, stop: CancellationToken) {
+    let mut feed: Option<Box<dyn GroupFeed>> = None;
+    loop {
+        let step = async {
+            match &mut feed {
+                None => hub.log.subscribe(&group, after).await.map(|f| {
+                    feed = Some(f);
+                    None
+                }),
+                Some(f) => f.next().await.map(Some),
+            }
+        };
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            result = step => result,
+        };
+        match result {
+            Ok(None) => {}
+            Ok(Some(None)) => return,
+            Ok(Some(Some(event))) => hub.apply(&group, event),
+            Err(e) => {
+                // The group's listeners and clips in flight stay; the feed
+                // reads again from where it was.
+                tracing::warn!(%group, error = %e, "group feed failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(FEED_RETRY) => {}
+                }
+            }
+        }
+    }
+}
+
+fn lock(cell: &GroupCell) -> MutexGuard<'_, GroupState> {
     // A panic while holding a group lock is a bug; the state is still
     // consistent enough to carry on serving other sessions.
     cell.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -472,77 +457,389 @@ fn lock(cell: &GroupCell) -> std::sync::MutexGuard<'_, GroupState> {
 
 fn broadcast(g: &GroupState, message: ControlMessage) {
     for sub in g.subscribers.values() {
-        sub.offer(SessionCommand::send(message.clone()));
+        sub.send(message.clone());
     }
 }
 
-/// Grants the floor or returns the holder's user id.
-fn grant_floor(
-    g: &mut GroupState,
-    session: &SessionHandle,
-    emergency: bool,
-    now: Instant,
-) -> Result<(), String> {
-    let max = Duration::from_millis(u64::from(g.info.max_clip_ms));
-    match g
-        .floor
-        .handle_request(session.id, &session.user, emergency, max, now)
+/// Puts a clip in flight and hands it to every listener but its talker's
+/// connection (which counts it as delivered when `Stored` arrives).
+fn add_active(g: &mut GroupState, clip: Arc<LiveClip>) {
+    if let Some(pos) = g
+        .active
+        .iter()
+        .position(|c| c.meta.clip_id == clip.meta.clip_id)
     {
-        FloorDecision::Granted => {}
-        FloorDecision::Preempted { previous } => {
-            // The preempted talker's clip in flight is discarded.
-            for clip in g
-                .active
-                .iter()
-                .filter(|c| c.talker_session == previous.session)
-            {
-                clip.abort(ErrorCode::Preempted);
-            }
-            g.active.retain(|c| c.talker_session != previous.session);
-            if let Some(handle) = g.subscribers.values().find(|s| s.id == previous.session) {
-                handle.offer(SessionCommand::send(ControlMessage::FloorRevoked {
-                    group: g.info.id.clone(),
-                    code: ErrorCode::Preempted,
-                }));
-            }
-        }
-        FloorDecision::Denied { holder } => return Err(holder.user),
+        g.active.remove(pos).abort(ErrorCode::ClipAborted);
     }
-    broadcast(
-        g,
-        ControlMessage::FloorTaken {
-            group: g.info.id.clone(),
-            user: session.user.to_string(),
-            emergency,
-        },
-    );
-    Ok(())
-}
-
-fn release(g: &mut GroupState, session: u64) -> bool {
-    if g.info.mode == GroupMode::Walkie && g.floor.handle_release(session) {
-        broadcast(
-            g,
-            ControlMessage::FloorIdle {
-                group: g.info.id.clone(),
-            },
-        );
-        true
-    } else {
-        false
+    g.active.push(clip.clone());
+    for sub in g
+        .subscribers
+        .values()
+        .filter(|s| s.id != clip.talker_session)
+    {
+        sub.offer(SessionCommand::Deliver(clip.clone()));
     }
 }
 
-fn publish(g: &mut GroupState, seq: u64, clip: Arc<LiveClip>, live: bool) {
-    g.active.retain(|c| !Arc::ptr_eq(c, &clip));
-    g.last_published = g.last_published.max(seq);
-    if !live {
-        for sub in g
-            .subscribers
-            .values()
-            .filter(|s| s.id != clip.talker_session)
-        {
-            sub.deliver(&clip);
+/// A clip was stored: end its live copy, or deliver it complete.
+fn publish(g: &mut GroupState, clip: StoredClip) {
+    if clip.seq <= g.last_published {
+        return;
+    }
+    g.last_published = clip.seq;
+    if let Some(pos) = g
+        .active
+        .iter()
+        .position(|c| c.meta.clip_id == clip.meta.clip_id)
+    {
+        let live = g.active.remove(pos);
+        live.end(clip.seq, clip.waveform);
+        return;
+    }
+    let live = LiveClip::from_stored(&clip, 0);
+    for sub in g.subscribers.values() {
+        sub.offer(SessionCommand::Deliver(live.clone()));
+    }
+}
+
+/// Another node's talker: the clip in flight here follows its events.
+fn apply_live(g: &mut GroupState, event: LiveEvent) {
+    match event {
+        LiveEvent::Started { meta } => add_active(g, LiveClip::new(meta, 0)),
+        LiveEvent::Frame {
+            clip_id,
+            index,
+            data,
+            ..
+        } => {
+            if let Some(clip) = g.active.iter().find(|c| c.meta.clip_id == clip_id) {
+                clip.push_packet(index, data);
+            }
         }
+        LiveEvent::Aborted { clip_id, code, .. } => {
+            g.active.retain(|c| {
+                let this = c.meta.clip_id == clip_id;
+                if this {
+                    c.abort(code);
+                }
+                !this
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::LocalLog;
+    use crate::store::{ClipMeta, NewClip, RedbStore};
+    use bytes::Bytes;
+    use ptt_protocol::ClipFormat;
+
+    struct Setup {
+        hub: Arc<Hub>,
+        log: Arc<dyn GroupLog>,
+        store: Arc<RedbStore>,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn setup(members: &[&str]) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        store
+            .create_group("team", GroupMode::Notes, 60_000)
+            .await
+            .unwrap();
+        for m in members {
+            store.add_member("team", m).await.unwrap();
+        }
+        let log: Arc<dyn GroupLog> = Arc::new(LocalLog::new(store.clone()));
+        let hub = Hub::new(log.clone(), store.clone());
+        Setup {
+            hub,
+            log,
+            store,
+            _dir: dir,
+        }
+    }
+
+    fn meta(id: u8, talker: &str) -> ClipMeta {
+        ClipMeta {
+            group: "team".into(),
+            clip_id: ClipId::from_bytes([id; 16]),
+            talker: talker.into(),
+            format: ClipFormat::Opus,
+            sample_rate: 48_000,
+            channels: 1,
+            frame_ms: 20,
+            created_ms: 1,
+            flags: 0,
+        }
+    }
+
+    fn new_clip(id: u8, talker: &str) -> NewClip {
+        NewClip {
+            meta: meta(id, talker),
+            frames: vec![Bytes::from_static(b"opus")],
+            waveform: Bytes::new(),
+        }
+    }
+
+    async fn next(rx: &mut tokio::sync::mpsc::Receiver<SessionCommand>) -> SessionCommand {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("a command in time")
+            .expect("queue open")
+    }
+
+    /// Clips appended concurrently become visible in sequence order, each
+    /// once, whatever order their appends return in; a joiner's snapshot
+    /// and the clips delivered after it never overlap.
+    #[tokio::test]
+    async fn stored_clips_are_published_in_log_order() {
+        let s = setup(&["alice", "bob"]).await;
+        let (bob, mut bob_rx) = SessionHandle::new(2, "bob".into());
+        s.hub.register(bob.clone());
+        let snapshot = s.hub.join("team", &bob).await.unwrap();
+        assert_eq!(snapshot.last_seq, 0);
+        let appends = (1..=20u8).map(|i| {
+            let log = s.log.clone();
+            tokio::spawn(async move { log.append(new_clip(i, "alice")).await.unwrap() })
+        });
+        for a in appends.collect::<Vec<_>>() {
+            a.await.unwrap();
+        }
+        let mut seqs = Vec::new();
+        while seqs.len() < 20 {
+            if let SessionCommand::Deliver(clip) = next(&mut bob_rx).await {
+                match clip.state() {
+                    crate::live::ClipState::Ended { seq, .. } => seqs.push(seq),
+                    other => panic!("complete clips expected, got {other:?}"),
+                }
+            }
+        }
+        assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+        let late = s.hub.join("team", &bob).await.unwrap();
+        assert_eq!(late.last_seq, 20);
+        s.hub.close().await;
+    }
+
+    /// A member that joins while a clip is spoken gets it from its first
+    /// frame (late entry), and its end with the sequence number once
+    /// stored; catch-up stops before it.
+    #[tokio::test]
+    async fn late_entry_then_end_in_order() {
+        let s = setup(&["alice", "bob"]).await;
+        let clip = LiveClip::new(meta(1, "alice"), 1);
+        clip.push_packet(0, Bytes::from_static(b"a"));
+        s.hub.start_clip(clip.clone()).await.unwrap();
+        clip.push_packet(1, Bytes::from_static(b"b"));
+        let (bob, _bob_rx) = SessionHandle::new(2, "bob".into());
+        let snapshot = s.hub.join("team", &bob).await.unwrap();
+        assert_eq!(snapshot.last_seq, 0);
+        assert_eq!(snapshot.active.len(), 1);
+        assert_eq!(snapshot.active[0].packets().len(), 2);
+        let outcome = s
+            .log
+            .append(NewClip {
+                meta: clip.meta.clone(),
+                frames: clip.packets(),
+                waveform: Bytes::new(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(outcome.seq(), 1);
+        let mut rx = clip.subscribe();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !matches!(
+                rx.borrow_and_update().state,
+                crate::live::ClipState::Ended { seq: 1, .. }
+            ) {
+                rx.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("the live clip ends once stored");
+        let after = s.hub.join("team", &bob).await.unwrap();
+        assert_eq!((after.last_seq, after.active.len()), (1, 0));
+        s.hub.close().await;
+    }
+
+    /// A member removed while a clip is spoken stops receiving: its
+    /// session is told, the others keep the clip.
+    #[tokio::test]
+    async fn membership_removal_mid_clip_reaches_the_subscription() {
+        let s = setup(&["alice", "bob", "carol"]).await;
+        let (bob, mut bob_rx) = SessionHandle::new(2, "bob".into());
+        let (carol, mut carol_rx) = SessionHandle::new(3, "carol".into());
+        s.hub.join("team", &bob).await.unwrap();
+        s.hub.join("team", &carol).await.unwrap();
+        let clip = LiveClip::new(meta(1, "alice"), 1);
+        s.hub.start_clip(clip.clone()).await.unwrap();
+        assert!(matches!(
+            next(&mut bob_rx).await,
+            SessionCommand::Deliver(_)
+        ));
+        assert!(matches!(
+            next(&mut carol_rx).await,
+            SessionCommand::Deliver(_)
+        ));
+        s.store.remove_member("team", "bob").await.unwrap();
+        match next(&mut bob_rx).await {
+            SessionCommand::Left { group, code } => {
+                assert_eq!((&*group, code), ("team", ErrorCode::NotMember));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The next clip goes to carol only.
+        let second = LiveClip::new(meta(2, "alice"), 1);
+        s.hub.start_clip(second).await.unwrap();
+        assert!(matches!(
+            next(&mut carol_rx).await,
+            SessionCommand::Deliver(_)
+        ));
+        assert!(bob_rx.try_recv().is_err());
+        assert_eq!(clip.state(), crate::live::ClipState::Live);
+        s.hub.close().await;
+    }
+
+    /// A session whose queue is full is told to close, never silently
+    /// missing a floor change.
+    #[tokio::test]
+    async fn a_full_queue_closes_the_session() {
+        let s = setup(&["alice", "bob"]).await;
+        let (bob, _bob_rx) = SessionHandle::new(2, "bob".into());
+        s.hub.join("team", &bob).await.unwrap();
+        for _ in 0..crate::command::COMMAND_QUEUE {
+            s.hub.floor_event(FloorEvent::Idle {
+                group: "team".into(),
+            });
+        }
+        assert!(futures_ready(bob.overflowed()).is_none(), "not yet full");
+        s.hub.floor_event(FloorEvent::Idle {
+            group: "team".into(),
+        });
+        assert!(futures_ready(bob.overflowed()).is_some());
+        s.hub.close().await;
+    }
+
+    fn futures_ready<F: Future>(f: F) -> Option<F::Output> {
+        let mut f = std::pin::pin!(f);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match f.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
+    }
+
+    /// A log whose feeds fail their first read, as a store error would.
+    #[derive(Debug)]
+    struct FlakyLog(Arc<dyn GroupLog>);
+
+    struct FlakyFeed {
+        inner: Box<dyn GroupFeed>,
+        failed: bool,
+    }
+
+    impl GroupFeed for FlakyFeed {
+        fn next(&mut self) -> crate::log::LogFuture<'_, Option<FeedEvent>> {
+            if !self.failed {
+                self.failed = true;
+                return Box::pin(async {
+                    Err(crate::store::StoreError::Backend("disk on fire".into()))
+                });
+            }
+            self.inner.next()
+        }
+    }
+
+    impl GroupLog for FlakyLog {
+        fn append(&self, clip: NewClip) -> crate::log::LogFuture<'_, crate::store::AppendOutcome> {
+            self.0.append(clip)
+        }
+        fn clip_seq(&self, g: &str, id: ClipId) -> crate::log::LogFuture<'_, Option<u64>> {
+            self.0.clip_seq(g, id)
+        }
+        fn read(
+            &self,
+            g: &str,
+            after: u64,
+            n: usize,
+        ) -> crate::log::LogFuture<'_, Vec<StoredClip>> {
+            self.0.read(g, after, n)
+        }
+        fn recent(&self, g: &str, n: usize) -> crate::log::LogFuture<'_, Vec<StoredClip>> {
+            self.0.recent(g, n)
+        }
+        fn meta(&self, g: &str, seq: u64) -> crate::log::LogFuture<'_, Option<ClipMeta>> {
+            self.0.meta(g, seq)
+        }
+        fn range(&self, g: &str) -> crate::log::LogFuture<'_, crate::store::SeqRange> {
+            self.0.range(g)
+        }
+        fn subscribe(&self, g: &str, after: u64) -> crate::log::LogFuture<'_, Box<dyn GroupFeed>> {
+            let inner = self.0.subscribe(g, after);
+            Box::pin(async move {
+                Ok(Box::new(FlakyFeed {
+                    inner: inner.await?,
+                    failed: false,
+                }) as Box<dyn GroupFeed>)
+            })
+        }
+        fn publishes_live(&self) -> bool {
+            false
+        }
+        fn publish_live(&self, _: LiveEvent) {}
+        fn close(&self) -> crate::log::LogFuture<'_, ()> {
+            self.0.close()
+        }
+    }
+
+    /// A failed read of the log keeps the group's listeners and its clips
+    /// in flight; the feed reads again and publication goes on.
+    #[tokio::test(start_paused = true)]
+    async fn a_log_error_drops_no_listener_and_no_clip_in_flight() {
+        let s = setup(&["alice", "bob"]).await;
+        let log: Arc<dyn GroupLog> = Arc::new(FlakyLog(s.log.clone()));
+        let hub = Hub::new(log.clone(), s.store.clone());
+        let (bob, mut bob_rx) = SessionHandle::new(2, "bob".into());
+        hub.join("team", &bob).await.unwrap();
+        let clip = LiveClip::new(meta(1, "alice"), 1);
+        hub.start_clip(clip.clone()).await.unwrap();
+        assert!(matches!(
+            next(&mut bob_rx).await,
+            SessionCommand::Deliver(_)
+        ));
+        log.append(new_clip(1, "alice")).await.unwrap();
+        let mut rx = clip.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !matches!(
+                rx.borrow_and_update().state,
+                crate::live::ClipState::Ended { seq: 1, .. }
+            ) {
+                rx.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("published after the retry");
+        let again = hub.join("team", &bob).await.unwrap();
+        assert_eq!(again.last_seq, 1);
+        assert_eq!(hub.group_count(), 1);
+        hub.close().await;
+        s.hub.close().await;
+    }
+
+    /// Groups nobody listens to are dropped with their feed.
+    #[tokio::test]
+    async fn idle_groups_are_retired() {
+        let s = setup(&["alice", "bob"]).await;
+        let (bob, _bob_rx) = SessionHandle::new(2, "bob".into());
+        s.hub.register(bob.clone());
+        s.hub.join("team", &bob).await.unwrap();
+        assert_eq!(s.hub.group_count(), 1);
+        s.hub.unregister(2, "bob", &["team".into()]);
+        assert_eq!(s.hub.group_count(), 0);
+        assert_eq!(s.hub.session_count(), 0);
+        s.hub.close().await;
     }
 }

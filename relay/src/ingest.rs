@@ -1,26 +1,36 @@
-//! Receiving a talker's clip: one task per uploaded stream.
+//! Receiving a talker's clip: one task per uploaded stream, owned by the
+//! talker's session.
 //!
 //! Each message is checked by [`ClipReader`]; each frame goes straight into
 //! the clip's shared buffer, from where every member's writer picks it up.
-//! At the end the clip is appended to the store, and only once that is
-//! durable does the talker get `Stored` and the members the clip's end.
+//! At the end the clip is appended to the group log, and once that is
+//! durable the talker gets `Stored`; the members get the clip's end when the
+//! log publishes it, in sequence order (see [`crate::hub`]).
 
 use std::io::Cursor;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ptt_protocol::{
-    ClipEvent, ClipFormat, ClipHeader, ClipMessage, ClipReader, ControlMessage, ErrorCode,
-    FrameDecoder, SessionState, message::MAX_PAYLOAD_LEN,
+    ClipEvent, ClipFormat, ClipHeader, ClipReader, ControlMessage, ErrorCode, FramedReader,
+    GroupMode, ReadError, SessionState, message::MAX_PAYLOAD_LEN,
 };
 use quinn::RecvStream;
 
+use crate::command::{SessionCommand, SessionHandle};
+use crate::context::RelayContext;
 use crate::delivery::code;
-use crate::fanout::{SessionCommand, SessionHandle};
+use crate::floor::{FloorGrant, Talker};
 use crate::live::LiveClip;
-use crate::server::RelayContext;
+use crate::log::LiveEvent;
 use crate::store::{AppendOutcome, ClipMeta, NewClip};
+
+/// Longest the talker's `Stored` waits for the clip's publication.
+const PUBLISH_WAIT: Duration = Duration::from_secs(2);
+
+/// The rate Opus is decoded at, and what a transcoded clip announces.
+const OPUS_RATE: u32 = 48_000;
 
 /// Who is uploading.
 #[derive(Debug, Clone)]
@@ -43,48 +53,56 @@ impl<E: std::fmt::Display> From<(ErrorCode, E)> for Refusal {
 }
 
 /// Receives one clip upload to its end.
-pub async fn run(mut recv: RecvStream, ctx: Arc<RelayContext>, who: Uploader) {
+pub async fn run(recv: RecvStream, ctx: Arc<RelayContext>, who: Uploader) {
     let mut upload = Upload {
         ctx: &ctx,
         who: &who,
         reader: ClipReader::new(ctx.clip_limits(ClipFormat::Opus)),
         clip: None,
         header: None,
+        walkie: false,
         wav: Vec::new(),
         started: false,
+        finished: false,
     };
-    let result = upload.receive(&mut recv).await;
+    let mut reader = FramedReader::new(recv, MAX_PAYLOAD_LEN);
+    let result = upload.receive(&mut reader).await;
     if upload.started {
         lock(&who.state).handle_clip_done();
     }
-    if let Err(Refusal(code_, message)) = result {
-        tracing::debug!(code = %code_, %message, "clip refused");
-        recv.stop(code(code_)).ok();
-        if let Some(clip) = &upload.clip {
-            ctx.hub.abort_clip(
-                clip,
-                if code_ == ErrorCode::Preempted {
-                    code_
-                } else {
-                    ErrorCode::ClipAborted
-                },
-            );
-        }
-        if code_ == ErrorCode::Duplicate {
-            // The talker already has its answer: `Stored` with the seq.
-            return;
-        }
-        let clip_id = upload.header.map(|h| h.clip_id).unwrap_or_default();
-        let _ = who
-            .handle
-            .tx
-            .send(SessionCommand::send(ControlMessage::ClipRejected {
-                clip_id,
-                code: code_,
-                message,
-            }))
-            .await;
+    if upload.walkie
+        && let Some(header) = &upload.header
+    {
+        ctx.floor.release(&header.group, who.handle.id).await;
     }
+    let Err(Refusal(code_, message)) = result else {
+        return;
+    };
+    tracing::debug!(code = %code_, %message, "clip refused");
+    if !upload.finished {
+        // STOP_SENDING only where the talker still writes.
+        reader.get_mut().stop(code(code_)).ok();
+    }
+    if let Some(clip) = upload.clip.take() {
+        let reason = if code_ == ErrorCode::Preempted {
+            code_
+        } else {
+            ErrorCode::ClipAborted
+        };
+        upload.abort(&clip, reason);
+    }
+    if code_ == ErrorCode::Duplicate {
+        // The talker already has its answer: `Stored` with the seq.
+        return;
+    }
+    let clip_id = upload.header.map(|h| h.clip_id).unwrap_or_default();
+    who.handle
+        .send_wait(SessionCommand::send(ControlMessage::ClipRejected {
+            clip_id,
+            code: code_,
+            message,
+        }))
+        .await;
 }
 
 struct Upload<'a> {
@@ -93,43 +111,43 @@ struct Upload<'a> {
     reader: ClipReader,
     clip: Option<Arc<LiveClip>>,
     header: Option<ClipHeader>,
+    /// The upload took (or holds) the floor of a walkie group.
+    walkie: bool,
     wav: Vec<u8>,
     started: bool,
+    /// The talker's FIN arrived.
+    finished: bool,
 }
 
 impl Upload<'_> {
-    async fn receive(&mut self, recv: &mut RecvStream) -> Result<(), Refusal> {
-        let mut decoder = FrameDecoder::new(MAX_PAYLOAD_LEN);
+    async fn receive(&mut self, reader: &mut FramedReader<RecvStream>) -> Result<(), Refusal> {
         loop {
-            while let Some(frame) = decoder
-                .next_frame()
-                .map_err(|e| Refusal::from((ErrorCode::from(&e), e)))?
-            {
-                let message = ClipMessage::decode(frame.kind, frame.payload)
-                    .map_err(|e| Refusal::from((ErrorCode::from(&e), e)))?;
-                let event = self
-                    .reader
-                    .handle_message(message, Instant::now())
-                    .map_err(|e| Refusal::from((e.code(), e)))?;
-                if self.handle(event, frame.raw).await? {
-                    return Ok(());
-                }
-            }
-            match recv.read_chunk(64 * 1024, true).await {
-                Ok(Some(chunk)) => decoder.push(chunk.bytes),
-                Ok(None) => {
+            let (message, frame) = match reader.next_clip().await {
+                Ok(Some(next)) => next,
+                // FIN before ClipEnd, at a frame boundary or inside one.
+                Ok(None) | Err(ReadError::Truncated) => {
+                    self.finished = true;
                     return Err(Refusal(
-                        ErrorCode::ClipAborted,
-                        "stream ended before the clip end".into(),
+                        ErrorCode::OutOfOrder,
+                        "the stream ended before the clip end".into(),
                     ));
                 }
-                Err(_) => {
+                Err(ReadError::Stream(_)) => {
                     // The talker vanished (or reset the stream): discard.
-                    if let Some(clip) = &self.clip {
-                        self.ctx.hub.abort_clip(clip, ErrorCode::ClipAborted);
+                    self.finished = true;
+                    if let Some(clip) = self.clip.take() {
+                        self.abort(&clip, ErrorCode::ClipAborted);
                     }
                     return Ok(());
                 }
+                Err(ReadError::Decode(e)) => return Err(Refusal(e.code(), e.to_string())),
+            };
+            let event = self
+                .reader
+                .handle_message(message, Instant::now())
+                .map_err(|e| Refusal::from((e.code(), e)))?;
+            if self.handle(event, frame.raw).await? {
+                return Ok(());
             }
         }
     }
@@ -141,10 +159,18 @@ impl Upload<'_> {
                 self.start(header).await?;
                 Ok(false)
             }
-            ClipEvent::Frame { data, .. } => {
+            ClipEvent::Frame { index, data } => {
                 if let Some(clip) = &self.clip {
                     if let crate::live::ClipState::Aborted(code) = clip.state() {
                         return Err(Refusal(code, "the clip was cut by the relay".into()));
+                    }
+                    if self.ctx.log.publishes_live() {
+                        self.ctx.log.publish_live(LiveEvent::Frame {
+                            group: clip.meta.group.clone(),
+                            clip_id: clip.meta.clip_id,
+                            index,
+                            data: data.clone(),
+                        });
                     }
                     clip.push_frame(raw, data);
                 } else {
@@ -170,11 +196,14 @@ impl Upload<'_> {
             .handle_clip_start(Instant::now())
             .map_err(|c| Refusal(c, format!("clip refused: {c}")))?;
         self.started = true;
-        let hub = &self.ctx.hub;
-        hub.member_group(&header.group, &who.handle.user)
+        let info = self
+            .ctx
+            .hub
+            .member_group(&header.group, &who.handle.user)
             .await
             .map_err(|c| Refusal(c, format!("cannot talk in {}", header.group)))?;
-        if header.flags & ClipHeader::FLAG_EMERGENCY != 0 && !who.emergency {
+        let emergency = header.flags & ClipHeader::FLAG_EMERGENCY != 0;
+        if emergency && !who.emergency {
             return Err(Refusal(
                 ErrorCode::Forbidden,
                 "token lacks the emergency claim".into(),
@@ -183,21 +212,45 @@ impl Upload<'_> {
         // A retry of a clip that is already stored: acknowledge, drop.
         if let Some(seq) = self
             .ctx
-            .store
+            .log
             .clip_seq(&header.group, header.clip_id)
             .await
             .map_err(|e| Refusal(e.code(), e.to_string()))?
         {
-            let _ = who
-                .handle
-                .tx
-                .send(SessionCommand::send(ControlMessage::Stored {
+            who.handle
+                .send_wait(SessionCommand::send(ControlMessage::Stored {
                     group: header.group.clone(),
                     clip_id: header.clip_id,
                     seq,
                 }))
                 .await;
             return Err(Refusal(ErrorCode::Duplicate, "clip stored before".into()));
+        }
+        if header.format == ClipFormat::Wav {
+            // Recorded clips are not spoken live: no floor, no live copy
+            // until transcoded.
+            self.reader
+                .set_limits(self.ctx.clip_limits(ClipFormat::Wav));
+            return Ok(());
+        }
+        if info.mode == GroupMode::Walkie {
+            let talker = Talker {
+                session: who.handle.id,
+                user: who.handle.user.clone(),
+            };
+            let hold = Duration::from_millis(u64::from(info.max_clip_ms));
+            let grant = self
+                .ctx
+                .floor
+                .request(&header.group, &talker, emergency, hold)
+                .await;
+            self.walkie = true;
+            if let FloorGrant::Denied { holder } = grant {
+                return Err(Refusal(
+                    ErrorCode::FloorTaken,
+                    format!("{holder} holds the floor of {}", header.group),
+                ));
+            }
         }
         let meta = ClipMeta {
             group: header.group.clone(),
@@ -210,58 +263,72 @@ impl Upload<'_> {
             created_ms: crate::auth::unix_millis(std::time::SystemTime::now()),
             flags: header.flags & ClipHeader::FLAG_EMERGENCY,
         };
-        match header.format {
-            ClipFormat::Opus => {
-                let clip = LiveClip::new(meta, who.handle.id);
-                hub.start_clip(clip.clone(), &who.handle, who.emergency)
-                    .await
-                    .map_err(|c| Refusal(c, format!("cannot talk in {}: {c}", header.group)))?;
-                self.clip = Some(clip);
-            }
-            ClipFormat::Wav => {
-                self.reader
-                    .set_limits(self.ctx.clip_limits(ClipFormat::Wav));
-            }
+        let clip = LiveClip::new(meta, who.handle.id);
+        self.ctx
+            .hub
+            .start_clip(clip.clone())
+            .await
+            .map_err(|c| Refusal(c, format!("cannot talk in {}: {c}", header.group)))?;
+        if self.ctx.log.publishes_live() {
+            self.ctx.log.publish_live(LiveEvent::Started {
+                meta: clip.meta.clone(),
+            });
         }
+        self.clip = Some(clip);
         Ok(())
     }
 
     async fn end(&mut self, waveform: Bytes) -> Result<(), Refusal> {
         let header = self.header.clone().expect("a clip ends after its header");
-        let (clip, live, waveform) = match self.clip.clone() {
-            Some(clip) => (clip, true, waveform),
+        let (clip, waveform) = match self.clip.clone() {
+            Some(clip) => (clip, waveform),
             // The relay computed the waveform while transcoding.
             None => {
                 let (clip, waveform) = self.transcode(&header).await?;
-                (clip, false, waveform)
+                self.ctx
+                    .hub
+                    .start_clip(clip.clone())
+                    .await
+                    .map_err(|c| Refusal(c, format!("cannot talk in {}: {c}", header.group)))?;
+                self.clip = Some(clip.clone());
+                (clip, waveform)
             }
         };
         let new = NewClip {
             meta: clip.meta.clone(),
             frames: clip.packets(),
-            waveform: waveform.clone(),
+            waveform,
         };
-        let outcome = match self.ctx.store.append_clip(new).await {
+        let outcome = match self.ctx.log.append(new).await {
             Ok(outcome) => outcome,
             Err(e) => {
                 tracing::error!(error = %e, "storing a clip failed");
-                self.ctx.hub.abort_clip(&clip, ErrorCode::Internal);
                 self.clip = None;
+                self.abort(&clip, ErrorCode::Internal);
                 return Err(Refusal(
                     ErrorCode::Internal,
                     "the clip could not be stored".into(),
                 ));
             }
         };
-        if let AppendOutcome::Stored { seq } = outcome {
-            clip.end(seq, waveform);
+        self.clip = None;
+        match outcome {
+            AppendOutcome::Duplicate { .. } => {
+                // A retry on another connection was stored first.
+                self.abort(&clip, ErrorCode::Duplicate);
+            }
+            AppendOutcome::Stored { .. } => {
+                // `Stored` follows the clip's publication (its members have
+                // its end, a joiner's snapshot includes it): the talker
+                // never knows of a clip its group does not see yet. The
+                // log's feed publishes within milliseconds; the wait is
+                // bounded in case it is failing.
+                let _ = tokio::time::timeout(PUBLISH_WAIT, clip.stored()).await;
+            }
         }
-        self.ctx.hub.finish_clip(clip, outcome, live);
-        let _ = self
-            .who
+        self.who
             .handle
-            .tx
-            .send(SessionCommand::send(ControlMessage::Stored {
+            .send_wait(SessionCommand::send(ControlMessage::Stored {
                 group: header.group.clone(),
                 clip_id: header.clip_id,
                 seq: outcome.seq(),
@@ -269,6 +336,18 @@ impl Upload<'_> {
             .await;
         tracing::debug!(group = %header.group, seq = outcome.seq(), "clip stored");
         Ok(())
+    }
+
+    /// Discards the clip in flight, here and on the other nodes.
+    fn abort(&self, clip: &Arc<LiveClip>, code: ErrorCode) {
+        self.ctx.hub.abort_clip(clip, code);
+        if self.ctx.log.publishes_live() {
+            self.ctx.log.publish_live(LiveEvent::Aborted {
+                group: clip.meta.group.clone(),
+                clip_id: clip.meta.clip_id,
+                code,
+            });
+        }
     }
 
     /// Turns an uploaded WAV into an Opus clip (on a blocking thread: a
@@ -286,7 +365,9 @@ impl Upload<'_> {
             clip_id: header.clip_id,
             talker: self.who.handle.user.to_string(),
             format: ClipFormat::Opus,
-            sample_rate: encoded.input_rate,
+            // The encoder resamples to Opus's rate; the WAV's own rate is
+            // not one an Opus decoder can be opened at.
+            sample_rate: OPUS_RATE,
             channels: encoded.channels as u8,
             frame_ms: encoded.frame_ms as u8,
             created_ms: crate::auth::unix_millis(std::time::SystemTime::now()),
@@ -300,11 +381,8 @@ impl Upload<'_> {
             ));
         }
         let clip = LiveClip::new(meta, self.who.handle.id);
-        let mut buf = bytes::BytesMut::new();
         for (index, packet) in encoded.packets.into_iter().enumerate() {
-            let packet = Bytes::from(packet.data);
-            ptt_protocol::message::encode_frame(&mut buf, index as u32, &packet);
-            clip.push_frame(buf.split().freeze(), packet);
+            clip.push_packet(index as u32, Bytes::from(packet.data));
         }
         Ok((clip, Bytes::from(encoded.waveform)))
     }

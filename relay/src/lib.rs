@@ -3,27 +3,37 @@
 //!
 //! Start one with [`server::start`] (returns a [`server::RelayHandle`]) or
 //! [`server::run`] (runs until a shutdown future completes). The modules:
-//! - [`server`]: accept loop, limits, shutdown.
-//! - [`session`]: one task per connection.
+//! - [`server`]: accept loop, limits, shutdown; [`context`]: what
+//!   connection tasks share.
+//! - [`session`]: one task per connection, a module per control message.
+//! - [`subscription`]: a member's subscription to a group (sans-IO).
 //! - [`ingest`]: a talker's clip upload.
-//! - [`delivery`]: writing clips to members.
-//! - [`live`]: the shared frame buffer of a clip in flight.
-//! - [`fanout`]: the fan-out interface; [`hub`]: its single-node implementation.
-//! - [`store`]: durable storage behind the [`store::ClipStore`] trait.
+//! - [`delivery`]: writing clips to members; [`live`]: the shared frame
+//!   buffer of a clip in flight.
+//! - The seams, each with its single-node implementation: [`log`] (each
+//!   group's ordered clips, membership changes, live clips of other
+//!   nodes), [`floor`] (the floor arbiter), [`store`] (groups, members,
+//!   cursors).
+//! - [`hub`]: the node's live plane over the log; [`command`]: what it asks
+//!   sessions to do.
 //! - [`auth`], [`tls`], [`net`], [`config`], [`admin`].
 
 pub mod admin;
 pub mod auth;
+pub mod command;
 pub mod config;
+pub mod context;
 pub mod delivery;
-pub mod fanout;
+pub mod floor;
 pub mod hub;
 pub mod ingest;
 pub mod live;
+pub mod log;
 pub mod net;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod subscription;
 pub mod tls;
 
 pub use config::RelayConfig;

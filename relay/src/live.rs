@@ -14,7 +14,7 @@ use bytes::Bytes;
 use ptt_protocol::{ClipHeader, ClipMessage, ErrorCode};
 use tokio::sync::watch;
 
-use crate::store::ClipMeta;
+use crate::store::{ClipMeta, StoredClip};
 
 /// How a clip stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,9 +72,29 @@ impl LiveClip {
         })
     }
 
-    /// The header members receive; `seq` 0 while live.
-    pub fn header(&self, seq: u64, extra_flags: u8) -> ClipHeader {
-        member_header(&self.meta, seq, extra_flags)
+    /// A stored clip, complete and ended, to deliver like a live one (a
+    /// clip this node did not see live: another node's, or one whose live
+    /// copy was replaced).
+    pub fn from_stored(clip: &StoredClip, talker_session: u64) -> Arc<LiveClip> {
+        let live = LiveClip::new(clip.meta.clone(), talker_session);
+        for (index, data) in clip.frames.iter().enumerate() {
+            live.push_packet(index as u32, data.clone());
+        }
+        live.end(clip.seq, clip.waveform.clone());
+        live
+    }
+
+    /// The header members receive for a delivery from this buffer: `seq` 0,
+    /// as in every live delivery (the sequence number comes in `ClipEnd`).
+    pub fn header(&self) -> ClipHeader {
+        member_header(&self.meta, 0, 0)
+    }
+
+    /// Appends a frame given as its packet alone (framing it here).
+    pub fn push_packet(&self, index: u32, data: Bytes) {
+        let mut raw = bytes::BytesMut::with_capacity(data.len() + 8);
+        ptt_protocol::message::encode_frame(&mut raw, index, &data);
+        self.push_frame(raw.freeze(), data);
     }
 
     /// Appends a frame: `raw` is the framed message, `data` its packet.
@@ -111,6 +131,22 @@ impl LiveClip {
     /// The Opus packets so far.
     pub fn packets(&self) -> Vec<Bytes> {
         self.progress.borrow().data.clone()
+    }
+
+    /// Waits until the clip is stored (its sequence number) or discarded
+    /// (`None`).
+    pub async fn stored(&self) -> Option<u64> {
+        let mut rx = self.subscribe();
+        loop {
+            match &rx.borrow_and_update().state {
+                ClipState::Ended { seq, .. } => return Some(*seq),
+                ClipState::Aborted(_) => return None,
+                ClipState::Live => {}
+            }
+            if rx.changed().await.is_err() {
+                return None;
+            }
+        }
     }
 
     /// A receiver of the clip's progress.

@@ -11,15 +11,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use ptt_protocol::{ClipFormat, ClipLimits, ErrorCode, Limits, SessionLimits};
+use ptt_protocol::{ErrorCode, Limits};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{TokenIssuer, TokenVerifier};
 use crate::config::RelayConfig;
-use crate::delivery::{LagPolicy, code};
-use crate::fanout::Fanout;
-use crate::hub::LocalHub;
+use crate::context::RelayContext;
+use crate::delivery::code;
+use crate::floor::LocalFloor;
+use crate::hub::Hub;
+use crate::log::{GroupLog, LocalLog};
 use crate::store::{ClipStore, RedbStore, RetentionPolicy};
 use crate::tls::{Identity, TransportTuning};
 
@@ -45,76 +47,6 @@ pub enum StartError {
     },
 }
 
-/// What every connection task shares.
-pub struct RelayContext {
-    /// Fan-out across members: groups, floor, clips in flight.
-    pub hub: Arc<dyn Fanout>,
-    /// Durable storage.
-    pub store: Arc<dyn ClipStore>,
-    /// Checks tokens.
-    pub verifier: TokenVerifier,
-    /// The configuration.
-    pub config: RelayConfig,
-    /// The limits announced in `Welcome`.
-    pub limits: Limits,
-    /// Fired when the relay starts draining.
-    pub shutdown: CancellationToken,
-}
-
-impl std::fmt::Debug for RelayContext {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RelayContext")
-            .field("hub", &self.hub)
-            .finish()
-    }
-}
-
-impl RelayContext {
-    /// Session limits from the configuration.
-    pub fn session_limits(&self) -> SessionLimits {
-        SessionLimits {
-            auth_timeout: self.config.auth_timeout,
-            max_concurrent_clips: self.config.max_concurrent_clips,
-            clips_per_minute: self.config.clips_per_minute,
-        }
-    }
-
-    /// Limits for an uploaded clip of `format`.
-    pub fn clip_limits(&self, format: ClipFormat) -> ClipLimits {
-        let c = &self.config;
-        match format {
-            ClipFormat::Opus => ClipLimits {
-                max_duration: c.max_clip,
-                max_bytes: c.max_clip_bytes as usize,
-                max_frame_bytes: c.max_frame_bytes as usize,
-                wall_slack: Duration::from_secs(5),
-            },
-            ClipFormat::Wav => ClipLimits {
-                // An upload of a recorded clip may take longer than the
-                // clip on a slow link.
-                max_duration: c.max_clip * 4,
-                max_bytes: c.max_wav_bytes as usize,
-                max_frame_bytes: ptt_protocol::message::MAX_FRAME_LEN,
-                wall_slack: Duration::from_secs(30),
-            },
-        }
-    }
-
-    /// The lag policy for live delivery of clips with `frame_ms` frames.
-    pub fn lag_policy(&self, frame_ms: u8) -> LagPolicy {
-        let frame = Duration::from_millis(u64::from(frame_ms.max(10)));
-        LagPolicy {
-            max_frames: self.config.live_lag_frames,
-            max_stall: frame * self.config.live_lag_frames as u32,
-        }
-    }
-
-    /// Longest clip in new groups, ms.
-    pub fn max_clip_ms(&self) -> u32 {
-        self.config.max_clip.as_millis().min(u128::from(u32::MAX)) as u32
-    }
-}
-
 /// A relay running in this process.
 #[derive(Debug)]
 pub struct RelayHandle {
@@ -123,6 +55,7 @@ pub struct RelayHandle {
     cert_pem: String,
     issuer: Option<TokenIssuer>,
     ctx: Arc<RelayContext>,
+    floor: Arc<LocalFloor>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -142,13 +75,19 @@ impl RelayHandle {
         &self.cert_pem
     }
 
-    /// Issues a token the relay accepts (when it signs with its data
-    /// directory key, the default).
-    pub fn issue_token(&self, user: &str, ttl: Duration, admin: bool, emergency: bool) -> String {
+    /// Issues a token the relay accepts; `None` when the relay was started
+    /// with an external verification key (`token_public_key`), whose
+    /// signing half it does not have.
+    pub fn issue_token(
+        &self,
+        user: &str,
+        ttl: Duration,
+        admin: bool,
+        emergency: bool,
+    ) -> Option<String> {
         self.issuer
             .as_ref()
-            .expect("the relay uses its own token key")
-            .issue(user, ttl, admin, emergency)
+            .map(|issuer| issuer.issue(user, ttl, admin, emergency))
     }
 
     /// The store, for tests that set up groups directly.
@@ -161,18 +100,34 @@ impl RelayHandle {
         self.ctx.hub.session_count()
     }
 
-    /// Drains and stops: no new connections, clips in flight finish within
-    /// the grace period, the store is flushed.
+    /// The shared context (hub, log, floor), for tests that look inside.
+    pub fn context(&self) -> &Arc<RelayContext> {
+        &self.ctx
+    }
+
+    /// Drains and stops: new connections are refused, clips in flight
+    /// finish within the grace period, every task the relay started ends,
+    /// and the store is closed (its directory can be opened again) when
+    /// this returns.
     pub async fn shutdown(self) {
         self.ctx.shutdown.cancel();
         let _ = self.task.await;
+        let RelayHandle { ctx, floor, .. } = self;
+        drop(floor);
+        if let Err(ctx) = Arc::try_unwrap(ctx) {
+            tracing::warn!(
+                holders = Arc::strong_count(&ctx),
+                "relay context still shared after shutdown"
+            );
+        }
     }
 }
 
 /// Opens the store, loads keys and certificate, binds, and serves until
 /// [`RelayHandle::shutdown`].
 pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
-    let store: Arc<dyn ClipStore> = Arc::new(RedbStore::open(&config.data_dir)?);
+    let redb = Arc::new(RedbStore::open(&config.data_dir)?);
+    let store: Arc<dyn ClipStore> = redb.clone();
     let identity = match (&config.cert, &config.key) {
         (Some(cert), Some(key)) => Identity::from_pem_files(cert, key)?,
         _ => Identity::load_or_create_dev(&config.data_dir)?,
@@ -223,21 +178,27 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         clips_per_minute: config.clips_per_minute,
         idle_timeout_ms: config.idle_timeout.as_millis().min(u128::from(u32::MAX)) as u32,
     };
+    let log: Arc<dyn GroupLog> = Arc::new(LocalLog::new(redb));
+    let hub = Hub::new(log.clone(), store.clone());
+    let floor = Arc::new(LocalFloor::new(hub.clone()));
     let ctx = Arc::new(RelayContext {
-        hub: Arc::new(LocalHub::new(store.clone())),
+        hub,
+        log,
+        floor: floor.clone(),
         store,
         verifier,
         config,
         limits,
         shutdown: CancellationToken::new(),
     });
-    let task = tokio::spawn(serve(endpoint, ctx.clone()));
+    let task = tokio::spawn(serve(endpoint, ctx.clone(), floor.clone()));
     Ok(RelayHandle {
         addr,
         fingerprint,
         cert_pem,
         issuer,
         ctx,
+        floor,
         task,
     })
 }
@@ -253,11 +214,14 @@ pub async fn run(config: RelayConfig, shutdown: impl Future) -> Result<(), Start
     Ok(())
 }
 
-/// The accept loop and the retention timer.
-async fn serve(endpoint: quinn::Endpoint, ctx: Arc<RelayContext>) {
+/// The accept loop, then the drain: every task the relay started is
+/// owned by `tracker` (sessions, the floor's timer, retention) or by the
+/// hub (group feeds), and each is waited for before the log is closed.
+async fn serve(endpoint: quinn::Endpoint, ctx: Arc<RelayContext>, floor: Arc<LocalFloor>) {
     let tracker = TaskTracker::new();
     let next_id = AtomicU64::new(1);
     tracker.spawn(retention_loop(ctx.clone()));
+    tracker.spawn(floor.run(ctx.shutdown.clone()));
     loop {
         let incoming = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
@@ -276,12 +240,32 @@ async fn serve(endpoint: quinn::Endpoint, ctx: Arc<RelayContext>) {
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         tracker.spawn(crate::session::run(incoming, ctx.clone(), id));
     }
-    // Refuse new connections while the sessions drain.
-    endpoint.set_server_config(None);
+    // Drain: refuse new connections (CONNECTION_REFUSED) while the
+    // sessions finish their clips in flight.
     tracker.close();
-    let grace = ctx.config.shutdown_grace + Duration::from_secs(1);
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+    let grace = ctx.config.shutdown_grace + Duration::from_secs(5);
+    let drained = tokio::time::timeout(grace, async {
+        let mut wait = std::pin::pin!(tracker.wait());
+        loop {
+            tokio::select! {
+                _ = &mut wait => return,
+                incoming = endpoint.accept() => match incoming {
+                    Some(incoming) => incoming.refuse(),
+                    None => {
+                        wait.as_mut().await;
+                        return;
+                    }
+                },
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
         tracing::warn!("sessions did not finish within the grace period");
+    }
+    ctx.hub.close().await;
+    if let Err(e) = ctx.log.close().await {
+        tracing::error!(error = %e, "closing the group log failed");
     }
     if let Err(e) = ctx.store.flush().await {
         tracing::error!(error = %e, "final store flush failed");

@@ -136,7 +136,9 @@ pub struct TransportTuning {
 /// KB, so a 64 KiB stream window and 512 KiB connection window let a member
 /// receive several clips at once without letting one connection pin
 /// megabytes of relay memory; keep-alive is the client's job (it sits behind
-/// the NAT), the relay only enforces the idle timeout.
+/// the NAT), the relay only enforces the idle timeout. Datagrams are
+/// accepted, a few at a time, for members' `LiveRead` reports
+/// ([`crate::delivery::LiveReads`]).
 pub fn server_config(
     identity: Identity,
     tuning: &TransportTuning,
@@ -163,7 +165,7 @@ pub fn server_config(
         .stream_receive_window((64u32 * 1024).into())
         .receive_window((512u32 * 1024).into())
         .send_window(512 * 1024)
-        .datagram_receive_buffer_size(None);
+        .datagram_receive_buffer_size(Some(crate::delivery::LIVE_READ_BUFFER));
     // Members ACK a few voice frames at once (see
     // `ptt_protocol::ACK_ELICITING_THRESHOLD`): at 80 ms RTT this cut relay
     // CPU per delivered frame by 14 %.

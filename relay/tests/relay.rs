@@ -314,7 +314,8 @@ async fn an_emergency_talker_preempts_the_floor() {
     let (alice, mut alice_events) = relay.member("alice", "ch").await;
     let chief_token = relay
         .handle
-        .issue_token("chief", Duration::from_secs(60), false, true);
+        .issue_token("chief", Duration::from_secs(60), false, true)
+        .expect("own key");
     let (chief, _ce) = relay.connect(relay.config(chief_token)).await;
     chief.join("ch").await.unwrap();
     let (_carol, mut carol_events) = relay.member("carol", "ch").await;

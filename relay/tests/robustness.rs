@@ -8,106 +8,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use common::raw::{Raw, header};
 use common::*;
 use ptt_client::{ClipParams, ErrorCode, GroupMode};
 use ptt_protocol::coding::put_varint;
-use ptt_protocol::message::{MAX_PAYLOAD_LEN, kind};
-use ptt_protocol::{
-    ClipFormat, ClipHeader, ClipMessage, ControlMessage, FrameDecoder, PROTOCOL_VERSION,
-};
-
-/// A bare QUIC connection speaking the protocol by hand.
-struct Raw {
-    _endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
-}
-
-impl Raw {
-    async fn connect(relay: &TestRelay) -> Raw {
-        let config = relay.config(String::new());
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        endpoint.set_default_client_config(ptt_client::quinn_config(&config).unwrap());
-        let conn = endpoint
-            .connect(relay.handle.addr(), "localhost")
-            .unwrap()
-            .await
-            .unwrap();
-        Raw {
-            _endpoint: endpoint,
-            conn,
-        }
-    }
-
-    /// Connects and authenticates as `user`; returns the control stream.
-    async fn hello(relay: &TestRelay, user: &str) -> (Raw, quinn::SendStream, Control) {
-        let raw = Raw::connect(relay).await;
-        let (mut send, recv) = raw.conn.open_bi().await.unwrap();
-        let hello = ControlMessage::Hello {
-            version: PROTOCOL_VERSION,
-            token: relay.token(user),
-            client: "raw".into(),
-        };
-        send.write_all(&hello.to_bytes()).await.unwrap();
-        let mut control = Control {
-            recv,
-            decoder: FrameDecoder::new(MAX_PAYLOAD_LEN),
-        };
-        assert!(matches!(
-            control.next().await,
-            Some(ControlMessage::Welcome(_))
-        ));
-        (raw, send, control)
-    }
-
-    /// The application code the relay closed the connection with.
-    async fn closed_with(&self) -> u64 {
-        match tokio::time::timeout(WAIT, self.conn.closed())
-            .await
-            .expect("closed in time")
-        {
-            quinn::ConnectionError::ApplicationClosed(close) => close.error_code.into_inner(),
-            other => panic!("closed otherwise: {other}"),
-        }
-    }
-}
-
-struct Control {
-    recv: quinn::RecvStream,
-    decoder: FrameDecoder,
-}
-
-impl Control {
-    async fn next(&mut self) -> Option<ControlMessage> {
-        tokio::time::timeout(WAIT, async {
-            loop {
-                if let Some(f) = self.decoder.next_frame().unwrap() {
-                    return Some(ControlMessage::decode(f.kind, f.payload).unwrap());
-                }
-                match self.recv.read_chunk(65536, true).await {
-                    Ok(Some(chunk)) => self.decoder.push(chunk.bytes),
-                    _ => return None,
-                }
-            }
-        })
-        .await
-        .expect("a control message in time")
-    }
-}
-
-fn header(group: &str) -> ClipHeader {
-    ClipHeader {
-        group: group.into(),
-        clip_id: ptt_client::random_clip_id(),
-        talker: String::new(),
-        seq: 0,
-        format: ClipFormat::Opus,
-        sample_rate: 48_000,
-        channels: 1,
-        frame_ms: 20,
-        created_ms: 0,
-        flags: 0,
-    }
-}
+use ptt_protocol::message::kind;
+use ptt_protocol::{ClipMessage, ControlMessage};
 
 /// A group where carol listens, to show that others carry on.
 async fn bystanders(

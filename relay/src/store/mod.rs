@@ -134,6 +134,16 @@ pub struct SeqRange {
     pub last: u64,
 }
 
+/// How many writes a store has been asked for since it opened (for tests
+/// and metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreCounters {
+    /// Clip appends.
+    pub appends: u64,
+    /// Cursor updates.
+    pub cursor_writes: u64,
+}
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -220,4 +230,8 @@ pub trait ClipStore: Send + Sync + 'static {
     fn apply_retention(&self, policy: RetentionPolicy, now_ms: u64) -> StoreFuture<'_, u64>;
     /// Makes everything committed so far durable (used at shutdown).
     fn flush(&self) -> StoreFuture<'_, ()>;
+    /// The writes asked for so far.
+    fn counters(&self) -> StoreCounters {
+        StoreCounters::default()
+    }
 }

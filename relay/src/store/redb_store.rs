@@ -82,7 +82,7 @@
 
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -98,8 +98,8 @@ use redb::{
 use tokio::sync::oneshot;
 
 use super::{
-    AppendOutcome, ClipMeta, ClipStore, GroupInfo, NewClip, RetentionPolicy, SeqRange, StoreError,
-    StoreFuture, StoredClip,
+    AppendOutcome, ClipMeta, ClipStore, GroupInfo, NewClip, RetentionPolicy, SeqRange,
+    StoreCounters, StoreError, StoreFuture, StoredClip,
 };
 
 /// The database file's name inside the data directory.
@@ -107,6 +107,12 @@ pub const DB_FILE_NAME: &str = "relay.redb";
 
 /// The most commands the writer thread takes into one batch.
 pub const MAX_BATCH: usize = 1024;
+
+/// The most writes queued for the writer thread. Writers beyond it wait
+/// (backpressure to ingest and to cursor updates) instead of growing the
+/// queue: a commit takes about one fsync, and this many writes fill
+/// several batches.
+pub const WRITE_QUEUE: usize = 4096;
 
 /// The clip bytes past which the writer thread stops adding to a batch (a
 /// batch always takes at least one command).
@@ -193,9 +199,14 @@ impl Command {
 /// The embedded single-node store. See the module documentation.
 pub struct RedbStore {
     db: Arc<Database>,
-    tx: Option<mpsc::Sender<Command>>,
+    tx: Option<tokio::sync::mpsc::Sender<Command>>,
     writer: Option<JoinHandle<()>>,
     path: PathBuf,
+    /// Per watched group: bumped after every committed change of the
+    /// group's record or members.
+    group_changes: dashmap::DashMap<String, tokio::sync::watch::Sender<u64>>,
+    appends: std::sync::atomic::AtomicU64,
+    cursor_writes: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -243,17 +254,53 @@ impl RedbStore {
         txn.commit().ctx("commit")?;
 
         let db = Arc::new(db);
-        let (tx, rx) = mpsc::channel();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(WRITE_QUEUE);
         let writer_db = Arc::clone(&db);
         let writer = std::thread::Builder::new()
             .name("relay-store-writer".into())
-            .spawn(move || writer_loop(&writer_db, &rx))
+            .spawn(move || writer_loop(&writer_db, &mut rx))
             .ctx("starting the store writer thread")?;
         Ok(RedbStore {
             db,
             tx: Some(tx),
             writer: Some(writer),
             path,
+            group_changes: dashmap::DashMap::new(),
+            appends: Default::default(),
+            cursor_writes: Default::default(),
+        })
+    }
+
+    /// A signal that changes after every committed change of `group`'s
+    /// record or members (whoever made it: an admin message, the command
+    /// line in the same process, a test). Pair with
+    /// [`RedbStore::unwatch_group`] when the receiver is dropped.
+    pub fn watch_group(&self, group: &str) -> tokio::sync::watch::Receiver<u64> {
+        self.group_changes
+            .entry(group.to_owned())
+            .or_insert_with(|| tokio::sync::watch::Sender::new(0))
+            .subscribe()
+    }
+
+    /// Forgets `group`'s change signal if nobody watches it any more.
+    pub fn unwatch_group(&self, group: &str) {
+        self.group_changes
+            .remove_if(group, |_, tx| tx.receiver_count() == 0);
+    }
+
+    fn group_changed(&self, group: &str) {
+        if let Some(tx) = self.group_changes.get(group) {
+            tx.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Runs `change` and then signals watchers of `group`.
+    fn changing<'a>(&'a self, group: &str, change: StoreFuture<'a, ()>) -> StoreFuture<'a, ()> {
+        let group = group.to_owned();
+        Box::pin(async move {
+            change.await?;
+            self.group_changed(&group);
+            Ok(())
         })
     }
 
@@ -262,11 +309,14 @@ impl RedbStore {
         &self.path
     }
 
-    fn send(&self, cmd: Command) -> Result<(), StoreError> {
+    /// Queues a command for the writer thread, waiting while the queue is
+    /// full.
+    async fn send(&self, cmd: Command) -> Result<(), StoreError> {
         self.tx
             .as_ref()
             .ok_or_else(writer_gone)?
             .send(cmd)
+            .await
             .map_err(|_| writer_gone())
     }
 
@@ -289,9 +339,8 @@ impl RedbStore {
             let _ = reply.send(result);
             committed
         };
-        let sent = self.send(Command::Exec(Box::new(job)));
         Box::pin(async move {
-            sent?;
+            self.send(Command::Exec(Box::new(job))).await?;
             rx.await.map_err(|_| writer_gone())?
         })
     }
@@ -340,10 +389,10 @@ impl Drop for RedbStore {
 // ---------------------------------------------------------------------------
 // Writer thread.
 
-fn writer_loop(db: &Database, rx: &mpsc::Receiver<Command>) {
+fn writer_loop(db: &Database, rx: &mut tokio::sync::mpsc::Receiver<Command>) {
     // Whether a non-durable commit happened since the last durable one.
     let mut unsynced = false;
-    while let Ok(first) = rx.recv() {
+    while let Some(first) = rx.blocking_recv() {
         let mut bytes = first.blob_len();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
@@ -864,8 +913,9 @@ fn retain_group(
 impl RedbStore {
     /// Adds (`add`) or removes a member of an existing group.
     fn change_member(&self, group: &str, user: &str, add: bool) -> StoreFuture<'_, ()> {
+        let name = group;
         let (group, user) = (group.to_owned(), user.to_owned());
-        self.write(move |txn| {
+        let change = self.write(move |txn| {
             let groups = txn.open_table(GROUPS).ctx("opening groups")?;
             if groups.get(group.as_str()).ctx("reading groups")?.is_none() {
                 return Err(StoreError::NoSuchGroup(group));
@@ -878,14 +928,16 @@ impl RedbStore {
             }
             .ctx("writing members")?;
             Ok(())
-        })
+        });
+        self.changing(name, change)
     }
 }
 
 impl ClipStore for RedbStore {
     fn create_group(&self, group: &str, mode: GroupMode, max_clip_ms: u32) -> StoreFuture<'_, ()> {
+        let name = group;
         let group = group.to_owned();
-        self.write(move |txn| {
+        let change = self.write(move |txn| {
             let mut groups = txn.open_table(GROUPS).ctx("opening groups")?;
             if groups.get(group.as_str()).ctx("reading groups")?.is_some() {
                 return Err(StoreError::GroupExists(group));
@@ -895,12 +947,14 @@ impl ClipStore for RedbStore {
                 .insert(group.as_str(), record.as_slice())
                 .ctx("writing groups")?;
             Ok(())
-        })
+        });
+        self.changing(name, change)
     }
 
     fn set_mode(&self, group: &str, mode: GroupMode) -> StoreFuture<'_, ()> {
+        let name = group;
         let group = group.to_owned();
-        self.write(move |txn| {
+        let change = self.write(move |txn| {
             let mut groups = txn.open_table(GROUPS).ctx("opening groups")?;
             let mut record = {
                 let raw = groups
@@ -914,7 +968,8 @@ impl ClipStore for RedbStore {
                 .insert(group.as_str(), encode_group(record).as_slice())
                 .ctx("writing groups")?;
             Ok(())
-        })
+        });
+        self.changing(name, change)
     }
 
     fn add_member(&self, group: &str, user: &str) -> StoreFuture<'_, ()> {
@@ -946,16 +1001,18 @@ impl ClipStore for RedbStore {
     }
 
     fn append_clip(&self, clip: NewClip) -> StoreFuture<'_, AppendOutcome> {
+        self.appends
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let blob = encode_clip(&clip);
         let (reply, rx) = oneshot::channel();
-        let sent = self.send(Command::Append {
+        let cmd = Command::Append {
             group: clip.meta.group,
             clip_id: clip.meta.clip_id,
             blob,
             reply,
-        });
+        };
         Box::pin(async move {
-            sent?;
+            self.send(cmd).await?;
             rx.await.map_err(|_| writer_gone())?
         })
     }
@@ -1065,15 +1122,17 @@ impl ClipStore for RedbStore {
     }
 
     fn advance_cursor(&self, group: &str, user: &str, seq: u64) -> StoreFuture<'_, ()> {
+        self.cursor_writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
-        let sent = self.send(Command::Cursor {
+        let cmd = Command::Cursor {
             group: group.to_owned(),
             user: user.to_owned(),
             seq,
             reply,
-        });
+        };
         Box::pin(async move {
-            sent?;
+            self.send(cmd).await?;
             rx.await.map_err(|_| writer_gone())?
         })
     }
@@ -1100,6 +1159,14 @@ impl ClipStore for RedbStore {
         // An empty durable commit also makes every earlier non-durable one
         // durable.
         self.write(|_| Ok(()))
+    }
+
+    fn counters(&self) -> StoreCounters {
+        use std::sync::atomic::Ordering::Relaxed;
+        StoreCounters {
+            appends: self.appends.load(Relaxed),
+            cursor_writes: self.cursor_writes.load(Relaxed),
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 //! connected to it, and helpers to wait for events.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -55,6 +57,7 @@ impl TestRelay {
     pub fn token(&self, user: &str) -> String {
         self.handle
             .issue_token(user, Duration::from_secs(3600), false, false)
+            .expect("the test relay signs with its own key")
     }
 
     pub fn config(&self, token: String) -> ClientConfig {

@@ -1,0 +1,64 @@
+//! FetchRecent: a group's newest stored clips again.
+
+use std::sync::Arc;
+
+use ptt_protocol::ErrorCode;
+
+use crate::delivery::{self, Delivery, Sink};
+use crate::session::{Session, TaskDone};
+
+/// Most clips one fetch may ask for.
+const MAX_FETCH: u32 = 100;
+
+/// Most fetches in flight per connection: each may read up to `MAX_FETCH`
+/// clips into memory.
+pub(in crate::session) const MAX_FETCHES: usize = 2;
+
+impl Session {
+    /// FetchRecent: the newest `count` clips (at most 100), flagged
+    /// FETCHED, then FetchDone. A third fetch while two are under way is
+    /// refused with `RateLimited`.
+    pub(super) async fn fetch(&mut self, request_id: u64, group: String, count: u32) {
+        if let Err(code_) = self.ctx.hub.member_group(&group, &self.handle.user).await {
+            self.reply_result(request_id, Err(code_)).await;
+            return;
+        }
+        if self.fetches >= MAX_FETCHES {
+            self.reply_result(request_id, Err(ErrorCode::RateLimited))
+                .await;
+            return;
+        }
+        self.fetches += 1;
+        let conn = self.conn.clone();
+        let log = self.ctx.log.clone();
+        let key: Arc<str> = group.as_str().into();
+        let stop = self.stop.clone();
+        self.deliveries.spawn(async move {
+            let sink = Sink::new(ErrorCode::ShuttingDown);
+            let send = async {
+                let clips = log
+                    .recent(&key, count.min(MAX_FETCH) as usize)
+                    .await
+                    .unwrap_or_default();
+                let mut sent = 0;
+                for clip in &clips {
+                    if let Delivery::Complete { .. } =
+                        delivery::deliver_stored(&conn, clip, true, &sink).await
+                    {
+                        sent += 1;
+                    }
+                }
+                sent
+            };
+            let count = tokio::select! {
+                _ = stop.cancelled() => 0,
+                sent = send => sent,
+            };
+            TaskDone::Fetched {
+                request_id,
+                group: key,
+                count,
+            }
+        });
+    }
+}
