@@ -78,23 +78,8 @@ async fn the_cursor_moves_past_a_gap_and_stays_there_across_reconnects() {
     let (bob, mut events) = relay.client("bob").await;
     let info = bob.join("team").await.unwrap();
     assert_eq!((info.cursor, info.last_seq), (0, 8));
-    let mut gap = None;
-    let mut ended = Vec::new();
-    tokio::time::timeout(WAIT, async {
-        while gap.is_none() || ended.len() < 5 {
-            match events.next().await.unwrap() {
-                Event::Gap {
-                    from_seq, to_seq, ..
-                } => gap = Some((from_seq, to_seq)),
-                Event::ClipEnded { seq, .. } => ended.push(seq),
-                _ => {}
-            }
-        }
-    })
-    .await
-    .expect("gap and clips");
+    let (gap, ended) = gap_and_ends(&mut events, 5).await;
     assert_eq!(gap, Some((1, 3)));
-    ended.sort();
     assert_eq!(ended, vec![4, 5, 6, 7, 8]);
     let store = relay.handle.store().clone();
     eventually(async || store.cursor("team", "bob").await.unwrap() == 8).await;
@@ -125,18 +110,7 @@ async fn shutdown_resets_live_deliveries_with_a_code() {
     relay
         .group("team", GroupMode::Notes, &["alice", "bob"])
         .await;
-    let (bob, mut bob_send, mut bob_control) = Raw::hello(&relay, "bob").await;
-    say(
-        &mut bob_send,
-        ControlMessage::Join {
-            request_id: 1,
-            group: "team".into(),
-        },
-    )
-    .await;
-    bob_control
-        .until(|m| matches!(m, ControlMessage::CaughtUp { .. }).then_some(()))
-        .await;
+    let (bob, _bob_send, mut bob_control) = Raw::member(&relay, "bob", "team").await;
     let (alice, _ae) = relay.client("alice").await;
     let mut talk = alice.talk("team", params()).await.unwrap();
     for frame in frames(1, 25) {
@@ -444,18 +418,7 @@ async fn a_transcoded_wav_is_delivered_like_a_live_clip() {
     relay
         .group("team", GroupMode::Notes, &["alice", "bob"])
         .await;
-    let (bob, mut bob_send, mut bob_control) = Raw::hello(&relay, "bob").await;
-    say(
-        &mut bob_send,
-        ControlMessage::Join {
-            request_id: 1,
-            group: "team".into(),
-        },
-    )
-    .await;
-    bob_control
-        .until(|m| matches!(m, ControlMessage::CaughtUp { .. }).then_some(()))
-        .await;
+    let (bob, _bob_send, _bob_control) = Raw::member(&relay, "bob", "team").await;
     let (alice, _ae) = relay.client("alice").await;
     let wav = std::fs::read(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -688,18 +651,7 @@ async fn claims_about_clips_never_delivered_cost_nothing_and_floods_are_cut() {
         .await;
     let (alice, _ae) = relay.member("alice", "team").await;
     let (_carol, mut carol_events) = relay.member("carol", "team").await;
-    let (raw, mut send_, mut control) = Raw::hello(&relay, "mallory").await;
-    say(
-        &mut send_,
-        ControlMessage::Join {
-            request_id: 1,
-            group: "team".into(),
-        },
-    )
-    .await;
-    control
-        .until(|m| matches!(m, ControlMessage::CaughtUp { .. }).then_some(()))
-        .await;
+    let (raw, mut send_, mut control) = Raw::member(&relay, "mallory", "team").await;
     let tasks = || {
         tokio::runtime::Handle::current()
             .metrics()
@@ -829,18 +781,7 @@ async fn a_removed_member_stops_receiving() {
         .await;
     let (alice, _ae) = relay.member("alice", "team").await;
     let (_carol, mut carol_events) = relay.member("carol", "team").await;
-    let (raw, mut send_, mut control) = Raw::hello(&relay, "bob").await;
-    say(
-        &mut send_,
-        ControlMessage::Join {
-            request_id: 1,
-            group: "team".into(),
-        },
-    )
-    .await;
-    control
-        .until(|m| matches!(m, ControlMessage::CaughtUp { .. }).then_some(()))
-        .await;
+    let (raw, _send, mut control) = Raw::member(&relay, "bob", "team").await;
     ptt_relay::admin::remove_member(&**relay.handle.store(), "team", "bob")
         .await
         .unwrap();

@@ -492,23 +492,8 @@ async fn a_member_behind_retention_gets_a_gap_notice_then_the_rest() {
     bob.join("team").await.unwrap();
     // The gap notice comes on the control stream, the clips on their own
     // streams: QUIC does not order the two, so gather both.
-    let mut gap = None;
-    let mut ended = Vec::new();
-    tokio::time::timeout(WAIT, async {
-        while gap.is_none() || ended.len() < 2 {
-            match bob_events.next().await.unwrap() {
-                Event::Gap {
-                    from_seq, to_seq, ..
-                } => gap = Some((from_seq, to_seq)),
-                Event::ClipEnded { seq, .. } => ended.push(seq),
-                _ => {}
-            }
-        }
-    })
-    .await
-    .expect("gap and clips in time");
+    let (gap, ended) = gap_and_ends(&mut bob_events, 2).await;
     assert_eq!(gap, Some((1, 3)));
-    ended.sort();
     assert_eq!(ended, vec![4, 5]);
 }
 

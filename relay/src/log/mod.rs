@@ -22,7 +22,7 @@
 //! Publication order is the log's: a node learns that clip `n` is stored
 //! from its feed, after `n - 1`, never from the talker that appended it.
 //! Live frames of this node's own talkers do not go through the log: the
-//! node fans them out locally ([`crate::hub`]) and publishes them for the
+//! node fans them out locally (the hub) and publishes them for the
 //! others, as a remote origin is just another producer in the same model
 //! (moq-rs's origin/cluster split).
 //!

@@ -99,6 +99,28 @@ pub async fn wait_for<T>(events: &mut Events, mut pick: impl FnMut(&Event) -> Op
     .expect("the expected event arrived in time")
 }
 
+/// Gathers a gap notice and the ends of `n` clips (they come on different
+/// streams, which QUIC does not order): the gap and the sorted seqs.
+pub async fn gap_and_ends(events: &mut Events, n: usize) -> (Option<(u64, u64)>, Vec<u64>) {
+    let mut gap = None;
+    let mut ended = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while gap.is_none() || ended.len() < n {
+            match events.next().await.expect("event stream open") {
+                Event::Gap {
+                    from_seq, to_seq, ..
+                } => gap = Some((from_seq, to_seq)),
+                Event::ClipEnded { seq, .. } => ended.push(seq),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("gap and clips in time");
+    ended.sort();
+    (gap, ended)
+}
+
 /// A received clip: header fields and frames, gathered from events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {

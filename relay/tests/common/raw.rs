@@ -47,6 +47,24 @@ impl Raw {
         (raw, send, control)
     }
 
+    /// Connects as `user`, joins `group` and waits for its catch-up.
+    pub async fn member(
+        relay: &TestRelay,
+        user: &str,
+        group: &str,
+    ) -> (Raw, quinn::SendStream, Control) {
+        let (raw, mut send, mut control) = Raw::hello(relay, user).await;
+        let join = ControlMessage::Join {
+            request_id: 1,
+            group: group.into(),
+        };
+        send.write_all(&join.to_bytes()).await.unwrap();
+        control
+            .until(|m| matches!(m, ControlMessage::CaughtUp { .. }).then_some(()))
+            .await;
+        (raw, send, control)
+    }
+
     /// Opens the control stream and says hello as `user`.
     pub async fn hello_as(&self, relay: &TestRelay, user: &str) -> (quinn::SendStream, Control) {
         let (mut send, recv) = self.conn.open_bi().await.unwrap();
