@@ -172,7 +172,7 @@ async fn read_control(inner: Arc<Inner>, epoch: u64, mut reader: FramedReader<qu
 /// Accepts the clip streams the relay opens and reads each in its own task.
 async fn accept_clips(inner: Arc<Inner>, conn: quinn::Connection) {
     while let Ok(recv) = conn.accept_uni().await {
-        tokio::spawn(crate::receive::read_clip(inner.clone(), recv));
+        tokio::spawn(crate::receive::read_clip(inner.clone(), conn.clone(), recv));
     }
 }
 

@@ -1,5 +1,6 @@
 //! Reading one clip stream from the relay: validation, events, duplicate
-//! suppression and acknowledgement.
+//! suppression, acknowledgement, and `LiveRead` reports of how far a live
+//! clip was read.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -7,7 +8,7 @@ use std::time::{Duration, Instant};
 use ptt_protocol::message::MAX_PAYLOAD_LEN;
 use ptt_protocol::{
     ClipEvent, ClipHeader, ClipId, ClipLimits, ClipMessage, ClipReader, ErrorCode, FramedReader,
-    ReadError,
+    LiveRead, ReadError,
 };
 
 use crate::event::Event;
@@ -20,10 +21,52 @@ struct Current {
     /// Received whole before: read silently, acknowledge, surface nothing.
     duplicate: bool,
     ended: bool,
+    /// Reports for a live clip (no HISTORY flag).
+    report: Option<LiveReport>,
+}
+
+/// Tells the relay how far the application has read a live clip stream
+/// (PROTOCOL.md, section 9.7), so that it measures our lag against what we
+/// read rather than against flow control: after the header, then every
+/// [`LiveRead::interval_frames`] frames (25 at 20 ms).
+struct LiveReport {
+    conn: quinn::Connection,
+    stream: u64,
+    every: u32,
+}
+
+impl LiveReport {
+    fn new(conn: &quinn::Connection, recv: &quinn::RecvStream, frame_ms: u8) -> LiveReport {
+        LiveReport {
+            conn: conn.clone(),
+            stream: recv.id().into(),
+            every: LiveRead::interval_frames(frame_ms),
+        }
+    }
+
+    /// Frame `index` was handed to the application.
+    fn frame_read(&self, inner: &Inner, index: u32) {
+        let frames = index.saturating_add(1);
+        if frames.is_multiple_of(self.every) {
+            self.send(inner, frames);
+        }
+    }
+
+    /// Reports `frames` read. A report that cannot be sent or is lost
+    /// costs nothing: the next one supersedes it.
+    fn send(&self, inner: &Inner, frames: u32) {
+        let read = LiveRead {
+            stream: self.stream,
+            frames,
+        };
+        if self.conn.send_datagram(read.to_bytes()).is_ok() {
+            Stats::bump(&inner.stats.live_reads_sent);
+        }
+    }
 }
 
 /// Reads the clip stream `recv` to its end, turning it into events.
-pub(crate) async fn read_clip(inner: Arc<Inner>, recv: quinn::RecvStream) {
+pub(crate) async fn read_clip(inner: Arc<Inner>, conn: quinn::Connection, recv: quinn::RecvStream) {
     let mut stream = FramedReader::new(recv, MAX_PAYLOAD_LEN);
     let mut reader = ClipReader::new(ClipLimits::unlimited());
     let mut current: Option<Current> = None;
@@ -38,7 +81,16 @@ pub(crate) async fn read_clip(inner: Arc<Inner>, recv: quinn::RecvStream) {
         };
         let code = match next {
             Ok(Some((msg, _))) => {
-                match handle(&inner, msg, &mut reader, &mut current, stream.get_mut()).await {
+                match handle(
+                    &inner,
+                    &conn,
+                    msg,
+                    &mut reader,
+                    &mut current,
+                    stream.get_mut(),
+                )
+                .await
+                {
                     Ok(Flow::Continue) => continue,
                     Ok(Flow::Done) => return,
                     Err(code) => {
@@ -91,6 +143,7 @@ enum Flow {
 /// Handles one message of the clip stream.
 async fn handle(
     inner: &Arc<Inner>,
+    conn: &quinn::Connection,
     msg: ClipMessage,
     reader: &mut ClipReader,
     current: &mut Option<Current>,
@@ -121,11 +174,20 @@ async fn handle(
                     })
                     .await;
             }
+            // A live clip is reported even when it is a duplicate: we
+            // still read it, and the relay cuts a live stream whose reports
+            // stop.
+            let live = header.flags & ClipHeader::FLAG_HISTORY == 0;
+            let report = live.then(|| LiveReport::new(conn, recv, header.frame_ms));
+            if let Some(report) = &report {
+                report.send(inner, 0);
+            }
             *current = Some(Current {
                 group: header.group,
                 clip_id: header.clip_id,
                 duplicate,
                 ended: false,
+                report,
             });
         }
         ClipEvent::Frame { index, data } => {
@@ -141,6 +203,9 @@ async fn handle(
                         received_at: now,
                     })
                     .await;
+            }
+            if let Some(report) = &c.report {
+                report.frame_read(inner, index);
             }
         }
         ClipEvent::Ended {

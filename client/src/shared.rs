@@ -51,6 +51,10 @@ pub struct ClientStats {
     pub clips_resent: u64,
     /// Successful reconnections.
     pub reconnects: u64,
+    /// `LiveRead` datagrams handed to QUIC: reports of how far live clips
+    /// were read, after each header and every 500 ms of audio (PROTOCOL.md,
+    /// section 9.7).
+    pub live_reads_sent: u64,
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +66,7 @@ pub(crate) struct Stats {
     pub clips_stored: AtomicU64,
     pub clips_resent: AtomicU64,
     pub reconnects: AtomicU64,
+    pub live_reads_sent: AtomicU64,
 }
 
 impl Stats {
@@ -79,6 +84,7 @@ impl Stats {
             clips_stored: g(&self.clips_stored),
             clips_resent: g(&self.clips_resent),
             reconnects: g(&self.reconnects),
+            live_reads_sent: g(&self.live_reads_sent),
         }
     }
 }

@@ -144,7 +144,13 @@ pub fn transport_config(t: &TransportTuning) -> Result<quinn::TransportConfig, C
         ))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(t.max_concurrent_uni_streams))
         // The relay never opens bidirectional streams.
-        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(0));
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(0))
+        // Datagrams carry our `LiveRead` reports (PROTOCOL.md, section
+        // 4.3). quinn sends datagrams only with reception enabled, though
+        // the relay sends none; a few KiB of reports wait to be sent, the
+        // oldest dropped first (only the newest matter).
+        .datagram_receive_buffer_size(Some(ptt_protocol::LIVE_READ_BUFFER))
+        .datagram_send_buffer_size(4 * ptt_protocol::LIVE_READ_BUFFER);
     // The relay ACKs a talker's frames a few at a time, as it asks of us:
     // fewer packets for the phone's radio to receive.
     let mut ack = quinn::AckFrequencyConfig::default();

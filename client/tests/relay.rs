@@ -581,3 +581,102 @@ async fn a_wav_upload_is_transcoded_and_delivered_as_opus() {
     assert!(count >= 50, "{count} Opus packets for one second");
     h.relay.shutdown().await;
 }
+
+/// Live clips are reported as read (`LiveRead` datagrams, PROTOCOL.md
+/// section 9.7), so the relay measures a member's lag against what its
+/// application took: a member that keeps reading is never cut, and one
+/// whose application stops taking events stops reporting and is cut with
+/// `SlowReceiver` (then gets the clip whole from the store), although its
+/// 64 KiB stream window could hold the whole clip.
+#[tokio::test]
+async fn live_clips_are_reported_as_read_so_only_a_member_that_stops_is_cut() {
+    // The relay's default `live_lag_frames` is 100, and it allows 25 more
+    // for a report's age: carol, who reports 0 frames read, is cut before
+    // alice's 150th frame; a 3 s clip keeps the test short.
+    const CLIP_FRAMES: usize = 150;
+    let h = Harness::start().await;
+    h.group("live", GroupMode::Notes, &["alice", "bob", "carol"])
+        .await;
+    let (bob, mut bob_events) = h.connect("bob").await;
+    bob.join("live").await.unwrap();
+    // Carol's application takes no events while alice talks; with room
+    // for 16, her client reads a few frames and then stops.
+    let mut carol_config = h.config("carol", false);
+    carol_config.event_capacity = 16;
+    let (carol, mut carol_events) = Client::connect(carol_config).await.unwrap();
+    carol.join("live").await.unwrap();
+    let (alice, _alice_events) = h.connect("alice").await;
+
+    // Bob reads everything as it comes.
+    let bob_reads = tokio::spawn(async move {
+        let (history, clip_id) = wait_for(&mut bob_events, |e| match e {
+            Event::ClipStarted {
+                history, clip_id, ..
+            } => Some((*history, *clip_id)),
+            _ => None,
+        })
+        .await;
+        assert!(!history, "bob's copy is live");
+        let mut got = Vec::new();
+        wait_for(&mut bob_events, |e| match e {
+            Event::Frame { data, .. } => {
+                got.push(data.clone());
+                None
+            }
+            Event::ClipEnded { .. } => Some(()),
+            Event::ClipAborted { code, .. } => panic!("bob, reading, was cut: {code}"),
+            _ => None,
+        })
+        .await;
+        (clip_id, got)
+    });
+
+    let sent = frames(CLIP_FRAMES);
+    let mut talk = alice.talk("live", ClipParams::default()).await.unwrap();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for f in &sent {
+        tick.tick().await;
+        talk.send_frame(f.clone()).await.unwrap();
+    }
+    let stored = talk.finish(Bytes::new()).await.unwrap();
+
+    let (clip_id, got) = tokio::time::timeout(WAIT, bob_reads)
+        .await
+        .expect("bob done in time")
+        .unwrap();
+    assert_eq!((clip_id, &got), (stored.clip_id, &sent));
+    // A report after the header, then one every 25 frames (500 ms).
+    assert_eq!(bob.stats().live_reads_sent, 1 + CLIP_FRAMES as u64 / 25);
+    let datagrams = bob.connection().unwrap().stats().frame_tx.datagram;
+    assert!(datagrams > 0, "reports are QUIC datagrams");
+
+    // Carol takes her events now: the live copy was cut, and the stored
+    // clip came again whole.
+    let code = wait_for(&mut carol_events, |e| match e {
+        Event::ClipAborted { clip_id, code, .. } if *clip_id == stored.clip_id => Some(*code),
+        _ => None,
+    })
+    .await;
+    assert_eq!(code, ErrorCode::SlowReceiver);
+    assert_eq!(carol.stats().live_reads_sent, 1, "the header only");
+    let (history, seq) = wait_for(&mut carol_events, |e| match e {
+        Event::ClipStarted { history, seq, .. } => Some((*history, *seq)),
+        _ => None,
+    })
+    .await;
+    assert!(history);
+    assert_eq!(seq, stored.seq);
+    let mut recovered = Vec::new();
+    wait_for(&mut carol_events, |e| match e {
+        Event::Frame { data, .. } => {
+            recovered.push(data.clone());
+            None
+        }
+        Event::ClipEnded { .. } => Some(()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(recovered, sent);
+    h.relay.shutdown().await;
+}

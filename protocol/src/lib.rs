@@ -14,9 +14,12 @@
 //! - [`clip::ClipReader`] checks one clip stream.
 //! - [`floor::FloorState`] decides who may talk in a walkie group.
 //! - [`session::SessionState`] enforces auth first and the clip limits.
+//! - [`datagram`] holds what travels in QUIC datagrams: a member's
+//!   [`LiveRead`] reports of how far it read a live clip.
 
 pub mod clip;
 pub mod coding;
+pub mod datagram;
 pub mod error;
 pub mod floor;
 pub mod ids;
@@ -26,6 +29,7 @@ pub mod session;
 pub mod stream;
 
 pub use clip::{ClipError, ClipEvent, ClipLimits, ClipReader};
+pub use datagram::{LIVE_READ_BUFFER, LIVE_READ_INTERVAL, LiveRead, live_reads};
 pub use error::{DecodeError, ErrorCode};
 pub use floor::{FloorDecision, FloorHolder, FloorState};
 pub use ids::{ClipId, GroupMode, is_valid_id};

@@ -31,7 +31,8 @@ pub const MAX_WAVEFORM_LEN: usize = 256;
 pub const MAX_FRAME_LEN: usize = 32 * 1024;
 
 /// Message type numbers (PROTOCOL.md, "Message types"). All are below 64,
-/// so each takes one byte on the wire.
+/// so each takes one byte on the wire. `LIVE_READ` travels in QUIC
+/// datagrams only ([`crate::datagram`]).
 pub mod kind {
     #![allow(missing_docs)]
     pub const HELLO: u64 = 0x01;
@@ -71,6 +72,8 @@ pub mod kind {
     pub const CLIP_HEADER: u64 = 0x38;
     pub const CLIP_FRAME: u64 = 0x39;
     pub const CLIP_END: u64 = 0x3a;
+
+    pub const LIVE_READ: u64 = 0x3b;
 }
 
 /// The limits a relay enforces, announced in [`Welcome`].

@@ -2,7 +2,10 @@
 //! block in it must decode, with this crate, to the value the line
 //! `decodes-to: `…`` under it states (the value's `Debug` form), to the
 //! value this test expects for NAME, and must be exactly what the encoder
-//! writes for that value.
+//! writes for that value. A block whose NAME starts with `datagram` is a
+//! whole QUIC datagram, decoded with `ptt_protocol::live_reads` (its value
+//! is the list of `LiveRead` reports in it); any other block is one frame
+//! of a stream.
 //!
 //! To regenerate the examples after a format change, run
 //! `cargo test -p ptt-protocol --test protocol_md -- --ignored --nocapture`
@@ -13,13 +16,15 @@ use ptt_protocol::coding::{put_bytes, put_string, put_varint};
 use ptt_protocol::message::kind;
 use ptt_protocol::{
     ClipFormat, ClipHeader, ClipId, ClipMessage, ControlMessage, ErrorCode, FrameDecoder,
-    GroupMode, GroupSummary, Limits, ReceiptKind, Welcome,
+    GroupMode, GroupSummary, Limits, LiveRead, ReceiptKind, Welcome, live_reads,
 };
 
 #[derive(Debug, Clone, PartialEq)]
 enum Example {
     Control(ControlMessage),
     Clip(ClipMessage),
+    /// A QUIC datagram: the reports in it.
+    Datagram(Vec<LiveRead>),
 }
 
 impl Example {
@@ -27,6 +32,13 @@ impl Example {
         match self {
             Example::Control(m) => m.to_bytes(),
             Example::Clip(m) => m.to_bytes(),
+            Example::Datagram(reads) => {
+                let mut buf = BytesMut::new();
+                for r in reads {
+                    r.encode(&mut buf);
+                }
+                buf.freeze()
+            }
         }
     }
 
@@ -34,6 +46,7 @@ impl Example {
         match self {
             Example::Control(m) => format!("{m:?}"),
             Example::Clip(m) => format!("{m:?}"),
+            Example::Datagram(reads) => format!("{reads:?}"),
         }
     }
 }
@@ -372,6 +385,13 @@ fn examples() -> Vec<(&'static str, Example)> {
                 members: vec!["alice".into(), "bob".into()],
             }),
         ),
+        (
+            "datagram-live-read",
+            Example::Datagram(vec![LiveRead {
+                stream: 3,
+                frames: 25,
+            }]),
+        ),
     ]
 }
 
@@ -388,6 +408,16 @@ fn tolerance_examples() -> Vec<(&'static str, Vec<u8>, Example)> {
             "unknown-control-message",
             vec![0x3e, 0x02, 0xca, 0xfe],
             Example::Control(ControlMessage::Unknown { kind: 0x3e }),
+        ),
+        (
+            "datagram-tolerated",
+            vec![
+                0x3e, 0x02, 0xca, 0xfe, 0x3b, 0x02, 0x07, 0x32, 0x3b, 0x05, 0x0b,
+            ],
+            Example::Datagram(vec![LiveRead {
+                stream: 7,
+                frames: 50,
+            }]),
         ),
     ]
 }
@@ -452,7 +482,11 @@ fn parse_doc(doc: &str) -> Vec<Block> {
     blocks
 }
 
-fn decode(bytes: &[u8]) -> Example {
+/// Decodes the block `title`: a datagram, or one frame of a stream.
+fn decode(title: &str, bytes: &[u8]) -> Example {
+    if title.starts_with("datagram") {
+        return Example::Datagram(live_reads(bytes).collect());
+    }
     let mut dec = FrameDecoder::new(ptt_protocol::message::MAX_PAYLOAD_LEN);
     dec.push(Bytes::copy_from_slice(bytes));
     let frame = dec
@@ -480,7 +514,7 @@ fn every_hex_example_in_protocol_md_decodes_to_its_stated_value() {
     let mut seen = Vec::new();
     for block in &blocks {
         let at = format!("PROTOCOL.md block {:?} (line {})", block.title, block.line);
-        let decoded = decode(&block.bytes);
+        let decoded = decode(&block.title, &block.bytes);
         let stated = block
             .decodes_to
             .as_ref()
@@ -522,7 +556,7 @@ fn the_block_parser_reads_comments_and_statements() {
     assert_eq!(blocks.len(), 1);
     assert_eq!(blocks[0].bytes, [0x21, 0x01, 0x05]);
     assert_eq!(
-        decode(&blocks[0].bytes).debug(),
+        decode(&blocks[0].title, &blocks[0].bytes).debug(),
         blocks[0].decodes_to.clone().unwrap()
     );
 }
@@ -604,6 +638,13 @@ fn annotated(title: &str) -> Option<Vec<(Vec<u8>, String)>> {
         "group-left" => vec![
             (s("team-1"), "group: length 6, \"team-1\"".into()),
             (v(6), "code = 6 (NotMember)".into()),
+        ],
+        "datagram-live-read" => vec![
+            (
+                v(3),
+                "stream = 3 (the relay's first unidirectional stream)".into(),
+            ),
+            (v(25), "frames = 25 (500 ms of 20 ms frames)".into()),
         ],
         "stored" => vec![
             (s("team-1"), "group".into()),
