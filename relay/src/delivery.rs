@@ -21,8 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
-use ptt_protocol::coding::get_varint;
+use bytes::{Bytes, BytesMut};
 use ptt_protocol::{ClipHeader, ClipId, ClipMessage, ErrorCode};
 use quinn::{Connection, SendStream, VarInt};
 
@@ -170,20 +169,6 @@ impl Drop for Guarded {
     }
 }
 
-/// The message type of `LiveRead`, the datagram in which a member reports
-/// how many frames of a live clip stream it has read: `stream` (varint, the
-/// QUIC stream id), `frames` (varint).
-pub const LIVE_READ: u64 = 0x3b;
-
-/// A member reports its reading of a live clip at least once per this much
-/// audio read; a report may be this old, so the relay allows it on top of
-/// [`LagPolicy::max_frames`].
-pub const LIVE_READ_INTERVAL: Duration = Duration::from_millis(500);
-
-/// Bytes of datagrams the relay queues per connection: reports are a few
-/// bytes each and only the newest matter.
-pub const LIVE_READ_BUFFER: usize = 1024;
-
 /// What a member has read of its live clip streams, as it reports in
 /// `LiveRead` datagrams. One per connection, shared by the session (which
 /// feeds it each datagram) and the connection's live deliveries.
@@ -203,28 +188,9 @@ impl LiveReads {
     /// Takes one datagram from the member: one or more framed messages, of
     /// which `LiveRead`s are counted; others, reports for streams that are
     /// not live, and a damaged tail are ignored.
-    pub fn receive(&self, mut datagram: Bytes) {
-        while datagram.has_remaining() {
-            let (Ok(kind), Ok(len)) = (get_varint(&mut datagram), get_varint(&mut datagram)) else {
-                return;
-            };
-            let Some(mut payload) = usize::try_from(len)
-                .ok()
-                .filter(|&len| len <= datagram.len())
-                .map(|len| datagram.split_to(len))
-            else {
-                return;
-            };
-            if kind != LIVE_READ {
-                continue;
-            }
-            let Ok(stream) = get_varint(&mut payload) else {
-                continue;
-            };
-            let Ok(frames) = get_varint(&mut payload) else {
-                continue;
-            };
-            self.report(stream, u32::try_from(frames).unwrap_or(u32::MAX));
+    pub fn receive(&self, datagram: Bytes) {
+        for read in ptt_protocol::live_reads(&datagram) {
+            self.report(read.stream, read.frames);
         }
     }
 
@@ -290,7 +256,7 @@ impl Drop for ReadCount {
 ///
 /// Cuts the stream when the member is more than `lag.max_frames` frames
 /// behind the talker, counted from the frames it reported reading in
-/// `reads` (allowing a report's age: [`LIVE_READ_INTERVAL`] and a round
+/// `reads` (allowing a report's age: [`ptt_protocol::LIVE_READ_INTERVAL`] and a round
 /// trip), or when a write blocks longer than `lag.max_stall`.
 pub async fn deliver_live(
     conn: &Connection,
@@ -311,7 +277,7 @@ pub async fn deliver_live(
         conn,
         count: reads.track(stream.id().into()),
         frame,
-        allowed_unread: allowed_lag + frames_in(LIVE_READ_INTERVAL, frame),
+        allowed_unread: allowed_lag + frames_in(ptt_protocol::LIVE_READ_INTERVAL, frame),
         progress: clip.subscribe(),
         max_stall: lag.max_stall,
     };
@@ -516,7 +482,7 @@ mod tests {
         let mut payload = BytesMut::new();
         put_varint(&mut payload, stream);
         put_varint(&mut payload, frames);
-        put_varint(buf, LIVE_READ);
+        put_varint(buf, ptt_protocol::message::kind::LIVE_READ);
         put_varint(buf, payload.len() as u64);
         buf.extend_from_slice(&payload);
     }
@@ -551,11 +517,11 @@ mod tests {
         reads.receive(Bytes::from_static(&[0x3b, 0x40]));
         reads.receive(Bytes::from_static(&[0x3b, 0x05, 0x03]));
         reads.receive(Bytes::new());
-        // A count beyond u32 saturates.
+        // A count beyond u32 is not a report.
         let mut big = BytesMut::new();
         live_read(&mut big, 3, u64::from(u32::MAX) + 5);
         reads.receive(big.freeze());
-        assert_eq!(a.frames(), Some(u32::MAX as usize));
+        assert_eq!(a.frames(), None);
         drop(a);
         assert!(reads.0.streams.lock().unwrap().is_empty());
     }

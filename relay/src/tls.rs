@@ -165,7 +165,7 @@ pub fn server_config(
         .stream_receive_window((64u32 * 1024).into())
         .receive_window((512u32 * 1024).into())
         .send_window(512 * 1024)
-        .datagram_receive_buffer_size(Some(crate::delivery::LIVE_READ_BUFFER));
+        .datagram_receive_buffer_size(Some(ptt_protocol::LIVE_READ_BUFFER));
     // Members ACK a few voice frames at once (see
     // `ptt_protocol::ACK_ELICITING_THRESHOLD`): at 80 ms RTT this cut relay
     // CPU per delivered frame by 14 %.

@@ -19,8 +19,8 @@ use common::*;
 use ptt_client::{ClipParams, ErrorCode, GroupMode};
 use ptt_protocol::coding::put_varint;
 use ptt_protocol::message::MAX_PAYLOAD_LEN;
+use ptt_protocol::message::kind::LIVE_READ;
 use ptt_protocol::{ClipHeader, ClipMessage, ControlMessage, FrameDecoder, PROTOCOL_VERSION};
-use ptt_relay::delivery::LIVE_READ;
 
 /// The relay's lag limit in these tests: 1 s of 20 ms frames.
 const LAG: usize = 50;
