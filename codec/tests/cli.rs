@@ -171,3 +171,55 @@ fn errors_are_one_line_naming_the_file() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("missing.opus"), "{}", stderr(&o));
 }
+
+/// Issue #9 through the command line: a hostile OpusHead input rate exits
+/// non-zero with one line naming the file and the rate, not an abort.
+#[test]
+fn decode_of_a_3_ghz_input_rate_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("ok.opus");
+    let o = codec(&[&"encode", &fixture_path(), &"-o", &src]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Patch the input rate (bytes 12..16 of OpusHead, at offset 28 + 12 of
+    // the file) and fix the first page's CRC.
+    let mut bytes = std::fs::read(&src).unwrap();
+    bytes[40..44].copy_from_slice(&3_000_000_000u32.to_le_bytes());
+    fix_page_crc(&mut bytes, 0);
+    let hostile = dir.path().join("hostile.opus");
+    std::fs::write(&hostile, &bytes).unwrap();
+
+    let wav = dir.path().join("out.wav");
+    let o = codec(&[&"decode", &hostile, &"-o", &wav]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("hostile.opus") && err.contains("3000000000"),
+        "{err}"
+    );
+    assert!(!wav.exists());
+}
+
+/// Recomputes the CRC of the Ogg page starting at `at` (one-page header
+/// packets only: the page ends where its lacing values say).
+fn fix_page_crc(bytes: &mut [u8], at: usize) {
+    let segments = usize::from(bytes[at + 26]);
+    let body: usize = bytes[at + 27..at + 27 + segments]
+        .iter()
+        .map(|&l| usize::from(l))
+        .sum();
+    let end = at + 27 + segments + body;
+    bytes[at + 22..at + 26].fill(0);
+    let mut crc = 0u32;
+    for &b in &bytes[at..end] {
+        crc ^= u32::from(b) << 24;
+        for _ in 0..8 {
+            crc = if crc & 0x8000_0000 != 0 {
+                (crc << 1) ^ 0x04c1_1db7
+            } else {
+                crc << 1
+            };
+        }
+    }
+    bytes[at + 22..at + 26].copy_from_slice(&crc.to_le_bytes());
+}
