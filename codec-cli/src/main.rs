@@ -5,7 +5,7 @@
 //!              [--application voip|audio|lowdelay] [--fec --expected-loss 10] [--dtx]
 //!              [--stereo] [--vbr|--cvbr|--cbr]
 //! codec encode a.wav b.wav -o outdir/      # in parallel on all cores
-//! codec decode IN.opus -o OUT.wav
+//! codec decode IN.opus -o OUT.wav [--native] [--max-duration 3600]
 //! codec info FILE [--json]
 //! ```
 //!
