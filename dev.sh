@@ -75,6 +75,12 @@ run_tests() {
     say "cargo clippy";       cargo clippy --workspace --all-targets --locked -- -D warnings
     say "cargo test";         cargo test --workspace --locked
     say "cargo doc";          cargo doc --workspace --no-deps --locked
+    say "ptt-codec ships no command-line dependencies (they belong to ptt-codec-cli)"
+    if cargo tree -p ptt-codec -e normal --locked --prefix none \
+        | grep -E '^(clap|indicatif|rayon|anyhow|serde_json) '; then
+        echo "error: the ptt-codec library depends on the crates above; move that code to codec-cli/" >&2
+        exit 1
+    fi
     say "cargo bench --no-run"; cargo bench --workspace --no-run --locked
     say "fuzz targets compile"
     cargo fmt --manifest-path fuzz/Cargo.toml -- --check

@@ -15,7 +15,8 @@
 #   44.1 kHz stereo 24-bit (downmix + resampling; opusenc gets --downmix-mono)
 #
 # Usage: scripts/bench-vs-opusenc.sh [RUNS]   (default 7 runs per tool)
-# Needs: sox, opusenc, a Rust toolchain. Builds `codec` in release mode.
+# Needs: sox, opusenc, a Rust toolchain. Builds `codec` (the ptt-codec-cli
+# crate) in release mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +28,7 @@ for tool in sox opusenc cargo; do
 done
 
 echo "building codec (release)…" >&2
-cargo build --release -q -p ptt-codec --bin codec
+cargo build --release -q -p ptt-codec-cli --bin codec
 CODEC=$CARGO_TARGET_DIR/release/codec
 
 WORK=$(mktemp -d)

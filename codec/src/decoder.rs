@@ -5,11 +5,17 @@
 //! exactly its original length. [`PacketDecoder`] plays raw packets as they
 //! arrive over the network: a missing packet is rebuilt from the in-band FEC
 //! of the next one when it is there, and concealed (PLC) otherwise.
+//!
+//! A file to decode is untrusted: every header field, length and count that
+//! could size an allocation is bounded before it is used (see
+//! [`decode_ogg_opus_with`] and the crate README's "Untrusted input").
 
 use std::io::{Read, Seek, Write};
+use std::time::Duration;
 
 use crate::CodecError;
 use crate::config::opus_rate_for;
+use crate::ogg_reader::OggPacketReader;
 use crate::ogg_writer::{OpusHead, OpusTags};
 use crate::pcm::f32_to_i16;
 use crate::resample::resample_all;
@@ -69,9 +75,20 @@ impl DecodedAudio {
             hound::Error::IoError(io) => CodecError::Io(io),
             other => CodecError::InvalidInput(other.to_string()),
         };
+        // A WAV data chunk holds at most 4 GiB (2 bytes a sample); hound
+        // would panic on a count that does not fit its u32.
+        let count = u32::try_from(self.samples.len())
+            .ok()
+            .filter(|&n| n <= u32::MAX / 2 - 64)
+            .ok_or_else(|| {
+                CodecError::InvalidInput(format!(
+                    "{} samples do not fit in a WAV file (4 GiB at most)",
+                    self.samples.len()
+                ))
+            })?;
         let mut w = hound::WavWriter::new(writer, spec).map_err(map)?;
         {
-            let mut w16 = w.get_i16_writer(self.samples.len() as u32);
+            let mut w16 = w.get_i16_writer(count);
             for s in self.to_i16() {
                 w16.write_sample(s);
             }
@@ -102,33 +119,107 @@ pub enum OutputRate {
     Opus(u32),
 }
 
-/// Decodes a whole Ogg Opus stream at the original input rate.
-pub fn decode_ogg_opus<R: Read + Seek>(reader: R) -> Result<DecodedAudio, CodecError> {
-    decode_ogg_opus_at(reader, OutputRate::Original)
+/// Largest OpusHead or OpusTags packet read, in bytes (1 MiB).
+///
+/// An OpusHead of mapping family 0 is 19 bytes, and a voice clip's OpusTags
+/// holds a vendor string and a few comments. RFC 7845 lets a comment header
+/// grow much larger (cover art in a `METADATA_BLOCK_PICTURE` comment); this
+/// crate refuses such a header with [`CodecError::PacketTooLarge`] rather
+/// than buffer it, since nothing here would use it.
+pub const MAX_HEADER_PACKET_BYTES: usize = 1 << 20;
+
+/// Largest audio packet read, in bytes (60 KiB).
+///
+/// The largest valid Opus packet is 120 ms of 2.5 ms frames, 48 frames of at
+/// most 1,275 bytes (RFC 6716 §3.2.1) plus their length bytes, 61,298 bytes
+/// at most; anything longer is padding or garbage, refused before it is
+/// buffered.
+pub const MAX_AUDIO_PACKET_BYTES: usize = 61_440;
+
+/// How to decode an Ogg Opus stream.
+///
+/// `Default` decodes at the original input rate and refuses streams that
+/// decode to more than an hour (the encoder's default maximum,
+/// [`EncoderConfig::max_duration`](crate::EncoderConfig::max_duration)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecoderConfig {
+    /// The rate to decode to.
+    pub rate: OutputRate,
+    /// Longest audio decoded; a longer stream fails with
+    /// [`CodecError::TooLong`] as soon as it has decoded past the bound.
+    /// `None` decodes any length.
+    ///
+    /// This is the bound on the decoder's memory: Opus packets are tiny
+    /// against what they decode to (a 2-byte packet is 120 ms of silence),
+    /// so a small file can claim hours of audio. The whole clip is held as
+    /// `f32`: an hour of mono at 48 kHz is 691 MB (and four times that at
+    /// an original rate of 192 kHz).
+    pub max_duration: Option<Duration>,
 }
 
-/// Decodes a whole Ogg Opus stream at the chosen rate.
-pub fn decode_ogg_opus_at<R: Read + Seek>(
+impl Default for DecoderConfig {
+    fn default() -> Self {
+        DecoderConfig {
+            rate: OutputRate::Original,
+            max_duration: Some(Duration::from_secs(3600)),
+        }
+    }
+}
+
+/// Decodes a whole Ogg Opus stream at the original input rate, with the
+/// default [`DecoderConfig`].
+pub fn decode_ogg_opus<R: Read>(reader: R) -> Result<DecodedAudio, CodecError> {
+    decode_ogg_opus_with(reader, &DecoderConfig::default())
+}
+
+/// Decodes a whole Ogg Opus stream at the chosen rate (otherwise the default
+/// [`DecoderConfig`]).
+pub fn decode_ogg_opus_at<R: Read>(
     reader: R,
     rate: OutputRate,
 ) -> Result<DecodedAudio, CodecError> {
-    let mut ogg = ogg::PacketReader::new(reader);
+    decode_ogg_opus_with(
+        reader,
+        &DecoderConfig {
+            rate,
+            ..DecoderConfig::default()
+        },
+    )
+}
+
+/// Decodes a whole Ogg Opus stream as `config` says.
+///
+/// Everything taken from the stream is bounded before it sizes anything:
+/// the OpusHead fields by [`OpusHead::parse`], the OpusTags lengths and
+/// counts by [`OpusTags::parse`], every packet by [`MAX_HEADER_PACKET_BYTES`]
+/// or [`MAX_AUDIO_PACKET_BYTES`] before it is buffered, the decoded length by
+/// [`DecoderConfig::max_duration`], and the pre-skip by the length of the
+/// stream. The last page's granule position only ever trims the end: one
+/// beyond the decoded audio is ignored (the stream keeps all it decoded).
+/// Pages of other logical streams are skipped; a stream cut short (no
+/// end-of-stream page, or a last page cut in the middle) decodes what is
+/// complete.
+pub fn decode_ogg_opus_with<R: Read>(
+    reader: R,
+    config: &DecoderConfig,
+) -> Result<DecodedAudio, CodecError> {
+    let mut ogg = OggPacketReader::new(reader);
     let first = ogg
-        .read_packet()?
+        .next_packet(MAX_HEADER_PACKET_BYTES, "OpusHead")?
         .ok_or_else(|| CodecError::InvalidOpusStream("no Ogg pages found".into()))?;
     let head = OpusHead::parse(&first.data)?;
-    let serial = first.stream_serial();
     let second = ogg
-        .read_packet()?
+        .next_packet(MAX_HEADER_PACKET_BYTES, "OpusTags")?
         .ok_or_else(|| CodecError::InvalidOpusStream("missing OpusTags header".into()))?;
     let tags = OpusTags::parse(&second.data)?;
 
+    // `OpusHead::parse` has bounded the rate to 8..=192 kHz (or 0).
     let original = if head.input_sample_rate == 0 {
         48_000
     } else {
         head.input_sample_rate
     };
-    let decode_rate = match rate {
+    let decode_rate = match config.rate {
         OutputRate::Original => opus_rate_for(original),
         OutputRate::Native48k => 48_000,
         OutputRate::Opus(r) => {
@@ -152,21 +243,33 @@ pub fn decode_ogg_opus_at<R: Read + Seek>(
     )?;
     decoder.set_gain(i32::from(head.output_gain))?;
 
+    let pre_skip = u64::from(head.pre_skip);
+    let max_48k = config
+        .max_duration
+        .map(|d| (d.as_secs_f64() * 48_000.0).ceil() as u64);
+    let too_long = |length_48k: u64, max_48k: u64| CodecError::TooLong {
+        seconds: length_48k as f64 / 48_000.0,
+        max_seconds: max_48k as f64 / 48_000.0,
+    };
     let mut pcm: Vec<f32> = Vec::new();
     let mut buf = vec![0f32; MAX_FRAME_48K / factor as usize * channels];
     let mut packets = 0u64;
     let mut payload_bytes = 0u64;
     let mut decoded_48k = 0u64;
     let mut end_granule: Option<u64> = None;
-    while let Some(p) = ogg.read_packet()? {
-        if p.stream_serial() != serial {
-            continue;
-        }
+    while let Some(p) = ogg.next_packet(MAX_AUDIO_PACKET_BYTES, "audio")? {
         let n = decoder.decode_float(&p.data, &mut buf, false)?;
         pcm.extend_from_slice(&buf[..n * channels]);
         packets += 1;
         payload_bytes += p.data.len() as u64;
         decoded_48k += n as u64 * factor;
+        // Stop as soon as the stream is longer than the bound could allow
+        // after end trimming (at most one packet is trimmed).
+        if let Some(max) = max_48k
+            && decoded_48k > pre_skip + max + MAX_FRAME_48K as u64
+        {
+            return Err(too_long(decoded_48k - pre_skip, max));
+        }
         if p.last_in_stream() {
             end_granule = Some(p.absgp_page());
             break;
@@ -177,18 +280,30 @@ pub fn decode_ogg_opus_at<R: Read + Seek>(
             "the stream holds no audio packets".into(),
         ));
     }
-    // Without an end-of-stream page (a stream cut short), keep all that decoded.
+    // Without an end-of-stream page (a stream cut short), keep all that
+    // decoded; a granule position beyond the decoded audio cannot add any.
     let end_48k = end_granule
         .filter(|&g| g != u64::MAX)
         .unwrap_or(decoded_48k)
         .min(decoded_48k);
-    let start = (u64::from(head.pre_skip) / factor) as usize;
+    if end_48k < pre_skip {
+        return Err(CodecError::PreSkipBeyondEnd {
+            pre_skip: head.pre_skip,
+            available: end_48k,
+        });
+    }
+    if let Some(max) = max_48k
+        && end_48k - pre_skip > max
+    {
+        return Err(too_long(end_48k - pre_skip, max));
+    }
+    let start = (pre_skip / factor) as usize;
     let end = ((end_48k / factor) as usize).max(start);
     let mut samples = pcm;
     samples.truncate(end * channels);
     samples.drain(..start.min(samples.len() / channels) * channels);
 
-    let (samples, sample_rate) = match rate {
+    let (samples, sample_rate) = match config.rate {
         OutputRate::Original if decode_rate != original => (
             resample_all(&samples, channels, decode_rate, original)?,
             original,
@@ -341,8 +456,9 @@ pub struct OggOpusInfo {
     pub waveform: Vec<u8>,
 }
 
-/// Reads and decodes an Ogg Opus file to describe it.
-pub fn inspect_ogg_opus<R: Read + Seek>(reader: R) -> Result<OggOpusInfo, CodecError> {
+/// Reads and decodes an Ogg Opus file (at 48 kHz, with the default bounds
+/// of [`DecoderConfig`]) to describe it.
+pub fn inspect_ogg_opus<R: Read>(reader: R) -> Result<OggOpusInfo, CodecError> {
     let audio = decode_ogg_opus_at(reader, OutputRate::Native48k)?;
     let duration = audio.duration_secs();
     Ok(OggOpusInfo {

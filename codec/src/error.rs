@@ -58,7 +58,9 @@ pub enum CodecError {
         actual: u64,
     },
 
-    /// The clip is longer than [`EncoderConfig::max_duration`](crate::EncoderConfig::max_duration).
+    /// The clip is longer than [`EncoderConfig::max_duration`](crate::EncoderConfig::max_duration)
+    /// (encoding) or [`DecoderConfig::max_duration`](crate::DecoderConfig::max_duration)
+    /// (decoding).
     #[error("the clip is too long: {seconds:.1} s, the maximum is {max_seconds:.1} s")]
     TooLong {
         /// The clip's duration in seconds (as far as it is known).
@@ -92,6 +94,79 @@ pub enum CodecError {
     /// (bad OpusHead/OpusTags, unsupported channel mapping…).
     #[error("invalid Ogg Opus stream: {0}")]
     InvalidOpusStream(String),
+
+    /// The OpusHead header's major version is not 0: RFC 7845 streams have
+    /// version 1, and versions 16 and above are incompatible by definition.
+    #[error("unsupported OpusHead version {version} (only version 1 streams are read)")]
+    UnsupportedOpusVersion {
+        /// The version byte of the header.
+        version: u8,
+    },
+
+    /// The OpusHead header declares a channel layout this crate does not
+    /// decode: zero channels, or anything but mapping family 0 (mono or
+    /// stereo).
+    #[error(
+        "unsupported channel layout: {channels} channels with mapping family {mapping_family} \
+         (only family 0, mono or stereo, is decoded)"
+    )]
+    UnsupportedChannelLayout {
+        /// The declared channel count.
+        channels: u8,
+        /// The declared channel mapping family.
+        mapping_family: u8,
+    },
+
+    /// The OpusHead header declares an original input rate outside 8 kHz to
+    /// 192 kHz, the range this crate encodes from (0, "unknown", is
+    /// accepted and decodes at 48 kHz). The rate is the default output rate,
+    /// so a hostile value would size the resampler and the output.
+    #[error(
+        "the OpusHead input sample rate {rate} Hz is outside 8000 to 192000 Hz (or 0 for unknown)"
+    )]
+    InvalidInputRate {
+        /// The declared input rate.
+        rate: u32,
+    },
+
+    /// The OpusHead pre-skip is longer than the audio the stream holds (or
+    /// than the end granule position allows): nothing would be left to play.
+    #[error(
+        "the pre-skip of {pre_skip} samples is longer than the {available} samples the stream holds"
+    )]
+    PreSkipBeyondEnd {
+        /// The OpusHead pre-skip, in 48 kHz samples.
+        pre_skip: u16,
+        /// The samples the stream holds before trimming, at 48 kHz.
+        available: u64,
+    },
+
+    /// An Ogg packet is larger than this crate reads for its kind (see
+    /// [`MAX_HEADER_PACKET_BYTES`](crate::MAX_HEADER_PACKET_BYTES) and
+    /// [`MAX_AUDIO_PACKET_BYTES`](crate::MAX_AUDIO_PACKET_BYTES)); refused
+    /// before the packet is buffered.
+    #[error("the {what} packet is larger than {max} bytes")]
+    PacketTooLarge {
+        /// Which packet: `"OpusHead"`, `"OpusTags"` or `"audio"`.
+        what: &'static str,
+        /// The bound in bytes.
+        max: usize,
+    },
+
+    /// The OpusTags header is structurally broken: cut short, or a length in
+    /// it runs past the end of the packet.
+    #[error("malformed OpusTags header: {0}")]
+    MalformedOpusTags(&'static str),
+
+    /// The OpusTags header declares more comments than
+    /// [`MAX_COMMENTS`](crate::MAX_COMMENTS).
+    #[error("the OpusTags header declares {count} comments (at most {max} are read)")]
+    TooManyComments {
+        /// The declared comment count.
+        count: u32,
+        /// The bound.
+        max: u32,
+    },
 
     /// Reading or writing failed.
     #[error("I/O error: {0}")]

@@ -11,8 +11,9 @@
 //!   edge transcoding);
 //! - [`encode_wav_file`]: file to file, never leaving a partial output behind.
 //!
-//! Decoding: [`decode_ogg_opus`] (pre-skip, gain and end trimming honoured)
-//! and [`PacketDecoder`] for raw packets with gaps (FEC, then PLC).
+//! Decoding: [`decode_ogg_opus`] (pre-skip, gain and end trimming honoured;
+//! every header field bounded, bad input a typed error) and
+//! [`PacketDecoder`] for raw packets with gaps (FEC, then PLC).
 //!
 //! ```
 //! use std::io::Cursor;
@@ -47,6 +48,7 @@ mod config;
 mod decoder;
 mod encoder;
 mod error;
+mod ogg_reader;
 mod ogg_writer;
 mod pcm;
 pub mod resample;
@@ -59,7 +61,8 @@ pub use config::{
     opus_rate_for,
 };
 pub use decoder::{
-    DecodedAudio, OggOpusInfo, OutputRate, PacketDecoder, decode_ogg_opus, decode_ogg_opus_at,
+    DecodedAudio, DecoderConfig, MAX_AUDIO_PACKET_BYTES, MAX_HEADER_PACKET_BYTES, OggOpusInfo,
+    OutputRate, PacketDecoder, decode_ogg_opus, decode_ogg_opus_at, decode_ogg_opus_with,
     inspect_ogg_opus,
 };
 pub use encoder::{
@@ -67,7 +70,8 @@ pub use encoder::{
 };
 pub use error::CodecError;
 pub use ogg_writer::{
-    OggOpusEncoder, OggOpusWriter, OpusHead, OpusTags, PAGE_INTERVAL_48K, random_serial,
+    MAX_COMMENTS, OggOpusEncoder, OggOpusWriter, OpusHead, OpusTags, PAGE_INTERVAL_48K,
+    random_serial,
 };
 pub use pcm::{F32_LIMIT, PcmSample};
 pub use wav::{WavInfo, WavSampleFormat, WavSource};
@@ -77,8 +81,14 @@ pub use wav::{WavInfo, WavSampleFormat, WavSource};
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctest;
 
-/// Frames read from a WAV per block.
+/// Most frames read from a WAV per block.
 const READ_BLOCK_FRAMES: usize = 8_192;
+
+/// Most samples (frames × channels) read from a WAV per block: 8,192 frames
+/// of stereo. The header's channel count (up to 65,535) must not scale the
+/// block: 8,192 frames of 65,535 channels would be a 2 GiB read buffer plus
+/// 2 GiB of `f32`.
+const READ_BLOCK_SAMPLES: usize = 16_384;
 
 /// A clip encoded to raw Opus packets, one per frame, with what a player or
 /// a container needs to know about them.
@@ -107,11 +117,17 @@ fn pump_wav<R: Read + Seek>(
     source: &mut WavSource<R>,
     mut push: impl FnMut(&[f32]) -> Result<(), CodecError>,
 ) -> Result<(), CodecError> {
-    // Sized by the data actually present, not the header's channel count
-    // alone (a corrupt header may claim 65 535 channels).
-    let frames = (source.info().frames as usize).min(READ_BLOCK_FRAMES);
-    let mut buf = Vec::with_capacity(frames * usize::from(source.info().channels));
-    while source.read_f32(&mut buf, READ_BLOCK_FRAMES)? > 0 {
+    // Sized by the data actually present and by samples, not by the
+    // header's channel count (a corrupt header may claim 65,535 channels):
+    // at least one frame, at most READ_BLOCK_SAMPLES samples unless one
+    // frame alone is larger.
+    let channels = usize::from(source.info().channels).max(1);
+    let block_frames = (READ_BLOCK_SAMPLES / channels).clamp(1, READ_BLOCK_FRAMES);
+    let frames = usize::try_from(source.info().frames)
+        .unwrap_or(usize::MAX)
+        .min(block_frames);
+    let mut buf = Vec::with_capacity(frames * channels);
+    while source.read_f32(&mut buf, block_frames)? > 0 {
         push(&buf)?;
     }
     Ok(())
@@ -225,5 +241,33 @@ mod tests {
         assert_send::<PacketDecoder>();
         assert_send::<EncodedClip>();
         assert_send::<CodecError>();
+    }
+
+    #[test]
+    fn wav_blocks_are_sized_by_samples_not_by_the_channel_count() {
+        let mut wav = std::io::Cursor::new(Vec::new());
+        let spec = hound::WavSpec {
+            channels: 64,
+            sample_rate: 16_000,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
+        let mut w = hound::WavWriter::new(&mut wav, spec).unwrap();
+        for i in 0..64 * 10_000 {
+            w.write_sample((i % 1_000) as i16).unwrap();
+        }
+        w.finalize().unwrap();
+        wav.set_position(0);
+        let mut source = WavSource::open(wav, &EncoderConfig::default()).unwrap();
+        let mut largest = 0;
+        let mut total = 0;
+        pump_wav(&mut source, |pcm| {
+            largest = largest.max(pcm.len());
+            total += pcm.len();
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(total, 64 * 10_000);
+        assert_eq!(largest, READ_BLOCK_SAMPLES);
     }
 }

@@ -18,6 +18,7 @@ use std::io::Write;
 
 use ogg::writing::{PacketWriteEndInfo, PacketWriter};
 
+use crate::config::{MAX_SAMPLE_RATE, MIN_SAMPLE_RATE};
 use crate::encoder::{EncodeSummary, EncodedPacket, StreamEncoder};
 use crate::{CodecError, EncoderConfig};
 
@@ -53,14 +54,34 @@ impl OpusHead {
         b
     }
 
-    /// Parses an OpusHead packet.
+    /// Parses an OpusHead packet, refusing every value this crate cannot
+    /// decode safely (each with its own [`CodecError`] variant):
+    ///
+    /// - version: the major version (high nibble) must be 0, as RFC 7845
+    ///   asks; a later minor version's extra bytes are ignored;
+    /// - channels and mapping family: family 0 with 1 or 2 channels only
+    ///   (the decoder is a mono/stereo `opus::Decoder`);
+    /// - input rate: 0 ("unknown") or 8 to 192 kHz, the range the encoder
+    ///   accepts. RFC 7845 calls the field informational, but here it is the
+    ///   default output rate: the decoder resamples to it and sizes its
+    ///   output by it, so an absurd value (3 GHz) would be an absurd
+    ///   allocation. A file from this crate always passes, and a rate
+    ///   outside the range can only come from a broken or hostile writer,
+    ///   so it is refused rather than silently replaced;
+    /// - pre-skip: any `u16` (at most 1.4 s); checked against the stream's
+    ///   length once that is known;
+    /// - output gain: any `i16` (±128 dB) is accepted. libopus applies it
+    ///   as a float factor, so the worst case is clipped but finite audio,
+    ///   which a hostile encoder could produce with the samples alone; no
+    ///   size depends on it.
     pub fn parse(packet: &[u8]) -> Result<Self, CodecError> {
-        let bad = |what: &str| CodecError::InvalidOpusStream(what.to_string());
         if packet.len() < 19 || &packet[..8] != b"OpusHead" {
-            return Err(bad("the first packet is not an OpusHead header"));
+            return Err(CodecError::InvalidOpusStream(
+                "the first packet is not an OpusHead header".into(),
+            ));
         }
         if packet[8] & 0xF0 != 0 {
-            return Err(bad("unsupported OpusHead version"));
+            return Err(CodecError::UnsupportedOpusVersion { version: packet[8] });
         }
         let head = OpusHead {
             channels: packet[9],
@@ -69,14 +90,18 @@ impl OpusHead {
             output_gain: i16::from_le_bytes([packet[16], packet[17]]),
             mapping_family: packet[18],
         };
-        if head.channels == 0 {
-            return Err(bad("OpusHead declares zero channels"));
+        if head.mapping_family != 0 || !(1..=2).contains(&head.channels) {
+            return Err(CodecError::UnsupportedChannelLayout {
+                channels: head.channels,
+                mapping_family: head.mapping_family,
+            });
         }
-        if head.mapping_family != 0 || head.channels > 2 {
-            return Err(CodecError::InvalidOpusStream(format!(
-                "channel mapping family {} with {} channels is not supported (mono and stereo only)",
-                head.mapping_family, head.channels
-            )));
+        if head.input_sample_rate != 0
+            && !(MIN_SAMPLE_RATE..=MAX_SAMPLE_RATE).contains(&head.input_sample_rate)
+        {
+            return Err(CodecError::InvalidInputRate {
+                rate: head.input_sample_rate,
+            });
         }
         Ok(head)
     }
@@ -120,32 +145,31 @@ impl OpusTags {
     }
 
     /// Parses an OpusTags packet.
+    ///
+    /// Every length is checked against the bytes left in the packet before
+    /// anything is taken, and a header declaring more than [`MAX_COMMENTS`]
+    /// comments is refused before any is read; the packet itself is bounded by
+    /// [`MAX_HEADER_PACKET_BYTES`](crate::MAX_HEADER_PACKET_BYTES) when it
+    /// comes from [`decode_ogg_opus`](crate::decode_ogg_opus). Vendor and
+    /// comments that are not UTF-8 are read lossily.
     pub fn parse(packet: &[u8]) -> Result<Self, CodecError> {
-        let bad = || CodecError::InvalidOpusStream("malformed OpusTags header".into());
-        if packet.len() < 16 || &packet[..8] != b"OpusTags" {
+        if packet.len() < 8 || &packet[..8] != b"OpusTags" {
             return Err(CodecError::InvalidOpusStream(
                 "the second packet is not an OpusTags header".into(),
             ));
         }
-        let mut pos = 8;
-        let read_u32 = |pos: &mut usize| -> Result<usize, CodecError> {
-            let b = packet.get(*pos..*pos + 4).ok_or_else(bad)?;
-            *pos += 4;
-            Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        };
-        let vlen = read_u32(&mut pos)?;
-        let vendor = packet
-            .get(pos..pos.checked_add(vlen).ok_or_else(bad)?)
-            .ok_or_else(bad)?;
-        pos += vlen;
-        let count = read_u32(&mut pos)?;
-        let mut comments = Vec::new();
+        let mut rest = &packet[8..];
+        let vendor = take_string(&mut rest, "the vendor string runs past the end")?;
+        let count = take_u32(&mut rest, "the comment count is missing")?;
+        if count > MAX_COMMENTS {
+            return Err(CodecError::TooManyComments {
+                count,
+                max: MAX_COMMENTS,
+            });
+        }
+        let mut comments = Vec::with_capacity(count as usize);
         for _ in 0..count {
-            let len = read_u32(&mut pos)?;
-            let c = packet
-                .get(pos..pos.checked_add(len).ok_or_else(bad)?)
-                .ok_or_else(bad)?;
-            pos += len;
+            let c = take_string(&mut rest, "a comment runs past the end")?;
             let c = String::from_utf8_lossy(c);
             let (k, v) = c.split_once('=').unwrap_or((&c, ""));
             comments.push((k.to_string(), v.to_string()));
@@ -155,6 +179,32 @@ impl OpusTags {
             comments,
         })
     }
+}
+
+/// Most comments [`OpusTags::parse`] reads. A voice clip carries a handful;
+/// the bound keeps the per-comment bookkeeping small whatever a header
+/// declares.
+pub const MAX_COMMENTS: u32 = 1_024;
+
+/// Takes a little-endian `u32` from the front of `rest`.
+fn take_u32(rest: &mut &[u8], missing: &'static str) -> Result<u32, CodecError> {
+    let (bytes, tail) = rest
+        .split_first_chunk::<4>()
+        .ok_or(CodecError::MalformedOpusTags(missing))?;
+    *rest = tail;
+    Ok(u32::from_le_bytes(*bytes))
+}
+
+/// Takes a length-prefixed byte string from the front of `rest`, checking
+/// the length against what is left.
+fn take_string<'a>(rest: &mut &'a [u8], short: &'static str) -> Result<&'a [u8], CodecError> {
+    let len = take_u32(rest, short)? as usize;
+    if len > rest.len() {
+        return Err(CodecError::MalformedOpusTags(short));
+    }
+    let (s, tail) = rest.split_at(len);
+    *rest = tail;
+    Ok(s)
 }
 
 /// A random stream serial number, from the standard library's per-process

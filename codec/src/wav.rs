@@ -306,7 +306,7 @@ fn describe_format(tag: u16, bits: u16) -> Option<String> {
 }
 
 /// Reads until `buf` is full or the input ends; returns the bytes read.
-fn read_up_to<R: Read>(reader: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
+pub(crate) fn read_up_to<R: Read>(reader: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match reader.read(&mut buf[n..]) {

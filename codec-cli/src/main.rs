@@ -5,7 +5,7 @@
 //!              [--application voip|audio|lowdelay] [--fec --expected-loss 10] [--dtx]
 //!              [--stereo] [--vbr|--cvbr|--cbr]
 //! codec encode a.wav b.wav -o outdir/      # in parallel on all cores
-//! codec decode IN.opus -o OUT.wav
+//! codec decode IN.opus -o OUT.wav [--native] [--max-duration 3600]
 //! codec info FILE [--json]
 //! ```
 //!
@@ -22,8 +22,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use ptt_codec::{
-    Application, BitrateMode, ChannelMode, EncoderConfig, FrameDuration, OutputRate,
-    TruncatedPolicy, decode_ogg_opus_at, encode_wav_file, inspect_ogg_opus, waveform,
+    Application, BitrateMode, ChannelMode, DecoderConfig, EncoderConfig, FrameDuration, OutputRate,
+    TruncatedPolicy, decode_ogg_opus_with, encode_wav_file, inspect_ogg_opus, waveform,
     write_atomically,
 };
 use rayon::prelude::*;
@@ -99,8 +99,8 @@ struct EncodeArgs {
     #[arg(long)]
     stereo: bool,
     /// Longest clip accepted, in seconds.
-    #[arg(long, default_value_t = 3600.0)]
-    max_duration: f64,
+    #[arg(long, default_value = "3600", value_parser = parse_seconds)]
+    max_duration: Duration,
     /// Refuse WAV files whose data chunk is cut short instead of encoding
     /// what is there.
     #[arg(long)]
@@ -129,6 +129,10 @@ struct DecodeArgs {
     /// Decode at 48 kHz instead of the original input rate.
     #[arg(long)]
     native: bool,
+    /// Longest clip decoded, in seconds (a bound on memory: the whole clip
+    /// is held while decoding).
+    #[arg(long, default_value = "3600", value_parser = parse_seconds)]
+    max_duration: Duration,
 }
 
 #[derive(Args)]
@@ -164,6 +168,14 @@ fn parse_frame(s: &str) -> Result<u32, String> {
     FrameDuration::from_millis(ms)
         .map(|_| ms)
         .ok_or_else(|| format!("{ms} ms is not an Opus frame size here (10, 20, 40 or 60)"))
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+        .ok_or_else(|| format!("{s:?} is not a number of seconds"))
 }
 
 fn parse_comment(s: &str) -> Result<(String, String), String> {
@@ -225,7 +237,7 @@ impl EncodeArgs {
                 None
             },
             dtx: self.dtx,
-            max_duration: Some(Duration::from_secs_f64(self.max_duration.max(0.0))),
+            max_duration: Some(self.max_duration),
             truncated: if self.refuse_truncated {
                 TruncatedPolicy::Refuse
             } else {
@@ -347,12 +359,15 @@ fn encode_one(input: &Path, output: &Path, config: &EncoderConfig, timing: bool)
 fn decode(args: &DecodeArgs) -> Result<()> {
     let file = std::fs::File::open(&args.input)
         .with_context(|| format!("{}: cannot open", args.input.display()))?;
-    let rate = if args.native {
-        OutputRate::Native48k
-    } else {
-        OutputRate::Original
+    let config = DecoderConfig {
+        rate: if args.native {
+            OutputRate::Native48k
+        } else {
+            OutputRate::Original
+        },
+        max_duration: Some(args.max_duration),
     };
-    let audio = decode_ogg_opus_at(std::io::BufReader::new(file), rate)
+    let audio = decode_ogg_opus_with(std::io::BufReader::new(file), &config)
         .with_context(|| format!("{}", args.input.display()))?;
     write_atomically(&args.output, |w| audio.write_wav(w))
         .with_context(|| format!("{}: cannot write", args.output.display()))?;
@@ -400,6 +415,10 @@ mod tests {
         assert!(parse_bitrate("fast").is_err());
         assert!(parse_frame("30").is_err());
         assert_eq!(parse_comment("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert_eq!(parse_seconds("1.5"), Ok(Duration::from_millis(1_500)));
+        for bad in ["-1", "inf", "NaN", "1e300", "soon"] {
+            assert!(parse_seconds(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
