@@ -358,11 +358,11 @@ impl Reading<'_> {
         let Some(read) = self.count.frames() else {
             return false;
         };
-        let unread = available - read.min(sent);
-        let behind = unread > self.allowed_unread
-            && unread > self.allowed_unread + frames_in(self.conn.rtt(), self.frame);
+        let behind = lag_exceeded(available, read, sent, self.allowed_unread, || {
+            frames_in(self.conn.rtt(), self.frame)
+        });
         if behind {
-            tracing::debug!(unread, "live receiver behind its reports: cut");
+            tracing::debug!(available, read, "live receiver behind its reports: cut");
         }
         behind
     }
@@ -405,6 +405,22 @@ impl Reading<'_> {
             }
         }
     }
+}
+
+/// The lag rule, without I/O: the talker is at `available` frames, the
+/// member reported reading `read` of the `sent` written to it (it cannot
+/// have read more); it is too far behind when more than `allowed` frames
+/// plus a round trip's worth (`rtt_frames`, asked for only near the limit)
+/// are unread.
+fn lag_exceeded(
+    available: usize,
+    read: usize,
+    sent: usize,
+    allowed: usize,
+    rtt_frames: impl FnOnce() -> usize,
+) -> bool {
+    let unread = available.saturating_sub(read.min(sent));
+    unread > allowed && unread > allowed + rtt_frames()
 }
 
 /// How many `frame`s `d` spans, rounded up.
@@ -485,6 +501,23 @@ mod tests {
         put_varint(buf, ptt_protocol::message::kind::LIVE_READ);
         put_varint(buf, payload.len() as u64);
         buf.extend_from_slice(&payload);
+    }
+
+    /// The lag rule on made-up numbers: 100 frames allowed (+ 25 for a
+    /// report's age, folded into `allowed` here) and 4 frames of RTT.
+    #[test]
+    fn the_lag_rule_counts_frames_behind_the_reports() {
+        let rtt = || 4;
+        // A member that reads as fast as it gets: never behind.
+        assert!(!lag_exceeded(500, 499, 500, 125, rtt));
+        // It stopped reading at 50: cut once the talker is 130 ahead.
+        assert!(!lag_exceeded(179, 50, 179, 125, rtt));
+        assert!(lag_exceeded(180, 50, 180, 125, rtt));
+        // Reports beyond what was written count as what was written.
+        assert!(!lag_exceeded(300, 10_000, 200, 125, rtt));
+        assert!(lag_exceeded(400, 10_000, 200, 125, rtt));
+        // The RTT is not looked up while the member is within the limit.
+        assert!(!lag_exceeded(100, 0, 100, 125, || panic!("not needed")));
     }
 
     #[test]

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Runs one client-sim scenario against two relay builds back to back (A, then
+# B, then A, then B … ROUNDS times), each relay pinned to CPU 0 and its
+# simulator to CPU 1, and prints each run's relay CPU per delivered frame,
+# frame latency and failures, so the two builds are compared in one sitting.
+#
+#   scripts/relay-ab.sh A_TARGET_DIR B_TARGET_DIR [ROUNDS] [client-sim args...]
+#   scripts/relay-ab.sh /work/target-base/release target/release 2 --scenario load --clients 1000 --duration 30s
+#
+# Each *_TARGET_DIR holds a `relay` and a `client-sim` binary built from the
+# revision to compare (`cargo build --release -p ptt-relay -p client-sim`).
+set -euo pipefail
+a=$1 b=$2 rounds=${3:-1}
+shift 3 || true
+args=("$@")
+[ ${#args[@]} -eq 0 ] && args=(--scenario load --clients 1000 --duration 30s)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+run() {
+    local label=$1 dir=$2 n=$3
+    local data="$work/$label-$n"
+    local log="$work/$label-$n.relay.log"
+    taskset -c 0 "$dir/relay" serve --data-dir "$data" --listen 127.0.0.1:0 2>"$log" &
+    local pid=$!
+    local addr="" fp=""
+    for _ in $(seq 1 100); do
+        addr=$(sed -n 's/^relay listening on \([^ ]*\).*/\1/p' "$log" | head -1)
+        fp=$(sed -n 's/.*certificate sha-256: *\([0-9a-f]*\).*/\1/p' "$log" | head -1)
+        [ -n "$addr" ] && [ -n "$fp" ] && break
+        sleep 0.1
+    done
+    taskset -c 1 "$dir/client-sim" --relay "$addr" --fingerprint "$fp" \
+        --token-key "$data/token.key" --relay-pid "$pid" "${args[@]}" \
+        --report "$work/$label-$n.json" >"$work/$label-$n.out" 2>&1 || true
+    kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+    python3 - "$label" "$work/$label-$n.json" <<'PY'
+import json, sys
+label, path = sys.argv[1], sys.argv[2]
+r = json.load(open(path))
+lat, relay = r["latency_ms"], r["relay"]
+failed = r["deliveries_missing"] + r["deliveries_corrupt"] + r["deliveries_duplicate"] + r["misdelivered"]
+print(f"{label}: {relay['cpu_us_per_frame']:.1f} us relay CPU per delivered frame, "
+      f"{r['frames_per_s']/1000:.1f} k frames/s, frame p50 {lat['frame']['p50']:.2f} ms p99 {lat['frame']['p99']:.2f} ms, "
+      f"failed {failed} of {r['deliveries_expected']}, relay RSS {relay['rss_mib']:.0f} MiB")
+PY
+}
+
+for n in $(seq 1 "$rounds"); do
+    run A "$a" "$n"
+    run B "$b" "$n"
+done
