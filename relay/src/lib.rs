@@ -17,6 +17,7 @@ pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod fanout;
+pub mod floor;
 pub mod hub;
 pub mod ingest;
 pub mod live;
