@@ -66,6 +66,10 @@ impl FloorState {
     }
 
     /// Handles a request from `session` at `now` for at most `max_hold`.
+    ///
+    /// A request from the current holder (before its time is up) is
+    /// [`FloorDecision::Granted`] and changes nothing: the hold keeps its
+    /// original expiry and priority, so asking again never extends it.
     pub fn handle_request(
         &mut self,
         session: u64,
@@ -82,13 +86,18 @@ impl FloorState {
             expires_at: now + max_hold,
         };
         match self.holder.take() {
-            // Free, expired, or re-requested by the holder itself.
+            // Free or expired.
             None => {
                 self.holder = Some(grant);
                 FloorDecision::Granted
             }
-            Some(h) if now >= h.expires_at || h.session == session => {
+            Some(h) if now >= h.expires_at => {
                 self.holder = Some(grant);
+                FloorDecision::Granted
+            }
+            // Re-requested by the holder: already granted, not extended.
+            Some(h) if h.session == session => {
+                self.holder = Some(h);
                 FloorDecision::Granted
             }
             Some(h) if emergency && !h.emergency => {
@@ -173,6 +182,25 @@ mod tests {
             f.handle_request(1, "alice", false, HOLD, t),
             FloorDecision::Denied { .. }
         ));
+    }
+
+    #[test]
+    fn a_re_request_by_the_holder_does_not_extend_the_hold() {
+        let t = Instant::now();
+        let mut f = FloorState::new();
+        f.handle_request(1, "alice", false, HOLD, t);
+        let later = t + HOLD / 2;
+        assert_eq!(
+            f.handle_request(1, "alice", true, HOLD, later),
+            FloorDecision::Granted
+        );
+        let holder = f.holder().expect("still held");
+        assert_eq!(holder.granted_at, t);
+        assert_eq!(holder.expires_at, t + HOLD);
+        assert!(!holder.emergency, "asking again does not raise priority");
+        assert_eq!(f.poll_timeout(), Some(t + HOLD));
+        assert!(!f.is_held_by(1, t + HOLD));
+        assert_eq!(f.poll_expired(t + HOLD).map(|h| h.session), Some(1));
     }
 
     #[test]

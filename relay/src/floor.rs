@@ -424,6 +424,8 @@ impl LocalFloor {
                 let mut inner = self.lock();
                 let events = inner.board.handle_timeout(now);
                 let next = inner.board.poll_timeout();
+                // Else this loop would spin without sleeping.
+                debug_assert!(next.is_none_or(|at| at > now), "a due deadline is left");
                 self.announce(inner, events);
                 next
             };
@@ -814,13 +816,15 @@ mod tests {
             b.handle_request(group, &who, false, Duration::from_secs(*secs), t);
         }
         let mut order = Vec::new();
-        while let Some(at) = b.poll_timeout() {
+        for _ in 0..holds.len() {
+            let at = b.poll_timeout().expect("a deadline is left");
             for event in b.handle_timeout(at) {
                 if let FloorEvent::Idle { group } = event {
                     order.push((group, at - t));
                 }
             }
         }
+        assert_eq!(b.poll_timeout(), None);
         let expected: Vec<(String, Duration)> = ["a", "b", "c", "d", "e"]
             .iter()
             .zip(1..)
@@ -868,6 +872,16 @@ mod tests {
         }
     }
 
+    /// Cancels `shutdown` and waits (a paused second at most) for the
+    /// driver to return.
+    async fn stop(shutdown: CancellationToken, driver: tokio::task::JoinHandle<()>) {
+        shutdown.cancel();
+        tokio::time::timeout(secs(1), driver)
+            .await
+            .expect("run returns when shutdown is cancelled")
+            .expect("run does not panic");
+    }
+
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)
     }
@@ -893,8 +907,7 @@ mod tests {
                 (secs(20), idle_ev("g")),
             ]
         );
-        shutdown.cancel();
-        driver.await.unwrap();
+        stop(shutdown, driver).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -921,8 +934,7 @@ mod tests {
                 (secs(20), idle_ev("g1")),
             ]
         );
-        shutdown.cancel();
-        driver.await.unwrap();
+        stop(shutdown, driver).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -936,11 +948,7 @@ mod tests {
             .await;
         tokio::task::yield_now().await; // the driver sleeps until 60 s
         let start = tokio::time::Instant::now();
-        shutdown.cancel();
-        tokio::time::timeout(secs(1), driver)
-            .await
-            .expect("run returns when shutdown is cancelled")
-            .unwrap();
+        stop(shutdown, driver).await;
         assert_eq!(start.elapsed(), Duration::ZERO);
         // Nothing was left behind holding the arbiter, and the deadline
         // never fired.

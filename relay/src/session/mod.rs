@@ -2,8 +2,8 @@
 //! the clips going in and out, and the close.
 //!
 //! The task owns the control stream and selects over: control messages
-//! (each handled in the [`cmd`] module named for it), new clip uploads
-//! (each an [`ingest`](crate::ingest) task), commands from the hub
+//! (each handled in the `cmd` module named for it), new clip uploads
+//! (each an [`ingest`](crate::ingest::run) task), commands from the hub
 //! (messages to send, clips to deliver, groups left), the results of its
 //! delivery tasks and cursor writes, and the relay's shutdown signal.
 //! Everything it spawns lives in its `JoinSet`s and ends with it; a
