@@ -116,6 +116,7 @@ impl Subscription {
             self.written = self.written.max(stored_cursor);
             self.prune();
         }
+        let reported = self.cursor;
         let mut after = self.cursor.max(self.floor);
         let mut gap = None;
         if range.first > after + 1 && after < last_seq {
@@ -123,11 +124,16 @@ impl Subscription {
             gap = Some((after + 1, to));
             self.floor = to;
             after = to;
+            if to == last_seq {
+                // Nothing stored follows the gap: nothing will be acked to
+                // move the cursor past it, so it moves now.
+                self.cursor = to;
+            }
             // Acks already made above the gap may move the cursor now.
             self.advance();
         }
         JoinPlan {
-            cursor: self.cursor,
+            cursor: reported,
             gap,
             after,
             to: last_seq,
@@ -367,11 +373,16 @@ mod tests {
     }
 
     #[test]
-    fn a_gap_with_nothing_after_it_is_announced_until_something_is_acked() {
+    fn a_gap_with_nothing_after_it_moves_the_cursor_at_once() {
         let range = SeqRange { first: 9, last: 8 };
-        let plan = alice().join(2, range, 8);
+        let mut sub = alice();
+        let plan = sub.join(2, range, 8);
         assert_eq!(plan.gap, Some((3, 8)));
-        assert_eq!(plan.cursor, 2);
+        assert_eq!((plan.cursor, plan.after, plan.to), (2, 8, 8));
+        assert_eq!(sub.cursor(), 8);
+        assert_eq!(sub.take_cursor_write(), Some(8));
+        let again = alice().join(8, range, 8);
+        assert_eq!(again.gap, None);
     }
 
     #[test]

@@ -79,7 +79,9 @@ impl Session {
                 self.spawn_live(clip);
             }
         }
-        self.spawn_catch_up(key, plan.after, plan.to);
+        self.spawn_catch_up(key.clone(), plan.after, plan.to);
+        // A gap with nothing after it moved the cursor.
+        self.write_cursor(&key);
     }
 
     /// Leave: this connection stops receiving the group. Deliveries under
