@@ -40,9 +40,17 @@ label, path = sys.argv[1], sys.argv[2]
 r = json.load(open(path))
 lat, relay = r["latency_ms"], r["relay"]
 failed = r["deliveries_missing"] + r["deliveries_corrupt"] + r["deliveries_duplicate"] + r["misdelivered"]
-print(f"{label}: {relay['cpu_us_per_frame']:.1f} us relay CPU per delivered frame, "
-      f"{r['frames_per_s']/1000:.1f} k frames/s, frame p50 {lat['frame']['p50']:.2f} ms p99 {lat['frame']['p99']:.2f} ms, "
-      f"failed {failed} of {r['deliveries_expected']}, relay RSS {relay['rss_mib']:.0f} MiB")
+parts = []
+if relay.get("cpu_us_per_frame") is not None:
+    parts.append(f"{relay['cpu_us_per_frame']:.1f} us relay CPU per delivered frame")
+parts.append(f"{r['frames_per_s']/1000:.1f} k frames/s")
+if "frame" in lat:
+    parts.append(f"frame p50 {lat['frame']['p50']:.2f} ms p99 {lat['frame']['p99']:.2f} ms")
+parts.append(f"failed {failed} of {r['deliveries_expected']}")
+parts.append(f"relay RSS {relay['rss_mib']:.0f} MiB")
+if relay.get("rss_kib_per_client") is not None:
+    parts.append(f"{relay['rss_kib_per_client']:.1f} KiB per connected client")
+print(f"{label}: " + ", ".join(parts))
 PY
 }
 

@@ -52,7 +52,7 @@ pub struct ClientStats {
     /// Successful reconnections.
     pub reconnects: u64,
     /// `LiveRead` datagrams handed to QUIC: reports of how far live clips
-    /// were read, after each header and every 500 ms of audio (PROTOCOL.md,
+    /// were read, after each header and every second of audio (PROTOCOL.md,
     /// section 9.7).
     pub live_reads_sent: u64,
 }

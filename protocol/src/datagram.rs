@@ -26,7 +26,7 @@ use crate::message::kind;
 /// its header, then after each this much audio read
 /// ([`LiveRead::interval_frames`]). The relay allows a report this old (and
 /// one round trip) on top of its lag limit.
-pub const LIVE_READ_INTERVAL: Duration = Duration::from_millis(500);
+pub const LIVE_READ_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The largest datagram the relay accepts (its QUIC transport parameter
 /// `max_datagram_frame_size`), and the bytes of datagrams it queues per
@@ -50,9 +50,9 @@ impl LiveRead {
     pub const MAX_LEN: usize = 1 + 1 + 8 + 8;
 
     /// Frames between two reports of a clip with `frame_ms` frames:
-    /// [`LIVE_READ_INTERVAL`] of audio, rounded up (25 at 20 ms, 9 at
+    /// [`LIVE_READ_INTERVAL`] of audio, rounded up (50 at 20 ms, 17 at
     /// 60 ms). Frames are taken to be at least 10 ms long, as the relay
-    /// does, so a clip with `frame_ms` 0 is reported every 50 frames.
+    /// does, so a clip with `frame_ms` 0 is reported every 100 frames.
     pub fn interval_frames(frame_ms: u8) -> u32 {
         let interval = LIVE_READ_INTERVAL.as_millis() as u32;
         interval.div_ceil(u32::from(frame_ms.max(10)))
@@ -275,12 +275,12 @@ mod tests {
     }
 
     #[test]
-    fn the_interval_is_500_ms_of_audio_rounded_up() {
-        assert_eq!(LiveRead::interval_frames(20), 25);
-        assert_eq!(LiveRead::interval_frames(10), 50);
-        assert_eq!(LiveRead::interval_frames(60), 9);
-        assert_eq!(LiveRead::interval_frames(120), 5);
-        assert_eq!(LiveRead::interval_frames(0), 50);
-        assert_eq!(LiveRead::interval_frames(255), 2);
+    fn the_interval_is_a_second_of_audio_rounded_up() {
+        assert_eq!(LiveRead::interval_frames(20), 50);
+        assert_eq!(LiveRead::interval_frames(10), 100);
+        assert_eq!(LiveRead::interval_frames(60), 17);
+        assert_eq!(LiveRead::interval_frames(120), 9);
+        assert_eq!(LiveRead::interval_frames(0), 100);
+        assert_eq!(LiveRead::interval_frames(255), 4);
     }
 }

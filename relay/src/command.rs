@@ -11,8 +11,9 @@
 use std::sync::Arc;
 
 use ptt_protocol::{ControlMessage, ErrorCode};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::{Notify, mpsc};
 
 use crate::live::LiveClip;
 
@@ -53,7 +54,14 @@ pub struct SessionHandle {
     /// The authenticated user.
     pub user: Arc<str>,
     tx: mpsc::Sender<SessionCommand>,
-    overflow: CancellationToken,
+    overflow: Arc<Overflow>,
+}
+
+/// Set (and the session woken) when the session's queue overflowed.
+#[derive(Debug, Default)]
+struct Overflow {
+    set: AtomicBool,
+    wake: Notify,
 }
 
 impl SessionHandle {
@@ -65,7 +73,7 @@ impl SessionHandle {
                 id,
                 user,
                 tx,
-                overflow: CancellationToken::new(),
+                overflow: Arc::default(),
             },
             rx,
         )
@@ -77,10 +85,10 @@ impl SessionHandle {
         match self.tx.try_send(command) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
-                if !self.overflow.is_cancelled() {
+                if !self.overflow.set.swap(true, Ordering::AcqRel) {
                     tracing::info!(session = self.id, "command queue full: closing the session");
+                    self.overflow.wake.notify_waiters();
                 }
-                self.overflow.cancel();
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
@@ -98,7 +106,14 @@ impl SessionHandle {
     }
 
     /// Completes when the queue overflowed and the session must close.
-    pub fn overflowed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.overflow.cancelled()
+    pub async fn overflowed(&self) {
+        let woken = self.overflow.wake.notified();
+        let mut woken = std::pin::pin!(woken);
+        // Registered before the check: an overflow in between still wakes.
+        woken.as_mut().enable();
+        if self.overflow.set.load(Ordering::Acquire) {
+            return;
+        }
+        woken.await;
     }
 }

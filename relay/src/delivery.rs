@@ -61,38 +61,17 @@ pub struct LagPolicy {
     pub max_stall: Duration,
 }
 
-/// The code a delivery's stream is reset with if its task is stopped
-/// before the clip was written whole (the session closing: `ShuttingDown`;
-/// the member removed: `NotMember`). Shared by a subscription's deliveries
-/// and set before they are stopped.
-#[derive(Debug, Clone)]
-pub struct DropCode(Arc<AtomicU32>);
-
-impl DropCode {
-    /// Starts as `code`.
-    pub fn new(code: ErrorCode) -> DropCode {
-        DropCode(Arc::new(AtomicU32::new(code.code())))
-    }
-
-    /// Changes the code for every stream sharing it.
-    pub fn set(&self, code: ErrorCode) {
-        self.0.store(code.code(), Ordering::Relaxed);
-    }
-
-    fn get(&self) -> VarInt {
-        VarInt::from_u32(self.0.load(Ordering::Relaxed))
-    }
-}
-
 /// Where a subscription's delivery tasks leave what the session needs to
 /// know: the code their streams are reset with if stopped, and the clips
 /// they delivered, recorded *before* each clip's end is written, so that a
 /// member's acknowledgement can never overtake the record of the delivery.
 #[derive(Debug, Clone)]
-pub struct Sink {
-    /// The reset code for streams stopped half-way.
-    pub drop_code: DropCode,
-    delivered: Arc<Mutex<Vec<DeliveredClip>>>,
+pub struct Sink(Arc<SinkInner>);
+
+#[derive(Debug)]
+struct SinkInner {
+    drop_code: AtomicU32,
+    delivered: Mutex<Vec<DeliveredClip>>,
 }
 
 /// A clip a delivery wrote whole: `(seq, clip id, talker)`.
@@ -101,38 +80,53 @@ pub type DeliveredClip = (u64, ClipId, Arc<str>);
 impl Sink {
     /// A sink whose streams reset with `code` when stopped.
     pub fn new(code: ErrorCode) -> Sink {
-        Sink {
-            drop_code: DropCode::new(code),
-            delivered: Arc::default(),
-        }
+        Sink(Arc::new(SinkInner {
+            drop_code: AtomicU32::new(code.code()),
+            delivered: Mutex::new(Vec::new()),
+        }))
     }
 
-    /// Takes the clips recorded as delivered since the last call:
-    /// `(seq, clip id, talker)`.
+    /// Changes the reset code for every stream of this sink.
+    pub fn set_drop_code(&self, code: ErrorCode) {
+        self.0.drop_code.store(code.code(), Ordering::Relaxed);
+    }
+
+    fn drop_code(&self) -> VarInt {
+        VarInt::from_u32(self.0.drop_code.load(Ordering::Relaxed))
+    }
+
+    /// Takes the clips recorded as delivered since the last call.
     pub fn take_delivered(&self) -> Vec<DeliveredClip> {
-        std::mem::take(&mut *self.delivered.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(
+            &mut *self
+                .0
+                .delivered
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 
     fn record(&self, seq: u64, meta: &ClipMeta) {
-        self.delivered
+        self.0
+            .delivered
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .push((seq, meta.clip_id, meta.talker.as_str().into()));
     }
 }
 
 /// A delivery stream that is never left to end with a bare FIN: dropped
-/// before [`Guarded::finish`], it is reset with its [`DropCode`] (quinn
+/// before [`Guarded::finish`], it is reset with its sink's drop code (quinn
 /// finishes a dropped stream, which a reader would take for a clip cut
 /// short without a reason).
 struct Guarded {
     stream: SendStream,
-    on_drop: DropCode,
+    on_drop: Sink,
     done: bool,
 }
 
 impl Guarded {
-    async fn open(conn: &Connection, on_drop: &DropCode) -> Option<Guarded> {
+    async fn open(conn: &Connection, on_drop: &Sink) -> Option<Guarded> {
         let stream = conn.open_uni().await.ok()?;
         Some(Guarded {
             stream,
@@ -164,7 +158,7 @@ impl Drop for Guarded {
     fn drop(&mut self) {
         if !self.done {
             // Already reset or finished streams answer with an error: fine.
-            let _ = self.stream.reset(self.on_drop.get());
+            let _ = self.stream.reset(self.on_drop.drop_code());
         }
     }
 }
@@ -266,7 +260,7 @@ pub async fn deliver_live(
     reads: &LiveReads,
 ) -> Delivery {
     let mut rx = clip.subscribe();
-    let Some(mut stream) = Guarded::open(conn, &sink.drop_code).await else {
+    let Some(mut stream) = Guarded::open(conn, sink).await else {
         return Delivery::Failed;
     };
     let frame = Duration::from_millis(u64::from(clip.meta.frame_ms.max(10)));
@@ -436,7 +430,7 @@ pub async fn deliver_stored(
     fetched: bool,
     sink: &Sink,
 ) -> Delivery {
-    let Some(mut stream) = Guarded::open(conn, &sink.drop_code).await else {
+    let Some(mut stream) = Guarded::open(conn, sink).await else {
         return Delivery::Failed;
     };
     let mut buf = BytesMut::new();

@@ -88,6 +88,8 @@ pub struct Subscription {
     recent: VecDeque<(u64, ReceiptTo, bool)>,
     /// The cursor last handed out to be written.
     written: u64,
+    /// The cursor known stored (at the join, or by a finished write).
+    confirmed: u64,
 }
 
 impl Subscription {
@@ -100,6 +102,7 @@ impl Subscription {
             delivered: BTreeMap::new(),
             recent: VecDeque::new(),
             written: 0,
+            confirmed: 0,
         }
     }
 
@@ -111,6 +114,7 @@ impl Subscription {
     /// A join (or a join again) with the member's stored cursor, the
     /// group's retained range and the last clip published at the join.
     pub fn join(&mut self, stored_cursor: u64, range: SeqRange, last_seq: u64) -> JoinPlan {
+        self.confirmed = self.confirmed.max(stored_cursor);
         if stored_cursor > self.cursor {
             self.cursor = stored_cursor;
             self.written = self.written.max(stored_cursor);
@@ -268,6 +272,17 @@ impl Subscription {
             self.written = self.cursor;
             self.cursor
         })
+    }
+
+    /// A write of `cursor` finished.
+    pub fn confirm(&mut self, cursor: u64) {
+        self.confirmed = self.confirmed.max(cursor);
+    }
+
+    /// The cursor, if it moved beyond what is known stored (to write when
+    /// the connection closes).
+    pub fn unconfirmed(&self) -> Option<u64> {
+        (self.cursor > self.confirmed).then_some(self.cursor)
     }
 
     /// Delivered clips remembered above the cursor.
@@ -436,6 +451,12 @@ mod tests {
         }
         assert_eq!(sub.take_cursor_write(), Some(100));
         assert_eq!(sub.take_cursor_write(), None);
+        // Until a write is confirmed, closing writes the cursor.
+        assert_eq!(sub.unconfirmed(), Some(100));
+        sub.confirm(1);
+        assert_eq!(sub.unconfirmed(), Some(100));
+        sub.confirm(100);
+        assert_eq!(sub.unconfirmed(), None);
     }
 
     #[test]

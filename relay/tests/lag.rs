@@ -6,7 +6,7 @@
 //! Members here are bare QUIC connections speaking the protocol by hand, so
 //! each can pick its stream window, stop reading one stream while its QUIC
 //! stack carries on, and send (or not) `LiveRead` reports: a datagram
-//! `3b len stream frames` after the header and every 25 frames read.
+//! `3b len stream frames` after the header and every 50 frames read.
 
 mod common;
 
@@ -26,7 +26,7 @@ use ptt_protocol::{ClipHeader, ClipMessage, ControlMessage, FrameDecoder, PROTOC
 const LAG: usize = 50;
 /// Frames a reporting member reads between reports (500 ms), which the
 /// relay allows on top of `LAG`.
-const REPORT_EVERY: usize = 25;
+const REPORT_EVERY: usize = 50;
 /// The talker speaks 6 s.
 const CLIP_FRAMES: usize = 300;
 /// Members that stall do so after reading 1 s, for 4 s.

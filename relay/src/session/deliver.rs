@@ -20,22 +20,18 @@ use crate::log::GroupLog;
 const CATCH_UP_BATCH: usize = 16;
 
 impl Session {
-    /// Runs a task of `group`'s subscription; `false` if not joined.
+    /// Runs a task of `group`'s subscription (aborted if the member is
+    /// removed, its stream then reset with the group's drop code); `false`
+    /// if not joined.
     fn spawn_for(
         &mut self,
         group: &str,
         task: impl Future<Output = TaskDone> + Send + 'static,
     ) -> bool {
-        let Some(joined) = self.joined.get(group) else {
+        let Some(joined) = self.joined.get_mut(group) else {
             return false;
         };
-        let stop = joined.stop.clone();
-        self.deliveries.spawn(async move {
-            tokio::select! {
-                _ = stop.cancelled() => TaskDone::Stopped,
-                done = task => done,
-            }
-        });
+        joined.tasks.push(self.deliveries.spawn(task));
         true
     }
 
@@ -50,7 +46,7 @@ impl Session {
         };
         let conn = self.conn.clone();
         let lag = self.ctx.lag_policy(clip.meta.frame_ms);
-        let reads = self.live_reads.clone();
+        let reads = self.live_reads.get_or_insert_default().clone();
         let group: Arc<str> = clip.meta.group.as_str().into();
         self.spawn_for(&group.clone(), async move {
             let result = delivery::deliver_live(&conn, &clip, lag, &sink, &reads).await;
@@ -125,11 +121,16 @@ impl Session {
     fn spawn_cursor_write(&mut self, group: Arc<str>, cursor: u64) {
         let store = self.ctx.store.clone();
         let user = self.handle.user.clone();
-        self.writes.spawn(async move {
-            if let Err(e) = store.advance_cursor(&group, &user, cursor).await {
-                tracing::warn!(error = %e, %group, "cursor update failed");
-            }
-            group
+        self.writes += 1;
+        self.deliveries.spawn(async move {
+            let stored = match store.advance_cursor(&group, &user, cursor).await {
+                Ok(()) => Some(cursor),
+                Err(e) => {
+                    tracing::warn!(error = %e, %group, "cursor update failed");
+                    None
+                }
+            };
+            TaskDone::CursorWritten(group, stored)
         });
     }
 

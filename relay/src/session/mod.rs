@@ -21,7 +21,6 @@ use ptt_protocol::{
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::auth::Claims;
@@ -138,15 +137,16 @@ enum TaskDone {
     },
     /// A Played for an older clip was looked up (and its receipt sent).
     LookedUp,
-    /// The task was stopped (the member left the group).
-    Stopped,
+    /// A cursor write of `group` to `cursor` finished.
+    CursorWritten(Arc<str>, Option<u64>),
 }
 
 /// A joined group on this connection.
 struct Joined {
     sub: Subscription,
-    /// Stops this group's deliveries (the member was removed).
-    stop: CancellationToken,
+    /// This group's delivery tasks still running, to abort them when the
+    /// member is removed (pruned as they finish; empty while idle).
+    tasks: Vec<tokio::task::AbortHandle>,
     /// Where its deliveries record what they delivered, and the code their
     /// streams are reset with if stopped.
     sink: Sink,
@@ -169,20 +169,19 @@ pub(crate) struct Session {
     state: Arc<Mutex<SessionState>>,
     commands: mpsc::Receiver<SessionCommand>,
     joined: HashMap<Arc<str>, Joined>,
-    /// Deliveries, catch-ups, fetches and look-ups.
+    /// Deliveries, catch-ups, fetches, look-ups and cursor writes (at most
+    /// one per joined group).
     deliveries: JoinSet<TaskDone>,
     /// Uploads.
     uploads: JoinSet<()>,
-    /// Cursor writes: at most one per joined group.
-    writes: JoinSet<Arc<str>>,
+    /// Cursor writes in flight.
+    writes: usize,
     lookups: usize,
     /// Fetches in flight.
     fetches: usize,
-    /// What the member reports reading of its live streams.
-    live_reads: crate::delivery::LiveReads,
-    /// Cancelled when the session closes: its deliveries stop and reset
-    /// their streams.
-    stop: CancellationToken,
+    /// What the member reports reading of its live streams (made with
+    /// the first live delivery or report: idle sessions have none).
+    live_reads: Option<crate::delivery::LiveReads>,
 }
 
 impl Session {
@@ -287,11 +286,10 @@ impl Session {
             joined: HashMap::new(),
             deliveries: JoinSet::new(),
             uploads: JoinSet::new(),
-            writes: JoinSet::new(),
+            writes: 0,
             lookups: 0,
             fetches: 0,
-            live_reads: crate::delivery::LiveReads::default(),
-            stop: ctx.shutdown.child_token(),
+            live_reads: None,
             ctx,
         })
     }
@@ -336,15 +334,12 @@ impl Session {
                     Err(_) => return (ErrorCode::None, "connection closed".into()),
                 },
                 Some(command) = self.commands.recv() => Box::pin(self.handle_command(command)).await,
-                Ok(datagram) = self.conn.read_datagram() => self.live_reads.receive(datagram),
+                Ok(datagram) = self.conn.read_datagram() => {
+                    self.live_reads.get_or_insert_default().receive(datagram);
+                }
                 Some(done) = self.deliveries.join_next() => {
                     if let Ok(done) = done {
                         Box::pin(self.handle_done(done)).await;
-                    }
-                }
-                Some(written) = self.writes.join_next() => {
-                    if let Ok(group) = written {
-                        self.cursor_written(&group);
                     }
                 }
                 Some(_) = self.uploads.join_next() => {
@@ -363,32 +358,42 @@ impl Session {
     /// Leaves every group, stops every task, tells the client why (when
     /// there is a reason) and closes the connection with `code_`.
     async fn close(mut self, code_: ErrorCode, reason: String) {
-        // Deliveries stop first (their streams reset with ShuttingDown or
-        // the session's close), before the connection goes.
+        // Deliveries stop first (their streams reset with ShuttingDown),
+        // before the connection goes.
         for joined in self.joined.values() {
-            joined.sink.drop_code.set(ErrorCode::ShuttingDown);
+            joined.sink.set_drop_code(ErrorCode::ShuttingDown);
         }
-        self.stop.cancel();
         let groups: Vec<Arc<str>> = self.joined.keys().cloned().collect();
-        for group in &groups {
-            self.sync_delivered(group);
-            self.final_cursor_write(group);
-        }
         self.ctx
             .hub
             .unregister(self.handle.id, &self.handle.user, &groups);
         self.ctx.floor.release_all(self.handle.id).await;
         self.uploads.abort_all();
         self.deliveries.abort_all();
-        while self.deliveries.join_next().await.is_some() {}
         while self.uploads.join_next().await.is_some() {}
+        while self.deliveries.join_next().await.is_some() {}
+        // The member's progress: each cursor that moved beyond what a
+        // finished write stored is written now (cursors only move forward,
+        // so a write that was cut short does no harm).
+        for group in &groups {
+            self.sync_delivered(group);
+            let Some(cursor) = self.joined.get(group).and_then(|j| j.sub.unconfirmed()) else {
+                continue;
+            };
+            if let Err(e) = self
+                .ctx
+                .store
+                .advance_cursor(group, &self.handle.user, cursor)
+                .await
+            {
+                tracing::warn!(error = %e, %group, "cursor update failed");
+            }
+        }
         if code_ == ErrorCode::ShuttingDown {
             // Let the last messages (`Stored` for clips that finished
             // during the drain) reach the client before the close frame.
             self.flush_queued().await;
         }
-        // Cursor writes in flight finish: they are the member's progress.
-        while self.writes.join_next().await.is_some() {}
         if code_ != ErrorCode::None {
             write_then_close(&mut self.control_send, code_, &reason).await;
         }
@@ -466,9 +471,13 @@ impl Session {
                 }
             }
             SessionCommand::Left { group, code: code_ } => {
+                self.sync_delivered(&group);
+                self.final_cursor_write(&group);
                 if let Some(joined) = self.joined.remove(&group) {
-                    joined.sink.drop_code.set(code_);
-                    joined.stop.cancel();
+                    joined.sink.set_drop_code(code_);
+                    for task in joined.tasks {
+                        task.abort();
+                    }
                     self.send(ControlMessage::GroupLeft {
                         group: group.to_string(),
                         code: code_,
@@ -480,6 +489,13 @@ impl Session {
     }
 
     async fn handle_done(&mut self, done: TaskDone) {
+        let group = match &done {
+            TaskDone::Clip { group, .. } | TaskDone::CaughtUp { group, .. } => Some(group.clone()),
+            _ => None,
+        };
+        if let Some(joined) = group.and_then(|g| self.joined.get_mut(&g)) {
+            joined.tasks.retain(|task| !task.is_finished());
+        }
         match done {
             TaskDone::Clip {
                 group,
@@ -520,7 +536,13 @@ impl Session {
                 .await;
             }
             TaskDone::LookedUp => self.lookups -= 1,
-            TaskDone::Stopped => {}
+            TaskDone::CursorWritten(group, stored) => {
+                self.writes -= 1;
+                if let (Some(joined), Some(cursor)) = (self.joined.get_mut(&group), stored) {
+                    joined.sub.confirm(cursor);
+                }
+                self.cursor_written(&group);
+            }
         }
     }
 }

@@ -32,10 +32,9 @@ impl Session {
         let conn = self.conn.clone();
         let log = self.ctx.log.clone();
         let key: Arc<str> = group.as_str().into();
-        let stop = self.stop.clone();
         self.deliveries.spawn(async move {
             let sink = Sink::new(ErrorCode::ShuttingDown);
-            let send = async {
+            let count = async {
                 let clips = log
                     .recent(&key, count.min(MAX_FETCH) as usize)
                     .await
@@ -49,11 +48,8 @@ impl Session {
                     }
                 }
                 sent
-            };
-            let count = tokio::select! {
-                _ = stop.cancelled() => 0,
-                sent = send => sent,
-            };
+            }
+            .await;
             TaskDone::Fetched {
                 request_id,
                 group: key,

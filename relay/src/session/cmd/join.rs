@@ -37,10 +37,9 @@ impl Session {
             }
         };
         let key: Arc<str> = group.as_str().into();
-        let stop = &self.stop;
         self.joined.entry(key.clone()).or_insert_with(|| Joined {
             sub: Subscription::new(user.clone()),
-            stop: stop.child_token(),
+            tasks: Vec::new(),
             sink: Sink::new(ErrorCode::ShuttingDown),
             writing: false,
         });
