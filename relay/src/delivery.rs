@@ -336,7 +336,7 @@ struct Reading<'a> {
     frame: Duration,
     /// Frames the talker may be ahead of the member's last report.
     allowed_unread: usize,
-    /// The clip's progress, watched while a write is blocked (the delivery
+    /// The clip's progress, read while a write is blocked (the delivery
     /// loop keeps its own receiver, so this one never hides a change from
     /// it).
     progress: watch::Receiver<Progress>,
@@ -380,18 +380,18 @@ impl Reading<'_> {
         }
         let stall = tokio::time::sleep(self.max_stall);
         tokio::pin!(stall);
-        self.progress.borrow_and_update();
-        let mut watching = true;
+        // While blocked, the lag rule is checked a few times a second, not
+        // at every frame the talker adds: a thousand blocked members must
+        // not be woken a thousand times per frame.
+        let mut check = tokio::time::interval(BLOCKED_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        check.reset();
         loop {
             tokio::select! {
                 result = &mut write => return result.is_ok(),
                 _ = &mut stall => return false,
-                changed = self.progress.changed(), if watching => {
-                    if changed.is_err() {
-                        watching = false;
-                        continue;
-                    }
-                    let available = self.progress.borrow_and_update().raw.len();
+                _ = check.tick() => {
+                    let available = self.progress.borrow().raw.len();
                     if self.too_far_behind(available, sent) {
                         return false;
                     }
@@ -400,6 +400,9 @@ impl Reading<'_> {
         }
     }
 }
+
+/// How often a blocked write checks the lag rule.
+const BLOCKED_CHECK: Duration = Duration::from_millis(100);
 
 /// The lag rule, without I/O: the talker is at `available` frames, the
 /// member reported reading `read` of the `sent` written to it (it cannot
