@@ -33,15 +33,9 @@ use crate::store::{ClipMeta, StoredClip};
 /// How a clip delivery ended.
 #[derive(Debug)]
 pub enum Delivery {
-    /// The whole clip, ending with its sequence number, was written.
-    Complete {
-        /// The clip's sequence number.
-        seq: u64,
-        /// Its id, for the receipt when the member acknowledges it.
-        clip_id: ClipId,
-        /// Its talker, for the same receipt.
-        talker: String,
-    },
+    /// The whole clip, ending with its sequence number, was written (and
+    /// recorded in the subscription's [`Sink`] before its end went out).
+    Complete,
     /// The member fell behind; the stream was reset.
     Cut,
     /// The clip was discarded by its talker or the relay.
@@ -318,7 +312,7 @@ pub async fn deliver_live(
                 if !reading.write(&mut stream, end, sent).await {
                     return cut_or_failed(&mut stream, conn);
                 }
-                return finish(stream, seq, &clip.meta);
+                return finish(stream);
             }
             ClipState::Aborted(reason) => {
                 stream.reset(code(reason)).ok();
@@ -459,16 +453,12 @@ pub async fn deliver_stored(
     if stream.write_chunk(buf.freeze()).await.is_err() {
         return Delivery::Failed;
     }
-    finish(stream, clip.seq, &clip.meta)
+    finish(stream)
 }
 
-fn finish(stream: Guarded, seq: u64, meta: &ClipMeta) -> Delivery {
+fn finish(stream: Guarded) -> Delivery {
     match stream.finish() {
-        Ok(()) => Delivery::Complete {
-            seq,
-            clip_id: meta.clip_id,
-            talker: meta.talker.clone(),
-        },
+        Ok(()) => Delivery::Complete,
         Err(_) => Delivery::Failed,
     }
 }

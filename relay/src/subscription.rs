@@ -144,22 +144,19 @@ impl Subscription {
         }
     }
 
-    /// Whether clip `seq` went out whole on this connection already (a
-    /// catch-up or a recovery skips it).
-    pub fn has(&self, seq: u64) -> bool {
-        seq <= self.cursor
-            || self.delivered.contains_key(&seq)
-            || self.recent.iter().any(|(s, _, _)| *s == seq)
-    }
-
     /// The clips in `after < seq <= to` this connection already had.
     pub fn delivered_in(&self, after: u64, to: u64) -> std::collections::HashSet<u64> {
         let above = after.max(self.cursor);
-        let mut had: std::collections::HashSet<u64> = self
-            .delivered
-            .range(above.saturating_add(1)..=to)
-            .map(|(seq, _)| *seq)
-            .collect();
+        // An empty range (nothing to catch up) must not reach `range`,
+        // which panics when its start passes its end.
+        let mut had: std::collections::HashSet<u64> = if above < to {
+            self.delivered
+                .range(above + 1..=to)
+                .map(|(seq, _)| *seq)
+                .collect()
+        } else {
+            Default::default()
+        };
         had.extend(
             self.recent
                 .iter()
@@ -432,10 +429,22 @@ mod tests {
         sub.ack(2);
         assert_eq!(sub.cursor(), 3);
         assert_eq!(sub.pending(), 0);
-        assert!(sub.has(2));
+        assert!(sub.delivered_in(0, 3).contains(&2));
         // A clip delivered again below the cursor is not remembered twice.
         sub.delivered(2, id(2), "bob".into());
         assert_eq!(sub.pending(), 0);
+    }
+
+    /// A join again with nothing to catch up, while clips delivered on
+    /// this connection are remembered, asks for an empty range.
+    #[test]
+    fn an_empty_catch_up_range_is_empty_not_a_panic() {
+        let mut sub = alice();
+        sub.join(0, SeqRange { first: 1, last: 0 }, 0);
+        deliver(&mut sub, [1, 2]);
+        assert!(sub.delivered_in(2, 2).is_empty());
+        assert!(sub.delivered_in(5, 2).is_empty());
+        assert_eq!(sub.delivered_in(0, 2).len(), 2);
     }
 
     #[test]

@@ -144,16 +144,7 @@ async fn shutdown_resets_live_deliveries_with_a_code() {
         Some(n(ErrorCode::ShuttingDown)),
         "RESET_STREAM, not FIN"
     );
-    let error = bob_control
-        .until(|m| match m {
-            ControlMessage::Error {
-                request_id: 0,
-                code,
-                ..
-            } => Some(code),
-            _ => None,
-        })
-        .await;
+    let error = bob_control.closing_error().await;
     assert_eq!(error, ErrorCode::ShuttingDown);
     assert_eq!(bob.closed_with().await, n(ErrorCode::ShuttingDown));
     stopping.await.unwrap();
@@ -696,16 +687,7 @@ async fn claims_about_clips_never_delivered_cost_nothing_and_floods_are_cut() {
     );
     // The rest of the flood passes the limit (256 at once).
     let _ = send_.write_all(&halves[1]).await;
-    let error = control
-        .until(|m| match m {
-            ControlMessage::Error {
-                request_id: 0,
-                code,
-                ..
-            } => Some(code),
-            _ => None,
-        })
-        .await;
+    let error = control.closing_error().await;
     assert_eq!(error, ErrorCode::RateLimited);
     assert_eq!(raw.closed_with().await, n(ErrorCode::RateLimited));
     // Everyone else carries on.

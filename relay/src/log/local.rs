@@ -56,11 +56,6 @@ impl LocalLog {
             }),
         }
     }
-
-    /// Groups with at least one open feed.
-    pub fn fed_groups(&self) -> usize {
-        self.inner.committed.len()
-    }
 }
 
 impl GroupLog for LocalLog {

@@ -504,7 +504,7 @@ impl Session {
             } => match result {
                 // The delivery recorded itself in the group's sink before
                 // it wrote the clip's end.
-                Delivery::Complete { .. } => self.sync_delivered(&group),
+                Delivery::Complete => self.sync_delivered(&group),
                 Delivery::Cut => {
                     tracing::debug!(%group, "live stream cut; recovering from the store");
                     if let Some(clip) = clip {

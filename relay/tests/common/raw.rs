@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use ptt_protocol::message::MAX_PAYLOAD_LEN;
 use ptt_protocol::{
     ClipFormat, ClipHeader, ClipMessage, ControlMessage, ErrorCode, FramedReader, PROTOCOL_VERSION,
@@ -146,6 +145,19 @@ impl Control {
         }
     }
 
+    /// The code of the `Error{0, code}` that announces the close.
+    pub async fn closing_error(&mut self) -> ErrorCode {
+        self.until(|m| match m {
+            ControlMessage::Error {
+                request_id: 0,
+                code,
+                ..
+            } => Some(code),
+            _ => None,
+        })
+        .await
+    }
+
     /// Messages that arrive within `window`.
     pub async fn drain(&mut self, window: Duration) -> Vec<ControlMessage> {
         let mut out = Vec::new();
@@ -170,30 +182,6 @@ pub fn header(group: &str) -> ClipHeader {
         created_ms: 0,
         flags: 0,
     }
-}
-
-/// A whole upload: header, `n` frames, end.
-pub fn upload(header: ClipHeader, n: u32) -> Bytes {
-    let mut out = Vec::new();
-    out.extend_from_slice(&ClipMessage::Header(header).to_bytes());
-    for index in 0..n {
-        out.extend_from_slice(
-            &ClipMessage::Frame {
-                index,
-                data: Bytes::from(vec![index as u8; 40]),
-            }
-            .to_bytes(),
-        );
-    }
-    out.extend_from_slice(
-        &ClipMessage::End {
-            frame_count: n,
-            seq: 0,
-            waveform: Bytes::new(),
-        }
-        .to_bytes(),
-    );
-    out.into()
 }
 
 /// `code` as a number, for comparing close and reset codes.

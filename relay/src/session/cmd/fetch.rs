@@ -41,7 +41,7 @@ impl Session {
                     .unwrap_or_default();
                 let mut sent = 0;
                 for clip in &clips {
-                    if let Delivery::Complete { .. } =
+                    if let Delivery::Complete =
                         delivery::deliver_stored(&conn, clip, true, &sink).await
                     {
                         sent += 1;
