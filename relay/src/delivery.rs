@@ -372,23 +372,29 @@ impl Reading<'_> {
         if let std::task::Poll::Ready(result) = first {
             return result.is_ok();
         }
-        let stall = tokio::time::sleep(self.max_stall);
-        tokio::pin!(stall);
-        // While blocked, the lag rule is checked a few times a second, not
-        // at every frame the talker adds: a thousand blocked members must
-        // not be woken a thousand times per frame.
-        let mut check = tokio::time::interval(BLOCKED_CHECK);
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        check.reset();
+        // One timer, not two: it fires at the next lag check or at the
+        // stall limit, whichever is first. While blocked, the lag rule is
+        // checked a few times a second, not at every frame the talker adds:
+        // a thousand blocked members must not be woken a thousand times per
+        // frame.
+        let give_up = tokio::time::Instant::now() + self.max_stall;
+        let next_check = |now: tokio::time::Instant| (now + BLOCKED_CHECK).min(give_up);
+        let timer = tokio::time::sleep_until(next_check(tokio::time::Instant::now()));
+        tokio::pin!(timer);
         loop {
             tokio::select! {
+                biased;
                 result = &mut write => return result.is_ok(),
-                _ = &mut stall => return false,
-                _ = check.tick() => {
+                () = &mut timer => {
+                    let now = tokio::time::Instant::now();
+                    if now >= give_up {
+                        return false;
+                    }
                     let available = self.progress.borrow().raw.len();
                     if self.too_far_behind(available, sent) {
                         return false;
                     }
+                    timer.as_mut().reset(next_check(now));
                 }
             }
         }
