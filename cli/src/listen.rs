@@ -117,21 +117,18 @@ async fn listen_on(ui: &Ui, client: &Client, events: &mut Events, args: &ListenA
                 "the connection was closed",
             ));
         };
-        match receiver.handle(event)? {
-            Some(clip) => {
-                ui.result(&clip.line);
-                client.ack(&args.group, clip.seq).await?;
-                if args.played {
-                    client.played(&args.group, clip.seq).await?;
-                }
-                received += 1;
-                spinner.set_message(format!(
-                    "listening to {}: {received} clip{}",
-                    args.group,
-                    if received == 1 { "" } else { "s" }
-                ));
+        if let Some(clip) = receiver.handle(event)? {
+            ui.result(&clip.line);
+            client.ack(&args.group, clip.seq).await?;
+            if args.played {
+                client.played(&args.group, clip.seq).await?;
             }
-            None => {}
+            received += 1;
+            spinner.set_message(format!(
+                "listening to {}: {received} clip{}",
+                args.group,
+                if received == 1 { "" } else { "s" }
+            ));
         }
     };
     spinner.finish_and_clear();

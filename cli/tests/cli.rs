@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use ptt_client::{Client, ClientConfig, GroupMode, Trust};
+use ptt_client::{Client, ClientConfig, Event, GroupMode, ReceiptKind, Trust};
 use ptt_codec::decode_ogg_opus;
 use ptt_relay::{RelayConfig, RelayHandle};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -46,6 +46,18 @@ impl Harness {
         }
         admin.close().await;
         h
+    }
+
+    /// An in-process client of `user`, to watch what the relay sends them.
+    async fn client(&self, user: &str) -> (Client, ptt_client::Events) {
+        let trust = Trust::fingerprint_from_hex(self.relay.cert_fingerprint()).unwrap();
+        let config = ClientConfig::new(
+            self.relay.addr(),
+            "localhost",
+            trust,
+            self.token(user, false),
+        );
+        Client::connect(config).await.unwrap()
     }
 
     fn token(&self, user: &str, admin: bool) -> String {
@@ -335,6 +347,9 @@ async fn a_talked_wav_is_heard_live_saved_as_ogg_opus_and_acknowledged() {
     .await
     .unwrap();
     assert!(joined.contains("0 clips to catch up"), "{joined}");
+    // Alice's phone, online, gets the receipts of her clips.
+    let (phone, mut receipts) = h.client("alice").await;
+    phone.join("team").await.unwrap();
 
     let out = h.run("alice", &["talk", "team", SPEECH, "--fast"]).await;
     assert_ok(&out);
@@ -377,6 +392,25 @@ async fn a_talked_wav_is_heard_live_saved_as_ogg_opus_and_acknowledged() {
         ffmpeg.abs_diff(wav * 3) < 960,
         "ffmpeg decoded {ffmpeg} samples at 48 kHz for {wav} at 16 kHz"
     );
+
+    // Bob's listener acknowledged the clip and reported it played.
+    let mut kinds = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while kinds.len() < 2 {
+            if let Some(Event::Receipt {
+                seq: 1, user, kind, ..
+            }) = receipts.next().await
+            {
+                if user == "bob" {
+                    kinds.push(kind);
+                }
+            }
+        }
+    })
+    .await
+    .expect("receipts from bob");
+    assert_eq!(kinds, [ReceiptKind::Delivered, ReceiptKind::Played]);
+    phone.close().await;
 
     // Acknowledged: listening again finds nothing to catch up, and waiting
     // for a clip that does not come ends with status 7.
