@@ -84,9 +84,9 @@ async fn listen_on(ui: &Ui, client: &Client, events: &mut Events, args: &ListenA
         .with_context(|| format!("cannot join {}", args.group))?;
     let waiting = info.last_seq.saturating_sub(info.cursor);
     ui.status(&format!(
-        "joined {} ({:?}): {waiting} clip{} to catch up",
+        "joined {} ({}): {waiting} clip{} to catch up",
         info.group,
-        info.mode,
+        crate::session::mode_name(info.mode),
         if waiting == 1 { "" } else { "s" }
     ));
     let spinner = ui.spinner(format!("listening to {}", args.group));
@@ -138,8 +138,9 @@ async fn listen_on(ui: &Ui, client: &Client, events: &mut Events, args: &ListenA
 /// Runs `ptt history`.
 pub async fn history(ui: &Ui, login: &StoredLogin, args: &HistoryArgs) -> Result<()> {
     prepare_dir(args.save.as_deref())?;
-    // No acknowledgements: looking at history must not move the cursor that
-    // `ptt listen` catches up from.
+    // Looking at history must not move the cursor that `ptt listen` catches
+    // up from: the group is not joined (the relay ignores acknowledgements
+    // for groups not joined on the connection), and none is sent anyway.
     let (client, mut events) = connect(
         login,
         ConnectOptions {

@@ -298,11 +298,7 @@ async fn groups(ui: &Ui, login: &StoredLogin) -> Result<()> {
     let mut groups = groups.context("cannot list the groups")?;
     groups.sort_by(|a, b| a.group.cmp(&b.group));
     for g in groups {
-        let mode = match g.mode {
-            ptt_client::GroupMode::Walkie => "walkie",
-            ptt_client::GroupMode::Notes => "notes",
-        };
-        ui.result(&format!("{} {mode}", g.group));
+        ui.result(&format!("{} {}", g.group, session::mode_name(g.mode)));
     }
     Ok(())
 }

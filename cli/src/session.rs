@@ -73,6 +73,14 @@ pub async fn connect(login: &StoredLogin, options: ConnectOptions) -> Result<(Cl
     Ok((client, events))
 }
 
+/// The mode's name as the relay's `group create --mode` spells it.
+pub fn mode_name(mode: ptt_client::GroupMode) -> &'static str {
+    match mode {
+        ptt_client::GroupMode::Walkie => "walkie",
+        ptt_client::GroupMode::Notes => "notes",
+    }
+}
+
 /// Where status and results go: progress bars and spinners on stderr when
 /// both stdout and stderr are terminals; otherwise plain lines, results on
 /// stdout and status on stderr.

@@ -400,10 +400,9 @@ async fn a_talked_wav_is_heard_live_saved_as_ogg_opus_and_acknowledged() {
             if let Some(Event::Receipt {
                 seq: 1, user, kind, ..
             }) = receipts.next().await
+                && user == "bob"
             {
-                if user == "bob" {
-                    kinds.push(kind);
-                }
+                kinds.push(kind);
             }
         }
     })
