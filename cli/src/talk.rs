@@ -49,10 +49,7 @@ pub async fn run(ui: &Ui, login: &StoredLogin, args: &TalkArgs) -> Result<()> {
         },
     )
     .await?;
-    let max_clip_ms = match client.welcome().limits.max_clip_ms {
-        0 => u64::MAX,
-        ms => u64::from(ms),
-    };
+    let max_clip_ms = client.welcome().limits.max_clip_ms;
     let result = {
         let talk = async {
             let pcm = client
@@ -120,12 +117,12 @@ async fn send_wav(
     mut pcm: PcmTalk,
     mut source: WavSource<BufReader<std::fs::File>>,
     args: &TalkArgs,
-    max_clip_ms: u64,
+    max_clip_ms: u32,
 ) -> Result<(ptt_client::StoredClip, u64)> {
     let info = source.info().clone();
     let rate = u64::from(info.sample_rate);
     let total_ms = info.frames * 1000 / rate;
-    if total_ms > max_clip_ms {
+    if total_ms > usable_audio_ms(max_clip_ms) {
         pcm.abort();
         return Err(status(
             BAD_INPUT,
@@ -133,7 +130,7 @@ async fn send_wav(
                 "{} lasts {:.1} s; the relay takes clips of at most {:.1} s",
                 args.input.display(),
                 total_ms as f64 / 1000.0,
-                max_clip_ms as f64 / 1000.0
+                f64::from(max_clip_ms) / 1000.0
             ),
         ));
     }
@@ -175,7 +172,7 @@ async fn send_stdin(
     mut pcm: PcmTalk,
     rate: u32,
     channels: u16,
-    max_clip_ms: u64,
+    max_clip_ms: u32,
 ) -> Result<(ptt_client::StoredClip, u64)> {
     let bar = ui.spinner("talking from stdin (end of input or Ctrl-C sends)");
     let frame_bytes = 2 * usize::from(channels);
@@ -183,7 +180,7 @@ async fn send_stdin(
     let mut raw = vec![0u8; (rate as usize / 50).max(1) * frame_bytes];
     let mut pending: Vec<u8> = Vec::with_capacity(raw.len() * 2);
     let mut samples: Vec<i16> = Vec::with_capacity(raw.len() / 2);
-    let max_frames = max_clip_ms.saturating_mul(u64::from(rate)) / 1000;
+    let max_frames = usable_audio_ms(max_clip_ms).saturating_mul(u64::from(rate)) / 1000;
     let start = Instant::now();
     let mut frames: u64 = 0;
     let ctrl_c = tokio::signal::ctrl_c();
@@ -198,7 +195,9 @@ async fn send_stdin(
         }
         pending.extend_from_slice(&raw[..n]);
         let whole = pending.len() / frame_bytes * frame_bytes;
-        let room = (max_frames - frames) as usize * frame_bytes;
+        let room = usize::try_from(max_frames - frames)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(frame_bytes);
         let take = whole.min(room);
         samples.clear();
         samples.extend(
@@ -216,7 +215,7 @@ async fn send_stdin(
         if frames >= max_frames {
             ui.status(&format!(
                 "the relay takes clips of at most {:.1} s: sending what was recorded",
-                max_clip_ms as f64 / 1000.0
+                f64::from(max_clip_ms) / 1000.0
             ));
             break;
         }
@@ -235,6 +234,18 @@ async fn send_stdin(
     Ok((stored, frames * 1000 / u64::from(rate)))
 }
 
+/// How much audio fits in a clip of at most `max_clip_ms` (0: no limit):
+/// the encoder sends whole frames, one more than the audio needs for its
+/// lookahead (6.5 ms), so the audio must leave one frame free below the
+/// last whole frame that fits.
+fn usable_audio_ms(max_clip_ms: u32) -> u64 {
+    if max_clip_ms == 0 {
+        return u64::MAX;
+    }
+    let frame = u64::from(EncoderConfig::default().frame.millis());
+    (u64::from(max_clip_ms) / frame * frame).saturating_sub(frame)
+}
+
 /// Takes events while the talk goes on (the client answers requests on the
 /// task that fills them); returns only when the connection ended, with why.
 async fn drain(events: &mut Events) -> anyhow::Error {
@@ -248,5 +259,19 @@ async fn drain(events: &mut Events) -> anyhow::Error {
             Some(_) => {}
             None => return status(UNREACHABLE, "the connection was closed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_audio_that_fits_leaves_a_frame_for_the_encoder_delay() {
+        assert_eq!(usable_audio_ms(1_000), 980);
+        assert_eq!(usable_audio_ms(1_019), 980);
+        assert_eq!(usable_audio_ms(60_000), 59_980);
+        assert_eq!(usable_audio_ms(10), 0);
+        assert_eq!(usable_audio_ms(0), u64::MAX);
     }
 }

@@ -32,10 +32,15 @@ struct Harness {
 impl Harness {
     /// A relay with group `team` (notes) of alice and bob.
     async fn start() -> Harness {
+        Harness::start_with(|_| {}).await
+    }
+
+    /// The same with the relay's configuration adjusted.
+    async fn start_with(adjust: impl FnOnce(&mut RelayConfig)) -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let relay = ptt_relay::start(RelayConfig::for_tests(&dir.path().join("relay")))
-            .await
-            .unwrap();
+        let mut config = RelayConfig::for_tests(&dir.path().join("relay"));
+        adjust(&mut config);
+        let relay = ptt_relay::start(config).await.unwrap();
         let h = Harness { relay, dir };
         let trust = Trust::fingerprint_from_hex(h.relay.cert_fingerprint()).unwrap();
         let config = ClientConfig::new(h.relay.addr(), "localhost", trust, h.token("root", true));
@@ -512,4 +517,55 @@ async fn pcm_from_stdin_is_sent_in_real_time_and_history_lists_without_acknowled
         .collect();
     seqs.sort();
     assert_eq!(seqs, ["#1", "#2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relays_longest_clip_bounds_what_is_sent() {
+    let h = Harness::start_with(|c| c.max_clip = Duration::from_secs(1)).await;
+    h.login("alice").await;
+
+    // A file longer than the relay takes is refused before sending.
+    let out = h.run("alice", &["talk", "team", SPEECH, "--fast"]).await;
+    assert_eq!(out.status.code(), Some(8), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("at most 1.0 s"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A microphone that keeps going: the first second is sent and stored.
+    let mut child = h
+        .ptt("alice", &["talk", "team", "-", "--rate", "16000"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let pcm: Vec<u8> = (0..32_000)
+        .map(|i| ((i as f32 * 0.07).sin() * 9_000.0) as i16)
+        .flat_map(i16::to_le_bytes)
+        .collect();
+    // The pipe may be closed by ptt before all of it is written.
+    let _ = stdin.write_all(&pcm).await;
+    drop(stdin);
+    let out = finish(child).await;
+    assert_ok(&out);
+    assert_eq!(text(&out.stdout), "1\n");
+    assert!(
+        text(&out.stderr).contains("at most 1.0 s"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    h.login("bob").await;
+    let out = h.run("bob", &["history", "team", "--count", "1"]).await;
+    assert_ok(&out);
+    let line = text(&out.stdout);
+    let secs: f64 = line
+        .split_whitespace()
+        .nth(4)
+        .unwrap()
+        .trim_end_matches('s')
+        .parse()
+        .unwrap();
+    assert!((0.98..=1.0).contains(&secs), "{line}");
 }
