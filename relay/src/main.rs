@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use ptt_protocol::GroupMode;
 use ptt_relay::RelayConfig;
+use ptt_relay::config::LogFormat;
 use ptt_relay::auth::TokenIssuer;
 use ptt_relay::store::{ClipStore, RedbStore};
 
@@ -151,13 +152,7 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn serve(config: RelayConfig) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,quinn=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs(config.log_format);
     runtime(config.worker_threads)?.block_on(async move {
         let data_dir = config.data_dir.clone();
         let handle = ptt_relay::start(config)
@@ -228,6 +223,25 @@ async fn group(action: GroupAction, data_dir: &Path) -> anyhow::Result<()> {
     }
     store.flush().await?;
     Ok(())
+}
+
+/// Log lines to stderr, filtered by `RUST_LOG`, as text or JSON (one
+/// object per line, with the fields of the current span and its parents:
+/// the session's id, address and user; the clip's group and id).
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,quinn=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
 }
 
 /// Ctrl-C or SIGTERM (what service managers send), whichever comes first.

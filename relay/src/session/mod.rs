@@ -57,6 +57,9 @@ pub fn run(
     // captured value stays in the task for its whole life.
     let connect = Box::pin(connect(incoming, ctx, id));
     async move {
+        let metrics = crate::metrics::Metrics::get();
+        metrics.connections.increment(1.0);
+        let _alive = scopeguard(|| metrics.connections.decrement(1.0));
         let Some(mut session) = connect.await else {
             return;
         };
@@ -112,6 +115,9 @@ impl Refusal {
             return;
         }
         tracing::info!(code = %self.code, message = %self.message, "refused");
+        if self.code != ErrorCode::ShuttingDown {
+            crate::metrics::auth_failure(self.code);
+        }
         if let Some(mut send) = self.control {
             write_then_close(&mut send, self.code, &self.message).await;
         }
@@ -304,6 +310,7 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = self.handle.overflowed() => {
+                    crate::metrics::Metrics::get().overflow_closed.increment(1);
                     return (ErrorCode::SlowReceiver, "the session could not keep up with its events".into());
                 }
                 _ = self.ctx.shutdown.cancelled(), if drain_deadline.is_none() => {
@@ -417,7 +424,13 @@ impl Session {
             state: self.state.clone(),
         };
         let ctx = self.ctx.clone();
-        let span = tracing::debug_span!("clip");
+        // The session's span (its parent) names the user; the group and
+        // clip id are recorded once the header is read.
+        let span = tracing::info_span!(
+            "clip",
+            group = tracing::field::Empty,
+            clip = tracing::field::Empty
+        );
         self.uploads
             .spawn(ingest::run(recv, ctx, uploader).instrument(span));
     }
@@ -506,6 +519,7 @@ impl Session {
                 // it wrote the clip's end.
                 Delivery::Complete => self.sync_delivered(&group),
                 Delivery::Cut => {
+                    crate::metrics::Metrics::get().live_cuts.increment(1);
                     tracing::debug!(%group, "live stream cut; recovering from the store");
                     if let Some(clip) = clip {
                         self.spawn_recovery(group, clip);
@@ -545,6 +559,20 @@ impl Session {
             }
         }
     }
+}
+
+/// Runs `f` when dropped (the connection gauge goes down however the
+/// task ends).
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 fn shutting_down() -> (ErrorCode, String) {

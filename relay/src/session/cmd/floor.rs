@@ -40,13 +40,18 @@ impl Session {
             user: self.handle.user.clone(),
         };
         let hold = Duration::from_millis(u64::from(max_ms));
+        let grant = self
+            .ctx
+            .floor
+            .request(&group, &talker, emergency, hold)
+            .await;
+        let metrics = crate::metrics::Metrics::get();
+        match grant {
+            FloorGrant::Granted => metrics.floor_grants.increment(1),
+            FloorGrant::Denied { .. } => metrics.floor_denials.increment(1),
+        }
         Ok(
-            match self
-                .ctx
-                .floor
-                .request(&group, &talker, emergency, hold)
-                .await
-            {
+            match grant {
                 FloorGrant::Granted => ControlMessage::FloorGranted {
                     request_id,
                     group,

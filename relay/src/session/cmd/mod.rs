@@ -36,6 +36,9 @@ impl Session {
                 .unwrap_or_else(|p| p.into_inner())
                 .handle_control(Instant::now());
             if let Err(code) = limited {
+                crate::metrics::Metrics::get()
+                    .control_rate_limited
+                    .increment(1);
                 return Err((code, "too many control messages".into()));
             }
         }
