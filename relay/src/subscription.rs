@@ -218,6 +218,33 @@ impl Subscription {
         self.advance();
     }
 
+    /// Clip `seq` was deleted by an administrator (a `ClipDeleted`, or a
+    /// hole a catch-up found): it counts as received and acknowledged, so
+    /// the cursor moves past it.
+    pub fn deleted(&mut self, seq: u64) {
+        if seq <= self.cursor {
+            return;
+        }
+        if let Some(entry) = self.delivered.get_mut(&seq) {
+            entry.acked = true;
+            entry.played = true;
+        } else {
+            if self.delivered.len() >= MAX_UNACKED {
+                self.delivered.pop_first();
+            }
+            self.delivered.insert(
+                seq,
+                Delivered {
+                    clip_id: ClipId::default(),
+                    talker: self.member.clone(),
+                    acked: true,
+                    played: true,
+                },
+            );
+        }
+        self.advance();
+    }
+
     /// A DeliveryAck for `seq`: the receipt to send, if it earns one. An
     /// ack for a clip not delivered on this connection is ignored.
     pub fn ack(&mut self, seq: u64) -> Option<ReceiptTo> {

@@ -133,8 +133,13 @@ enum TaskDone {
         clip: Option<Arc<LiveClip>>,
         result: Delivery,
     },
-    /// A catch-up reached its end.
-    CaughtUp { group: Arc<str>, seq: u64 },
+    /// A catch-up reached its end; `deleted` are the seqs it found
+    /// missing between stored clips (deleted by an administrator).
+    CaughtUp {
+        group: Arc<str>,
+        seq: u64,
+        deleted: Vec<u64>,
+    },
     /// A fetch sent `count` clips.
     Fetched {
         request_id: u64,
@@ -476,6 +481,14 @@ impl Session {
                     let group: Arc<str> = group.as_str().into();
                     self.write_cursor(&group);
                 }
+                // A deleted clip counts as received: the cursor moves on.
+                if let ControlMessage::ClipDeleted { group, seq, .. } = &*message
+                    && let Some(joined) = self.joined.get_mut(group.as_str())
+                {
+                    joined.sub.deleted(*seq);
+                    let group: Arc<str> = group.as_str().into();
+                    self.write_cursor(&group);
+                }
                 self.send(*message).await;
             }
             SessionCommand::Deliver(clip) => {
@@ -527,7 +540,19 @@ impl Session {
                 }
                 Delivery::Aborted | Delivery::Failed => {}
             },
-            TaskDone::CaughtUp { group, seq } => {
+            TaskDone::CaughtUp {
+                group,
+                seq,
+                deleted,
+            } => {
+                if let Some(joined) = self.joined.get_mut(&group)
+                    && !deleted.is_empty()
+                {
+                    for seq in deleted {
+                        joined.sub.deleted(seq);
+                    }
+                    self.write_cursor(&group);
+                }
                 if self.joined.contains_key(&group) {
                     self.send(ControlMessage::CaughtUp {
                         group: group.to_string(),

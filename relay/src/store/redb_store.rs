@@ -89,7 +89,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use ptt_protocol::coding::{
     get_array, get_bytes, get_count, get_u8, get_varint, get_varint_u32, put_bytes, put_varint,
 };
-use ptt_protocol::{ClipFormat, ClipId, DecodeError, GroupMode};
+use ptt_protocol::{ClipFormat, ClipId, ClipSummary, DecodeError, GroupMode, MemberState};
 use redb::{
     Database, DatabaseError, Durability, MultimapTableDefinition, ReadTransaction,
     ReadableDatabase, ReadableMultimapTable, ReadableTable, Table, TableDefinition,
@@ -131,6 +131,13 @@ const CLIP_IDS: TableDefinition<'static, (&str, &[u8; 16]), u64> = TableDefiniti
 const EXPIRED: TableDefinition<'static, (&str, u64), (&[u8; 16], u64)> =
     TableDefinition::new("expired_clip_ids");
 const CURSORS: TableDefinition<'static, (&str, &str), u64> = TableDefinition::new("cursors");
+/// When each member's progress was last recorded (a cursor write or a
+/// join), Unix ms.
+const LAST_SEEN: TableDefinition<'static, (&str, &str), u64> = TableDefinition::new("last_seen");
+/// Clips deleted by an administrator: `(group, seq)` to the clip id and
+/// when it was deleted (Unix ms), so members that were away learn of it.
+const TOMBSTONES: TableDefinition<'static, (&str, u64), (&[u8; 16], u64)> =
+    TableDefinition::new("tombstones");
 
 const GROUP_RECORD_V1: u8 = 1;
 const CLIP_BLOB_V1: u8 = 1;
@@ -250,6 +257,8 @@ impl RedbStore {
             txn.open_table(CLIP_IDS).ctx("creating clip_ids")?;
             txn.open_table(EXPIRED).ctx("creating expired_clip_ids")?;
             txn.open_table(CURSORS).ctx("creating cursors")?;
+            txn.open_table(LAST_SEEN).ctx("creating last_seen")?;
+            txn.open_table(TOMBSTONES).ctx("creating tombstones")?;
         }
         txn.commit().ctx("commit")?;
 
@@ -485,6 +494,8 @@ fn commit_batch(db: &Database, cmds: Vec<Command>, unsynced: &mut bool) {
             let mut clips = txn.open_table(CLIPS).ctx("opening clips")?;
             let mut clip_ids = txn.open_table(CLIP_IDS).ctx("opening clip_ids")?;
             let mut cursors = txn.open_table(CURSORS).ctx("opening cursors")?;
+            let mut last_seen = txn.open_table(LAST_SEEN).ctx("opening last_seen")?;
+            let now_ms = crate::auth::unix_millis(std::time::SystemTime::now());
             let mut cmds = cmds.into_iter();
             while let Some(cmd) = cmds.next() {
                 let fatal = match cmd {
@@ -513,7 +524,15 @@ fn commit_batch(db: &Database, cmds: Vec<Command>, unsynced: &mut bool) {
                         seq,
                         reply,
                     } => {
-                        let step = advance_one(&groups, &mut cursors, &group, &user, seq);
+                        let step = advance_one(&groups, &mut cursors, &group, &user, seq)
+                            .and_then(|answer| {
+                                if answer.is_ok() {
+                                    last_seen
+                                        .insert((group.as_str(), user.as_str()), now_ms)
+                                        .ctx("writing last_seen")?;
+                                }
+                                Ok(answer)
+                            });
                         let (answer, fatal) = split_step(step);
                         answers.push(Answer::Cursor(reply, answer));
                         fatal
@@ -883,6 +902,7 @@ fn retain_group(
 
     // Drop the dedup entries whose clip was deleted long enough ago.
     let grace = policy.max_age_ms.max(MIN_DEDUP_GRACE_MS);
+    prune_tombstones(txn, group, now_ms.saturating_sub(grace))?;
     let mut clip_ids = txn.open_table(CLIP_IDS).ctx("opening clip_ids")?;
     loop {
         let (seq, clip_id) = {
@@ -905,6 +925,78 @@ fn retain_group(
             .ctx("deleting clip_ids")?;
     }
     Ok(deleted)
+}
+
+/// Drops `group`'s tombstones of clips deleted before `before_ms`: a member
+/// away for longer than that has its whole history resent anyway or
+/// retention took the clip from its peers too.
+fn prune_tombstones(txn: &WriteTransaction, group: &str, before_ms: u64) -> Result<(), StoreError> {
+    let mut tombstones = txn.open_table(TOMBSTONES).ctx("opening tombstones")?;
+    let mut old = Vec::new();
+    for entry in tombstones
+        .range((group, 0)..=(group, u64::MAX))
+        .ctx("reading tombstones")?
+    {
+        let (key, value) = entry.ctx("reading tombstones")?;
+        if value.value().1 < before_ms {
+            old.push(key.value().1);
+        }
+    }
+    for seq in old {
+        tombstones
+            .remove((group, seq))
+            .ctx("deleting tombstones")?;
+    }
+    Ok(())
+}
+
+/// A clip's summary from its blob: the metadata, the frame count and the
+/// bytes of its frames, read without copying the frames.
+fn summarize(group: &str, seq: u64, raw: &[u8]) -> Result<ClipSummary, StoreError> {
+    let mut rest = raw;
+    let meta = decode_meta(group, seq, &mut rest)?;
+    let de = |e: DecodeError| clip_corrupt(group, seq, e);
+    let waveform_len = get_varint(&mut rest).map_err(de)?;
+    if waveform_len > rest.len() as u64 {
+        return Err(de(DecodeError::Short));
+    }
+    rest = &rest[waveform_len as usize..];
+    let count = get_varint(&mut rest).map_err(de)?;
+    let mut bytes = 0u64;
+    for _ in 0..count {
+        let len = get_varint(&mut rest).map_err(de)?;
+        if len > rest.len() as u64 {
+            return Err(de(DecodeError::Short));
+        }
+        rest = &rest[len as usize..];
+        bytes += len;
+    }
+    Ok(ClipSummary {
+        seq,
+        clip_id: meta.clip_id,
+        talker: meta.talker,
+        duration_ms: count * u64::from(meta.frame_ms),
+        bytes,
+        created_ms: meta.created_ms,
+    })
+}
+
+impl RedbStore {
+    /// Records that `user` was seen in `group` now (at a join) without
+    /// moving its cursor: a cursor write of 0, batched like the others.
+    fn touch(&self, group: &str, user: &str) -> StoreFuture<'_, ()> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Cursor {
+            group: group.to_owned(),
+            user: user.to_owned(),
+            seq: 0,
+            reply,
+        };
+        Box::pin(async move {
+            self.send(cmd).await?;
+            rx.await.map_err(|_| writer_gone())?
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1153,6 +1245,123 @@ impl ClipStore for RedbStore {
             }
             Ok(deleted)
         })
+    }
+
+    fn clip_summaries(
+        &self,
+        group: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<ClipSummary>> {
+        let group = group.to_owned();
+        self.read(move |txn| {
+            require_group(txn, &group)?;
+            let clips = txn.open_table(CLIPS).ctx("opening clips")?;
+            let mut out = Vec::new();
+            if limit == 0 || after == u64::MAX {
+                return Ok(out);
+            }
+            let g = group.as_str();
+            for entry in clips
+                .range((g, after + 1)..=(g, u64::MAX))
+                .ctx("reading clips")?
+                .take(limit)
+            {
+                let (key, value) = entry.ctx("reading clips")?;
+                out.push(summarize(g, key.value().1, value.value())?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn delete_clip(&self, group: &str, seq: u64, now_ms: u64) -> StoreFuture<'_, Option<ClipId>> {
+        let group = group.to_owned();
+        self.write(move |txn| {
+            {
+                let groups = txn.open_table(GROUPS).ctx("opening groups")?;
+                if groups.get(group.as_str()).ctx("reading groups")?.is_none() {
+                    return Err(StoreError::NoSuchGroup(group));
+                }
+            }
+            let g = group.as_str();
+            let mut clips = txn.open_table(CLIPS).ctx("opening clips")?;
+            let Some(raw) = clips.remove((g, seq)).ctx("deleting clips")? else {
+                return Ok(None);
+            };
+            let mut blob = raw.value();
+            // A damaged clip is deleted all the same; its id is unknown.
+            let clip_id = decode_meta(g, seq, &mut blob)
+                .map(|m| m.clip_id)
+                .unwrap_or_default();
+            drop(raw);
+            // The dedup entry ages out like a clip retention deleted.
+            txn.open_table(EXPIRED)
+                .ctx("opening expired_clip_ids")?
+                .insert((g, seq), (clip_id.as_bytes(), now_ms))
+                .ctx("writing expired_clip_ids")?;
+            txn.open_table(TOMBSTONES)
+                .ctx("opening tombstones")?
+                .insert((g, seq), (clip_id.as_bytes(), now_ms))
+                .ctx("writing tombstones")?;
+            Ok(Some(clip_id))
+        })
+    }
+
+    fn tombstones(&self, group: &str, since_ms: u64) -> StoreFuture<'_, Vec<(u64, ClipId)>> {
+        let group = group.to_owned();
+        self.read(move |txn| {
+            let tombstones = txn.open_table(TOMBSTONES).ctx("opening tombstones")?;
+            let g = group.as_str();
+            let mut out = Vec::new();
+            for entry in tombstones
+                .range((g, 0)..=(g, u64::MAX))
+                .ctx("reading tombstones")?
+            {
+                let (key, value) = entry.ctx("reading tombstones")?;
+                let (clip_id, deleted_ms) = value.value();
+                if deleted_ms >= since_ms {
+                    out.push((key.value().1, ClipId::from_bytes(*clip_id)));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn member_status(&self, group: &str) -> StoreFuture<'_, Vec<MemberState>> {
+        let group = group.to_owned();
+        self.read(move |txn| {
+            let info = read_group(txn, &group)?.ok_or(StoreError::NoSuchGroup(group.clone()))?;
+            let cursors = txn.open_table(CURSORS).ctx("opening cursors")?;
+            let seen = txn.open_table(LAST_SEEN).ctx("opening last_seen")?;
+            let g = group.as_str();
+            let mut out = Vec::with_capacity(info.members.len());
+            for user in info.members {
+                let key = (g, user.as_str());
+                let cursor = cursors.get(key).ctx("reading cursors")?.map_or(0, |v| v.value());
+                let last_seen_ms = seen.get(key).ctx("reading last_seen")?.map_or(0, |v| v.value());
+                out.push(MemberState {
+                    user,
+                    cursor,
+                    last_seen_ms,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn last_seen(&self, group: &str, user: &str) -> StoreFuture<'_, u64> {
+        let (group, user) = (group.to_owned(), user.to_owned());
+        self.read(move |txn| {
+            let seen = txn.open_table(LAST_SEEN).ctx("opening last_seen")?;
+            Ok(seen
+                .get((group.as_str(), user.as_str()))
+                .ctx("reading last_seen")?
+                .map_or(0, |v| v.value()))
+        })
+    }
+
+    fn touch_member(&self, group: &str, user: &str) -> StoreFuture<'_, ()> {
+        self.touch(group, user)
     }
 
     fn flush(&self) -> StoreFuture<'_, ()> {
