@@ -209,9 +209,11 @@ pub fn write_ogg_opus<W: std::io::Write>(
         duration,
     };
     // The serial only tells streams apart within one file.
-    let serial = meta.clip_id.as_bytes().iter().fold(0u32, |h, b| {
-        h.rotate_left(5) ^ u32::from(*b)
-    });
+    let serial = meta
+        .clip_id
+        .as_bytes()
+        .iter()
+        .fold(0u32, |h, b| h.rotate_left(5) ^ u32::from(*b));
     let mut ogg = OggOpusWriter::new(writer, &head, &tags, serial, false)?;
     for frame in rest {
         ogg.write_packet(packet(frame))?;

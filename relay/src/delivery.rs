@@ -289,8 +289,8 @@ pub async fn deliver_live(
             batch.extend(progress.raw[sent..].iter().cloned());
             (progress.state.clone(), available, progress.newest_at)
         };
-        let sampled = sent / crate::metrics::LATENCY_SAMPLE
-            != available / crate::metrics::LATENCY_SAMPLE;
+        let sampled =
+            sent / crate::metrics::LATENCY_SAMPLE != available / crate::metrics::LATENCY_SAMPLE;
         if reading.too_far_behind(available, sent) {
             stream.reset(code(ErrorCode::SlowReceiver)).ok();
             return Delivery::Cut;

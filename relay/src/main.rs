@@ -9,8 +9,8 @@ use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use ptt_protocol::GroupMode;
 use ptt_relay::RelayConfig;
-use ptt_relay::config::LogFormat;
 use ptt_relay::auth::TokenIssuer;
+use ptt_relay::config::LogFormat;
 use ptt_relay::store::{ClipStore, RedbStore, StoreError};
 
 /// Push-to-talk relay: live fan-out, floor control and store-and-forward
@@ -349,9 +349,12 @@ async fn online(action: GroupAction, target: &AdminTarget) -> anyhow::Result<()>
     let trust = Trust::fingerprint_from_hex(&fingerprint).context("invalid fingerprint")?;
     let mut config = ClientConfig::new(target.relay, &target.server_name, trust, token);
     config.reconnect = None;
-    let (client, mut events) = Client::connect(config)
-        .await
-        .with_context(|| format!("the store is in use; connecting to the relay at {}", target.relay))?;
+    let (client, mut events) = Client::connect(config).await.with_context(|| {
+        format!(
+            "the store is in use; connecting to the relay at {}",
+            target.relay
+        )
+    })?;
     let result = async {
         match action {
             GroupAction::Create { group, mode, .. } => {
@@ -459,17 +462,16 @@ fn print_group(id: &str, mode: GroupMode, max_clip_ms: Option<u32>, members: &[&
 fn print_member(m: &ptt_protocol::MemberState) {
     let seen = match m.last_seen_ms {
         0 => "never".to_owned(),
-        ms => humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + Duration::from_millis(ms),
-        )
-        .to_string(),
+        ms => humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+            .to_string(),
     };
     println!("{}\tcursor {}\tlast seen {seen}", m.user, m.cursor);
 }
 
 fn print_clip(c: &ptt_protocol::ClipSummary) {
-    let created =
-        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(c.created_ms));
+    let created = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + Duration::from_millis(c.created_ms),
+    );
     println!(
         "{}\t{}\t{}.{:03} s\t{} B\t{created}\t{}",
         c.seq,
@@ -482,7 +484,11 @@ fn print_clip(c: &ptt_protocol::ClipSummary) {
 }
 
 /// Writes a clip's Opus packets as an Ogg Opus file and says so.
-fn write_export(out: &Path, meta: &ptt_relay::store::ClipMeta, frames: &[bytes::Bytes]) -> anyhow::Result<()> {
+fn write_export(
+    out: &Path,
+    meta: &ptt_relay::store::ClipMeta,
+    frames: &[bytes::Bytes],
+) -> anyhow::Result<()> {
     let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut writer = std::io::BufWriter::new(file);
     ptt_relay::admin::write_ogg_opus(&mut writer, meta, frames)?;

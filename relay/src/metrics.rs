@@ -284,11 +284,7 @@ fn route(
     ready: &Readiness,
 ) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match request.uri().path() {
-        "/metrics" => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            handle.render(),
-        ),
+        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", handle.render()),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         "/readyz" if ready() => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
         "/readyz" => (
@@ -296,7 +292,11 @@ fn route(
             "text/plain",
             "not ready\n".to_owned(),
         ),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;

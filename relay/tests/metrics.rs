@@ -118,19 +118,17 @@ async fn counters_move_by_what_a_real_exchange_did() {
     let d = |series: &str| delta(&before, &after, series);
     assert_eq!(d("ptt_connections_accepted_total"), 4.0);
     assert_eq!(after["ptt_connections"], 3.0, "three clients connected");
-    assert_eq!(
-        d("ptt_auth_failures_total{reason=\"invalid_token\"}"),
-        1.0
-    );
+    assert_eq!(d("ptt_auth_failures_total{reason=\"invalid_token\"}"), 1.0);
     assert_eq!(d("ptt_floor_grants_total"), 2.0, "the request and the clip");
     assert_eq!(d("ptt_floor_denials_total"), 2.0);
     assert_eq!(d("ptt_clips_started_total"), 1.0);
     assert_eq!(d("ptt_clips_stored_total"), 1.0);
+    assert_eq!(d("ptt_clips_rejected_total{reason=\"floor_taken\"}"), 1.0);
     assert_eq!(
-        d("ptt_clips_rejected_total{reason=\"floor_taken\"}"),
-        1.0
+        d("ptt_frames_in_total"),
+        20.0,
+        "bob's refused frames never count"
     );
-    assert_eq!(d("ptt_frames_in_total"), 20.0, "bob's refused frames never count");
     assert_eq!(d("ptt_bytes_in_total"), frame_bytes as f64);
     assert_eq!(d("ptt_frames_out_total"), 40.0, "two listeners");
     assert_eq!(d("ptt_bytes_out_total"), 2.0 * frame_bytes as f64);

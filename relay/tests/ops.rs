@@ -155,7 +155,13 @@ async fn group_commands_work_offline_and_against_a_running_relay() {
     assert!(listed.contains("team\tnotes\talice\n"), "{listed}");
     // Refusals come back as errors, not successes.
     let (ok, _, err) = relay(&[
-        "group", "create", "ops", "--data-dir", d.to_str().unwrap(), "--relay", &served.addr,
+        "group",
+        "create",
+        "ops",
+        "--data-dir",
+        d.to_str().unwrap(),
+        "--relay",
+        &served.addr,
     ]);
     assert!(!ok && err.contains("GroupExists"), "{err}");
 
@@ -171,16 +177,30 @@ async fn group_commands_work_offline_and_against_a_running_relay() {
     // 51 frames of 20 ms: the second of audio and the encoder's delay.
     assert_eq!(&fields[..3], &["1", "alice", "1.020 s"], "{clips}");
     let members = group(d, addr, &["members", "team"]);
-    assert!(members.starts_with("alice\tcursor 1\tlast seen 20"), "{members}");
+    assert!(
+        members.starts_with("alice\tcursor 1\tlast seen 20"),
+        "{members}"
+    );
 
     let ogg = d.join("clip-1.ogg");
-    group(d, addr, &["export", "team", "1", "-o", ogg.to_str().unwrap()]);
+    group(
+        d,
+        addr,
+        &["export", "team", "1", "-o", ogg.to_str().unwrap()],
+    );
     check_ogg(&ogg, 1.0);
 
     group(d, addr, &["delete", "team", "1"]);
     assert_eq!(group(d, addr, &["clips", "team"]), "");
     let (ok, _, err) = relay(&[
-        "group", "delete", "team", "1", "--data-dir", d.to_str().unwrap(), "--relay", &served.addr,
+        "group",
+        "delete",
+        "team",
+        "1",
+        "--data-dir",
+        d.to_str().unwrap(),
+        "--relay",
+        &served.addr,
     ]);
     assert!(!ok && err.contains("NoSuchClip"), "{err}");
     // Tokens need only the key: issued while it runs, as shown above.
@@ -188,11 +208,20 @@ async fn group_commands_work_offline_and_against_a_running_relay() {
 
     // Offline again: what the running relay did is in the store.
     let members = group(d, None, &["members", "team"]);
-    assert!(members.starts_with("alice\tcursor 1\tlast seen 20"), "{members}");
+    assert!(
+        members.starts_with("alice\tcursor 1\tlast seen 20"),
+        "{members}"
+    );
     assert_eq!(group(d, None, &["clips", "team"]), "");
     assert!(group(d, None, &["list"]).contains("ops\tnotes\tmax 60 s\tcarol"));
     let (ok, _, _) = relay(&[
-        "group", "export", "team", "1", "-o", ogg.to_str().unwrap(), "--data-dir",
+        "group",
+        "export",
+        "team",
+        "1",
+        "-o",
+        ogg.to_str().unwrap(),
+        "--data-dir",
         d.to_str().unwrap(),
     ]);
     assert!(!ok, "a deleted clip cannot be exported");
@@ -201,17 +230,37 @@ async fn group_commands_work_offline_and_against_a_running_relay() {
 /// Opens `path` with opusinfo and ffprobe: a valid Ogg Opus stream of
 /// about `seconds`.
 fn check_ogg(path: &Path, seconds: f64) {
-    let info = Command::new("opusinfo").arg(path).output().expect("opusinfo installed");
+    let info = Command::new("opusinfo")
+        .arg(path)
+        .output()
+        .expect("opusinfo installed");
     let text = String::from_utf8_lossy(&info.stdout);
     assert!(info.status.success(), "opusinfo: {text}");
-    assert!(!text.contains("WARNING") && !text.contains("ERROR"), "{text}");
+    assert!(
+        !text.contains("WARNING") && !text.contains("ERROR"),
+        "{text}"
+    );
     let probe = Command::new("ffprobe")
-        .args(["-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0"])
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "format=duration",
+            "-of",
+            "csv=p=0",
+        ])
         .arg(path)
         .output()
         .expect("ffprobe installed");
-    assert!(probe.status.success(), "{}", String::from_utf8_lossy(&probe.stderr));
-    let duration: f64 = String::from_utf8_lossy(&probe.stdout).trim().parse().unwrap();
+    assert!(
+        probe.status.success(),
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    let duration: f64 = String::from_utf8_lossy(&probe.stdout)
+        .trim()
+        .parse()
+        .unwrap();
     assert!((duration - seconds).abs() < 0.05, "duration {duration}");
 }
 
@@ -225,7 +274,11 @@ async fn export_offline_writes_a_file_players_open() {
     let dir = relay_.dir.path().to_owned();
     relay_.handle.shutdown().await;
     let ogg = dir.join("offline.ogg");
-    group(&dir, None, &["export", "team", "1", "--out", ogg.to_str().unwrap()]);
+    group(
+        &dir,
+        None,
+        &["export", "team", "1", "--out", ogg.to_str().unwrap()],
+    );
     check_ogg(&ogg, 1.0);
 }
 
@@ -329,7 +382,10 @@ async fn a_deleted_clip_is_tombstoned_live_and_on_the_next_join() {
     assert_eq!(told, [2, 3]);
     let deadline = Instant::now() + WAIT;
     while cursor_of(&admin, "carol").await < 3 {
-        assert!(Instant::now() < deadline, "carol's cursor moved past the deleted clip");
+        assert!(
+            Instant::now() < deadline,
+            "carol's cursor moved past the deleted clip"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // And the next clip flows as usual.

@@ -524,15 +524,16 @@ fn commit_batch(db: &Database, cmds: Vec<Command>, unsynced: &mut bool) {
                         seq,
                         reply,
                     } => {
-                        let step = advance_one(&groups, &mut cursors, &group, &user, seq)
-                            .and_then(|answer| {
+                        let step = advance_one(&groups, &mut cursors, &group, &user, seq).and_then(
+                            |answer| {
                                 if answer.is_ok() {
                                     last_seen
                                         .insert((group.as_str(), user.as_str()), now_ms)
                                         .ctx("writing last_seen")?;
                                 }
                                 Ok(answer)
-                            });
+                            },
+                        );
                         let (answer, fatal) = split_step(step);
                         answers.push(Answer::Cursor(reply, answer));
                         fatal
@@ -943,9 +944,7 @@ fn prune_tombstones(txn: &WriteTransaction, group: &str, before_ms: u64) -> Resu
         }
     }
     for seq in old {
-        tombstones
-            .remove((group, seq))
-            .ctx("deleting tombstones")?;
+        tombstones.remove((group, seq)).ctx("deleting tombstones")?;
     }
     Ok(())
 }
@@ -1337,8 +1336,14 @@ impl ClipStore for RedbStore {
             let mut out = Vec::with_capacity(info.members.len());
             for user in info.members {
                 let key = (g, user.as_str());
-                let cursor = cursors.get(key).ctx("reading cursors")?.map_or(0, |v| v.value());
-                let last_seen_ms = seen.get(key).ctx("reading last_seen")?.map_or(0, |v| v.value());
+                let cursor = cursors
+                    .get(key)
+                    .ctx("reading cursors")?
+                    .map_or(0, |v| v.value());
+                let last_seen_ms = seen
+                    .get(key)
+                    .ctx("reading last_seen")?
+                    .map_or(0, |v| v.value());
                 out.push(MemberState {
                     user,
                     cursor,

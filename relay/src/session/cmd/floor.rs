@@ -50,20 +50,18 @@ impl Session {
             FloorGrant::Granted => metrics.floor_grants.increment(1),
             FloorGrant::Denied { .. } => metrics.floor_denials.increment(1),
         }
-        Ok(
-            match grant {
-                FloorGrant::Granted => ControlMessage::FloorGranted {
-                    request_id,
-                    group,
-                    max_ms,
-                },
-                FloorGrant::Denied { holder } => ControlMessage::FloorDenied {
-                    request_id,
-                    group,
-                    holder,
-                },
+        Ok(match grant {
+            FloorGrant::Granted => ControlMessage::FloorGranted {
+                request_id,
+                group,
+                max_ms,
             },
-        )
+            FloorGrant::Denied { holder } => ControlMessage::FloorDenied {
+                request_id,
+                group,
+                holder,
+            },
+        })
     }
 
     /// FloorRelease: frees the floor if this connection holds it (a no-op
