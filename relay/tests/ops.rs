@@ -83,7 +83,11 @@ impl Served {
     /// SIGTERM, and the exit status.
     fn stop(mut self) -> bool {
         let id = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &id]).status().unwrap();
+        // The shell's own `kill` (no procps needed).
+        Command::new("sh")
+            .args(["-c", &format!("kill -TERM {id}")])
+            .status()
+            .unwrap();
         let deadline = Instant::now() + WAIT;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
