@@ -538,4 +538,27 @@ mod tests {
         deliver(&mut sub, 1..=(MAX_UNACKED as u64 + 100));
         assert_eq!(sub.pending(), MAX_UNACKED);
     }
+
+    #[test]
+    fn a_deleted_clip_counts_as_received_and_moves_the_cursor() {
+        let mut sub = Subscription::new("bob".into());
+        sub.join(0, SeqRange { first: 1, last: 4 }, 4);
+        let id = ClipId::from_bytes([1; 16]);
+        for seq in [1, 3] {
+            sub.delivered(seq, id, "alice".into());
+            sub.ack(seq);
+        }
+        assert_eq!(sub.cursor(), 1, "2 is missing");
+        sub.deleted(2);
+        assert_eq!(sub.cursor(), 3, "2 deleted: the cursor moves past it");
+        // Deleted while delivered and not yet acknowledged: no receipt
+        // is owed, the cursor moves.
+        sub.delivered(4, id, "alice".into());
+        sub.deleted(4);
+        assert_eq!(sub.cursor(), 4);
+        assert!(!sub.expects_ack(4));
+        // At or below the cursor: nothing changes.
+        sub.deleted(1);
+        assert_eq!((sub.cursor(), sub.pending()), (4, 0));
+    }
 }

@@ -48,6 +48,8 @@ fn group(dir: &Path, addr: Option<&str>, args: &[&str]) -> String {
 struct Served {
     child: Child,
     addr: String,
+    /// Its log lines so far (stderr).
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Served {
@@ -62,22 +64,26 @@ impl Served {
             .args(["serve", "--listen", &addr, "--data-dir"])
             .arg(dir)
             .args(["--worker-threads", "1", "--shutdown-grace", "1s"])
-            .env("RUST_LOG", "warn")
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start relay serve");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("relay listening on") {
                     let _ = tx.send(());
                 }
+                kept.lock().unwrap().push(line);
             }
         });
         rx.recv_timeout(WAIT).expect("relay serve started");
-        Served { child, addr }
+        Served { child, addr, lines }
     }
 
     /// SIGTERM, and the exit status.
@@ -207,6 +213,15 @@ async fn group_commands_work_offline_and_against_a_running_relay() {
         &served.addr,
     ]);
     assert!(!ok && err.contains("NoSuchClip"), "{err}");
+    // `--log-format json`: one object per line, with the session's span.
+    let lines = served.lines.lock().unwrap().clone();
+    let connected = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "connected" && v["span"]["user"] == "alice")
+        .unwrap_or_else(|| panic!("a JSON line for alice's connection in {lines:#?}"));
+    assert_eq!(connected["level"], "INFO");
+    assert_eq!(connected["span"]["name"], "session");
     // Tokens need only the key: issued while it runs, as shown above.
     assert!(served.stop(), "relay exits 0 on SIGTERM");
 
