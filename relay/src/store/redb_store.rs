@@ -1854,4 +1854,82 @@ mod tests {
         drop(store);
         RedbStore::open(dir.path()).unwrap();
     }
+
+    #[tokio::test]
+    async fn summaries_deletion_tombstones_and_last_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_group(dir.path()).await;
+        for id in 1..=3 {
+            store.append_clip(clip("g", id, 1_000)).await.unwrap();
+        }
+        let summaries = store.clip_summaries("g", 1, 10).await.unwrap();
+        let seqs: Vec<u64> = summaries.iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, [2, 3]);
+        let frames = clip("g", 2, 1_000).frames;
+        let m = meta("g", 2, 1_000);
+        assert_eq!(summaries[0].clip_id, m.clip_id);
+        assert_eq!(summaries[0].talker, m.talker);
+        assert_eq!(
+            summaries[0].bytes,
+            frames.iter().map(|f| f.len() as u64).sum::<u64>()
+        );
+        assert_eq!(
+            summaries[0].duration_ms,
+            frames.len() as u64 * u64::from(m.frame_ms)
+        );
+
+        assert_eq!(
+            store.delete_clip("g", 2, 5_000).await.unwrap(),
+            Some(m.clip_id)
+        );
+        assert_eq!(store.delete_clip("g", 2, 6_000).await.unwrap(), None);
+        assert!(matches!(
+            store.delete_clip("nope", 1, 5_000).await,
+            Err(StoreError::NoSuchGroup(_))
+        ));
+        let left: Vec<u64> = store
+            .clip_summaries("g", 0, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.seq)
+            .collect();
+        assert_eq!(left, [1, 3]);
+        // Still known to dedup: a retry is not stored again.
+        assert_eq!(
+            store.append_clip(clip("g", 2, 1_000)).await.unwrap(),
+            AppendOutcome::Duplicate { seq: 2 }
+        );
+        assert_eq!(
+            store.tombstones("g", 5_000).await.unwrap(),
+            [(2, m.clip_id)]
+        );
+        assert!(store.tombstones("g", 5_001).await.unwrap().is_empty());
+
+        store.add_member("g", "bob").await.unwrap();
+        store.add_member("g", "carol").await.unwrap();
+        store.advance_cursor("g", "bob", 3).await.unwrap();
+        store.touch_member("g", "carol").await.unwrap();
+        let status = store.member_status("g").await.unwrap();
+        assert_eq!(status.len(), 2);
+        assert_eq!((status[0].user.as_str(), status[0].cursor), ("bob", 3));
+        assert_eq!((status[1].user.as_str(), status[1].cursor), ("carol", 0));
+        assert!(status.iter().all(|m| m.last_seen_ms > 0));
+        assert_eq!(
+            store.last_seen("g", "carol").await.unwrap(),
+            status[1].last_seen_ms
+        );
+        assert_eq!(store.last_seen("g", "dave").await.unwrap(), 0);
+
+        // Retention drops tombstones as old as the dedup window.
+        let policy = RetentionPolicy {
+            max_age_ms: 0,
+            max_clips_per_group: 0,
+        };
+        store
+            .apply_retention(policy, 5_000 + MIN_DEDUP_GRACE_MS + 1)
+            .await
+            .unwrap();
+        assert!(store.tombstones("g", 0).await.unwrap().is_empty());
+    }
 }
