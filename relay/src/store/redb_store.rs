@@ -53,7 +53,10 @@
 //!
 //! Retention deletes from the oldest sequence number forward and stops at
 //! the first clip it keeps, so the retained clips of a group are always the
-//! contiguous range [`SeqRange`] reports. Clips are appended in the order
+//! contiguous range [`SeqRange`] reports, less the clips an administrator
+//! deleted ([`ClipStore::delete_clip`]: holes that catch-up steps over;
+//! each leaves a tombstone, `(group, seq)` to the clip id and the time,
+//! pruned with the dedup entries). Clips are appended in the order
 //! they finish, so a clip can be up to one clip length older than a clip
 //! before it; it is then deleted at most that much later than its age
 //! allows. The cost is proportional to the clips deleted, not to the clips
