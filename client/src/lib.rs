@@ -64,4 +64,6 @@ pub use ptt_protocol;
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
-pub use ptt_protocol::{ClipFormat, ClipHeader, ClipId, ErrorCode, GroupMode, ReceiptKind};
+pub use ptt_protocol::{
+    ClipFormat, ClipHeader, ClipId, ClipSummary, ErrorCode, GroupMode, MemberState, ReceiptKind,
+};

@@ -92,6 +92,24 @@ pub struct RelayConfig {
     /// Tokio worker threads (0: a current-thread runtime).
     #[arg(long, default_value_t = 2)]
     pub worker_threads: usize,
+    /// TCP address of the HTTP listener serving Prometheus `/metrics`,
+    /// `/healthz` and `/readyz` (e.g. 127.0.0.1:9464); none by default.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// Log lines as human-readable text or as one JSON object per line.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// How the relay writes its log lines (to stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, with the span fields (session id,
+    /// address, user, group).
+    Json,
 }
 
 impl Default for RelayConfig {

@@ -275,8 +275,11 @@ pub async fn deliver_live(
     }
     let mut sent = 0usize;
     let mut batch: Vec<Bytes> = Vec::with_capacity(32);
+    // Frames and bytes are counted here and added to the metrics once,
+    // when the delivery ends.
+    let mut counted = OutCount::default();
     loop {
-        let (state, available) = {
+        let (state, available, newest_at) = {
             let progress = rx.borrow_and_update();
             let available = progress.raw.len();
             if available - sent > allowed_lag {
@@ -284,17 +287,25 @@ pub async fn deliver_live(
                 return Delivery::Cut;
             }
             batch.extend(progress.raw[sent..].iter().cloned());
-            (progress.state.clone(), available)
+            (progress.state.clone(), available, progress.newest_at)
         };
+        let sampled =
+            sent / crate::metrics::LATENCY_SAMPLE != available / crate::metrics::LATENCY_SAMPLE;
         if reading.too_far_behind(available, sent) {
             stream.reset(code(ErrorCode::SlowReceiver)).ok();
             return Delivery::Cut;
         }
         for frame in batch.drain(..) {
+            counted.add(frame.len());
             if !reading.write(&mut stream, frame, sent).await {
                 return cut_or_failed(&mut stream, conn);
             }
             sent += 1;
+        }
+        if sampled && sent == available {
+            crate::metrics::Metrics::get()
+                .frame_relay_seconds
+                .record(newest_at.elapsed().as_secs_f64());
         }
         match state {
             ClipState::Live => {
@@ -318,6 +329,31 @@ pub async fn deliver_live(
                 stream.reset(code(reason)).ok();
                 return Delivery::Aborted;
             }
+        }
+    }
+}
+
+/// Frames and bytes written by one delivery, added to the metrics when it
+/// ends (one atomic add per delivery instead of one per frame).
+#[derive(Default)]
+struct OutCount {
+    frames: u64,
+    bytes: u64,
+}
+
+impl OutCount {
+    fn add(&mut self, bytes: usize) {
+        self.frames += 1;
+        self.bytes += bytes as u64;
+    }
+}
+
+impl Drop for OutCount {
+    fn drop(&mut self) {
+        if self.frames > 0 {
+            let m = crate::metrics::Metrics::get();
+            m.frames_out.increment(self.frames);
+            m.bytes_out.increment(self.bytes);
         }
     }
 }
@@ -442,8 +478,11 @@ pub async fn deliver_stored(
         flags |= ClipHeader::FLAG_FETCHED;
     }
     ClipMessage::Header(member_header(&clip.meta, clip.seq, flags)).encode(&mut buf);
+    let mut counted = OutCount::default();
     for (index, data) in clip.frames.iter().enumerate() {
+        let before = buf.len();
         ptt_protocol::message::encode_frame(&mut buf, index as u32, data);
+        counted.add(buf.len() - before);
         if buf.len() >= 16 * 1024 && stream.write_chunk(buf.split().freeze()).await.is_err() {
             return Delivery::Failed;
         }
@@ -459,7 +498,13 @@ pub async fn deliver_stored(
     if stream.write_chunk(buf.freeze()).await.is_err() {
         return Delivery::Failed;
     }
-    finish(stream)
+    let done = finish(stream);
+    if !fetched && matches!(done, Delivery::Complete) {
+        crate::metrics::Metrics::get()
+            .catchup_deliveries
+            .increment(1);
+    }
+    done
 }
 
 fn finish(stream: Guarded) -> Delivery {

@@ -16,7 +16,8 @@
 //!   cursors).
 //! - [`hub`]: the node's live plane over the log; [`command`]: what it asks
 //!   sessions to do.
-//! - [`auth`], [`tls`], [`net`], [`config`], [`admin`].
+//! - [`auth`], [`tls`], [`net`], [`config`], [`admin`]; [`metrics`]
+//!   (Prometheus, `/healthz`, `/readyz`).
 
 pub mod admin;
 pub mod auth;
@@ -29,6 +30,7 @@ pub mod hub;
 pub mod ingest;
 pub mod live;
 pub mod log;
+pub mod metrics;
 pub mod net;
 pub mod server;
 pub mod session;

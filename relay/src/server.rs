@@ -22,6 +22,7 @@ use crate::delivery::code;
 use crate::floor::LocalFloor;
 use crate::hub::Hub;
 use crate::log::{GroupLog, LocalLog};
+use crate::metrics::Metrics;
 use crate::store::{ClipStore, RedbStore, RetentionPolicy};
 use crate::tls::{Identity, TransportTuning};
 
@@ -37,6 +38,9 @@ pub enum StartError {
     /// The token key could not be loaded or made, or is invalid.
     #[error("token key: {0}")]
     Key(String),
+    /// The metrics listener could not start.
+    #[error("metrics: {0}")]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// The UDP socket could not be bound.
     #[error("cannot listen on {addr}: {error}")]
     Bind {
@@ -57,6 +61,11 @@ pub struct RelayHandle {
     ctx: Arc<RelayContext>,
     floor: Arc<LocalFloor>,
     task: tokio::task::JoinHandle<()>,
+    /// The metrics listener: its address, its tasks and their stop signal
+    /// (fired after the drain, so `/healthz` answers until the end).
+    metrics_addr: Option<SocketAddr>,
+    metrics_tasks: TaskTracker,
+    metrics_stop: CancellationToken,
 }
 
 impl RelayHandle {
@@ -95,6 +104,11 @@ impl RelayHandle {
         &self.ctx.store
     }
 
+    /// The address of the metrics listener, if one was configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
     /// Connected sessions.
     pub fn session_count(&self) -> usize {
         self.ctx.hub.session_count()
@@ -112,6 +126,9 @@ impl RelayHandle {
     pub async fn shutdown(self) {
         self.ctx.shutdown.cancel();
         let _ = self.task.await;
+        self.metrics_stop.cancel();
+        self.metrics_tasks.close();
+        self.metrics_tasks.wait().await;
         let RelayHandle { ctx, floor, .. } = self;
         drop(floor);
         if let Err(ctx) = Arc::try_unwrap(ctx) {
@@ -191,8 +208,24 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         limits,
         shutdown: CancellationToken::new(),
     });
+    let metrics_tasks = TaskTracker::new();
+    let metrics_stop = CancellationToken::new();
+    let metrics_addr = match ctx.config.metrics {
+        Some(addr) => {
+            let draining = ctx.shutdown.clone();
+            let ready: crate::metrics::Readiness = Arc::new(move || !draining.is_cancelled());
+            let bound =
+                crate::metrics::serve(addr, ready, metrics_stop.clone(), &metrics_tasks).await?;
+            tracing::info!(addr = %bound, "metrics, /healthz and /readyz over HTTP");
+            Some(bound)
+        }
+        None => None,
+    };
     let task = tokio::spawn(serve(endpoint, ctx.clone(), floor.clone()));
     Ok(RelayHandle {
+        metrics_addr,
+        metrics_tasks,
+        metrics_stop,
         addr,
         fingerprint,
         cert_pem,
@@ -234,10 +267,12 @@ async fn serve(endpoint: quinn::Endpoint, ctx: Arc<RelayContext>, floor: Arc<Loc
         // every connection task.
         if tracker.len() > ctx.config.max_connections {
             tracing::warn!(addr = %incoming.remote_address(), "connection limit reached");
+            Metrics::get().refused_limit.increment(1);
             incoming.refuse();
             continue;
         }
         let id = next_id.fetch_add(1, Ordering::Relaxed);
+        Metrics::get().connections_accepted.increment(1);
         tracker.spawn(crate::session::run(incoming, ctx.clone(), id));
     }
     // Drain: refuse new connections (CONNECTION_REFUSED) while the
@@ -250,7 +285,10 @@ async fn serve(endpoint: quinn::Endpoint, ctx: Arc<RelayContext>, floor: Arc<Loc
             tokio::select! {
                 _ = &mut wait => return,
                 incoming = endpoint.accept() => match incoming {
-                    Some(incoming) => incoming.refuse(),
+                    Some(incoming) => {
+                        Metrics::get().refused_shutdown.increment(1);
+                        incoming.refuse();
+                    }
                     None => {
                         wait.as_mut().await;
                         return;

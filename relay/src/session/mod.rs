@@ -57,6 +57,9 @@ pub fn run(
     // captured value stays in the task for its whole life.
     let connect = Box::pin(connect(incoming, ctx, id));
     async move {
+        let metrics = crate::metrics::Metrics::get();
+        metrics.connections.increment(1.0);
+        let _alive = scopeguard(|| metrics.connections.decrement(1.0));
         let Some(mut session) = connect.await else {
             return;
         };
@@ -112,6 +115,9 @@ impl Refusal {
             return;
         }
         tracing::info!(code = %self.code, message = %self.message, "refused");
+        if self.code != ErrorCode::ShuttingDown {
+            crate::metrics::auth_failure(self.code);
+        }
         if let Some(mut send) = self.control {
             write_then_close(&mut send, self.code, &self.message).await;
         }
@@ -127,8 +133,13 @@ enum TaskDone {
         clip: Option<Arc<LiveClip>>,
         result: Delivery,
     },
-    /// A catch-up reached its end.
-    CaughtUp { group: Arc<str>, seq: u64 },
+    /// A catch-up reached its end; `deleted` are the seqs it found
+    /// missing between stored clips (deleted by an administrator).
+    CaughtUp {
+        group: Arc<str>,
+        seq: u64,
+        deleted: Vec<u64>,
+    },
     /// A fetch sent `count` clips.
     Fetched {
         request_id: u64,
@@ -304,6 +315,7 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = self.handle.overflowed() => {
+                    crate::metrics::Metrics::get().overflow_closed.increment(1);
                     return (ErrorCode::SlowReceiver, "the session could not keep up with its events".into());
                 }
                 _ = self.ctx.shutdown.cancelled(), if drain_deadline.is_none() => {
@@ -417,7 +429,13 @@ impl Session {
             state: self.state.clone(),
         };
         let ctx = self.ctx.clone();
-        let span = tracing::debug_span!("clip");
+        // The session's span (its parent) names the user; the group and
+        // clip id are recorded once the header is read.
+        let span = tracing::info_span!(
+            "clip",
+            group = tracing::field::Empty,
+            clip = tracing::field::Empty
+        );
         self.uploads
             .spawn(ingest::run(recv, ctx, uploader).instrument(span));
     }
@@ -460,6 +478,14 @@ impl Session {
                     && let Some(joined) = self.joined.get_mut(group.as_str())
                 {
                     joined.sub.stored_own(*seq, *clip_id);
+                    let group: Arc<str> = group.as_str().into();
+                    self.write_cursor(&group);
+                }
+                // A deleted clip counts as received: the cursor moves on.
+                if let ControlMessage::ClipDeleted { group, seq, .. } = &*message
+                    && let Some(joined) = self.joined.get_mut(group.as_str())
+                {
+                    joined.sub.deleted(*seq);
                     let group: Arc<str> = group.as_str().into();
                     self.write_cursor(&group);
                 }
@@ -506,6 +532,7 @@ impl Session {
                 // it wrote the clip's end.
                 Delivery::Complete => self.sync_delivered(&group),
                 Delivery::Cut => {
+                    crate::metrics::Metrics::get().live_cuts.increment(1);
                     tracing::debug!(%group, "live stream cut; recovering from the store");
                     if let Some(clip) = clip {
                         self.spawn_recovery(group, clip);
@@ -513,7 +540,19 @@ impl Session {
                 }
                 Delivery::Aborted | Delivery::Failed => {}
             },
-            TaskDone::CaughtUp { group, seq } => {
+            TaskDone::CaughtUp {
+                group,
+                seq,
+                deleted,
+            } => {
+                if let Some(joined) = self.joined.get_mut(&group)
+                    && !deleted.is_empty()
+                {
+                    for seq in deleted {
+                        joined.sub.deleted(seq);
+                    }
+                    self.write_cursor(&group);
+                }
                 if self.joined.contains_key(&group) {
                     self.send(ControlMessage::CaughtUp {
                         group: group.to_string(),
@@ -545,6 +584,20 @@ impl Session {
             }
         }
     }
+}
+
+/// Runs `f` when dropped (the connection gauge goes down however the
+/// task ends).
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 fn shutting_down() -> (ErrorCode, String) {

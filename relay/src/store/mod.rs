@@ -20,7 +20,7 @@
 use std::collections::BTreeSet;
 
 use bytes::Bytes;
-use ptt_protocol::{ClipFormat, ClipId, GroupMode};
+use ptt_protocol::{ClipFormat, ClipId, ClipSummary, GroupMode, MemberState};
 
 pub mod redb_store;
 
@@ -185,6 +185,15 @@ impl StoreError {
     }
 }
 
+/// The answer of a store that does not implement an optional operation.
+fn unsupported<'a, T: Send + 'a>(what: &'static str) -> StoreFuture<'a, T> {
+    Box::pin(async move {
+        Err(StoreError::Backend(format!(
+            "{what} is not supported by this store"
+        )))
+    })
+}
+
 /// Durable storage for the relay. See the module documentation.
 pub trait ClipStore: Send + Sync + 'static {
     /// Creates a group with no members.
@@ -228,6 +237,47 @@ pub trait ClipStore: Send + Sync + 'static {
     /// Deletes clips the policy no longer keeps, as of `now_ms`; returns
     /// how many were deleted.
     fn apply_retention(&self, policy: RetentionPolicy, now_ms: u64) -> StoreFuture<'_, u64>;
+    /// Summaries (no audio) of up to `limit` clips with `seq > after`, in
+    /// sequence order.
+    fn clip_summaries(
+        &self,
+        group: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<ClipSummary>> {
+        let _ = (group, after, limit);
+        unsupported("listing clips")
+    }
+    /// Deletes clip `seq` (an administrator's decision) and records a
+    /// tombstone at `now_ms`; returns its clip id, or `None` if it is not
+    /// stored. Its dedup entry ages out as after retention.
+    fn delete_clip(&self, group: &str, seq: u64, now_ms: u64) -> StoreFuture<'_, Option<ClipId>> {
+        let _ = (group, seq, now_ms);
+        unsupported("deleting clips")
+    }
+    /// The tombstones of `group` recorded at or after `since_ms`:
+    /// `(seq, clip_id)` in sequence order.
+    fn tombstones(&self, group: &str, since_ms: u64) -> StoreFuture<'_, Vec<(u64, ClipId)>> {
+        let _ = (group, since_ms);
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    /// Every member of `group` with its cursor and last-seen time.
+    fn member_status(&self, group: &str) -> StoreFuture<'_, Vec<MemberState>> {
+        let _ = group;
+        unsupported("member status")
+    }
+    /// When `user` was last seen in `group` (a join or a cursor write),
+    /// Unix ms; 0 if never.
+    fn last_seen(&self, group: &str, user: &str) -> StoreFuture<'_, u64> {
+        let _ = (group, user);
+        Box::pin(async { Ok(0) })
+    }
+    /// Records that `user` was seen in `group` now.
+    fn touch_member(&self, group: &str, user: &str) -> StoreFuture<'_, ()> {
+        let _ = (group, user);
+        Box::pin(async { Ok(()) })
+    }
+
     /// Makes everything committed so far durable (used at shutdown).
     fn flush(&self) -> StoreFuture<'_, ()>;
     /// The writes asked for so far.
