@@ -17,6 +17,9 @@
 //! - [`hub`]: the node's live plane over the log; [`command`]: what it asks
 //!   sessions to do.
 //! - [`auth`], [`tls`], [`net`], [`config`], [`admin`].
+//! - [`transport`]: the seam that lets native QUIC and WebTransport
+//!   connections share the session code; [`web`]: the browser page, its
+//!   HTTP listener and certificates.
 
 pub mod admin;
 pub mod auth;
@@ -35,6 +38,8 @@ pub mod session;
 pub mod store;
 pub mod subscription;
 pub mod tls;
+pub mod transport;
+pub mod web;
 
 pub use config::RelayConfig;
 pub use server::{RelayHandle, StartError, run, start};
