@@ -92,6 +92,11 @@ pub struct RelayConfig {
     /// Tokio worker threads (0: a current-thread runtime).
     #[arg(long, default_value_t = 2)]
     pub worker_threads: usize,
+    /// TCP address of the HTTP listener serving the browser page (for
+    /// example 127.0.0.1:8080); none by default. The page talks to the
+    /// relay over WebTransport on `listen`.
+    #[arg(long)]
+    pub web: Option<SocketAddr>,
     /// TCP address of the HTTP listener serving Prometheus `/metrics`,
     /// `/healthz` and `/readyz` (e.g. 127.0.0.1:9464); none by default.
     #[arg(long)]

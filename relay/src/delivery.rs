@@ -23,12 +23,13 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ptt_protocol::{ClipHeader, ClipId, ClipMessage, ErrorCode};
-use quinn::{Connection, SendStream, VarInt};
+use quinn::VarInt;
 
 use tokio::sync::watch;
 
 use crate::live::{ClipState, LiveClip, Progress, end_message, member_header};
 use crate::store::{ClipMeta, StoredClip};
+use crate::transport::{Connection, SendStream};
 
 /// How a clip delivery ended.
 #[derive(Debug)]
@@ -85,8 +86,8 @@ impl Sink {
         self.0.drop_code.store(code.code(), Ordering::Relaxed);
     }
 
-    fn drop_code(&self) -> VarInt {
-        VarInt::from_u32(self.0.drop_code.load(Ordering::Relaxed))
+    fn drop_code(&self) -> u32 {
+        self.0.drop_code.load(Ordering::Relaxed)
     }
 
     /// Takes the clips recorded as delivered since the last call.
@@ -129,7 +130,7 @@ impl Guarded {
         })
     }
 
-    fn finish(mut self) -> Result<(), quinn::ClosedStream> {
+    fn finish(mut self) -> Result<(), web_transport_quinn::ClosedStream> {
         self.done = true;
         self.stream.finish()
     }
@@ -263,7 +264,7 @@ pub async fn deliver_live(
     let allowed_lag = rx.borrow().raw.len().max(lag.max_frames);
     let mut reading = Reading {
         conn,
-        count: reads.track(stream.id().into()),
+        count: reads.track(stream.quic_id().into()),
         frame,
         allowed_unread: allowed_lag + frames_in(ptt_protocol::LIVE_READ_INTERVAL, frame),
         progress: clip.subscribe(),
@@ -283,7 +284,7 @@ pub async fn deliver_live(
             let progress = rx.borrow_and_update();
             let available = progress.raw.len();
             if available - sent > allowed_lag {
-                stream.reset(code(ErrorCode::SlowReceiver)).ok();
+                stream.reset(ErrorCode::SlowReceiver.code()).ok();
                 return Delivery::Cut;
             }
             batch.extend(progress.raw[sent..].iter().cloned());
@@ -292,7 +293,7 @@ pub async fn deliver_live(
         let sampled =
             sent / crate::metrics::LATENCY_SAMPLE != available / crate::metrics::LATENCY_SAMPLE;
         if reading.too_far_behind(available, sent) {
-            stream.reset(code(ErrorCode::SlowReceiver)).ok();
+            stream.reset(ErrorCode::SlowReceiver.code()).ok();
             return Delivery::Cut;
         }
         for frame in batch.drain(..) {
@@ -310,7 +311,7 @@ pub async fn deliver_live(
         match state {
             ClipState::Live => {
                 if rx.changed().await.is_err() {
-                    stream.reset(code(ErrorCode::ClipAborted)).ok();
+                    stream.reset(ErrorCode::ClipAborted.code()).ok();
                     return Delivery::Aborted;
                 }
             }
@@ -326,7 +327,7 @@ pub async fn deliver_live(
                 return finish(stream);
             }
             ClipState::Aborted(reason) => {
-                stream.reset(code(reason)).ok();
+                stream.reset(reason.code()).ok();
                 return Delivery::Aborted;
             }
         }
@@ -518,7 +519,7 @@ fn cut_or_failed(stream: &mut SendStream, conn: &Connection) -> Delivery {
     if conn.close_reason().is_some() {
         return Delivery::Failed;
     }
-    stream.reset(code(ErrorCode::SlowReceiver)).ok();
+    stream.reset(ErrorCode::SlowReceiver.code()).ok();
     Delivery::Cut
 }
 

@@ -16,16 +16,15 @@ use ptt_protocol::{
     ClipEvent, ClipFormat, ClipHeader, ClipReader, ControlMessage, ErrorCode, FramedReader,
     GroupMode, ReadError, SessionState, message::MAX_PAYLOAD_LEN,
 };
-use quinn::RecvStream;
 
 use crate::command::{SessionCommand, SessionHandle};
 use crate::context::RelayContext;
-use crate::delivery::code;
 use crate::floor::{FloorGrant, Talker};
 use crate::live::LiveClip;
 use crate::log::LiveEvent;
 use crate::metrics::Metrics;
 use crate::store::{AppendOutcome, ClipMeta, NewClip};
+use crate::transport::RecvStream;
 
 /// Longest the talker's `Stored` waits for the clip's publication.
 const PUBLISH_WAIT: Duration = Duration::from_secs(2);
@@ -92,7 +91,7 @@ pub async fn run(recv: RecvStream, ctx: Arc<RelayContext>, who: Uploader) {
     tracing::debug!(code = %code_, %message, "clip refused");
     if !upload.finished {
         // STOP_SENDING only where the talker still writes.
-        reader.get_mut().stop(code(code_)).ok();
+        reader.get_mut().stop(code_).ok();
     }
     if let Some(clip) = upload.clip.take() {
         let reason = if code_ == ErrorCode::Preempted {

@@ -18,6 +18,9 @@
 //!   sessions to do.
 //! - [`auth`], [`tls`], [`net`], [`config`], [`admin`]; [`metrics`]
 //!   (Prometheus, `/healthz`, `/readyz`).
+//! - [`transport`]: the seam that lets native QUIC and WebTransport
+//!   connections share the session code; [`web`]: the browser page, its
+//!   HTTP listener and certificates.
 
 pub mod admin;
 pub mod auth;
@@ -37,6 +40,8 @@ pub mod session;
 pub mod store;
 pub mod subscription;
 pub mod tls;
+pub mod transport;
+pub mod web;
 
 pub use config::RelayConfig;
 pub use server::{RelayHandle, StartError, run, start};

@@ -226,6 +226,9 @@ fn serve(config: RelayConfig) -> anyhow::Result<()> {
             fp = handle.cert_fingerprint(),
             dir = data_dir.display(),
         );
+        if let Some(web) = handle.web_addr() {
+            eprintln!("  browser page:        http://{web}/ (WebTransport on {})\n", handle.addr());
+        }
         shutdown_signal().await?;
         tracing::info!("draining");
         handle.shutdown().await;

@@ -25,6 +25,7 @@ use crate::log::{GroupLog, LocalLog};
 use crate::metrics::Metrics;
 use crate::store::{ClipStore, RedbStore, RetentionPolicy};
 use crate::tls::{Identity, TransportTuning};
+use crate::web::cert::CertResolver;
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,14 @@ pub enum StartError {
     /// The metrics listener could not start.
     #[error("metrics: {0}")]
     Metrics(#[from] crate::metrics::MetricsError),
+    /// The web page's TCP listener could not be bound.
+    #[error("cannot listen for the web page on {addr}: {error}")]
+    WebBind {
+        /// The address.
+        addr: SocketAddr,
+        /// The failure.
+        error: std::io::Error,
+    },
     /// The UDP socket could not be bound.
     #[error("cannot listen on {addr}: {error}")]
     Bind {
@@ -55,11 +64,13 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct RelayHandle {
     addr: SocketAddr,
+    web_addr: Option<SocketAddr>,
     fingerprint: String,
     cert_pem: String,
     issuer: Option<TokenIssuer>,
     ctx: Arc<RelayContext>,
     floor: Arc<LocalFloor>,
+    certs: Arc<CertResolver>,
     task: tokio::task::JoinHandle<()>,
     /// The metrics listener: its address, its tasks and their stop signal
     /// (fired after the drain, so `/healthz` answers until the end).
@@ -72,6 +83,18 @@ impl RelayHandle {
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address of the HTTP listener serving the browser page, if
+    /// `web` was configured.
+    pub fn web_addr(&self) -> Option<SocketAddr> {
+        self.web_addr
+    }
+
+    /// The SHA-256 hashes (hex) browsers pass as `serverCertificateHashes`
+    /// (empty with a real certificate).
+    pub fn web_certificate_hashes(&self) -> Vec<String> {
+        self.certs.certificate_hashes()
     }
 
     /// SHA-256 of its certificate, 64 hex digits.
@@ -145,10 +168,11 @@ impl RelayHandle {
 pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
     let redb = Arc::new(RedbStore::open(&config.data_dir)?);
     let store: Arc<dyn ClipStore> = redb.clone();
-    let identity = match (&config.cert, &config.key) {
-        (Some(cert), Some(key)) => Identity::from_pem_files(cert, key)?,
-        _ => Identity::load_or_create_dev(&config.data_dir)?,
+    let (identity, dev) = match (&config.cert, &config.key) {
+        (Some(cert), Some(key)) => (Identity::from_pem_files(cert, key)?, false),
+        _ => (Identity::load_or_create_dev(&config.data_dir)?, true),
     };
+    let certs = Arc::new(CertResolver::new(&identity, dev, SystemTime::now())?);
     let (verifier, issuer) = match &config.token_public_key {
         Some(key) => (
             TokenVerifier::from_base64(key).ok_or_else(|| {
@@ -165,7 +189,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
     let fingerprint = identity.fingerprint();
     let cert_pem = identity.leaf_pem();
     let server_config = crate::tls::server_config(
-        identity,
+        certs.clone(),
         &TransportTuning {
             idle_timeout: config.idle_timeout,
             max_uni_streams: config.max_streams_per_connection,
@@ -187,6 +211,15 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         addr: config.listen,
         error,
     })?;
+    let web = match config.web {
+        Some(web) => Some(
+            crate::web::http::bind(web, addr.port(), certs.clone())
+                .await
+                .map_err(|error| StartError::WebBind { addr: web, error })?,
+        ),
+        None => None,
+    };
+    let web_addr = web.as_ref().map(|site| site.addr());
     let limits = Limits {
         max_clip_ms: config.max_clip.as_millis().min(u128::from(u32::MAX)) as u32,
         max_clip_bytes: config.max_clip_bytes,
@@ -221,12 +254,20 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         }
         None => None,
     };
-    let task = tokio::spawn(serve(endpoint, ctx.clone(), floor.clone()));
+    let task = tokio::spawn(serve(
+        endpoint,
+        ctx.clone(),
+        floor.clone(),
+        certs.clone(),
+        web,
+    ));
     Ok(RelayHandle {
         metrics_addr,
         metrics_tasks,
         metrics_stop,
         addr,
+        web_addr,
+        certs,
         fingerprint,
         cert_pem,
         issuer,
@@ -250,11 +291,21 @@ pub async fn run(config: RelayConfig, shutdown: impl Future) -> Result<(), Start
 /// The accept loop, then the drain: every task the relay started is
 /// owned by `tracker` (sessions, the floor's timer, retention) or by the
 /// hub (group feeds), and each is waited for before the log is closed.
-async fn serve(endpoint: quinn::Endpoint, ctx: Arc<RelayContext>, floor: Arc<LocalFloor>) {
+async fn serve(
+    endpoint: quinn::Endpoint,
+    ctx: Arc<RelayContext>,
+    floor: Arc<LocalFloor>,
+    certs: Arc<CertResolver>,
+    web: Option<crate::web::http::Site>,
+) {
     let tracker = TaskTracker::new();
     let next_id = AtomicU64::new(1);
     tracker.spawn(retention_loop(ctx.clone()));
     tracker.spawn(floor.run(ctx.shutdown.clone()));
+    tracker.spawn(crate::web::cert::renew_loop(certs, ctx.shutdown.clone()));
+    if let Some(site) = web {
+        tracker.spawn(site.serve(ctx.shutdown.clone()));
+    }
     loop {
         let incoming = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,

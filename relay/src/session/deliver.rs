@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use quinn::Connection;
+use crate::transport::Connection;
 
 use super::{Session, TaskDone};
 use crate::delivery::{self, Delivery, Sink};

@@ -18,7 +18,6 @@ use ptt_protocol::{
     ControlMessage, ErrorCode, FramedReader, PROTOCOL_VERSION, SessionState, Welcome,
     message::MAX_PAYLOAD_LEN,
 };
-use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -26,10 +25,11 @@ use tracing::Instrument;
 use crate::auth::Claims;
 use crate::command::{SessionCommand, SessionHandle};
 use crate::context::RelayContext;
-use crate::delivery::{Delivery, Sink, code};
+use crate::delivery::{Delivery, Sink};
 use crate::ingest::{self, Uploader};
 use crate::live::LiveClip;
 use crate::subscription::Subscription;
+use crate::transport::{self, Connection, RecvStream, SendStream};
 
 mod cmd;
 mod deliver;
@@ -81,6 +81,28 @@ async fn connect(incoming: quinn::Incoming, ctx: Arc<RelayContext>, id: u64) -> 
             return None;
         }
     };
+    // A browser's WebTransport handshake (HTTP/3 SETTINGS and CONNECT)
+    // comes first, within the hello's deadline; then it is a session like
+    // any other.
+    let web = transport::accept(conn.clone(), ctx.config.max_streams_per_connection);
+    let conn = match tokio::time::timeout(ctx.config.auth_timeout, web).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "WebTransport handshake failed");
+            conn.close(
+                ErrorCode::Protocol.code().into(),
+                b"WebTransport handshake failed",
+            );
+            return None;
+        }
+        Err(_) => {
+            conn.close(
+                ErrorCode::AuthTimeout.code().into(),
+                b"no WebTransport CONNECT in time",
+            );
+            return None;
+        }
+    };
     match Session::authenticate(conn.clone(), ctx, id).await {
         Ok(session) => Some(session),
         Err(refusal) => {
@@ -111,7 +133,7 @@ impl Refusal {
     async fn close(self, conn: &Connection) {
         if self.code == ErrorCode::None {
             tracing::debug!(message = %self.message, "gone");
-            conn.close(code(ErrorCode::None), b"");
+            conn.close(ErrorCode::None.code(), b"");
             return;
         }
         tracing::info!(code = %self.code, message = %self.message, "refused");
@@ -121,7 +143,7 @@ impl Refusal {
         if let Some(mut send) = self.control {
             write_then_close(&mut send, self.code, &self.message).await;
         }
-        conn.close(code(self.code), self.message.as_bytes());
+        conn.close(self.code.code(), self.message.as_bytes());
     }
 }
 
@@ -229,7 +251,7 @@ impl Session {
                 None,
             )
         })?;
-        let mut control = FramedReader::new(recv, MAX_HELLO_FRAME);
+        let mut control = FramedReader::new(RecvStream::from(recv), MAX_HELLO_FRAME);
         let hello = tokio::time::timeout_at(deadline.into(), control.next_control()).await;
         let (version, token) = match hello {
             Err(_) => {
@@ -342,7 +364,7 @@ impl Session {
                     },
                 },
                 stream = self.conn.accept_uni(), if drain_deadline.is_none() => match stream {
-                    Ok(recv) => self.start_upload(recv),
+                    Ok(recv) => self.start_upload(recv.into()),
                     Err(_) => return (ErrorCode::None, "connection closed".into()),
                 },
                 Some(command) = self.commands.recv() => Box::pin(self.handle_command(command)).await,
@@ -409,7 +431,7 @@ impl Session {
         if code_ != ErrorCode::None {
             write_then_close(&mut self.control_send, code_, &reason).await;
         }
-        self.conn.close(code(code_), reason.as_bytes());
+        self.conn.close(code_.code(), reason.as_bytes());
         tracing::info!(code = %code_, "closed");
     }
 
