@@ -15,7 +15,14 @@ use bytes::Bytes;
 use ptt_protocol::{ChunkSource, ErrorCode};
 use quinn::crypto::rustls::HandshakeData;
 
-pub use web_transport_quinn::{SendStream, Session as Connection};
+pub use web_transport_quinn::SendStream;
+
+/// A client's connection, shared by its session and its delivery tasks.
+///
+/// Behind an `Arc`: a [`web_transport_quinn::Session`] is about 780 bytes
+/// (a `quinn::Connection` is 8), and every delivery task holds a handle,
+/// so a clone must be a pointer, not a copy of the session.
+pub type Connection = std::sync::Arc<web_transport_quinn::Session>;
 
 /// The ALPN of WebTransport (HTTP/3).
 pub const WEB_ALPN: &[u8] = b"h3";
@@ -83,7 +90,7 @@ pub fn is_web(conn: &quinn::Connection) -> bool {
 /// handshake and the CONNECT to [`WEB_PATH`]. The caller bounds the time.
 pub async fn accept(conn: quinn::Connection, tuning_uni: u32) -> Result<Connection, AcceptError> {
     if !is_web(&conn) {
-        return Ok(Connection::raw(conn));
+        return Ok(Connection::new(web_transport_quinn::Session::raw(conn)));
     }
     // The endpoint's stream limits are set for native clients (one
     // bidirectional stream); a browser needs room for HTTP/3's own.
@@ -97,5 +104,5 @@ pub async fn accept(conn: quinn::Connection, tuning_uni: u32) -> Result<Connecti
             .await;
         return Err(AcceptError::WrongPath(path));
     }
-    Ok(request.ok().await?)
+    Ok(Connection::new(request.ok().await?))
 }
