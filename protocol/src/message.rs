@@ -23,6 +23,10 @@ pub const MAX_ID_LEN: usize = 64;
 pub const MAX_TOKEN_LEN: usize = 2048;
 /// The longest free text (error messages, client names), in bytes.
 pub const MAX_TEXT_LEN: usize = 1024;
+
+/// The longest address in a [`ControlMessage::GoAway`] (a DNS name of 253
+/// bytes, a colon and a port).
+pub const MAX_ADDRESS_LEN: usize = 260;
 /// The most entries in a list (groups, members).
 pub const MAX_LIST_LEN: usize = 4096;
 /// The longest waveform preview, in buckets.
@@ -68,6 +72,7 @@ pub mod kind {
     pub const MEMBER_LIST: u64 = 0x2f;
     pub const FETCH_DONE: u64 = 0x30;
     pub const GROUP_LEFT: u64 = 0x31;
+    pub const GO_AWAY: u64 = 0x36;
 
     pub const CLIP_HEADER: u64 = 0x38;
     pub const CLIP_FRAME: u64 = 0x39;
@@ -395,6 +400,16 @@ pub enum ControlMessage {
         /// Why.
         code: ErrorCode,
     },
+    /// The relay is draining (it is about to stop): reconnect after
+    /// `reconnect_after_ms`, to `address` when it is not empty. Clips in
+    /// flight may still finish; start no new upload on this connection.
+    GoAway {
+        /// How long to wait before reconnecting, in milliseconds.
+        reconnect_after_ms: u32,
+        /// Where to reconnect (`host:port`, at most [`MAX_ADDRESS_LEN`]
+        /// bytes); empty: the same address as before.
+        address: String,
+    },
     /// A message type this version does not know; skipped.
     Unknown {
         /// Its type number.
@@ -511,6 +526,7 @@ impl ControlMessage {
             MemberList { .. } => kind::MEMBER_LIST,
             FetchDone { .. } => kind::FETCH_DONE,
             GroupLeft { .. } => kind::GROUP_LEFT,
+            GoAway { .. } => kind::GO_AWAY,
             Unknown { kind } => *kind,
         }
     }
@@ -737,6 +753,13 @@ impl ControlMessage {
                 put_string(p, group);
                 put_varint(p, u64::from(*count));
             }
+            GoAway {
+                reconnect_after_ms,
+                address,
+            } => {
+                put_varint(p, u64::from(*reconnect_after_ms));
+                put_string(p, address);
+            }
             Unknown { .. } => {}
         }
     }
@@ -952,6 +975,10 @@ impl ControlMessage {
             kind::GROUP_LEFT => GroupLeft {
                 group: group(p)?,
                 code: ErrorCode::from_code(get_varint(p)?),
+            },
+            kind::GO_AWAY => GoAway {
+                reconnect_after_ms: get_varint_u32(p, "reconnect_after_ms")?,
+                address: get_string(p, MAX_ADDRESS_LEN, "address")?,
             },
             kind::CLIP_HEADER | kind::CLIP_FRAME | kind::CLIP_END => {
                 return Err(DecodeError::Unexpected {
@@ -1316,6 +1343,10 @@ mod tests {
             GroupLeft {
                 group: "g".into(),
                 code: ErrorCode::NotMember,
+            },
+            GoAway {
+                reconnect_after_ms: 1500,
+                address: "relay-2.example.com:4433".into(),
             },
         ]
     }
