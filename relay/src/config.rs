@@ -30,6 +30,12 @@ pub struct RelayConfig {
     /// the data directory, which `relay token` uses to issue tokens.
     #[arg(long)]
     pub token_public_key: Option<String>,
+    /// More token verification keys, of other issuers: `KID=KEY` with the
+    /// Ed25519 public key in base64url; tokens naming `KID` in their `kid`
+    /// claim are checked with it. Keys rotated into the data directory
+    /// (`relay key rotate`) are accepted without being listed here.
+    #[arg(long, value_name = "KID=KEY")]
+    pub token_keys: Vec<String>,
     /// Most connections at once.
     #[arg(long, default_value_t = 20_000)]
     pub max_connections: usize,
@@ -89,6 +95,19 @@ pub struct RelayConfig {
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// On shutdown, the reconnect hint sent to clients in `GoAway`.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    #[serde(with = "humantime_serde")]
+    pub goaway_reconnect_after: Duration,
+    /// On shutdown, another relay (`host:port`) clients are told to
+    /// reconnect to in `GoAway` (default: none, the same address).
+    #[arg(long)]
+    pub goaway_address: Option<String>,
+    /// How often the certificate files (`cert`, `key`) and the token keys
+    /// in the data directory are checked for changes (0s: never).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
     /// Tokio worker threads (0: a current-thread runtime).
     #[arg(long, default_value_t = 2)]
     pub worker_threads: usize,

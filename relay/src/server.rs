@@ -15,7 +15,7 @@ use ptt_protocol::{ErrorCode, Limits};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{TokenIssuer, TokenVerifier};
+use crate::auth::{KeyRing, TokenIssuer, TokenVerifier, parse_public_key};
 use crate::config::RelayConfig;
 use crate::context::RelayContext;
 use crate::delivery::code;
@@ -23,7 +23,7 @@ use crate::floor::LocalFloor;
 use crate::hub::Hub;
 use crate::log::{GroupLog, LocalLog};
 use crate::store::{ClipStore, RedbStore, RetentionPolicy};
-use crate::tls::{Identity, TransportTuning};
+use crate::tls::{CertFiles, CertResolver, Identity, TransportTuning};
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +37,9 @@ pub enum StartError {
     /// The token key could not be loaded or made, or is invalid.
     #[error("token key: {0}")]
     Key(String),
+    /// A configuration value is invalid.
+    #[error("configuration: {0}")]
+    Config(String),
     /// The UDP socket could not be bound.
     #[error("cannot listen on {addr}: {error}")]
     Bind {
@@ -51,6 +54,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct RelayHandle {
     addr: SocketAddr,
+    certificate: Arc<CertResolver>,
     fingerprint: String,
     cert_pem: String,
     issuer: Option<TokenIssuer>,
@@ -65,9 +69,14 @@ impl RelayHandle {
         self.addr
     }
 
-    /// SHA-256 of its certificate, 64 hex digits.
+    /// SHA-256 of its certificate at start, 64 hex digits.
     pub fn cert_fingerprint(&self) -> &str {
         &self.fingerprint
+    }
+
+    /// SHA-256 of the certificate it presents now (after reloads).
+    pub fn current_cert_fingerprint(&self) -> String {
+        self.certificate.fingerprint()
     }
 
     /// Its certificate as PEM.
@@ -126,29 +135,36 @@ impl RelayHandle {
 /// Opens the store, loads keys and certificate, binds, and serves until
 /// [`RelayHandle::shutdown`].
 pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
+    if let Some(address) = &config.goaway_address
+        && (address.len() > ptt_protocol::message::MAX_ADDRESS_LEN || !address.contains(':'))
+    {
+        return Err(StartError::Config(format!(
+            "goaway_address {address:?} is not host:port of at most {} bytes",
+            ptt_protocol::message::MAX_ADDRESS_LEN
+        )));
+    }
     let redb = Arc::new(RedbStore::open(&config.data_dir)?);
     let store: Arc<dyn ClipStore> = redb.clone();
-    let identity = match (&config.cert, &config.key) {
-        (Some(cert), Some(key)) => Identity::from_pem_files(cert, key)?,
-        _ => Identity::load_or_create_dev(&config.data_dir)?,
-    };
-    let (verifier, issuer) = match &config.token_public_key {
-        Some(key) => (
-            TokenVerifier::from_base64(key).ok_or_else(|| {
-                StartError::Key("token_public_key is not a base64 Ed25519 key".into())
-            })?,
-            None,
+    let (identity, cert_files) = match (&config.cert, &config.key) {
+        (Some(cert), Some(key)) => (
+            Identity::from_pem_files(cert, key)?,
+            Some(CertFiles::new(cert, key)),
         ),
-        None => {
-            let issuer = TokenIssuer::load_or_create(&config.data_dir.join("token.key"))
-                .map_err(|e| StartError::Key(e.to_string()))?;
-            (issuer.verifier(), Some(issuer))
+        _ => {
+            tracing::warn!(
+                dir = %config.data_dir.display(),
+                "NO CERTIFICATE CONFIGURED: using a self-signed DEVELOPMENT certificate for \
+                 localhost; clients must pin its fingerprint. Set `cert` and `key` in production."
+            );
+            (Identity::load_or_create_dev(&config.data_dir)?, None)
         }
     };
+    let (verifier, issuer, key_ring) = token_keys(&config)?;
     let fingerprint = identity.fingerprint();
     let cert_pem = identity.leaf_pem();
+    let certificate = Arc::new(CertResolver::new(identity)?);
     let server_config = crate::tls::server_config(
-        identity,
+        certificate.clone(),
         &TransportTuning {
             idle_timeout: config.idle_timeout,
             max_uni_streams: config.max_streams_per_connection,
@@ -191,9 +207,15 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         limits,
         shutdown: CancellationToken::new(),
     });
-    let task = tokio::spawn(serve(endpoint, ctx.clone(), floor.clone()));
+    let reload = Reload {
+        certificate: certificate.clone(),
+        cert_files,
+        key_ring,
+    };
+    let task = tokio::spawn(serve(endpoint, ctx.clone(), floor.clone(), reload));
     Ok(RelayHandle {
         addr,
+        certificate,
         fingerprint,
         cert_pem,
         issuer,
@@ -201,6 +223,48 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         floor,
         task,
     })
+}
+
+/// The token verifier (every accepted key), the issuer of the current key
+/// (unless the relay verifies another issuer's tokens) and the data
+/// directory's key ring.
+fn token_keys(
+    config: &RelayConfig,
+) -> Result<(TokenVerifier, Option<TokenIssuer>, KeyRing), StartError> {
+    let key_error = |e: crate::auth::KeyError| StartError::Key(e.to_string());
+    let (verifier, mut issuer) = match &config.token_public_key {
+        Some(key) => (
+            TokenVerifier::from_base64(key).ok_or_else(|| {
+                StartError::Key("token_public_key is not a base64 Ed25519 key".into())
+            })?,
+            None,
+        ),
+        None => {
+            let issuer = TokenIssuer::load_or_create(&config.data_dir.join("token.key"))
+                .map_err(key_error)?;
+            (issuer.verifier(), Some(issuer))
+        }
+    };
+    for entry in &config.token_keys {
+        let key = entry
+            .split_once('=')
+            .and_then(|(kid, key)| Some((kid.trim(), parse_public_key(key)?)))
+            .filter(|(kid, _)| !kid.is_empty());
+        let Some((kid, key)) = key else {
+            return Err(StartError::Key(format!(
+                "token_keys entry {entry:?} is not KID=base64url-public-key"
+            )));
+        };
+        verifier.add_key(kid, key);
+    }
+    let ring = KeyRing::new(&config.data_dir);
+    verifier.set_ring(ring.public_keys().map_err(key_error)?);
+    if issuer.is_some()
+        && let Some(current) = ring.current_issuer().map_err(key_error)?
+    {
+        issuer = Some(current);
+    }
+    Ok((verifier, issuer, ring))
 }
 
 /// Runs a relay until `shutdown` completes, then drains (mini-redis's
@@ -217,10 +281,16 @@ pub async fn run(config: RelayConfig, shutdown: impl Future) -> Result<(), Start
 /// The accept loop, then the drain: every task the relay started is
 /// owned by `tracker` (sessions, the floor's timer, retention) or by the
 /// hub (group feeds), and each is waited for before the log is closed.
-async fn serve(endpoint: quinn::Endpoint, ctx: Arc<RelayContext>, floor: Arc<LocalFloor>) {
+async fn serve(
+    endpoint: quinn::Endpoint,
+    ctx: Arc<RelayContext>,
+    floor: Arc<LocalFloor>,
+    reload: Reload,
+) {
     let tracker = TaskTracker::new();
     let next_id = AtomicU64::new(1);
     tracker.spawn(retention_loop(ctx.clone()));
+    tracker.spawn(reload_loop(ctx.clone(), reload));
     tracker.spawn(floor.run(ctx.shutdown.clone()));
     loop {
         let incoming = tokio::select! {
@@ -273,6 +343,58 @@ async fn serve(endpoint: quinn::Endpoint, ctx: Arc<RelayContext>, floor: Arc<Loc
     endpoint.close(code(ErrorCode::ShuttingDown), b"relay shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     tracing::info!("relay stopped");
+}
+
+/// What [`reload_loop`] watches.
+struct Reload {
+    certificate: Arc<CertResolver>,
+    /// The PEM files, when the relay was given some.
+    cert_files: Option<CertFiles>,
+    /// The token keys in the data directory.
+    key_ring: KeyRing,
+}
+
+/// Checks the certificate files every `reload_interval` and presents a
+/// changed, valid pair from the next handshake on; a bad pair is logged
+/// and the old certificate kept. Reads the data directory's token keys
+/// again, so that a key rotated in (or retired) takes effect.
+async fn reload_loop(ctx: Arc<RelayContext>, mut reload: Reload) {
+    let every = ctx.config.reload_interval;
+    if every.is_zero() {
+        return;
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Some(files) = &mut reload.cert_files {
+            match files.check(&reload.certificate) {
+                Ok(false) => {}
+                Ok(true) => tracing::info!(
+                    fingerprint = %reload.certificate.fingerprint(),
+                    "certificate reloaded; new connections get the new one"
+                ),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "the changed certificate files are not usable; keeping the old certificate"
+                ),
+            }
+        }
+        match reload.key_ring.public_keys() {
+            Ok(keys) => {
+                if ctx.verifier.set_ring(keys) {
+                    tracing::info!(keys = ?ctx.verifier.key_ids(), "token keys reloaded");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the token keys; keeping the old ones")
+            }
+        }
+    }
 }
 
 /// Applies the retention policy at start and then every minute.

@@ -1,15 +1,20 @@
 //! The relay's TLS certificate and QUIC transport settings.
 //!
-//! Deployments pass PEM files; out of the box the relay makes a self-signed
-//! certificate for `localhost` and `127.0.0.1` on first start, keeps it in
-//! the data directory, and prints its SHA-256 fingerprint for clients to pin.
+//! Deployments pass PEM files, which the relay reads again when they change
+//! ([`CertResolver`], [`CertFiles`]): a renewed certificate is presented to
+//! new connections without a restart, while connections already open keep
+//! theirs. Out of the box the relay makes a self-signed certificate for
+//! `localhost` and `127.0.0.1` on first start, keeps it in the data
+//! directory, and prints its SHA-256 fingerprint for clients to pin.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 
 /// A certificate chain and its key.
 #[derive(Debug)]
@@ -47,18 +52,35 @@ pub enum TlsError {
 impl Identity {
     /// Loads a PEM certificate chain and private key.
     pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Identity, TlsError> {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|error| TlsError::Io {
+                path: path.display().to_string(),
+                error,
+            })
+        };
+        Identity::from_pem(cert, &read(cert)?, key, &read(key)?)
+    }
+
+    /// Parses a PEM certificate chain and private key read from the files
+    /// named (for the errors).
+    fn from_pem(
+        cert_path: &Path,
+        cert: &[u8],
+        key_path: &Path,
+        key: &[u8],
+    ) -> Result<Identity, TlsError> {
         let pem_err = |path: &Path, detail: String| TlsError::Pem {
             path: path.display().to_string(),
             detail,
         };
-        let chain = CertificateDer::pem_file_iter(cert)
-            .map_err(|e| pem_err(cert, e.to_string()))?
+        let chain = CertificateDer::pem_slice_iter(cert)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| pem_err(cert, e.to_string()))?;
+            .map_err(|e| pem_err(cert_path, e.to_string()))?;
         if chain.is_empty() {
-            return Err(pem_err(cert, "no certificate found".into()));
+            return Err(pem_err(cert_path, "no certificate found".into()));
         }
-        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(key, e.to_string()))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key).map_err(|e| pem_err(key_path, e.to_string()))?;
         Ok(Identity { chain, key })
     }
 
@@ -121,6 +143,110 @@ fn self_signed_pem() -> Result<(String, String), TlsError> {
     Ok((cert.cert.pem(), cert.signing_key.serialize_pem()))
 }
 
+/// The certificate the relay presents, swapped in place when its files
+/// change: each TLS handshake takes the one current at that moment, so a
+/// new certificate reaches new connections and leaves open ones alone.
+#[derive(Debug)]
+pub struct CertResolver {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl CertResolver {
+    /// A resolver presenting `identity`.
+    pub fn new(identity: Identity) -> Result<CertResolver, TlsError> {
+        Ok(CertResolver {
+            current: RwLock::new(Arc::new(certified_key(identity)?)),
+        })
+    }
+
+    /// Presents `identity` from the next handshake on, if its key is valid
+    /// and matches its certificate; otherwise keeps the current one.
+    pub fn replace(&self, identity: Identity) -> Result<(), TlsError> {
+        let key = Arc::new(certified_key(identity)?);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = key;
+        Ok(())
+    }
+
+    /// The SHA-256 fingerprint of the certificate presented now.
+    pub fn fingerprint(&self) -> String {
+        let current = self.current();
+        current
+            .cert
+            .first()
+            .map(|c| fingerprint_hex(c))
+            .unwrap_or_default()
+    }
+
+    fn current(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+fn certified_key(identity: Identity) -> Result<CertifiedKey, TlsError> {
+    let provider = rustls::crypto::ring::default_provider();
+    CertifiedKey::from_der(identity.chain, identity.key, &provider)
+        .map_err(|e| TlsError::Setup(e.to_string()))
+}
+
+/// The certificate and key files of a deployment, and what was last read
+/// from them: [`CertFiles::check`] reloads them into a [`CertResolver`]
+/// when their contents change (a renewal writes new files, or replaces
+/// them by a rename).
+#[derive(Debug)]
+pub struct CertFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    /// The bytes of the pair last tried, good or bad: a bad pair is
+    /// reported once, not at every check.
+    last: (Vec<u8>, Vec<u8>),
+}
+
+impl CertFiles {
+    /// Watches `cert` and `key`, whose current contents the resolver
+    /// already presents.
+    pub fn new(cert: &Path, key: &Path) -> CertFiles {
+        CertFiles {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            last: (
+                std::fs::read(cert).unwrap_or_default(),
+                std::fs::read(key).unwrap_or_default(),
+            ),
+        }
+    }
+
+    /// Reads the files; if they changed since the last check, loads them
+    /// into `resolver`. `Ok(true)`: a new certificate is presented;
+    /// `Ok(false)`: nothing changed; `Err`: the new files are not a valid
+    /// pair (or cannot be read) and the old certificate stays.
+    pub fn check(&mut self, resolver: &CertResolver) -> Result<bool, TlsError> {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|error| TlsError::Io {
+                path: path.display().to_string(),
+                error,
+            })
+        };
+        let cert = read(&self.cert)?;
+        let key = read(&self.key)?;
+        if (&cert, &key) == (&self.last.0, &self.last.1) {
+            return Ok(false);
+        }
+        let identity = Identity::from_pem(&self.cert, &cert, &self.key, &key);
+        self.last = (cert, key);
+        resolver.replace(identity?)?;
+        Ok(true)
+    }
+}
+
 /// Transport settings for many connections carrying small voice frames.
 #[derive(Debug, Clone)]
 pub struct TransportTuning {
@@ -130,7 +256,7 @@ pub struct TransportTuning {
     pub max_uni_streams: u32,
 }
 
-/// A quinn server configuration for `identity`.
+/// A quinn server configuration presenting `certificate`'s current one.
 ///
 /// Windows are sized for voice, not bulk transfer: an Opus clip is tens of
 /// KB, so a 64 KiB stream window and 512 KiB connection window let a member
@@ -140,7 +266,7 @@ pub struct TransportTuning {
 /// accepted, a few at a time, for members' `LiveRead` reports
 /// ([`crate::delivery::LiveReads`]).
 pub fn server_config(
-    identity: Identity,
+    certificate: Arc<CertResolver>,
     tuning: &TransportTuning,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -148,8 +274,7 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Setup(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(identity.chain, identity.key)
-        .map_err(|e| TlsError::Setup(e.to_string()))?;
+        .with_cert_resolver(certificate);
     tls.alpn_protocols = vec![ptt_protocol::ALPN.to_vec()];
     tls.max_early_data_size = 0;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Setup(e.to_string()))?;
@@ -203,5 +328,45 @@ mod tests {
             Err(TlsError::Pem { .. })
         ));
         assert!(Identity::from_pem_files(&dir.path().join("missing"), &key).is_err());
+    }
+
+    #[test]
+    fn changed_files_are_reloaded_and_bad_ones_keep_the_old_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        let write = |(c, k): &(String, String)| {
+            std::fs::write(&cert, c).unwrap();
+            std::fs::write(&key, k).unwrap();
+        };
+        let first = self_signed_pem().unwrap();
+        write(&first);
+        let resolver = CertResolver::new(Identity::from_pem_files(&cert, &key).unwrap()).unwrap();
+        let old = resolver.fingerprint();
+        let mut files = CertFiles::new(&cert, &key);
+        assert!(!files.check(&resolver).unwrap(), "nothing changed");
+
+        // A certificate with another certificate's key: refused, kept.
+        let second = self_signed_pem().unwrap();
+        std::fs::write(&cert, &second.0).unwrap();
+        assert!(files.check(&resolver).is_err());
+        assert_eq!(resolver.fingerprint(), old);
+        // Reported once, not at every check.
+        assert!(!files.check(&resolver).unwrap());
+        // The key follows: the pair is presented.
+        std::fs::write(&key, &second.1).unwrap();
+        assert!(files.check(&resolver).unwrap());
+        let new = resolver.fingerprint();
+        assert_ne!(new, old);
+        assert_eq!(
+            new,
+            Identity::from_pem_files(&cert, &key).unwrap().fingerprint()
+        );
+
+        std::fs::write(&cert, "garbage").unwrap();
+        assert!(matches!(files.check(&resolver), Err(TlsError::Pem { .. })));
+        std::fs::remove_file(&key).unwrap();
+        assert!(matches!(files.check(&resolver), Err(TlsError::Io { .. })));
+        assert_eq!(resolver.fingerprint(), new);
     }
 }

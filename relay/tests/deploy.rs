@@ -1,0 +1,398 @@
+//! Running the relay for real: certificates reloaded from their files,
+//! token keys that rotate, the drain on SIGTERM with `GoAway`, and the
+//! limits that keep hostile clients bounded.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use ptt_client::{Client, ClientConfig, ClipParams, Event, Events, Trust};
+use ptt_relay::auth::TokenIssuer;
+
+/// A `relay serve` process on a loopback port.
+struct RelayProcess {
+    child: Child,
+    addr: std::net::SocketAddr,
+    fingerprint: String,
+}
+
+impl RelayProcess {
+    fn spawn(data_dir: &Path, extra: &[&str]) -> RelayProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--worker-threads",
+                "1",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("relay binary starts");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let (mut addr, mut fingerprint) = (None, None);
+        while addr.is_none() || fingerprint.is_none() {
+            let line = lines
+                .next()
+                .expect("relay prints its address")
+                .expect("utf-8");
+            if let Some(rest) = line.strip_prefix("relay listening on ") {
+                addr = rest.split_whitespace().next().map(|a| a.parse().unwrap());
+            }
+            if let Some(rest) = line.trim().strip_prefix("certificate sha-256:") {
+                fingerprint = Some(rest.trim().to_owned());
+            }
+        }
+        // Keep draining stderr so the relay never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        RelayProcess {
+            child,
+            addr: addr.expect("address"),
+            fingerprint: fingerprint.expect("fingerprint"),
+        }
+    }
+
+    fn config(&self, token: String) -> ClientConfig {
+        let trust = Trust::fingerprint_from_hex(&self.fingerprint).unwrap();
+        ClientConfig::new(self.addr, "localhost", trust, token)
+    }
+
+    async fn client(&self, token: String) -> (Client, Events) {
+        tokio::time::timeout(WAIT, Client::connect(self.config(token)))
+            .await
+            .expect("connect in time")
+            .expect("connect")
+    }
+
+    fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// Waits (polling, bounded by `limit`) for the process to exit.
+    async fn exit_within(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the relay did not exit within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A data directory with group `team` (alice, bob) made offline, and a
+/// token issuer with its key.
+fn data_dir() -> (tempfile::TempDir, TokenIssuer) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let run = |args: &[&str]| {
+        let status = Command::new(env!("CARGO_BIN_EXE_relay"))
+            .args(args)
+            .args(["--data-dir", data])
+            .status()
+            .unwrap();
+        assert!(status.success(), "relay {args:?}");
+    };
+    run(&["group", "create", "team", "--mode", "notes"]);
+    run(&["group", "add", "team", "alice", "bob"]);
+    let issuer = TokenIssuer::load_or_create(&dir.path().join("token.key")).unwrap();
+    (dir, issuer)
+}
+
+fn token(issuer: &TokenIssuer, user: &str) -> String {
+    issuer.issue(user, Duration::from_secs(600), false, false)
+}
+
+/// SIGTERM to a real `relay serve`: connected clients get `GoAway` with
+/// the configured hint at once, a clip in flight still finishes and is
+/// stored, and the process exits 0 with its store closed.
+#[tokio::test]
+async fn sigterm_sends_go_away_lets_the_clip_in_flight_finish_and_exits_0() {
+    let (dir, issuer) = data_dir();
+    let mut relay = RelayProcess::spawn(
+        dir.path(),
+        &[
+            "--shutdown-grace",
+            "10s",
+            "--goaway-reconnect-after",
+            "750ms",
+        ],
+    );
+    let (alice, mut alice_events) = relay.client(token(&issuer, "alice")).await;
+    let (bob, mut bob_events) = relay.client(token(&issuer, "bob")).await;
+    bob.join("team").await.unwrap();
+    let mut talk = alice.talk("team", ClipParams::default()).await.unwrap();
+    for frame in frames(7, 5) {
+        talk.send_frame(frame).await.unwrap();
+    }
+    // Bob hears it: the relay has the upload.
+    wait_for(&mut bob_events, |e| {
+        matches!(e, Event::ClipStarted { .. }).then_some(())
+    })
+    .await;
+    relay.sigterm();
+    let (after, address) = wait_for(&mut alice_events, |e| match e {
+        Event::GoAway {
+            reconnect_after,
+            address,
+        } => Some((*reconnect_after, address.clone())),
+        _ => None,
+    })
+    .await;
+    assert_eq!(after, Duration::from_millis(750));
+    assert_eq!(address, None);
+    for frame in frames(8, 5) {
+        talk.send_frame(frame).await.unwrap();
+    }
+    let stored = tokio::time::timeout(WAIT, talk.finish(Bytes::new()))
+        .await
+        .expect("stored in time")
+        .expect("the clip in flight is stored during the drain");
+    assert_eq!(stored.seq, 1);
+    let status = relay.exit_within(WAIT).await;
+    assert!(status.success(), "exit status {status:?}");
+    drop(bob);
+
+    // The store was closed cleanly and holds the clip.
+    let relay = RelayProcess::spawn(dir.path(), &[]);
+    let (bob, mut bob_events) = relay.client(token(&issuer, "bob")).await;
+    assert_eq!(bob.join("team").await.unwrap().last_seq, 1);
+    // Bob heard it live (his cursor is past it): fetch it again.
+    assert_eq!(bob.fetch_recent("team", 5).await.unwrap(), 1);
+    let clips = collect_clips(&mut bob_events, 1).await;
+    assert_eq!(clips[0].frames.len(), 10);
+}
+
+/// A second SIGTERM during the drain exits at once, long before the grace
+/// period, and every clip acknowledged with `Stored` survives.
+#[tokio::test]
+async fn a_second_sigterm_exits_at_once_keeping_acknowledged_clips() {
+    let (dir, issuer) = data_dir();
+    let mut relay = RelayProcess::spawn(dir.path(), &["--shutdown-grace", "60s"]);
+    let (alice, mut alice_events) = relay.client(token(&issuer, "alice")).await;
+    let stored = alice
+        .send_clip("team", ClipParams::default(), frames(3, 6), Bytes::new())
+        .await
+        .unwrap();
+    // A clip in flight holds the drain open for the whole grace period.
+    let (bob, mut bob_events) = relay.client(token(&issuer, "bob")).await;
+    bob.join("team").await.unwrap();
+    let mut talk = alice.talk("team", ClipParams::default()).await.unwrap();
+    talk.send_frame(frames(4, 1)[0].clone()).await.unwrap();
+    wait_for(&mut bob_events, |e| match e {
+        Event::ClipStarted { seq, .. } if *seq != stored.seq => Some(()),
+        _ => None,
+    })
+    .await;
+    relay.sigterm();
+    wait_for(&mut alice_events, |e| {
+        matches!(e, Event::GoAway { .. }).then_some(())
+    })
+    .await;
+    let second = Instant::now();
+    relay.sigterm();
+    let status = relay.exit_within(Duration::from_secs(10)).await;
+    assert!(
+        second.elapsed() < Duration::from_secs(5),
+        "exited at once, not after the grace period"
+    );
+    assert!(!status.success(), "a forced exit says so: {status:?}");
+    drop((talk, bob));
+
+    let relay = RelayProcess::spawn(dir.path(), &[]);
+    let (bob, mut bob_events) = relay.client(token(&issuer, "bob")).await;
+    assert_eq!(bob.join("team").await.unwrap().last_seq, stored.seq);
+    assert_eq!(bob.fetch_recent("team", 5).await.unwrap(), 1);
+    let clips = collect_clips(&mut bob_events, 1).await;
+    assert_eq!(clips[0].frames, frames(3, 6));
+}
+
+/// A client told to go away waits for the hint and reconnects to the
+/// address the GoAway names: another relay with the same certificate and
+/// token key.
+#[tokio::test]
+async fn a_client_told_to_go_away_reconnects_to_the_address_given() {
+    let other = TestRelay::start().await;
+    let issuer = TokenIssuer::load_or_create(&other.dir.path().join("token.key")).unwrap();
+    let hint = Duration::from_millis(600);
+    let draining = TestRelay::start_with(|c| {
+        c.cert = Some(other.dir.path().join("dev-cert.pem"));
+        c.key = Some(other.dir.path().join("dev-key.pem"));
+        c.token_public_key = Some(issuer.public_key_base64());
+        c.goaway_address = Some(other.handle.addr().to_string());
+        c.goaway_reconnect_after = hint;
+    })
+    .await;
+    let config = draining
+        .config(token(&issuer, "alice"))
+        .with_reconnect(Default::default());
+    let (alice, mut events) = draining.connect(config).await;
+    assert_eq!(other.handle.session_count(), 0);
+    let TestRelay { handle, dir: _dir } = draining;
+    let stopping = tokio::spawn(handle.shutdown());
+    let address = wait_for(&mut events, |e| match e {
+        Event::GoAway { address, .. } => Some(address.clone()),
+        _ => None,
+    })
+    .await;
+    let told = Instant::now();
+    assert_eq!(address, Some(other.handle.addr().to_string()));
+    wait_for(&mut events, |e| {
+        matches!(e, Event::Reconnected { .. }).then_some(())
+    })
+    .await;
+    assert!(told.elapsed() >= hint, "waited for the hint");
+    assert_eq!(
+        other.handle.session_count(),
+        1,
+        "now connected to the other relay"
+    );
+    assert!(alice.is_connected());
+    stopping.await.unwrap();
+}
+
+/// Writes a new self-signed pair for `localhost` to `cert` and `key`;
+/// returns its fingerprint.
+fn write_pair(cert: &Path, key: &Path) -> String {
+    let pair = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(key, pair.signing_key.serialize_pem()).unwrap();
+    std::fs::write(cert, pair.cert.pem()).unwrap();
+    ptt_relay::tls::fingerprint_hex(pair.cert.der())
+}
+
+fn with_trust(config: ClientConfig, fingerprint: &str) -> ClientConfig {
+    ClientConfig {
+        trust: Trust::fingerprint_from_hex(fingerprint).unwrap(),
+        ..config
+    }
+}
+
+/// Waits (bounded) until `done` holds.
+async fn until(mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < WAIT, "condition not reached in time");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Certificate files replaced under a running relay: new connections get
+/// the new certificate, the open one carries on, and damaged files keep
+/// the certificate presented.
+#[tokio::test]
+async fn a_renewed_certificate_reaches_new_connections_and_open_ones_continue() {
+    let pem = tempfile::tempdir().unwrap();
+    let (cert, key) = (pem.path().join("cert.pem"), pem.path().join("key.pem"));
+    let old = write_pair(&cert, &key);
+    let relay = TestRelay::start_with(|c| {
+        c.cert = Some(cert.clone());
+        c.key = Some(key.clone());
+        c.reload_interval = Duration::from_millis(50);
+    })
+    .await;
+    relay
+        .group("team", ptt_client::GroupMode::Notes, &["alice", "bob"])
+        .await;
+    assert_eq!(relay.handle.cert_fingerprint(), old);
+    let (alice, _alice_events) = relay.client("alice").await;
+
+    let new = write_pair(&cert, &key);
+    until(|| relay.handle.current_cert_fingerprint() == new).await;
+    let config = with_trust(relay.config(relay.token("bob")), &new);
+    let (bob, _bob_events) = relay.connect(config).await;
+    bob.join("team").await.unwrap();
+    let pinned_old = with_trust(relay.config(relay.token("bob")), &old);
+    assert!(
+        Client::connect(pinned_old).await.is_err(),
+        "a new connection sees the new certificate"
+    );
+    // The connection made with the old certificate carries on.
+    alice.join("team").await.unwrap();
+    assert!(alice.is_connected());
+
+    // A damaged renewal: logged, and the certificate stays.
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\ngarbage\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(relay.handle.current_cert_fingerprint(), new);
+    let config = with_trust(relay.config(relay.token("bob")), &new);
+    relay.connect(config).await;
+}
+
+/// `relay key rotate` under a running relay: tokens of the new key (with
+/// its `kid`) are accepted within the reload interval, tokens without a
+/// kid keep working, a retired key's tokens are refused, and a key given
+/// in `token_keys` is accepted for its kid.
+#[tokio::test]
+async fn rotated_token_keys_are_accepted_while_running_and_retired_ones_refused() {
+    let other = TokenIssuer::generate().with_kid("issuer-b");
+    let relay = TestRelay::start_with(|c| {
+        c.reload_interval = Duration::from_millis(50);
+        c.token_keys = vec![format!("issuer-b={}", other.public_key_base64())];
+    })
+    .await;
+    let data = relay.dir.path().to_str().unwrap().to_owned();
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_relay"))
+            .args(args)
+            .args(["--data-dir", &data])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "relay {args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let unnamed = relay.token("alice");
+    let first = cli(&["key", "rotate"]);
+    let first = first.split_whitespace().next().unwrap().to_owned();
+    let by_first = cli(&["token", "--user", "alice"]).trim().to_owned();
+    let verifier = relay.handle.context().verifier.clone();
+    until(|| verifier.key_ids().contains(&first)).await;
+    for token in [unnamed.clone(), by_first.clone()] {
+        let (client, _events) = relay.connect(relay.config(token)).await;
+        assert_eq!(client.user(), "alice");
+    }
+    let by_other = other.issue("carol", Duration::from_secs(60), false, false);
+    relay.connect(relay.config(by_other)).await;
+
+    // A second rotation; then the first key is retired.
+    cli(&["key", "rotate"]);
+    assert!(cli(&["key", "list"]).contains(&first));
+    cli(&["key", "retire", &first]);
+    until(|| !verifier.key_ids().contains(&first)).await;
+    let err = Client::connect(relay.config(by_first))
+        .await
+        .expect_err("a retired key's token is refused");
+    assert_eq!(
+        err.code(),
+        Some(ptt_client::ErrorCode::InvalidToken),
+        "{err}"
+    );
+    relay.connect(relay.config(unnamed)).await;
+    let by_second = cli(&["token", "--user", "bob"]).trim().to_owned();
+    relay.connect(relay.config(by_second)).await;
+}
