@@ -39,6 +39,20 @@ pub struct RelayConfig {
     /// Most connections at once.
     #[arg(long, default_value_t = 20_000)]
     pub max_connections: usize,
+    /// Most connections open at once from one IP address (0: no limit).
+    /// Clients behind one NAT share an address: leave room for them.
+    #[arg(long, default_value_t = 256)]
+    pub max_connections_per_ip: u32,
+    /// New handshakes per second (and the same again as a burst) before
+    /// the relay asks new clients to validate their address with a QUIC
+    /// Retry (one more round trip) before it spends a handshake on them;
+    /// 0: never.
+    #[arg(long, default_value_t = 200)]
+    pub handshakes_per_second: u32,
+    /// Clips one user may start per minute over all their connections
+    /// (0: no limit); `clips_per_minute` is per connection.
+    #[arg(long, default_value_t = 120)]
+    pub user_clips_per_minute: u32,
     /// Most clip streams one connection may have open at once. A client
     /// uploads at most `max_concurrent_clips` clips at a time, so a few
     /// more than that is enough (a client wanting more waits for stream
@@ -148,12 +162,17 @@ pub enum ConfigError {
 
 impl RelayConfig {
     /// A configuration for tests: port 0 on loopback, the given data
-    /// directory, short timeouts.
+    /// directory, short timeouts, and no per-address or per-user limits
+    /// (every test and simulated client connects from 127.0.0.1; tests
+    /// that push a limit set it).
     pub fn for_tests(data_dir: &Path) -> RelayConfig {
         RelayConfig {
             listen: "127.0.0.1:0".parse().expect("valid address"),
             data_dir: data_dir.to_owned(),
             shutdown_grace: Duration::from_secs(1),
+            max_connections_per_ip: 0,
+            handshakes_per_second: 0,
+            user_clips_per_minute: 0,
             ..RelayConfig::default()
         }
     }

@@ -16,7 +16,8 @@
 //!   cursors).
 //! - [`hub`]: the node's live plane over the log; [`command`]: what it asks
 //!   sessions to do.
-//! - [`auth`], [`tls`], [`net`], [`config`], [`admin`].
+//! - [`auth`], [`tls`], [`net`], [`config`], [`admin`]; [`limits`]: what
+//!   one address or user may cost across connections.
 
 pub mod admin;
 pub mod auth;
@@ -27,6 +28,7 @@ pub mod delivery;
 pub mod floor;
 pub mod hub;
 pub mod ingest;
+pub mod limits;
 pub mod live;
 pub mod log;
 pub mod net;

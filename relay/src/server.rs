@@ -206,6 +206,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         config,
         limits,
         shutdown: CancellationToken::new(),
+        user_clips: Default::default(),
     });
     let reload = Reload {
         certificate: certificate.clone(),
@@ -289,6 +290,11 @@ async fn serve(
 ) {
     let tracker = TaskTracker::new();
     let next_id = AtomicU64::new(1);
+    let per_ip = Arc::new(crate::limits::ConnectionsPerIp::default());
+    let mut handshakes = crate::limits::HandshakeRate::new(
+        ctx.config.handshakes_per_second,
+        std::time::Instant::now(),
+    );
     tracker.spawn(retention_loop(ctx.clone()));
     tracker.spawn(reload_loop(ctx.clone(), reload));
     tracker.spawn(floor.run(ctx.shutdown.clone()));
@@ -304,11 +310,43 @@ async fn serve(
         // every connection task.
         if tracker.len() > ctx.config.max_connections {
             tracing::warn!(addr = %incoming.remote_address(), "connection limit reached");
+            metrics::counter!("ptt_connections_refused_total", "reason" => "max_connections")
+                .increment(1);
             incoming.refuse();
             continue;
         }
+        // Under a burst of new handshakes, an address that has not proved
+        // it receives there (a spoofed flood cannot) gets a Retry first.
+        if !incoming.remote_address_validated()
+            && incoming.may_retry()
+            && !handshakes.admit(std::time::Instant::now())
+        {
+            metrics::counter!("ptt_handshake_retries_total").increment(1);
+            if incoming.retry().is_err() {
+                tracing::debug!("retry impossible");
+            }
+            continue;
+        }
+        let slot = match ctx.config.max_connections_per_ip {
+            0 => None,
+            max => match per_ip.acquire(incoming.remote_address().ip(), max) {
+                Some(slot) => Some(slot),
+                None => {
+                    tracing::info!(addr = %incoming.remote_address(), "per-address connection limit reached");
+                    metrics::counter!("ptt_connections_refused_total", "reason" => "per_ip")
+                        .increment(1);
+                    incoming.refuse();
+                    continue;
+                }
+            },
+        };
         let id = next_id.fetch_add(1, Ordering::Relaxed);
-        tracker.spawn(crate::session::run(incoming, ctx.clone(), id));
+        let session = crate::session::run(incoming, ctx.clone(), id);
+        tracker.spawn(async move {
+            // The address's place is given back when the session ends.
+            let _slot = slot;
+            session.await
+        });
     }
     // Drain: refuse new connections (CONNECTION_REFUSED) while the
     // sessions finish their clips in flight.

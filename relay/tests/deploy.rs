@@ -396,3 +396,172 @@ async fn rotated_token_keys_are_accepted_while_running_and_retired_ones_refused(
     let by_second = cli(&["token", "--user", "bob"]).trim().to_owned();
     relay.connect(relay.config(by_second)).await;
 }
+
+/// Counters recorded by the relay (through the `metrics` facade), for
+/// tests on a current-thread runtime, where every relay task runs on the
+/// test's thread.
+#[derive(Default)]
+struct Counters(
+    std::sync::Mutex<
+        std::collections::HashMap<String, std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    >,
+);
+
+impl Counters {
+    /// The counter `name` with labels rendered as `name{k=v}`.
+    fn get(&self, name: &str) -> u64 {
+        self.0
+            .lock()
+            .unwrap()
+            .get(name)
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+}
+
+impl metrics::Recorder for Counters {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        let labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        let name = if labels.is_empty() {
+            key.name().to_owned()
+        } else {
+            format!("{}{{{}}}", key.name(), labels.join(","))
+        };
+        let counter = self.0.lock().unwrap().entry(name).or_default().clone();
+        metrics::Counter::from_arc(counter)
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+/// More connections from one address than `max_connections_per_ip` are
+/// refused (and counted) while others from it are open; a closed one
+/// gives its place back.
+#[tokio::test]
+async fn connections_per_address_are_limited() {
+    let counters = Counters::default();
+    let _recorder = metrics::set_default_local_recorder(&counters);
+    let relay = TestRelay::start_with(|c| c.max_connections_per_ip = 2).await;
+    let (a, _ae) = relay.client("alice").await;
+    let (_b, _be) = relay.client("bob").await;
+    let err = Client::connect(relay.config(relay.token("carol")))
+        .await
+        .expect_err("a third connection from 127.0.0.1 is refused");
+    assert!(
+        matches!(
+            err,
+            ptt_client::ClientError::Connection(quinn::ConnectionError::ConnectionClosed(_))
+        ),
+        "refused by the transport (CONNECTION_REFUSED): {err:?}"
+    );
+    assert_eq!(
+        counters.get("ptt_connections_refused_total{reason=per_ip}"),
+        1
+    );
+    a.close().await;
+    let start = Instant::now();
+    loop {
+        if Client::connect(relay.config(relay.token("carol")))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "the closed connection's place came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Above `handshakes_per_second`, new clients are asked for a QUIC Retry
+/// (address validation) and still get in; below it, none is.
+#[tokio::test]
+async fn a_burst_of_handshakes_gets_retries_and_still_connects() {
+    let counters = Counters::default();
+    let _recorder = metrics::set_default_local_recorder(&counters);
+    let relay = TestRelay::start_with(|c| c.handshakes_per_second = 3).await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(relay.client(&format!("early{i}")).await);
+    }
+    assert_eq!(counters.get("ptt_handshake_retries_total"), 0);
+    for i in 0..5 {
+        let (client, events) = relay.client(&format!("burst{i}")).await;
+        assert!(client.is_connected());
+        clients.push((client, events));
+    }
+    let retries = counters.get("ptt_handshake_retries_total");
+    assert!(retries >= 3, "{retries} retries for 8 handshakes at 3/s");
+    assert_eq!(relay.handle.session_count(), 8);
+}
+
+/// `user_clips_per_minute` counts a user's clips over all their
+/// connections: two connections cannot double the rate.
+#[tokio::test]
+async fn clips_per_minute_are_limited_per_user_across_connections() {
+    let counters = Counters::default();
+    let _recorder = metrics::set_default_local_recorder(&counters);
+    let relay = TestRelay::start_with(|c| c.user_clips_per_minute = 3).await;
+    relay
+        .group("team", ptt_client::GroupMode::Notes, &["alice", "bob"])
+        .await;
+    let (phone, _pe) = relay.client("alice").await;
+    let (laptop, _le) = relay.client("alice").await;
+    let (bob, _be) = relay.client("bob").await;
+    let send = |client: &Client, tag: u8| {
+        let client = client.clone();
+        async move {
+            client
+                .send_clip("team", ClipParams::default(), frames(tag, 3), Bytes::new())
+                .await
+        }
+    };
+    send(&phone, 1).await.unwrap();
+    send(&laptop, 2).await.unwrap();
+    send(&phone, 3).await.unwrap();
+    let err = send(&laptop, 4).await.expect_err("the user's fourth clip");
+    assert_eq!(
+        err.code(),
+        Some(ptt_client::ErrorCode::RateLimited),
+        "{err}"
+    );
+    assert_eq!(
+        counters.get("ptt_clips_rejected_total{reason=user_rate}"),
+        1
+    );
+    send(&bob, 5).await.expect("another user is not limited");
+}
