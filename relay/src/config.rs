@@ -256,6 +256,14 @@ mod tests {
     }
 
     #[test]
+    fn the_production_example_parses() {
+        let text = include_str!("../deploy/relay.toml");
+        let c: RelayConfig = toml::from_str(text).unwrap();
+        assert_eq!(c.listen.port(), 4433);
+        assert!(c.cert.is_some() && c.key.is_some());
+    }
+
+    #[test]
     fn the_example_file_parses_and_matches_the_defaults() {
         let text = include_str!("../relay.example.toml");
         let c: RelayConfig = toml::from_str(text).unwrap();
