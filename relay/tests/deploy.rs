@@ -566,3 +566,39 @@ async fn clips_per_minute_are_limited_per_user_across_connections() {
     );
     send(&bob, 5).await.expect("another user is not limited");
 }
+
+/// A connection that goes silent (no keep-alive) is closed by the relay's
+/// `idle_timeout`, and the relay forgets its session.
+#[tokio::test]
+async fn a_silent_connection_is_closed_after_the_idle_timeout() {
+    let relay = TestRelay::start_with(|c| c.idle_timeout = Duration::from_millis(500)).await;
+    let raw = raw::Raw::connect_with(&relay, |client| {
+        // No keep-alive; the relay's shorter timeout governs.
+        client.transport_config(std::sync::Arc::new(quinn::TransportConfig::default()));
+    })
+    .await;
+    let (_send, _control) = raw.hello_as(&relay, "mallory").await;
+    assert_eq!(relay.handle.session_count(), 1);
+    let silent = Instant::now();
+    let reason = tokio::time::timeout(WAIT, raw.conn.closed())
+        .await
+        .expect("closed in time");
+    assert!(
+        matches!(reason, quinn::ConnectionError::TimedOut),
+        "{reason:?}"
+    );
+    assert!(silent.elapsed() >= Duration::from_millis(400));
+    until(|| relay.handle.session_count() == 0).await;
+}
+
+/// `max_streams_per_connection` is QUIC stream credit: a client cannot
+/// open more clip streams than that at once, whatever it sends.
+#[tokio::test]
+async fn a_client_cannot_open_more_streams_than_its_credit() {
+    let relay = TestRelay::start_with(|c| c.max_streams_per_connection = 2).await;
+    let (raw, _send, _control) = raw::Raw::hello(&relay, "mallory").await;
+    let _a = raw.conn.open_uni().await.unwrap();
+    let _b = raw.conn.open_uni().await.unwrap();
+    let third = tokio::time::timeout(Duration::from_millis(300), raw.conn.open_uni()).await;
+    assert!(third.is_err(), "no credit for a third stream");
+}
