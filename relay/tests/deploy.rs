@@ -514,20 +514,19 @@ async fn connections_per_address_are_limited() {
 async fn a_burst_of_handshakes_gets_retries_and_still_connects() {
     let counters = Counters::default();
     let _recorder = metrics::set_default_local_recorder(&counters);
-    let relay = TestRelay::start_with(|c| c.handshakes_per_second = 3).await;
-    let mut clients = Vec::new();
-    for i in 0..3 {
-        clients.push(relay.client(&format!("early{i}")).await);
-    }
+    // One a second: even on a loaded machine, where a connect takes a
+    // few hundred ms, most of the burst finds the bucket empty.
+    let relay = TestRelay::start_with(|c| c.handshakes_per_second = 1).await;
+    let mut clients = vec![relay.client("early").await];
     assert_eq!(counters.get("ptt_handshake_retries_total"), 0);
-    for i in 0..5 {
+    for i in 0..6 {
         let (client, events) = relay.client(&format!("burst{i}")).await;
         assert!(client.is_connected());
         clients.push((client, events));
     }
     let retries = counters.get("ptt_handshake_retries_total");
-    assert!(retries >= 3, "{retries} retries for 8 handshakes at 3/s");
-    assert_eq!(relay.handle.session_count(), 8);
+    assert!(retries >= 3, "{retries} retries for 7 handshakes at 1/s");
+    assert_eq!(relay.handle.session_count(), 7);
 }
 
 /// `user_clips_per_minute` counts a user's clips over all their
@@ -587,7 +586,7 @@ async fn a_silent_connection_is_closed_after_the_idle_timeout() {
         matches!(reason, quinn::ConnectionError::TimedOut),
         "{reason:?}"
     );
-    assert!(silent.elapsed() >= Duration::from_millis(400));
+    assert!(silent.elapsed() >= Duration::from_millis(300));
     until(|| relay.handle.session_count() == 0).await;
 }
 
