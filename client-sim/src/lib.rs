@@ -68,6 +68,9 @@ pub struct Options {
     pub flood: Option<(flood::FloodKind, u32)>,
     /// The embedded relay's `handshakes_per_second` (default: 0, none).
     pub handshakes_per_second: Option<u32>,
+    /// The embedded relay's `handshakes_per_ip_per_second` (default: 0,
+    /// none).
+    pub handshakes_per_ip_per_second: Option<u32>,
 }
 
 /// The result of [`run`].
@@ -144,6 +147,9 @@ pub async fn run(options: &Options, progress: &dyn Progress) -> anyhow::Result<O
             config.max_connections = config.max_connections.max(most * 2 + 100);
             if let Some(rate) = options.handshakes_per_second {
                 config.handshakes_per_second = rate;
+            }
+            if let Some(rate) = options.handshakes_per_ip_per_second {
+                config.handshakes_per_ip_per_second = rate;
             }
             let handle = ptt_relay::start(config)
                 .await

@@ -121,6 +121,9 @@ struct Cli {
     /// default 0: never, as every simulated client shares one address).
     #[arg(long)]
     handshakes_per_second: Option<u32>,
+    /// The embedded relay's handshakes_per_ip_per_second (default 0: none).
+    #[arg(long)]
+    handshakes_per_ip_per_second: Option<u32>,
     /// Print only the result table.
     #[arg(short, long)]
     quiet: bool,
@@ -232,6 +235,7 @@ fn main() -> anyhow::Result<()> {
         wav: cli.wav.clone(),
         flood: cli.flood.map(|kind| (kind, cli.flood_rate)),
         handshakes_per_second: cli.handshakes_per_second,
+        handshakes_per_ip_per_second: cli.handshakes_per_ip_per_second,
     };
     if !cli.quiet {
         let s = &options.scenario;

@@ -49,6 +49,11 @@ pub struct RelayConfig {
     /// 0: never.
     #[arg(long, default_value_t = 200)]
     pub handshakes_per_second: u32,
+    /// New handshakes per second from one IP address (0: no limit). Past
+    /// it the address must validate (QUIC Retry); validated, it gets as
+    /// many again, then is refused until its rate allows.
+    #[arg(long, default_value_t = 20)]
+    pub handshakes_per_ip_per_second: u32,
     /// Clips one user may start per minute over all their connections
     /// (0: no limit); `clips_per_minute` is per connection.
     #[arg(long, default_value_t = 120)]
@@ -172,6 +177,7 @@ impl RelayConfig {
             shutdown_grace: Duration::from_secs(1),
             max_connections_per_ip: 0,
             handshakes_per_second: 0,
+            handshakes_per_ip_per_second: 0,
             user_clips_per_minute: 0,
             ..RelayConfig::default()
         }

@@ -83,6 +83,12 @@ impl HandshakeRate {
         }
     }
 
+    /// Whether the bucket is full at `now` (nothing taken for a while).
+    pub fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.per_second >= self.per_second
+    }
+
     /// Whether a new handshake at `now` is within the rate (and takes a
     /// token if so).
     pub fn admit(&mut self, now: Instant) -> bool {
@@ -97,6 +103,80 @@ impl HandshakeRate {
             true
         } else {
             false
+        }
+    }
+}
+
+/// What to do with a new handshake, per [`HandshakesPerIp`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeVerdict {
+    /// Go ahead.
+    Admit,
+    /// Ask the client to validate its address first (QUIC Retry).
+    Retry,
+    /// Refuse: a validated address over its rate.
+    Refuse,
+}
+
+/// New handshakes per remote IP address, in two buckets: every handshake
+/// takes from the first, and an address whose first bucket is empty must
+/// validate (Retry); validated handshakes take from the second, and an
+/// address that is empty there too is refused. A spoofer can drain only
+/// the first bucket of the address it fakes (its owner then pays one
+/// round trip); only a client that receives at its address drains the
+/// second, so one flooding address is held to twice the rate.
+#[derive(Debug)]
+pub struct HandshakesPerIp {
+    per_second: u32,
+    buckets: std::collections::HashMap<IpAddr, (HandshakeRate, HandshakeRate)>,
+}
+
+/// Addresses tracked at most; past it, idle ones are forgotten, and if
+/// none is, a new address must validate (its place costs the relay
+/// nothing until it has).
+const MAX_TRACKED: usize = 65_536;
+
+impl HandshakesPerIp {
+    /// `per_second` handshakes (and as many again once validated) per
+    /// address; 0 admits everything.
+    pub fn new(per_second: u32) -> HandshakesPerIp {
+        HandshakesPerIp {
+            per_second,
+            buckets: Default::default(),
+        }
+    }
+
+    /// The verdict for a handshake from `ip` at `now`.
+    pub fn check(&mut self, ip: IpAddr, validated: bool, now: Instant) -> HandshakeVerdict {
+        if self.per_second == 0 {
+            return HandshakeVerdict::Admit;
+        }
+        if !self.buckets.contains_key(&ip) && self.buckets.len() >= MAX_TRACKED {
+            self.buckets
+                .retain(|_, (any, valid)| !(any.is_full(now) && valid.is_full(now)));
+            if self.buckets.len() >= MAX_TRACKED {
+                return if validated {
+                    HandshakeVerdict::Admit
+                } else {
+                    HandshakeVerdict::Retry
+                };
+            }
+        }
+        let rate = self.per_second;
+        let (any, valid) = self
+            .buckets
+            .entry(ip)
+            .or_insert_with(|| (HandshakeRate::new(rate, now), HandshakeRate::new(rate, now)));
+        if validated {
+            if valid.admit(now) {
+                HandshakeVerdict::Admit
+            } else {
+                HandshakeVerdict::Refuse
+            }
+        } else if any.admit(now) {
+            HandshakeVerdict::Admit
+        } else {
+            HandshakeVerdict::Retry
         }
     }
 }
@@ -189,6 +269,40 @@ mod tests {
         assert!(!rate.admit(t + Duration::from_millis(160)));
         let mut open = HandshakeRate::new(0, t);
         assert!((0..1000).all(|_| open.admit(t)));
+    }
+
+    #[test]
+    fn a_flooding_address_is_retried_then_refused_and_a_spoofed_one_only_retried() {
+        use HandshakeVerdict::*;
+        let t = Instant::now();
+        let mut limit = HandshakesPerIp::new(2);
+        let flooder: IpAddr = "192.0.2.1".parse().unwrap();
+        let other: IpAddr = "192.0.2.2".parse().unwrap();
+        assert_eq!(limit.check(flooder, false, t), Admit);
+        assert_eq!(limit.check(flooder, false, t), Admit);
+        assert_eq!(limit.check(flooder, false, t), Retry);
+        // Back validated: the second bucket, then refused.
+        assert_eq!(limit.check(flooder, true, t), Admit);
+        assert_eq!(limit.check(flooder, true, t), Admit);
+        assert_eq!(limit.check(flooder, true, t), Refuse);
+        assert_eq!(
+            limit.check(other, false, t),
+            Admit,
+            "others are not affected"
+        );
+        // A spoofer drains only the first bucket: the owner validates and
+        // gets in.
+        for _ in 0..100 {
+            limit.check(other, false, t);
+        }
+        assert_eq!(limit.check(other, false, t), Retry);
+        assert_eq!(limit.check(other, true, t), Admit);
+        // Refilled after a second.
+        assert_eq!(
+            limit.check(flooder, true, t + Duration::from_secs(1)),
+            Admit
+        );
+        assert_eq!(HandshakesPerIp::new(0).check(flooder, false, t), Admit);
     }
 
     #[test]

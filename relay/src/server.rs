@@ -21,6 +21,7 @@ use crate::context::RelayContext;
 use crate::delivery::code;
 use crate::floor::LocalFloor;
 use crate::hub::Hub;
+use crate::limits::HandshakeVerdict;
 use crate::log::{GroupLog, LocalLog};
 use crate::store::{ClipStore, RedbStore, RetentionPolicy};
 use crate::tls::{CertFiles, CertResolver, Identity, TransportTuning};
@@ -291,6 +292,8 @@ async fn serve(
     let tracker = TaskTracker::new();
     let next_id = AtomicU64::new(1);
     let per_ip = Arc::new(crate::limits::ConnectionsPerIp::default());
+    let mut per_ip_handshakes =
+        crate::limits::HandshakesPerIp::new(ctx.config.handshakes_per_ip_per_second);
     let mut handshakes = crate::limits::HandshakeRate::new(
         ctx.config.handshakes_per_second,
         std::time::Instant::now(),
@@ -315,12 +318,29 @@ async fn serve(
             incoming.refuse();
             continue;
         }
+        // One address's handshakes: past its rate it must validate, and
+        // validated past its rate it is refused.
+        let now = std::time::Instant::now();
+        let validated = incoming.remote_address_validated();
+        match per_ip_handshakes.check(incoming.remote_address().ip(), validated, now) {
+            HandshakeVerdict::Admit => {}
+            HandshakeVerdict::Retry if incoming.may_retry() => {
+                metrics::counter!("ptt_handshake_retries_total").increment(1);
+                if incoming.retry().is_err() {
+                    tracing::debug!("retry impossible");
+                }
+                continue;
+            }
+            HandshakeVerdict::Retry | HandshakeVerdict::Refuse => {
+                metrics::counter!("ptt_connections_refused_total", "reason" => "handshake_rate_per_ip")
+                    .increment(1);
+                incoming.refuse();
+                continue;
+            }
+        }
         // Under a burst of new handshakes, an address that has not proved
         // it receives there (a spoofed flood cannot) gets a Retry first.
-        if !incoming.remote_address_validated()
-            && incoming.may_retry()
-            && !handshakes.admit(std::time::Instant::now())
-        {
+        if !incoming.remote_address_validated() && incoming.may_retry() && !handshakes.admit(now) {
             metrics::counter!("ptt_handshake_retries_total").increment(1);
             if incoming.retry().is_err() {
                 tracing::debug!("retry impossible");

@@ -601,3 +601,39 @@ async fn a_client_cannot_open_more_streams_than_its_credit() {
     let third = tokio::time::timeout(Duration::from_millis(300), raw.conn.open_uni()).await;
     assert!(third.is_err(), "no credit for a third stream");
 }
+
+/// One address opening handshakes faster than `handshakes_per_ip_per_second`
+/// is made to validate, then refused; another address is not affected.
+#[tokio::test]
+async fn a_flooding_address_is_refused_and_others_get_in() {
+    let counters = Counters::default();
+    let _recorder = metrics::set_default_local_recorder(&counters);
+    let relay = TestRelay::start_with(|c| c.handshakes_per_ip_per_second = 1).await;
+    let client = ptt_client::quinn_config(&relay.config(String::new())).unwrap();
+    let endpoint_on = |ip: &str| {
+        let mut endpoint = quinn::Endpoint::client(format!("{ip}:0").parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(client.clone());
+        endpoint
+    };
+    let flooder = endpoint_on("127.0.0.1");
+    let mut completed = 0;
+    for _ in 0..20 {
+        let connecting = flooder.connect(relay.handle.addr(), "localhost").unwrap();
+        if let Ok(Ok(conn)) = tokio::time::timeout(WAIT, connecting).await {
+            completed += 1;
+            conn.close(0u32.into(), b"");
+        }
+    }
+    // 1 a second and 1 more validated (plus what refills while a loaded
+    // machine runs the loop).
+    assert!(completed < 15, "{completed} of 20 handshakes completed");
+    assert!(counters.get("ptt_connections_refused_total{reason=handshake_rate_per_ip}") >= 5);
+    assert!(counters.get("ptt_handshake_retries_total") >= 1);
+    let neighbour = endpoint_on("127.0.0.2");
+    let conn = neighbour
+        .connect(relay.handle.addr(), "localhost")
+        .unwrap()
+        .await
+        .expect("another address gets in");
+    conn.close(0u32.into(), b"");
+}
