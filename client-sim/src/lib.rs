@@ -14,6 +14,7 @@
 //! [`run`] is what the binary does.
 
 pub mod audio;
+pub mod flood;
 pub mod lossy;
 pub mod plot;
 pub mod report;
@@ -62,6 +63,14 @@ pub struct Options {
     pub relay: RelayChoice,
     /// The WAV to replay (default: the repository's speech fixture).
     pub wav: Option<PathBuf>,
+    /// A flooding client beside the normal load (single runs only), and
+    /// its rate per second.
+    pub flood: Option<(flood::FloodKind, u32)>,
+    /// The embedded relay's `handshakes_per_second` (default: 0, none).
+    pub handshakes_per_second: Option<u32>,
+    /// The embedded relay's `handshakes_per_ip_per_second` (default: 0,
+    /// none).
+    pub handshakes_per_ip_per_second: Option<u32>,
 }
 
 /// The result of [`run`].
@@ -136,6 +145,12 @@ pub async fn run(options: &Options, progress: &dyn Progress) -> anyhow::Result<O
                 .as_ref()
                 .map_or(options.scenario.clients, |c| c.max);
             config.max_connections = config.max_connections.max(most * 2 + 100);
+            if let Some(rate) = options.handshakes_per_second {
+                config.handshakes_per_second = rate;
+            }
+            if let Some(rate) = options.handshakes_per_ip_per_second {
+                config.handshakes_per_ip_per_second = rate;
+            }
             let handle = ptt_relay::start(config)
                 .await
                 .context("starting the embedded relay")?;
@@ -182,9 +197,27 @@ pub async fn run(options: &Options, progress: &dyn Progress) -> anyhow::Result<O
     };
 
     let result = match &options.scenario.capacity {
-        None => sim::run_once(&options.scenario, &target, &audio, progress)
-            .await
-            .map(|r| Outcome::Single(Box::new(r))),
+        None => {
+            let (stop, stopped) = tokio::sync::oneshot::channel();
+            let flood = options.flood.map(|(kind, rate)| match kind {
+                flood::FloodKind::Handshakes => tokio::spawn(flood::handshakes(
+                    target.addr,
+                    target.fingerprint,
+                    rate,
+                    stopped,
+                )),
+            });
+            let report = sim::run_once(&options.scenario, &target, &audio, progress).await;
+            let _ = stop.send(());
+            if let Some(flood) = flood {
+                let stats = flood.await.context("the flood task")??;
+                eprintln!(
+                    "flood: {} handshakes attempted, {} completed by the relay",
+                    stats.attempted, stats.completed
+                );
+            }
+            report.map(|r| Outcome::Single(Box::new(r)))
+        }
         Some(cap) => {
             let mut steps = Vec::new();
             let mut runs = Vec::new();

@@ -111,6 +111,19 @@ struct Cli {
     /// Tokio worker threads (0: a current-thread runtime).
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Run a flooding client beside the normal clients (single runs).
+    #[arg(long, value_enum)]
+    flood: Option<client_sim::flood::FloodKind>,
+    /// The flood's rate per second.
+    #[arg(long, default_value_t = 500)]
+    flood_rate: u32,
+    /// The embedded relay's handshakes_per_second (QUIC Retry above it;
+    /// default 0: never, as every simulated client shares one address).
+    #[arg(long)]
+    handshakes_per_second: Option<u32>,
+    /// The embedded relay's handshakes_per_ip_per_second (default 0: none).
+    #[arg(long)]
+    handshakes_per_ip_per_second: Option<u32>,
     /// Print only the result table.
     #[arg(short, long)]
     quiet: bool,
@@ -220,6 +233,9 @@ fn main() -> anyhow::Result<()> {
         scenario,
         relay,
         wav: cli.wav.clone(),
+        flood: cli.flood.map(|kind| (kind, cli.flood_rate)),
+        handshakes_per_second: cli.handshakes_per_second,
+        handshakes_per_ip_per_second: cli.handshakes_per_ip_per_second,
     };
     if !cli.quiet {
         let s = &options.scenario;

@@ -90,6 +90,7 @@ impl Client {
         let (commands_tx, commands_rx) = mpsc::channel(256);
         let inner = Arc::new(Inner {
             token: Mutex::new(config.token.clone()),
+            relay_addr: Mutex::new(config.addr),
             dedup: Mutex::new(DedupCache::new(config.dedup_capacity)),
             config,
             endpoint,

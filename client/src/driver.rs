@@ -58,11 +58,11 @@ pub(crate) struct Session {
 pub(crate) async fn establish(inner: &Arc<Inner>, epoch: u64) -> Result<Session, ClientError> {
     let config = &inner.config;
     let attempt = async {
-        let connecting = inner.endpoint.connect_with(
-            inner.quinn_config.clone(),
-            config.addr,
-            &config.server_name,
-        )?;
+        let addr = *lock(&inner.relay_addr);
+        let connecting =
+            inner
+                .endpoint
+                .connect_with(inner.quinn_config.clone(), addr, &config.server_name)?;
         let conn = connecting.await?;
         let (mut send, recv) = conn.open_bi().await?;
         let hello = ControlMessage::Hello {
@@ -176,6 +176,14 @@ async fn accept_clips(inner: Arc<Inner>, conn: quinn::Connection) {
     }
 }
 
+/// The first address `host:port` names.
+async fn resolve(address: &str) -> Option<std::net::SocketAddr> {
+    if let Ok(addr) = address.parse() {
+        return Some(addr);
+    }
+    tokio::net::lookup_host(address).await.ok()?.next()
+}
+
 /// Why a session ended.
 struct Loss {
     code: Option<ErrorCode>,
@@ -235,6 +243,9 @@ pub(crate) struct Driver {
     outbox: Vec<ControlMessage>,
     /// An `Error` with request id 0: the reason of the coming close.
     relay_error: Option<(ErrorCode, String)>,
+    /// The relay's GoAway on this connection: when (and where, if not
+    /// empty) to reconnect after the close.
+    go_away: Option<(Duration, String)>,
 }
 
 enum Step {
@@ -260,6 +271,7 @@ impl Driver {
             next_epoch,
             outbox: Vec::new(),
             relay_error: None,
+            go_away: None,
         }
     }
 
@@ -313,6 +325,7 @@ impl Driver {
     /// Serves one session until it ends.
     async fn serve(&mut self, session: &mut Session) -> Step {
         self.relay_error = None;
+        self.go_away = None;
         loop {
             let step = tokio::select! {
                 cmd = self.commands.recv() => match cmd {
@@ -505,6 +518,18 @@ impl Driver {
                 to_seq,
             }),
             M::CaughtUp { group, seq } => Some(Event::CaughtUp { group, seq }),
+            M::GoAway {
+                reconnect_after_ms,
+                address,
+            } => {
+                let after = Duration::from_millis(u64::from(reconnect_after_ms));
+                tracing::info!(?after, %address, "the relay is going away");
+                self.go_away = Some((after, address.clone()));
+                Some(Event::GoAway {
+                    reconnect_after: after,
+                    address: (!address.is_empty()).then_some(address),
+                })
+            }
             M::GroupLeft { group, code } => {
                 // Removed from the group or the group deleted: do not join
                 // it again after a reconnect.
@@ -597,9 +622,26 @@ impl Driver {
             .reconnect
             .clone()
             .expect("reconnect is only called with a policy");
+        let jitter = policy.jitter;
         let mut backoff = Backoff::new(policy);
+        let mut go_away = self.go_away.take();
         loop {
-            let Some(delay) = backoff.next_delay() else {
+            // After a GoAway: its hint (plus up to half of it at random, so
+            // that the clients of a drained relay do not all arrive at
+            // once) and its address, once; then the usual back-off.
+            let hinted = go_away.take().map(|(after, address)| {
+                let spread = if jitter {
+                    rand::random::<f64>() * 0.5
+                } else {
+                    0.0
+                };
+                (after.mul_f64(1.0 + spread), address)
+            });
+            let next = match hinted {
+                Some((delay, address)) => Some((delay, Some(address))),
+                None => backoff.next_delay().map(|delay| (delay, None)),
+            };
+            let Some((delay, redirect)) = next else {
                 self.inner
                     .emit(Event::Disconnected {
                         code: None,
@@ -616,6 +658,15 @@ impl Driver {
                     () = &mut sleep => break,
                     cmd = self.commands.recv() => self.offline_command(cmd)?,
                     Some(msg) = self.internal.recv() => self.offline_internal(msg),
+                }
+            }
+            if let Some(address) = redirect.filter(|a| !a.is_empty()) {
+                match resolve(&address).await {
+                    Some(addr) => {
+                        tracing::info!(%addr, "reconnecting to the relay the GoAway named");
+                        *lock(&self.inner.relay_addr) = addr;
+                    }
+                    None => tracing::warn!(%address, "the GoAway's address does not resolve"),
                 }
             }
             let epoch = self.next_epoch;

@@ -175,6 +175,15 @@ pub enum Event {
         /// The relay's explanation.
         message: String,
     },
+    /// The relay is draining and will close the connection once the clips
+    /// in flight finish. The client then reconnects after `reconnect_after`
+    /// (with jitter), to `address` when given, if it reconnects at all.
+    GoAway {
+        /// The relay's reconnect hint.
+        reconnect_after: std::time::Duration,
+        /// Another relay to reconnect to (`host:port`).
+        address: Option<String>,
+    },
     /// The connection was lost or closed.
     Disconnected {
         /// The relay's close code, when it closed the connection with one.

@@ -174,6 +174,9 @@ pub(crate) enum Internal {
 
 pub(crate) struct Inner {
     pub config: ClientConfig,
+    /// Where the next connection goes: `config.addr`, until a relay's
+    /// GoAway names another.
+    pub relay_addr: Mutex<std::net::SocketAddr>,
     pub token: Mutex<String>,
     pub endpoint: quinn::Endpoint,
     pub quinn_config: quinn::ClientConfig,

@@ -23,6 +23,10 @@ pub const MAX_ID_LEN: usize = 64;
 pub const MAX_TOKEN_LEN: usize = 2048;
 /// The longest free text (error messages, client names), in bytes.
 pub const MAX_TEXT_LEN: usize = 1024;
+
+/// The longest address in a [`ControlMessage::GoAway`] (a DNS name of 253
+/// bytes, a colon and a port).
+pub const MAX_ADDRESS_LEN: usize = 260;
 /// The most entries in a list (groups, members).
 pub const MAX_LIST_LEN: usize = 4096;
 /// The longest waveform preview, in buckets.
@@ -75,6 +79,7 @@ pub mod kind {
     pub const MEMBER_STATUS: u64 = 0x32;
     pub const CLIP_LIST: u64 = 0x33;
     pub const CLIP_DELETED: u64 = 0x34;
+    pub const GO_AWAY: u64 = 0x36;
 
     pub const CLIP_HEADER: u64 = 0x38;
     pub const CLIP_FRAME: u64 = 0x39;
@@ -497,6 +502,16 @@ pub enum ControlMessage {
         /// Its clip id.
         clip_id: ClipId,
     },
+    /// The relay is draining (it is about to stop): reconnect after
+    /// `reconnect_after_ms`, to `address` when it is not empty. Clips in
+    /// flight may still finish; start no new upload on this connection.
+    GoAway {
+        /// How long to wait before reconnecting, in milliseconds.
+        reconnect_after_ms: u32,
+        /// Where to reconnect (`host:port`, at most [`MAX_ADDRESS_LEN`]
+        /// bytes); empty: the same address as before.
+        address: String,
+    },
     /// A message type this version does not know; skipped.
     Unknown {
         /// Its type number.
@@ -620,6 +635,7 @@ impl ControlMessage {
             MemberStatus { .. } => kind::MEMBER_STATUS,
             ClipList { .. } => kind::CLIP_LIST,
             ClipDeleted { .. } => kind::CLIP_DELETED,
+            GoAway { .. } => kind::GO_AWAY,
             Unknown { kind } => *kind,
         }
     }
@@ -912,6 +928,13 @@ impl ControlMessage {
                 put_string(p, group);
                 put_varint(p, u64::from(*count));
             }
+            GoAway {
+                reconnect_after_ms,
+                address,
+            } => {
+                put_varint(p, u64::from(*reconnect_after_ms));
+                put_string(p, address);
+            }
             Unknown { .. } => {}
         }
     }
@@ -1201,6 +1224,10 @@ impl ControlMessage {
                 group: group(p)?,
                 seq: get_varint(p)?,
                 clip_id: ClipId::from_bytes(get_array(p)?),
+            },
+            kind::GO_AWAY => GoAway {
+                reconnect_after_ms: get_varint_u32(p, "reconnect_after_ms")?,
+                address: get_string(p, MAX_ADDRESS_LEN, "address")?,
             },
             kind::CLIP_HEADER | kind::CLIP_FRAME | kind::CLIP_END => {
                 return Err(DecodeError::Unexpected {
@@ -1611,6 +1638,10 @@ mod tests {
                 group: "g".into(),
                 seq: 5,
                 clip_id: id,
+            },
+            GoAway {
+                reconnect_after_ms: 1500,
+                address: "relay-2.example.com:4433".into(),
             },
         ]
     }

@@ -467,6 +467,11 @@ fn examples() -> Vec<(&'static str, Example)> {
                 group: g(),
                 seq: 301,
             }),
+            "go-away",
+            Control(C::GoAway {
+                reconnect_after_ms: 1500,
+                address: "relay-2.example.com:4433".into(),
+            }),
         ),
     ]
 }
@@ -733,6 +738,13 @@ fn annotated(title: &str) -> Option<Vec<(Vec<u8>, String)>> {
         "group-left" => vec![
             (s("team-1"), "group: length 6, \"team-1\"".into()),
             (v(6), "code = 6 (NotMember)".into()),
+        ],
+        "go-away" => vec![
+            (v(1500), "reconnect_after_ms = 1500 (2-byte varint)".into()),
+            (
+                s("relay-2.example.com:4433"),
+                "address: length 24, \"relay-2.example.com:4433\"".into(),
+            ),
         ],
         "datagram-live-read" => vec![
             (

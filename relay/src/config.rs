@@ -30,9 +30,34 @@ pub struct RelayConfig {
     /// the data directory, which `relay token` uses to issue tokens.
     #[arg(long)]
     pub token_public_key: Option<String>,
+    /// More token verification keys, of other issuers: `KID=KEY` with the
+    /// Ed25519 public key in base64url; tokens naming `KID` in their `kid`
+    /// claim are checked with it. Keys rotated into the data directory
+    /// (`relay key rotate`) are accepted without being listed here.
+    #[arg(long, value_name = "KID=KEY")]
+    pub token_keys: Vec<String>,
     /// Most connections at once.
     #[arg(long, default_value_t = 20_000)]
     pub max_connections: usize,
+    /// Most connections open at once from one IP address (0: no limit).
+    /// Clients behind one NAT share an address: leave room for them.
+    #[arg(long, default_value_t = 256)]
+    pub max_connections_per_ip: u32,
+    /// New handshakes per second (and the same again as a burst) before
+    /// the relay asks new clients to validate their address with a QUIC
+    /// Retry (one more round trip) before it spends a handshake on them;
+    /// 0: never.
+    #[arg(long, default_value_t = 200)]
+    pub handshakes_per_second: u32,
+    /// New handshakes per second from one IP address (0: no limit). Past
+    /// it the address must validate (QUIC Retry); validated, it gets as
+    /// many again, then is refused until its rate allows.
+    #[arg(long, default_value_t = 20)]
+    pub handshakes_per_ip_per_second: u32,
+    /// Clips one user may start per minute over all their connections
+    /// (0: no limit); `clips_per_minute` is per connection.
+    #[arg(long, default_value_t = 120)]
+    pub user_clips_per_minute: u32,
     /// Most clip streams one connection may have open at once. A client
     /// uploads at most `max_concurrent_clips` clips at a time, so a few
     /// more than that is enough (a client wanting more waits for stream
@@ -89,6 +114,19 @@ pub struct RelayConfig {
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// On shutdown, the reconnect hint sent to clients in `GoAway`.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    #[serde(with = "humantime_serde")]
+    pub goaway_reconnect_after: Duration,
+    /// On shutdown, another relay (`host:port`) clients are told to
+    /// reconnect to in `GoAway` (default: none, the same address).
+    #[arg(long)]
+    pub goaway_address: Option<String>,
+    /// How often the certificate files (`cert`, `key`) and the token keys
+    /// in the data directory are checked for changes (0s: never).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
     /// Tokio worker threads (0: a current-thread runtime).
     #[arg(long, default_value_t = 2)]
     pub worker_threads: usize,
@@ -152,12 +190,18 @@ pub enum ConfigError {
 
 impl RelayConfig {
     /// A configuration for tests: port 0 on loopback, the given data
-    /// directory, short timeouts.
+    /// directory, short timeouts, and no per-address or per-user limits
+    /// (every test and simulated client connects from 127.0.0.1; tests
+    /// that push a limit set it).
     pub fn for_tests(data_dir: &Path) -> RelayConfig {
         RelayConfig {
             listen: "127.0.0.1:0".parse().expect("valid address"),
             data_dir: data_dir.to_owned(),
             shutdown_grace: Duration::from_secs(1),
+            max_connections_per_ip: 0,
+            handshakes_per_second: 0,
+            handshakes_per_ip_per_second: 0,
+            user_clips_per_minute: 0,
             ..RelayConfig::default()
         }
     }
@@ -238,6 +282,14 @@ mod tests {
         let e = load(&["relay"], "max_conections = 5\n").unwrap_err();
         assert!(e.to_string().contains("max_conections"), "{e}");
         assert!(load(&["relay"], "idle_timeout = \"soon\"\n").is_err());
+    }
+
+    #[test]
+    fn the_production_example_parses() {
+        let text = include_str!("../deploy/relay.toml");
+        let c: RelayConfig = toml::from_str(text).unwrap();
+        assert_eq!(c.listen.port(), 4433);
+        assert!(c.cert.is_some() && c.key.is_some());
     }
 
     #[test]

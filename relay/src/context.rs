@@ -34,6 +34,8 @@ pub struct RelayContext {
     pub limits: Limits,
     /// Fired when the relay starts draining.
     pub shutdown: CancellationToken,
+    /// Clips each user started in the last minute, over all connections.
+    pub user_clips: crate::limits::ClipsPerUser,
 }
 
 impl std::fmt::Debug for RelayContext {

@@ -214,6 +214,24 @@ impl Upload<'_> {
             .handle_clip_start(Instant::now())
             .map_err(|c| Refusal(c, format!("clip refused: {c}")))?;
         self.started = true;
+        // Over all of the user's connections, not only this one.
+        self.ctx
+            .user_clips
+            .start(
+                &who.handle.user,
+                self.ctx.config.user_clips_per_minute,
+                Instant::now(),
+            )
+            .map_err(|c| {
+                metrics::counter!("ptt_clips_rejected_total", "reason" => "user_rate").increment(1);
+                Refusal(
+                    c,
+                    format!(
+                        "clip refused: more than {} clips a minute for this user",
+                        self.ctx.config.user_clips_per_minute
+                    ),
+                )
+            })?;
         let info = self
             .ctx
             .hub

@@ -17,7 +17,8 @@
 //! - [`hub`]: the node's live plane over the log; [`command`]: what it asks
 //!   sessions to do.
 //! - [`auth`], [`tls`], [`net`], [`config`], [`admin`]; [`metrics`]
-//!   (Prometheus, `/healthz`, `/readyz`).
+//!   (Prometheus, `/healthz`, `/readyz`); [`limits`]: what one address or
+//!   user may cost across connections.
 //! - [`transport`]: the seam that lets native QUIC and WebTransport
 //!   connections share the session code; [`web`]: the browser page, its
 //!   HTTP listener and certificates.
@@ -31,6 +32,7 @@ pub mod delivery;
 pub mod floor;
 pub mod hub;
 pub mod ingest;
+pub mod limits;
 pub mod live;
 pub mod log;
 pub mod metrics;

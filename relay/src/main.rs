@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use ptt_protocol::GroupMode;
 use ptt_relay::RelayConfig;
-use ptt_relay::auth::TokenIssuer;
+use ptt_relay::auth::{KeyRing, TokenIssuer};
 use ptt_relay::config::LogFormat;
 use ptt_relay::store::{ClipStore, RedbStore, StoreError};
 
@@ -50,6 +50,15 @@ enum Command {
         #[arg(long, default_value = "./data")]
         data_dir: PathBuf,
     },
+    /// Manage the token signing keys in the data directory (works while the
+    /// relay runs: it reads the keys again within `reload_interval`).
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+        /// The data directory.
+        #[arg(long, global = true, default_value = "./data")]
+        data_dir: PathBuf,
+    },
     /// Administer groups: in the data directory when no relay runs on it,
     /// otherwise through the running relay (over QUIC, with an admin token
     /// signed by the data directory's key).
@@ -82,6 +91,20 @@ struct AdminTarget {
     /// the data directory's key, valid five minutes.
     #[arg(long, global = true, env = "PTT_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum KeyAction {
+    /// Make a new signing key and sign new tokens with it; tokens of the
+    /// older keys stay valid until they are retired.
+    Rotate,
+    /// List the keys: id, public key (for `token_keys` elsewhere), current.
+    List,
+    /// Stop accepting tokens signed with a key (not the current one).
+    Retire {
+        /// The key id.
+        kid: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -186,10 +209,15 @@ fn run() -> anyhow::Result<()> {
             data_dir,
         } => {
             anyhow::ensure!(ptt_protocol::is_valid_id(&user), "invalid user id {user:?}");
-            let issuer = TokenIssuer::load_or_create(&data_dir.join("token.key"))?;
+            // The current rotated key, else the original one.
+            let issuer = match KeyRing::new(&data_dir).current_issuer()? {
+                Some(issuer) => issuer,
+                None => TokenIssuer::load_or_create(&data_dir.join("token.key"))?,
+            };
             println!("{}", issuer.issue(&user, ttl, admin, emergency));
             Ok(())
         }
+        Command::Key { action, data_dir } => key(action, &data_dir),
         Command::Group { action, target } => runtime(0)?.block_on(group(action, &target)),
     }
 }
@@ -212,6 +240,7 @@ fn serve(config: RelayConfig) -> anyhow::Result<()> {
     init_logs(config.log_format);
     runtime(config.worker_threads)?.block_on(async move {
         let data_dir = config.data_dir.clone();
+        let mut signals = StopSignals::new()?;
         let handle = ptt_relay::start(config)
             .await
             .context("starting the relay")?;
@@ -229,11 +258,57 @@ fn serve(config: RelayConfig) -> anyhow::Result<()> {
         if let Some(web) = handle.web_addr() {
             eprintln!("  browser page:        http://{web}/ (WebTransport on {})\n", handle.addr());
         }
-        shutdown_signal().await?;
-        tracing::info!("draining");
-        handle.shutdown().await;
-        Ok(())
+        signals.recv().await?;
+        tracing::info!("draining (a second Ctrl-C or SIGTERM exits at once)");
+        tokio::select! {
+            () = handle.shutdown() => Ok(()),
+            second = signals.recv() => {
+                second?;
+                // Every clip answered with Stored was committed durably
+                // (fsync) before the answer; what is lost is clips still
+                // in flight, which their talkers send again, and cursor
+                // moves since the last commit (those clips come again).
+                tracing::warn!("second signal: exiting without finishing the drain");
+                std::process::exit(1);
+            }
+        }
     })
+}
+
+fn key(action: KeyAction, data_dir: &Path) -> anyhow::Result<()> {
+    use base64::Engine;
+    let ring = KeyRing::new(data_dir);
+    match action {
+        KeyAction::Rotate => {
+            let kid = ring.rotate()?;
+            println!("{kid} is the current key; `relay token` signs with it from now on");
+        }
+        KeyAction::List => {
+            let current = ring.current()?;
+            let original = data_dir.join("token.key");
+            if original.exists() {
+                let key = TokenIssuer::load(&original)?;
+                let mark = if current.is_none() { "\tcurrent" } else { "" };
+                println!("(no kid)\t{}{mark}", key.public_key_base64());
+            }
+            let mut keys: Vec<_> = ring.public_keys()?.into_iter().collect();
+            keys.sort();
+            for (kid, public) in keys {
+                let mark = if current.as_deref() == Some(kid.as_str()) {
+                    "\tcurrent"
+                } else {
+                    ""
+                };
+                let public = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(public);
+                println!("{kid}\t{public}{mark}");
+            }
+        }
+        KeyAction::Retire { kid } => {
+            ring.retire(&kid)?;
+            println!("retired {kid}; a running relay refuses its tokens within reload_interval");
+        }
+    }
+    Ok(())
 }
 
 /// Runs a group command on the data directory's store, or, when a
@@ -524,19 +599,35 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-/// Ctrl-C or SIGTERM (what service managers send), whichever comes first.
-async fn shutdown_signal() -> anyhow::Result<()> {
+/// Ctrl-C and SIGTERM (what service managers send). Made before the
+/// relay starts and kept, so that no signal between the first and the
+/// second is missed.
+struct StopSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C"),
-            _ = term.recv() => Ok(()),
-        }
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> anyhow::Result<StopSignals> {
+        Ok(StopSignals {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("installing the SIGTERM handler")?,
+        })
     }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
+
+    /// Waits for the next Ctrl-C or SIGTERM.
+    async fn recv(&mut self) -> anyhow::Result<()> {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C"),
+                _ = self.term.recv() => Ok(()),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
+        }
     }
 }

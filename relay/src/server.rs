@@ -15,17 +15,17 @@ use ptt_protocol::{ErrorCode, Limits};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{TokenIssuer, TokenVerifier};
+use crate::auth::{KeyRing, TokenIssuer, TokenVerifier, parse_public_key};
 use crate::config::RelayConfig;
 use crate::context::RelayContext;
 use crate::delivery::code;
 use crate::floor::LocalFloor;
 use crate::hub::Hub;
+use crate::limits::HandshakeVerdict;
 use crate::log::{GroupLog, LocalLog};
 use crate::metrics::Metrics;
 use crate::store::{ClipStore, RedbStore, RetentionPolicy};
-use crate::tls::{Identity, TransportTuning};
-use crate::web::cert::CertResolver;
+use crate::tls::{CertFiles, CertResolver, Identity, TransportTuning};
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +50,9 @@ pub enum StartError {
         /// The failure.
         error: std::io::Error,
     },
+    /// A configuration value is invalid.
+    #[error("configuration: {0}")]
+    Config(String),
     /// The UDP socket could not be bound.
     #[error("cannot listen on {addr}: {error}")]
     Bind {
@@ -65,12 +68,12 @@ pub enum StartError {
 pub struct RelayHandle {
     addr: SocketAddr,
     web_addr: Option<SocketAddr>,
+    certs: Arc<CertResolver>,
     fingerprint: String,
     cert_pem: String,
     issuer: Option<TokenIssuer>,
     ctx: Arc<RelayContext>,
     floor: Arc<LocalFloor>,
-    certs: Arc<CertResolver>,
     task: tokio::task::JoinHandle<()>,
     /// The metrics listener: its address, its tasks and their stop signal
     /// (fired after the drain, so `/healthz` answers until the end).
@@ -97,9 +100,14 @@ impl RelayHandle {
         self.certs.certificate_hashes()
     }
 
-    /// SHA-256 of its certificate, 64 hex digits.
+    /// SHA-256 of its certificate at start, 64 hex digits.
     pub fn cert_fingerprint(&self) -> &str {
         &self.fingerprint
+    }
+
+    /// SHA-256 of the certificate it presents now (after reloads).
+    pub fn current_cert_fingerprint(&self) -> String {
+        self.certs.fingerprint()
     }
 
     /// Its certificate as PEM.
@@ -166,28 +174,38 @@ impl RelayHandle {
 /// Opens the store, loads keys and certificate, binds, and serves until
 /// [`RelayHandle::shutdown`].
 pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
+    if let Some(address) = &config.goaway_address
+        && (address.len() > ptt_protocol::message::MAX_ADDRESS_LEN || !address.contains(':'))
+    {
+        return Err(StartError::Config(format!(
+            "goaway_address {address:?} is not host:port of at most {} bytes",
+            ptt_protocol::message::MAX_ADDRESS_LEN
+        )));
+    }
     let redb = Arc::new(RedbStore::open(&config.data_dir)?);
     let store: Arc<dyn ClipStore> = redb.clone();
-    let (identity, dev) = match (&config.cert, &config.key) {
-        (Some(cert), Some(key)) => (Identity::from_pem_files(cert, key)?, false),
-        _ => (Identity::load_or_create_dev(&config.data_dir)?, true),
-    };
-    let certs = Arc::new(CertResolver::new(&identity, dev, SystemTime::now())?);
-    let (verifier, issuer) = match &config.token_public_key {
-        Some(key) => (
-            TokenVerifier::from_base64(key).ok_or_else(|| {
-                StartError::Key("token_public_key is not a base64 Ed25519 key".into())
-            })?,
-            None,
+    let (identity, cert_files) = match (&config.cert, &config.key) {
+        (Some(cert), Some(key)) => (
+            Identity::from_pem_files(cert, key)?,
+            Some(CertFiles::new(cert, key)),
         ),
-        None => {
-            let issuer = TokenIssuer::load_or_create(&config.data_dir.join("token.key"))
-                .map_err(|e| StartError::Key(e.to_string()))?;
-            (issuer.verifier(), Some(issuer))
+        _ => {
+            tracing::warn!(
+                dir = %config.data_dir.display(),
+                "NO CERTIFICATE CONFIGURED: using a self-signed DEVELOPMENT certificate for \
+                 localhost; clients must pin its fingerprint. Set `cert` and `key` in production."
+            );
+            (Identity::load_or_create_dev(&config.data_dir)?, None)
         }
     };
+    let (verifier, issuer, key_ring) = token_keys(&config)?;
     let fingerprint = identity.fingerprint();
     let cert_pem = identity.leaf_pem();
+    let certs = Arc::new(CertResolver::new(
+        &identity,
+        cert_files.is_none(),
+        SystemTime::now(),
+    )?);
     let server_config = crate::tls::server_config(
         certs.clone(),
         &TransportTuning {
@@ -240,6 +258,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         config,
         limits,
         shutdown: CancellationToken::new(),
+        user_clips: Default::default(),
     });
     let metrics_tasks = TaskTracker::new();
     let metrics_stop = CancellationToken::new();
@@ -254,12 +273,18 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         }
         None => None,
     };
+    let reload = Reload {
+        certificate: certs.clone(),
+        cert_files,
+        key_ring,
+    };
     let task = tokio::spawn(serve(
         endpoint,
         ctx.clone(),
         floor.clone(),
         certs.clone(),
         web,
+        reload,
     ));
     Ok(RelayHandle {
         metrics_addr,
@@ -275,6 +300,48 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         floor,
         task,
     })
+}
+
+/// The token verifier (every accepted key), the issuer of the current key
+/// (unless the relay verifies another issuer's tokens) and the data
+/// directory's key ring.
+fn token_keys(
+    config: &RelayConfig,
+) -> Result<(TokenVerifier, Option<TokenIssuer>, KeyRing), StartError> {
+    let key_error = |e: crate::auth::KeyError| StartError::Key(e.to_string());
+    let (verifier, mut issuer) = match &config.token_public_key {
+        Some(key) => (
+            TokenVerifier::from_base64(key).ok_or_else(|| {
+                StartError::Key("token_public_key is not a base64 Ed25519 key".into())
+            })?,
+            None,
+        ),
+        None => {
+            let issuer = TokenIssuer::load_or_create(&config.data_dir.join("token.key"))
+                .map_err(key_error)?;
+            (issuer.verifier(), Some(issuer))
+        }
+    };
+    for entry in &config.token_keys {
+        let key = entry
+            .split_once('=')
+            .and_then(|(kid, key)| Some((kid.trim(), parse_public_key(key)?)))
+            .filter(|(kid, _)| !kid.is_empty());
+        let Some((kid, key)) = key else {
+            return Err(StartError::Key(format!(
+                "token_keys entry {entry:?} is not KID=base64url-public-key"
+            )));
+        };
+        verifier.add_key(kid, key);
+    }
+    let ring = KeyRing::new(&config.data_dir);
+    verifier.set_ring(ring.public_keys().map_err(key_error)?);
+    if issuer.is_some()
+        && let Some(current) = ring.current_issuer().map_err(key_error)?
+    {
+        issuer = Some(current);
+    }
+    Ok((verifier, issuer, ring))
 }
 
 /// Runs a relay until `shutdown` completes, then drains (mini-redis's
@@ -297,10 +364,19 @@ async fn serve(
     floor: Arc<LocalFloor>,
     certs: Arc<CertResolver>,
     web: Option<crate::web::http::Site>,
+    reload: Reload,
 ) {
     let tracker = TaskTracker::new();
     let next_id = AtomicU64::new(1);
+    let per_ip = Arc::new(crate::limits::ConnectionsPerIp::default());
+    let mut per_ip_handshakes =
+        crate::limits::HandshakesPerIp::new(ctx.config.handshakes_per_ip_per_second);
+    let mut handshakes = crate::limits::HandshakeRate::new(
+        ctx.config.handshakes_per_second,
+        std::time::Instant::now(),
+    );
     tracker.spawn(retention_loop(ctx.clone()));
+    tracker.spawn(reload_loop(ctx.clone(), reload));
     tracker.spawn(floor.run(ctx.shutdown.clone()));
     tracker.spawn(crate::web::cert::renew_loop(certs, ctx.shutdown.clone()));
     if let Some(site) = web {
@@ -318,13 +394,61 @@ async fn serve(
         // every connection task.
         if tracker.len() > ctx.config.max_connections {
             tracing::warn!(addr = %incoming.remote_address(), "connection limit reached");
-            Metrics::get().refused_limit.increment(1);
+            metrics::counter!("ptt_connections_refused_total", "reason" => "max_connections")
+                .increment(1);
             incoming.refuse();
             continue;
         }
+        // One address's handshakes: past its rate it must validate, and
+        // validated past its rate it is refused.
+        let now = std::time::Instant::now();
+        let validated = incoming.remote_address_validated();
+        match per_ip_handshakes.check(incoming.remote_address().ip(), validated, now) {
+            HandshakeVerdict::Admit => {}
+            HandshakeVerdict::Retry if incoming.may_retry() => {
+                metrics::counter!("ptt_handshake_retries_total").increment(1);
+                if incoming.retry().is_err() {
+                    tracing::debug!("retry impossible");
+                }
+                continue;
+            }
+            HandshakeVerdict::Retry | HandshakeVerdict::Refuse => {
+                metrics::counter!("ptt_connections_refused_total", "reason" => "handshake_rate_per_ip")
+                    .increment(1);
+                incoming.refuse();
+                continue;
+            }
+        }
+        // Under a burst of new handshakes, an address that has not proved
+        // it receives there (a spoofed flood cannot) gets a Retry first.
+        if !incoming.remote_address_validated() && incoming.may_retry() && !handshakes.admit(now) {
+            metrics::counter!("ptt_handshake_retries_total").increment(1);
+            if incoming.retry().is_err() {
+                tracing::debug!("retry impossible");
+            }
+            continue;
+        }
+        let slot = match ctx.config.max_connections_per_ip {
+            0 => None,
+            max => match per_ip.acquire(incoming.remote_address().ip(), max) {
+                Some(slot) => Some(slot),
+                None => {
+                    tracing::info!(addr = %incoming.remote_address(), "per-address connection limit reached");
+                    metrics::counter!("ptt_connections_refused_total", "reason" => "per_ip")
+                        .increment(1);
+                    incoming.refuse();
+                    continue;
+                }
+            },
+        };
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         Metrics::get().connections_accepted.increment(1);
-        tracker.spawn(crate::session::run(incoming, ctx.clone(), id));
+        let session = crate::session::run(incoming, ctx.clone(), id);
+        tracker.spawn(async move {
+            // The address's place is given back when the session ends.
+            let _slot = slot;
+            session.await
+        });
     }
     // Drain: refuse new connections (CONNECTION_REFUSED) while the
     // sessions finish their clips in flight.
@@ -362,6 +486,58 @@ async fn serve(
     endpoint.close(code(ErrorCode::ShuttingDown), b"relay shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     tracing::info!("relay stopped");
+}
+
+/// What [`reload_loop`] watches.
+struct Reload {
+    certificate: Arc<CertResolver>,
+    /// The PEM files, when the relay was given some.
+    cert_files: Option<CertFiles>,
+    /// The token keys in the data directory.
+    key_ring: KeyRing,
+}
+
+/// Checks the certificate files every `reload_interval` and presents a
+/// changed, valid pair from the next handshake on; a bad pair is logged
+/// and the old certificate kept. Reads the data directory's token keys
+/// again, so that a key rotated in (or retired) takes effect.
+async fn reload_loop(ctx: Arc<RelayContext>, mut reload: Reload) {
+    let every = ctx.config.reload_interval;
+    if every.is_zero() {
+        return;
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Some(files) = &mut reload.cert_files {
+            match files.check(&reload.certificate) {
+                Ok(false) => {}
+                Ok(true) => tracing::info!(
+                    fingerprint = %reload.certificate.fingerprint(),
+                    "certificate reloaded; new connections get the new one"
+                ),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "the changed certificate files are not usable; keeping the old certificate"
+                ),
+            }
+        }
+        match reload.key_ring.public_keys() {
+            Ok(keys) => {
+                if ctx.verifier.set_ring(keys) {
+                    tracing::info!(keys = ?ctx.verifier.key_ids(), "token keys reloaded");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the token keys; keeping the old ones")
+            }
+        }
+    }
 }
 
 /// Applies the retention policy at start and then every minute.

@@ -1,15 +1,21 @@
 //! The relay's TLS certificate and QUIC transport settings.
 //!
-//! Deployments pass PEM files; out of the box the relay makes a self-signed
-//! certificate for `localhost` and `127.0.0.1` on first start, keeps it in
-//! the data directory, and prints its SHA-256 fingerprint for clients to pin.
+//! Deployments pass PEM files, which the relay reads again when they change
+//! ([`CertResolver`], [`CertFiles`]): a renewed certificate is presented to
+//! new connections without a restart, while connections already open keep
+//! theirs. Out of the box the relay makes a self-signed certificate for
+//! `localhost` and `127.0.0.1` on first start, keeps it in the data
+//! directory, and prints its SHA-256 fingerprint for clients to pin.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use rustls::sign::CertifiedKey;
+
+pub use crate::web::cert::CertResolver;
 
 /// A certificate chain and its key.
 #[derive(Debug)]
@@ -47,18 +53,35 @@ pub enum TlsError {
 impl Identity {
     /// Loads a PEM certificate chain and private key.
     pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Identity, TlsError> {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|error| TlsError::Io {
+                path: path.display().to_string(),
+                error,
+            })
+        };
+        Identity::from_pem(cert, &read(cert)?, key, &read(key)?)
+    }
+
+    /// Parses a PEM certificate chain and private key read from the files
+    /// named (for the errors).
+    fn from_pem(
+        cert_path: &Path,
+        cert: &[u8],
+        key_path: &Path,
+        key: &[u8],
+    ) -> Result<Identity, TlsError> {
         let pem_err = |path: &Path, detail: String| TlsError::Pem {
             path: path.display().to_string(),
             detail,
         };
-        let chain = CertificateDer::pem_file_iter(cert)
-            .map_err(|e| pem_err(cert, e.to_string()))?
+        let chain = CertificateDer::pem_slice_iter(cert)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| pem_err(cert, e.to_string()))?;
+            .map_err(|e| pem_err(cert_path, e.to_string()))?;
         if chain.is_empty() {
-            return Err(pem_err(cert, "no certificate found".into()));
+            return Err(pem_err(cert_path, "no certificate found".into()));
         }
-        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(key, e.to_string()))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key).map_err(|e| pem_err(key_path, e.to_string()))?;
         Ok(Identity { chain, key })
     }
 
@@ -121,6 +144,64 @@ fn self_signed_pem() -> Result<(String, String), TlsError> {
     Ok((cert.cert.pem(), cert.signing_key.serialize_pem()))
 }
 
+/// A certified key from `identity`, refused if the key does not match the
+/// certificate.
+pub(crate) fn certified_key(identity: Identity) -> Result<CertifiedKey, TlsError> {
+    let provider = rustls::crypto::ring::default_provider();
+    CertifiedKey::from_der(identity.chain, identity.key, &provider)
+        .map_err(|e| TlsError::Setup(e.to_string()))
+}
+
+/// The certificate and key files of a deployment, and what was last read
+/// from them: [`CertFiles::check`] reloads them into a [`CertResolver`]
+/// when their contents change (a renewal writes new files, or replaces
+/// them by a rename).
+#[derive(Debug)]
+pub struct CertFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    /// The bytes of the pair last tried, good or bad: a bad pair is
+    /// reported once, not at every check.
+    last: (Vec<u8>, Vec<u8>),
+}
+
+impl CertFiles {
+    /// Watches `cert` and `key`, whose current contents the resolver
+    /// already presents.
+    pub fn new(cert: &Path, key: &Path) -> CertFiles {
+        CertFiles {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            last: (
+                std::fs::read(cert).unwrap_or_default(),
+                std::fs::read(key).unwrap_or_default(),
+            ),
+        }
+    }
+
+    /// Reads the files; if they changed since the last check, loads them
+    /// into `resolver`. `Ok(true)`: a new certificate is presented;
+    /// `Ok(false)`: nothing changed; `Err`: the new files are not a valid
+    /// pair (or cannot be read) and the old certificate stays.
+    pub fn check(&mut self, resolver: &CertResolver) -> Result<bool, TlsError> {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|error| TlsError::Io {
+                path: path.display().to_string(),
+                error,
+            })
+        };
+        let cert = read(&self.cert)?;
+        let key = read(&self.key)?;
+        if (&cert, &key) == (&self.last.0, &self.last.1) {
+            return Ok(false);
+        }
+        let identity = Identity::from_pem(&self.cert, &cert, &self.key, &key);
+        self.last = (cert, key);
+        resolver.replace(identity?)?;
+        Ok(true)
+    }
+}
+
 /// Transport settings for many connections carrying small voice frames.
 #[derive(Debug, Clone)]
 pub struct TransportTuning {
@@ -132,7 +213,8 @@ pub struct TransportTuning {
 
 /// A quinn server configuration presenting the certificates `resolver`
 /// picks (by ALPN: native clients `ptt/1`, browsers `h3`,
-/// [`crate::web::cert`]).
+/// [`crate::web::cert`]); the native one is swapped in place when its
+/// files change ([`CertFiles`]).
 ///
 /// Windows are sized for voice, not bulk transfer: an Opus clip is tens of
 /// KB, so a 64 KiB stream window and 512 KiB connection window let a member
@@ -142,7 +224,7 @@ pub struct TransportTuning {
 /// accepted, a few at a time, for members' `LiveRead` reports
 /// ([`crate::delivery::LiveReads`]).
 pub fn server_config(
-    resolver: Arc<crate::web::cert::CertResolver>,
+    resolver: Arc<CertResolver>,
     tuning: &TransportTuning,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -207,5 +289,45 @@ mod tests {
             Err(TlsError::Pem { .. })
         ));
         assert!(Identity::from_pem_files(&dir.path().join("missing"), &key).is_err());
+    }
+
+    #[test]
+    fn changed_files_are_reloaded_and_bad_ones_keep_the_old_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        let write = |(c, k): &(String, String)| {
+            std::fs::write(&cert, c).unwrap();
+            std::fs::write(&key, k).unwrap();
+        };
+        let first = self_signed_pem().unwrap();
+        write(&first);
+        let resolver = CertResolver::new(&Identity::from_pem_files(&cert, &key).unwrap(), false, std::time::SystemTime::now()).unwrap();
+        let old = resolver.fingerprint();
+        let mut files = CertFiles::new(&cert, &key);
+        assert!(!files.check(&resolver).unwrap(), "nothing changed");
+
+        // A certificate with another certificate's key: refused, kept.
+        let second = self_signed_pem().unwrap();
+        std::fs::write(&cert, &second.0).unwrap();
+        assert!(files.check(&resolver).is_err());
+        assert_eq!(resolver.fingerprint(), old);
+        // Reported once, not at every check.
+        assert!(!files.check(&resolver).unwrap());
+        // The key follows: the pair is presented.
+        std::fs::write(&key, &second.1).unwrap();
+        assert!(files.check(&resolver).unwrap());
+        let new = resolver.fingerprint();
+        assert_ne!(new, old);
+        assert_eq!(
+            new,
+            Identity::from_pem_files(&cert, &key).unwrap().fingerprint()
+        );
+
+        std::fs::write(&cert, "garbage").unwrap();
+        assert!(matches!(files.check(&resolver), Err(TlsError::Pem { .. })));
+        std::fs::remove_file(&key).unwrap();
+        assert!(matches!(files.check(&resolver), Err(TlsError::Io { .. })));
+        assert_eq!(resolver.fingerprint(), new);
     }
 }

@@ -101,8 +101,9 @@ async fn serve(listen: SocketAddr, data_dir: PathBuf) -> anyhow::Result<()> {
     let issuer = TokenIssuer::load_or_create(&data_dir.join("token.key"))?;
     let verifier = Arc::new(issuer.verifier());
     let fingerprint = identity.fingerprint();
+    let certs = ptt_relay::tls::CertResolver::new(&identity, false, SystemTime::now())?;
     let config = ptt_relay::tls::server_config(
-        identity,
+        Arc::new(certs),
         &TransportTuning {
             idle_timeout: Duration::from_secs(30),
             max_uni_streams: 16,

@@ -343,6 +343,7 @@ impl Session {
                 _ = self.ctx.shutdown.cancelled(), if drain_deadline.is_none() => {
                     // Stop taking new uploads; let those in flight finish.
                     drain_deadline = Some(tokio::time::Instant::now() + self.ctx.config.shutdown_grace);
+                    Box::pin(self.send_go_away()).await;
                     if self.uploads.is_empty() {
                         return shutting_down();
                     }
@@ -433,6 +434,26 @@ impl Session {
         }
         self.conn.close(code_.code(), reason.as_bytes());
         tracing::info!(code = %code_, "closed");
+    }
+
+    /// Tells the client the relay is draining: where and when to
+    /// reconnect. A client that does not read its control stream cannot
+    /// hold the drain up: the write gives up after a second.
+    async fn send_go_away(&mut self) {
+        let config = &self.ctx.config;
+        let go_away = ControlMessage::GoAway {
+            reconnect_after_ms: config
+                .goaway_reconnect_after
+                .as_millis()
+                .min(u128::from(u32::MAX)) as u32,
+            address: config.goaway_address.clone().unwrap_or_default(),
+        };
+        if tokio::time::timeout(Duration::from_secs(1), self.send(go_away))
+            .await
+            .is_err()
+        {
+            tracing::debug!("GoAway not written: the client does not read");
+        }
     }
 
     /// Sends the control messages still queued for this session.

@@ -80,7 +80,9 @@ impl WebCert {
 /// Picks the certificate for each TLS handshake by the client's ALPN.
 #[derive(Debug)]
 pub struct CertResolver {
-    native: Arc<CertifiedKey>,
+    /// Native clients' certificate (and browsers' with a real one),
+    /// swapped in place when its files change ([`crate::tls::CertFiles`]).
+    native: RwLock<Arc<CertifiedKey>>,
     web: RwLock<WebCerts>,
 }
 
@@ -101,7 +103,7 @@ impl CertResolver {
     /// either the same (`dev` false: a real certificate) or a development
     /// certificate made at `now`.
     pub fn new(identity: &Identity, dev: bool, now: SystemTime) -> Result<CertResolver, TlsError> {
-        let native = Arc::new(certified(identity.chain.clone(), &identity.key)?);
+        let native = RwLock::new(Arc::new(certified(identity.chain.clone(), &identity.key)?));
         let web = if dev {
             WebCerts::Dev {
                 current: WebCert::generate(now)?,
@@ -152,9 +154,35 @@ impl CertResolver {
         Ok(true)
     }
 
+    /// Presents `identity` to native clients (and to browsers, with a real
+    /// certificate) from the next handshake on, if its key matches its
+    /// certificate; otherwise keeps the current one.
+    pub fn replace(&self, identity: Identity) -> Result<(), TlsError> {
+        let key = Arc::new(crate::tls::certified_key(identity)?);
+        *self.native.write().unwrap_or_else(PoisonError::into_inner) = key;
+        Ok(())
+    }
+
+    /// The SHA-256 fingerprint (hex) of the certificate native clients get
+    /// now.
+    pub fn fingerprint(&self) -> String {
+        self.native()
+            .cert
+            .first()
+            .map(|c| fingerprint_hex(c))
+            .unwrap_or_default()
+    }
+
+    fn native(&self) -> Arc<CertifiedKey> {
+        self.native
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     fn web_key(&self) -> Arc<CertifiedKey> {
         match &*self.web.read().unwrap_or_else(PoisonError::into_inner) {
-            WebCerts::Same => self.native.clone(),
+            WebCerts::Same => self.native(),
             WebCerts::Dev { current, .. } => current.key.clone(),
         }
     }
@@ -167,7 +195,7 @@ impl ResolvesServerCert for CertResolver {
         if offers(WEB_ALPN) && !offers(ptt_protocol::ALPN) {
             Some(self.web_key())
         } else {
-            Some(self.native.clone())
+            Some(self.native())
         }
     }
 }
@@ -263,6 +291,6 @@ mod tests {
         let resolver = CertResolver::new(&identity, false, SystemTime::now()).unwrap();
         assert!(resolver.certificate_hashes().is_empty());
         assert!(resolver.renew_at().is_none());
-        assert!(Arc::ptr_eq(&resolver.web_key(), &resolver.native));
+        assert!(Arc::ptr_eq(&resolver.web_key(), &resolver.native()));
     }
 }
