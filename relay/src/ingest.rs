@@ -245,11 +245,20 @@ impl Upload<'_> {
                 .request(&header.group, &talker, emergency, hold)
                 .await;
             self.walkie = true;
-            if let FloorGrant::Denied { holder } = grant {
-                return Err(Refusal(
-                    ErrorCode::FloorTaken,
-                    format!("{holder} holds the floor of {}", header.group),
-                ));
+            match grant {
+                FloorGrant::Granted => {}
+                FloorGrant::Denied { holder } => {
+                    return Err(Refusal(
+                        ErrorCode::FloorTaken,
+                        format!("{holder} holds the floor of {}", header.group),
+                    ));
+                }
+                FloorGrant::Unavailable => {
+                    return Err(Refusal(
+                        ErrorCode::Internal,
+                        "the floor cannot be decided now".into(),
+                    ));
+                }
             }
         }
         let meta = ClipMeta {

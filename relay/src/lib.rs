@@ -16,6 +16,8 @@
 //!   cursors).
 //! - [`hub`]: the node's live plane over the log; [`command`]: what it asks
 //!   sessions to do.
+//! - [`nats`]: the three seams on NATS JetStream, for several relay nodes
+//!   (`[cluster]`, `relay serve --nats`).
 //! - [`auth`], [`tls`], [`net`], [`config`], [`admin`].
 
 pub mod admin;
@@ -29,6 +31,7 @@ pub mod hub;
 pub mod ingest;
 pub mod live;
 pub mod log;
+pub mod nats;
 pub mod net;
 pub mod server;
 pub mod session;

@@ -57,6 +57,7 @@ impl Session {
                     group,
                     holder,
                 },
+                FloorGrant::Unavailable => return Err(ErrorCode::Internal),
             },
         )
     }
