@@ -29,7 +29,7 @@
 //! member or per node. The feed follows other nodes' clips in flight: a
 //! frame lost on the way (core NATS does not retry) is filled in from the
 //! stored clip before the clip's end is yielded, late live events of a
-//! stored clip are dropped, and a clip silent for [`STALE`] (its node died
+//! stored clip are dropped, and a clip silent for 10 s (its node died
 //! mid-clip) is aborted.
 
 use std::collections::{HashMap, VecDeque};
