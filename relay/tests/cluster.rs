@@ -22,6 +22,15 @@ use ptt_relay::RelayConfig;
 /// Starts a relay node on `nats`; with `keys_of`, it accepts the tokens of
 /// that node (the same signing key, as the nodes of one deployment share).
 async fn node(nats: &NatsServer, keys_of: Option<&TestRelay>) -> TestRelay {
+    node_with(nats, keys_of, |_| {}).await
+}
+
+/// [`node`] with its configuration adjusted.
+async fn node_with(
+    nats: &NatsServer,
+    keys_of: Option<&TestRelay>,
+    adjust: impl FnOnce(&mut RelayConfig),
+) -> TestRelay {
     let dir = tempfile::tempdir().expect("temp dir");
     if let Some(other) = keys_of {
         std::fs::copy(
@@ -33,6 +42,7 @@ async fn node(nats: &NatsServer, keys_of: Option<&TestRelay>) -> TestRelay {
     let mut config = RelayConfig::for_tests(dir.path());
     config.cluster.nats = vec![nats.url()];
     config.cluster.request_timeout = Duration::from_secs(2);
+    adjust(&mut config);
     let handle = ptt_relay::start(config).await.expect("node starts");
     TestRelay { handle, dir }
 }
@@ -329,6 +339,43 @@ async fn a_clip_cut_by_a_node_stopping_is_stored_once_when_resent_to_the_other()
     let stored = log.read("team", 0, 10).await.unwrap();
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].frames, frames(7, 5));
+}
+
+/// JetStream forgets a message id after its duplicate window; the relay's
+/// clip index does not: a clip re-sent after the window (here 1 s) to the
+/// other node is acknowledged with its first number and stored once.
+#[tokio::test]
+async fn a_clip_resent_after_the_duplicate_window_is_stored_once() {
+    let nats = NatsServer::start();
+    let window = |c: &mut RelayConfig| c.cluster.duplicate_window = Duration::from_secs(1);
+    let a = node_with(&nats, None, window).await;
+    let b = node_with(&nats, Some(&a), window).await;
+    a.group("team", GroupMode::Notes, &["alice"]).await;
+    let clip = header("team");
+    let mut bytes = ClipMessage::Header(clip.clone()).to_bytes().to_vec();
+    for (index, data) in frames(3, 4).into_iter().enumerate() {
+        let frame = ClipMessage::Frame {
+            index: index as u32,
+            data,
+        };
+        bytes.extend_from_slice(&frame.to_bytes());
+    }
+    let end = ClipMessage::End {
+        frame_count: 4,
+        seq: 0,
+        waveform: Bytes::new(),
+    };
+    bytes.extend_from_slice(&end.to_bytes());
+    for (relay, pause) in [(&a, Duration::ZERO), (&b, Duration::from_millis(1_500))] {
+        tokio::time::sleep(pause).await;
+        let (raw, _send, mut control) = Raw::hello(relay, "alice").await;
+        let mut stream = raw.conn.open_uni().await.unwrap();
+        stream.write_all(&bytes).await.unwrap();
+        let _ = stream.finish();
+        assert_eq!(stored_seq(&mut control, clip.clip_id).await, 1);
+    }
+    let stored = b.handle.context().log.read("team", 0, 10).await.unwrap();
+    assert_eq!(stored.len(), 1);
 }
 
 /// The number of the `Stored` for `id` (a rejection fails the test).
