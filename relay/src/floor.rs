@@ -77,6 +77,10 @@ pub enum FloorGrant {
         /// The holder's user id.
         holder: String,
     },
+    /// The arbiter cannot decide now (a several-node arbiter whose
+    /// key-value store is unreachable): the request is refused with
+    /// `Internal`.
+    Unavailable,
 }
 
 /// A change of a group's floor, announced in order to the

@@ -285,13 +285,19 @@ impl Upload<'_> {
             let metrics = Metrics::get();
             match grant {
                 FloorGrant::Granted => metrics.floor_grants.increment(1),
-                FloorGrant::Denied { .. } => metrics.floor_denials.increment(1),
-            }
-            if let FloorGrant::Denied { holder } = grant {
-                return Err(Refusal(
-                    ErrorCode::FloorTaken,
-                    format!("{holder} holds the floor of {}", header.group),
-                ));
+                FloorGrant::Denied { holder } => {
+                    metrics.floor_denials.increment(1);
+                    return Err(Refusal(
+                        ErrorCode::FloorTaken,
+                        format!("{holder} holds the floor of {}", header.group),
+                    ));
+                }
+                FloorGrant::Unavailable => {
+                    return Err(Refusal(
+                        ErrorCode::Internal,
+                        "the floor cannot be decided now".into(),
+                    ));
+                }
             }
         }
         let meta = ClipMeta {

@@ -16,6 +16,8 @@
 //!   cursors).
 //! - [`hub`]: the node's live plane over the log; [`command`]: what it asks
 //!   sessions to do.
+//! - [`nats`]: the three seams on NATS JetStream, for several relay nodes
+//!   (`[cluster]`, `relay serve --nats`).
 //! - [`auth`], [`tls`], [`net`], [`config`], [`admin`]; [`metrics`]
 //!   (Prometheus, `/healthz`, `/readyz`); [`limits`]: what one address or
 //!   user may cost across connections.
@@ -36,6 +38,7 @@ pub mod limits;
 pub mod live;
 pub mod log;
 pub mod metrics;
+pub mod nats;
 pub mod net;
 pub mod server;
 pub mod session;

@@ -19,11 +19,12 @@ use crate::auth::{KeyRing, TokenIssuer, TokenVerifier, parse_public_key};
 use crate::config::RelayConfig;
 use crate::context::RelayContext;
 use crate::delivery::code;
-use crate::floor::LocalFloor;
+use crate::floor::{FloorArbiter, LocalFloor};
 use crate::hub::Hub;
 use crate::limits::HandshakeVerdict;
 use crate::log::{GroupLog, LocalLog};
 use crate::metrics::Metrics;
+use crate::nats::{Nats, NatsFloor, NatsLog, NatsStore};
 use crate::store::{ClipStore, RedbStore, RetentionPolicy};
 use crate::tls::{CertFiles, CertResolver, Identity, TransportTuning};
 
@@ -73,7 +74,6 @@ pub struct RelayHandle {
     cert_pem: String,
     issuer: Option<TokenIssuer>,
     ctx: Arc<RelayContext>,
-    floor: Arc<LocalFloor>,
     task: tokio::task::JoinHandle<()>,
     /// The metrics listener: its address, its tasks and their stop signal
     /// (fired after the drain, so `/healthz` answers until the end).
@@ -160,8 +160,7 @@ impl RelayHandle {
         self.metrics_stop.cancel();
         self.metrics_tasks.close();
         self.metrics_tasks.wait().await;
-        let RelayHandle { ctx, floor, .. } = self;
-        drop(floor);
+        let RelayHandle { ctx, .. } = self;
         if let Err(ctx) = Arc::try_unwrap(ctx) {
             tracing::warn!(
                 holders = Arc::strong_count(&ctx),
@@ -173,7 +172,7 @@ impl RelayHandle {
 
 /// Opens the store, loads keys and certificate, binds, and serves until
 /// [`RelayHandle::shutdown`].
-pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
+pub async fn start(mut config: RelayConfig) -> Result<RelayHandle, StartError> {
     if let Some(address) = &config.goaway_address
         && (address.len() > ptt_protocol::message::MAX_ADDRESS_LEN || !address.contains(':'))
     {
@@ -182,8 +181,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
             ptt_protocol::message::MAX_ADDRESS_LEN
         )));
     }
-    let redb = Arc::new(RedbStore::open(&config.data_dir)?);
-    let store: Arc<dyn ClipStore> = redb.clone();
+    let backend = Backend::open(&mut config).await?;
     let (identity, cert_files) = match (&config.cert, &config.key) {
         (Some(cert), Some(key)) => (
             Identity::from_pem_files(cert, key)?,
@@ -246,18 +244,28 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         clips_per_minute: config.clips_per_minute,
         idle_timeout_ms: config.idle_timeout.as_millis().min(u128::from(u32::MAX)) as u32,
     };
-    let log: Arc<dyn GroupLog> = Arc::new(LocalLog::new(redb));
+    let (store, log) = (backend.store(), backend.log());
     let hub = Hub::new(log.clone(), store.clone());
-    let floor = Arc::new(LocalFloor::new(hub.clone()));
+    let shutdown = CancellationToken::new();
+    let (floor, floor_driver): (Arc<dyn FloorArbiter>, FloorDriver) = match backend {
+        Backend::Local { .. } => {
+            let floor = Arc::new(LocalFloor::new(hub.clone()));
+            (floor.clone(), Box::pin(floor.run(shutdown.clone())))
+        }
+        Backend::Nats { nats, .. } => {
+            let floor = Arc::new(NatsFloor::new(nats, hub.clone()));
+            (floor.clone(), Box::pin(floor.run(shutdown.clone())))
+        }
+    };
     let ctx = Arc::new(RelayContext {
         hub,
         log,
-        floor: floor.clone(),
+        floor,
         store,
         verifier,
         config,
         limits,
-        shutdown: CancellationToken::new(),
+        shutdown,
         user_clips: Default::default(),
     });
     let metrics_tasks = TaskTracker::new();
@@ -281,7 +289,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
     let task = tokio::spawn(serve(
         endpoint,
         ctx.clone(),
-        floor.clone(),
+        floor_driver,
         certs.clone(),
         web,
         reload,
@@ -297,7 +305,6 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         cert_pem,
         issuer,
         ctx,
-        floor,
         task,
     })
 }
@@ -344,6 +351,76 @@ fn token_keys(
     Ok((verifier, issuer, ring))
 }
 
+/// The floor arbiter's driver (its timer, or its watch), run by the
+/// server's task tracker.
+type FloorDriver = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The seams' implementations: the embedded store, or NATS JetStream.
+enum Backend {
+    /// One node, the redb store in the data directory.
+    Local {
+        store: Arc<RedbStore>,
+        log: Arc<LocalLog>,
+    },
+    /// One of several nodes on NATS (`[cluster]`).
+    Nats {
+        nats: Arc<Nats>,
+        store: Arc<NatsStore>,
+        log: Arc<NatsLog>,
+    },
+}
+
+impl Backend {
+    /// Opens the backend the configuration asks for. On NATS, clips are
+    /// bounded to what one message carries: `max_clip_bytes` is lowered
+    /// (with a warning) if the servers' `max_payload` is smaller.
+    async fn open(config: &mut RelayConfig) -> Result<Backend, StartError> {
+        if !config.cluster.enabled() {
+            let store = Arc::new(RedbStore::open(&config.data_dir)?);
+            let log = Arc::new(LocalLog::new(store.clone()));
+            return Ok(Backend::Local { store, log });
+        }
+        let nats = Nats::connect(&config.cluster, retention_policy(config)).await?;
+        let max_frames = (config.max_clip.as_millis() as usize + 5_000) / 10;
+        let fits = nats.max_clip_bytes(max_frames);
+        if (config.max_clip_bytes as usize) > fits {
+            tracing::warn!(
+                configured = config.max_clip_bytes,
+                fits,
+                "max_clip_bytes lowered so a clip fits one NATS message \
+                 (raise the servers' max_payload to keep it)"
+            );
+            config.max_clip_bytes = fits as u32;
+        }
+        let log = Arc::new(NatsLog::new(nats.clone()));
+        let store = Arc::new(NatsStore::new(nats.clone(), (*log).clone()));
+        tracing::info!(servers = ?config.cluster.nats, node = %format_args!("{:016x}", nats.node()), "cluster node on NATS JetStream");
+        Ok(Backend::Nats { nats, store, log })
+    }
+
+    fn store(&self) -> Arc<dyn ClipStore> {
+        match self {
+            Backend::Local { store, .. } => store.clone(),
+            Backend::Nats { store, .. } => store.clone(),
+        }
+    }
+
+    fn log(&self) -> Arc<dyn GroupLog> {
+        match self {
+            Backend::Local { log, .. } => log.clone(),
+            Backend::Nats { log, .. } => log.clone(),
+        }
+    }
+}
+
+/// The retention policy of the configuration.
+fn retention_policy(config: &RelayConfig) -> RetentionPolicy {
+    RetentionPolicy {
+        max_age_ms: config.retention_max_age.as_millis() as u64,
+        max_clips_per_group: config.retention_max_clips,
+    }
+}
+
 /// Runs a relay until `shutdown` completes, then drains (mini-redis's
 /// `server::run`).
 pub async fn run(config: RelayConfig, shutdown: impl Future) -> Result<(), StartError> {
@@ -361,7 +438,7 @@ pub async fn run(config: RelayConfig, shutdown: impl Future) -> Result<(), Start
 async fn serve(
     endpoint: quinn::Endpoint,
     ctx: Arc<RelayContext>,
-    floor: Arc<LocalFloor>,
+    floor_driver: FloorDriver,
     certs: Arc<CertResolver>,
     web: Option<crate::web::http::Site>,
     reload: Reload,
@@ -377,7 +454,7 @@ async fn serve(
     );
     tracker.spawn(retention_loop(ctx.clone()));
     tracker.spawn(reload_loop(ctx.clone(), reload));
-    tracker.spawn(floor.run(ctx.shutdown.clone()));
+    tracker.spawn(floor_driver);
     tracker.spawn(crate::web::cert::renew_loop(certs, ctx.shutdown.clone()));
     if let Some(site) = web {
         tracker.spawn(site.serve(ctx.shutdown.clone()));
@@ -542,10 +619,7 @@ async fn reload_loop(ctx: Arc<RelayContext>, mut reload: Reload) {
 
 /// Applies the retention policy at start and then every minute.
 async fn retention_loop(ctx: Arc<RelayContext>) {
-    let policy = RetentionPolicy {
-        max_age_ms: ctx.config.retention_max_age.as_millis() as u64,
-        max_clips_per_group: ctx.config.retention_max_clips,
-    };
+    let policy = retention_policy(&ctx.config);
     if policy.max_age_ms == 0 && policy.max_clips_per_group == 0 {
         return;
     }

@@ -302,7 +302,12 @@ mod tests {
         };
         let first = self_signed_pem().unwrap();
         write(&first);
-        let resolver = CertResolver::new(&Identity::from_pem_files(&cert, &key).unwrap(), false, std::time::SystemTime::now()).unwrap();
+        let resolver = CertResolver::new(
+            &Identity::from_pem_files(&cert, &key).unwrap(),
+            false,
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
         let old = resolver.fingerprint();
         let mut files = CertFiles::new(&cert, &key);
         assert!(!files.check(&resolver).unwrap(), "nothing changed");

@@ -685,7 +685,7 @@ fn format_from_u8(v: u8) -> Option<ClipFormat> {
 
 /// Encodes a clip's blob (everything but the group and the seq, which are
 /// the key).
-fn encode_clip(clip: &NewClip) -> Vec<u8> {
+pub(crate) fn encode_clip(clip: &NewClip) -> Vec<u8> {
     let meta = &clip.meta;
     let frames_len: usize = clip.frames.iter().map(|f| f.len() + 8).sum();
     let mut buf =
@@ -758,7 +758,7 @@ fn decode_meta(group: &str, seq: u64, raw: &mut &[u8]) -> Result<ClipMeta, Store
 }
 
 /// Decodes a whole clip: one copy of the blob, then zero-copy slices.
-fn decode_clip(group: &str, seq: u64, raw: &[u8]) -> Result<StoredClip, StoreError> {
+pub(crate) fn decode_clip(group: &str, seq: u64, raw: &[u8]) -> Result<StoredClip, StoreError> {
     let mut header = raw;
     let meta = decode_meta(group, seq, &mut header)?;
     let consumed = raw.len() - header.len();

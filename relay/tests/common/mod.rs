@@ -2,6 +2,7 @@
 //! connected to it, and helpers to wait for events.
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod raw;
 
 use std::time::Duration;

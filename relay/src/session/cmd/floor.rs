@@ -46,21 +46,24 @@ impl Session {
             .request(&group, &talker, emergency, hold)
             .await;
         let metrics = crate::metrics::Metrics::get();
-        match grant {
-            FloorGrant::Granted => metrics.floor_grants.increment(1),
-            FloorGrant::Denied { .. } => metrics.floor_denials.increment(1),
-        }
         Ok(match grant {
-            FloorGrant::Granted => ControlMessage::FloorGranted {
-                request_id,
-                group,
-                max_ms,
-            },
-            FloorGrant::Denied { holder } => ControlMessage::FloorDenied {
-                request_id,
-                group,
-                holder,
-            },
+            FloorGrant::Granted => {
+                metrics.floor_grants.increment(1);
+                ControlMessage::FloorGranted {
+                    request_id,
+                    group,
+                    max_ms,
+                }
+            }
+            FloorGrant::Denied { holder } => {
+                metrics.floor_denials.increment(1);
+                ControlMessage::FloorDenied {
+                    request_id,
+                    group,
+                    holder,
+                }
+            }
+            FloorGrant::Unavailable => return Err(ErrorCode::Internal),
         })
     }
 

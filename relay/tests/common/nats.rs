@@ -1,0 +1,120 @@
+//! A real `nats-server` with JetStream for the cluster tests: found on the
+//! PATH (or `$NATS_SERVER`), started on a free loopback port with its store
+//! in a temporary directory, killed when dropped.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running NATS server.
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    binary: PathBuf,
+    store: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Starts a server on a free loopback port; panics, saying how to
+    /// install one, if there is no `nats-server` binary.
+    pub fn start() -> NatsServer {
+        let binary = binary();
+        let port = free_port();
+        let store = tempfile::tempdir().expect("temp dir");
+        let mut server = NatsServer {
+            child: None,
+            port,
+            binary,
+            store,
+        };
+        server.restart();
+        server
+    }
+
+    /// The client URL.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server as a service manager would (SIGTERM: it flushes
+    /// its store and exits), killing it if it has not exited in 10 s.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts the server again on the same port and store, and waits until
+    /// it accepts connections.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = Command::new(&self.binary)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.binary.display()));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `$NATS_SERVER`, or `nats-server` on the PATH (Debian puts it in
+/// /usr/sbin).
+fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("NATS_SERVER") {
+        return PathBuf::from(path);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/bin")])
+        .map(|dir| dir.join("nats-server"))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "no nats-server binary (PATH, /usr/sbin or $NATS_SERVER): \
+                 run ./dev.sh setup to install it"
+            )
+        })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
