@@ -142,6 +142,12 @@ pub struct KillReport {
     pub seq_errors: u64,
     /// Clip streams cut before their end (and received again later).
     pub partial_aborted: u64,
+    /// Clips the relay refused for the talker's clip rate (never
+    /// acknowledged, so allowed).
+    pub refused_rate_limited: u64,
+    /// Talkers' uploads that failed otherwise (`Stored` never came within
+    /// `settle`, a rejection): failures.
+    pub talker_errors: u64,
     /// Reconnections of the reconnecting clients.
     pub reconnects: u64,
     /// Checks after a restart that timed out (failure).
@@ -161,6 +167,7 @@ impl KillReport {
             && self.corrupt == 0
             && self.seq_errors == 0
             && self.restart_checks_failed == 0
+            && self.talker_errors == 0
             && self.clips_acknowledged > 0
     }
 
@@ -266,7 +273,7 @@ pub async fn run(plan: &KillPlan, progress: impl Fn(&str)) -> anyhow::Result<Kil
         }
         let mut c = config("probe", false);
         c.reconnect = None;
-        let (p, events) = Client::connect(c).await.context("probe connects")?;
+        let (p, events) = connect(c, plan.settle).await.context("probe connects")?;
         let instance = books.new_instance("probe");
         tasks.spawn(receive(events, books.clone(), instance));
         p.join(GROUP).await?;
@@ -300,7 +307,7 @@ pub async fn run(plan: &KillPlan, progress: impl Fn(&str)) -> anyhow::Result<Kil
     for user in &late {
         let mut c = config(user, false);
         c.reconnect = None;
-        let (client, events) = Client::connect(c).await?;
+        let (client, events) = connect(c, plan.settle).await?;
         let instance = books.new_instance(user);
         tasks.spawn(receive(events, books.clone(), instance));
         client.join(GROUP).await?;
@@ -308,8 +315,8 @@ pub async fn run(plan: &KillPlan, progress: impl Fn(&str)) -> anyhow::Result<Kil
     }
     // Talkers end their last clip, then everything acknowledged must be
     // everywhere.
-    let deadline = Instant::now() + plan.settle;
-    while books.lock().talking > 0 && Instant::now() < deadline {
+    let mut active = ActiveTime::new();
+    while books.lock().talking > 0 && active.tick() < plan.settle {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let everything = books.acknowledged();
@@ -341,6 +348,48 @@ pub async fn run(plan: &KillPlan, progress: impl Fn(&str)) -> anyhow::Result<Kil
     books.verify(&mut report);
     report.elapsed_s = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Connects, trying again for up to `limit` (a relay just restarted on a
+/// busy machine may not answer the first attempt in time).
+async fn connect(config: ClientConfig, limit: Duration) -> anyhow::Result<(Client, Events)> {
+    let mut active = ActiveTime::new();
+    loop {
+        match Client::connect(config.clone()).await {
+            Ok(connected) => return Ok(connected),
+            Err(e) if active.tick() < limit => {
+                tracing::debug!("connect failed, trying again: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Time that counts against a limit, measured in steps: a step longer
+/// than a second counts as one second, so that a run whose processes were
+/// all stopped for a while (`SIGSTOP`, e.g. by a benchmark that wants a
+/// quiet machine) does not fail for the time it did not run.
+struct ActiveTime {
+    last: Instant,
+    total: Duration,
+}
+
+impl ActiveTime {
+    fn new() -> ActiveTime {
+        ActiveTime {
+            last: Instant::now(),
+            total: Duration::ZERO,
+        }
+    }
+
+    /// Adds the step since the last call; the total so far.
+    fn tick(&mut self) -> Duration {
+        let now = Instant::now();
+        self.total += (now - self.last).min(Duration::from_secs(1));
+        self.last = now;
+        self.total
+    }
 }
 
 /// A relay child process.
@@ -473,6 +522,7 @@ struct State {
     instances: Vec<Instance>,
     talking: usize,
     talker_errors: Vec<String>,
+    refused: u64,
 }
 
 impl Books {
@@ -508,6 +558,7 @@ impl Books {
         limit: Duration,
     ) -> Result<Duration, String> {
         let started = Instant::now();
+        let mut active = ActiveTime::new();
         loop {
             let missing = {
                 let s = self.lock();
@@ -531,7 +582,7 @@ impl Books {
             if missing.is_empty() {
                 return Ok(started.elapsed());
             }
-            if started.elapsed() > limit {
+            if active.tick() > limit {
                 let n = missing.len();
                 let some: Vec<String> = missing.into_iter().take(5).collect();
                 return Err(format!(
@@ -550,6 +601,8 @@ impl Books {
         for e in &s.talker_errors {
             report.fail(e.clone());
         }
+        report.talker_errors = s.talker_errors.len() as u64;
+        report.refused_rate_limited = s.refused;
         report.clips_acknowledged = s.sent.values().filter(|c| c.seq.is_some()).count() as u64;
         // Seqs: one clip each, none missing from 1 to the highest.
         let mut by_seq: BTreeMap<u64, ClipId> = BTreeMap::new();
@@ -738,17 +791,22 @@ struct Talker {
 
 impl Talker {
     /// Talks clip after clip until `stop`, each one waited for until
-    /// `Stored` (across relay restarts).
+    /// `Stored` (across relay restarts), with a pause between clips that
+    /// keeps the talker under the relay's 60 clips a minute.
     async fn run(mut self, books: Arc<Books>, stop: Arc<AtomicBool>) {
         books.lock().talking += 1;
         while !stop.load(Ordering::Relaxed) {
-            if let Err(e) = self.one_clip(&books).await {
-                books
-                    .lock()
-                    .talker_errors
-                    .push(format!("{}: {e:#}", self.name));
-                break;
+            match self.one_clip(&books).await {
+                Ok(()) => {}
+                Err(e) if rate_limited(&e) => books.lock().refused += 1,
+                Err(e) => {
+                    let what = format!("{}: {e:#}", self.name);
+                    eprintln!("kill-soak: talker error: {what}");
+                    books.lock().talker_errors.push(what);
+                }
             }
+            let pause = self.rng.random_range(300..1500);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
         }
         books.lock().talking -= 1;
     }
@@ -782,9 +840,18 @@ impl Talker {
             tick.tick().await;
             talk.send_frame(frame).await?;
         }
-        let stored = tokio::time::timeout(self.settle, talk.finish(Bytes::new()))
-            .await
-            .with_context(|| format!("{clip_id} not stored within {:?}", self.settle))??;
+        let mut finish = std::pin::pin!(talk.finish(Bytes::new()));
+        let mut active = ActiveTime::new();
+        let stored = loop {
+            tokio::select! {
+                stored = &mut finish => break stored?,
+                () = tokio::time::sleep(Duration::from_millis(250)) => {
+                    if active.tick() > self.settle {
+                        bail!("{clip_id} not stored within {:?}", self.settle);
+                    }
+                }
+            }
+        };
         books
             .lock()
             .sent
@@ -793,4 +860,16 @@ impl Talker {
             .seq = Some(stored.seq);
         Ok(())
     }
+}
+
+/// Whether the relay refused a clip for the talker's clip rate (allowed:
+/// the clip was never acknowledged).
+fn rate_limited(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<ptt_client::ClientError>(),
+        Some(ptt_client::ClientError::ClipRejected {
+            code: ptt_client::ErrorCode::RateLimited,
+            ..
+        })
+    )
 }
