@@ -22,8 +22,11 @@ use ptt_relay::store::redb_store::{
 };
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
+/// A target's check.
+pub type Check = fn(&[u8]);
+
 /// Every target by name, as `scripts/fuzz.sh` and the replay know them.
-pub const TARGETS: [(&str, fn(&[u8])); 8] = [
+pub const TARGETS: [(&str, Check); 8] = [
     ("control_message", control_message),
     ("clip_stream", clip_stream),
     ("live_read_datagram", live_read_datagram),

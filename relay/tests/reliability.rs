@@ -184,11 +184,11 @@ mod log_model {
                     (store, log) = open(dir.path()).await;
                 }
             }
-            for g in 0..GROUPS.len() {
-                for u in 0..USERS.len() {
-                    let got = store.cursor(GROUPS[g], USERS[u]).await.unwrap();
+            for (g, group) in GROUPS.iter().enumerate() {
+                for (u, user) in USERS.iter().enumerate() {
+                    let got = store.cursor(group, user).await.unwrap();
                     let want = model.cursors.get(&(g, u)).copied().unwrap_or(0);
-                    prop_assert_eq!(got, want, "cursor of {} in {}", USERS[u], GROUPS[g]);
+                    prop_assert_eq!(got, want, "cursor of {} in {}", user, group);
                 }
             }
         }
