@@ -633,8 +633,8 @@ impl Books {
                 report.fail(format!("#{seq} has no clip (a gap in the group's log)"));
             }
         }
-        // Users whose every instance counts (the probe only reads what
-        // each instance was there for, checked after each restart).
+        // Every copy at every client instance: checked against what was
+        // sent; the first copy per member counts as its delivery.
         let mut first_copy: HashMap<(&str, ClipId), usize> = HashMap::new();
         for (n, instance) in s.instances.iter().enumerate() {
             report.partial_aborted += instance.aborted;
