@@ -9,7 +9,7 @@
 # stable toolchain only, so RUSTC_BOOTSTRAP=1 lets stable accept them.
 # cargo-fuzz itself is installed with `cargo install cargo-fuzz` if missing.
 #
-# Corpus: the committed seeds in fuzz/corpus/<target>/ are read but never
+# Corpus: the committed seeds in fuzz/seeds/<target>/ are read but never
 # written; what the fuzzer finds goes to a scratch corpus
 # ($FUZZ_WORK, default target/fuzz-work/<target>/). A crash is copied to
 # fuzz/regressions/<target>/, where `cargo test -p ptt-relay --test
@@ -31,11 +31,11 @@ export RUSTC_BOOTSTRAP=1
 failed=()
 summary=()
 for t in "${targets[@]}"; do
-    mkdir -p "$work/$t" "fuzz/corpus/$t"
+    mkdir -p "$work/$t" "fuzz/seeds/$t"
     log="$work/$t.log"
     echo "==> $t for ${seconds}s"
     set +e
-    (cd fuzz && cargo fuzz run "$t" "$work/$t" "corpus/$t" -- \
+    (cd fuzz && cargo fuzz run "$t" "$work/$t" "seeds/$t" -- \
         -max_total_time="$seconds" -print_final_stats=1 -artifact_prefix="$work/$t-") >"$log" 2>&1
     rc=$?
     set -e

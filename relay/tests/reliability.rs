@@ -217,7 +217,7 @@ mod log_model {
 #[allow(dead_code)]
 mod fuzz_checks;
 
-/// Every input under `fuzz/corpus/<target>/` (the committed seeds) and
+/// Every input under `fuzz/seeds/<target>/` (the committed seed corpus) and
 /// `fuzz/regressions/<target>/` (each crash `scripts/fuzz.sh` found, kept
 /// after the fix) runs through its target's check without a panic.
 #[test]
@@ -225,7 +225,7 @@ fn fuzz_seeds_and_past_crashes_replay_clean() {
     let fuzz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
     let mut replayed = 0;
     for (target, check) in fuzz_checks::TARGETS {
-        for dir in ["corpus", "regressions"] {
+        for dir in ["seeds", "regressions"] {
             let Ok(entries) = std::fs::read_dir(fuzz.join(dir).join(target)) else {
                 continue;
             };
