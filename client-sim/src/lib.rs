@@ -9,12 +9,14 @@
 //! - [`stats`]: histograms and `/proc` sampling.
 //! - [`lossy`]: an in-process lossy, slow UDP socket for quinn.
 //! - [`audio`]: the WAV encoded once and replayed.
+//! - [`kill`]: the process-kill driver (`kill-soak`).
 //! - [`report`], [`plot`]: the JSON report, the table, the SVG.
 //!
 //! [`run`] is what the binary does.
 
 pub mod audio;
 pub mod flood;
+pub mod kill;
 pub mod lossy;
 pub mod plot;
 pub mod report;

@@ -467,6 +467,8 @@ fn examples() -> Vec<(&'static str, Example)> {
                 group: g(),
                 seq: 301,
             }),
+        ),
+        (
             "go-away",
             Control(C::GoAway {
                 reconnect_after_ms: 1500,

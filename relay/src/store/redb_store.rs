@@ -250,6 +250,24 @@ impl RedbStore {
                 )));
             }
         };
+        RedbStore::with_database(db, path)
+    }
+
+    /// Opens a store kept on `backend` instead of a file: the power-loss
+    /// test gives it storage that forgets every write not followed by a
+    /// `sync_data`, as a machine losing power does. `label` names it in
+    /// errors and [`RedbStore::path`].
+    pub fn open_with_backend(
+        backend: impl redb::StorageBackend,
+        label: PathBuf,
+    ) -> Result<RedbStore, StoreError> {
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(|e| StoreError::Backend(format!("opening {}: {e}", label.display())))?;
+        RedbStore::with_database(db, label)
+    }
+
+    fn with_database(db: Database, path: PathBuf) -> Result<RedbStore, StoreError> {
         // Create every table once, so that read transactions always find them.
         let txn = db.begin_write().ctx("begin write")?;
         {
@@ -784,6 +802,32 @@ pub(crate) fn decode_clip(group: &str, seq: u64, raw: &[u8]) -> Result<StoredCli
         frames,
         waveform,
     })
+}
+
+/// Decodes `raw` as a stored clip record (the `clips` table's value for
+/// `group`/`seq`), as the store does when it reads one from disk. Public
+/// for the fuzz target `store_record` and the property tests: a damaged
+/// record must be a [`StoreError::Corrupt`], never a panic.
+pub fn decode_clip_record(group: &str, seq: u64, raw: &[u8]) -> Result<StoredClip, StoreError> {
+    decode_clip(group, seq, raw)
+}
+
+/// Encodes a clip record as the store writes it (the inverse of
+/// [`decode_clip_record`]).
+pub fn encode_clip_record(clip: &NewClip) -> Vec<u8> {
+    encode_clip(clip)
+}
+
+/// Decodes `raw` as a stored group record (mode, longest clip in ms), as
+/// the store does when it reads one; see [`decode_clip_record`].
+pub fn decode_group_record(group: &str, raw: &[u8]) -> Result<(GroupMode, u32), StoreError> {
+    decode_group(group, raw).map(|r| (r.mode, r.max_clip_ms))
+}
+
+/// Encodes a group record as the store writes it (the inverse of
+/// [`decode_group_record`]).
+pub fn encode_group_record(mode: GroupMode, max_clip_ms: u32) -> Vec<u8> {
+    encode_group(GroupRecord { mode, max_clip_ms })
 }
 
 // ---------------------------------------------------------------------------
