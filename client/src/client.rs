@@ -50,7 +50,7 @@ pub struct FloorGrant {
 /// is closed by [`Client::close`] or when every clone is dropped.
 #[derive(Clone)]
 pub struct Client {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
     commands: mpsc::Sender<Command>,
 }
 
@@ -167,7 +167,7 @@ impl Client {
         lock(&self.inner.uploads).len()
     }
 
-    async fn request(
+    pub(crate) async fn request(
         &self,
         kind: PendingKind,
         timeout: Duration,
@@ -193,7 +193,7 @@ impl Client {
         }
     }
 
-    async fn simple_request(
+    pub(crate) async fn simple_request(
         &self,
         kind: PendingKind,
         build: impl FnOnce(u64) -> ControlMessage + Send + 'static,
@@ -523,7 +523,7 @@ impl Client {
     }
 }
 
-fn checked(id: &str) -> Result<String, ClientError> {
+pub(crate) fn checked(id: &str) -> Result<String, ClientError> {
     if is_valid_id(id) {
         Ok(id.to_owned())
     } else {
@@ -531,6 +531,6 @@ fn checked(id: &str) -> Result<String, ClientError> {
     }
 }
 
-fn unexpected(msg: ControlMessage) -> ClientError {
+pub(crate) fn unexpected(msg: ControlMessage) -> ClientError {
     ClientError::Protocol(format!("unexpected reply {msg:?}"))
 }

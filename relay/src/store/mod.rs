@@ -305,15 +305,16 @@ pub trait ClipStore: Send + Sync + 'static {
     // Roles and channels (issue #14). The defaults refuse, for stores that
     // do not keep channels yet.
 
-    /// Creates a channel owned by `owner` (its only member, role owner).
+    /// Creates a channel owned by `owner` (its only member, role owner)
+    /// with `limits` (whose `max_clip_ms` is the group's).
     fn create_channel(
         &self,
         channel: &str,
         owner: &str,
         public: bool,
-        max_clip_ms: u32,
+        limits: ChannelLimits,
     ) -> StoreFuture<'_, ()> {
-        let _ = (channel, owner, public, max_clip_ms);
+        let _ = (channel, owner, public, limits);
         unsupported()
     }
     /// Gives `user` a role in a group (adding it as a member). In a

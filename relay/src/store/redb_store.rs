@@ -1291,9 +1291,9 @@ impl ClipStore for RedbStore {
         channel: &str,
         owner: &str,
         public: bool,
-        max_clip_ms: u32,
+        limits: ptt_protocol::ChannelLimits,
     ) -> StoreFuture<'_, ()> {
-        self.create_channel_impl(channel, owner, public, max_clip_ms)
+        self.create_channel_impl(channel, owner, public, limits)
     }
 
     fn set_role(&self, group: &str, user: &str, role: ptt_protocol::Role) -> StoreFuture<'_, ()> {

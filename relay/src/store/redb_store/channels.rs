@@ -140,7 +140,7 @@ impl RedbStore {
         channel: &str,
         owner: &str,
         public: bool,
-        max_clip_ms: u32,
+        limits: ChannelLimits,
     ) -> StoreFuture<'_, ()> {
         let name = channel;
         let (channel, owner) = (channel.to_owned(), owner.to_owned());
@@ -155,14 +155,8 @@ impl RedbStore {
             }
             let record = encode_group(GroupRecord {
                 mode: GroupMode::Notes,
-                max_clip_ms,
-                channel: Some(ChannelInfo {
-                    public,
-                    limits: ChannelLimits {
-                        max_clip_ms,
-                        ..ChannelLimits::default()
-                    },
-                }),
+                max_clip_ms: limits.max_clip_ms,
+                channel: Some(ChannelInfo { public, limits }),
             });
             groups
                 .insert(channel.as_str(), record.as_slice())
@@ -352,6 +346,13 @@ mod tests {
     use super::*;
     use crate::store::ClipStore;
 
+    fn limits(max_clip_ms: u32) -> ChannelLimits {
+        ChannelLimits {
+            max_clip_ms,
+            ..ChannelLimits::default()
+        }
+    }
+
     #[tokio::test]
     async fn a_file_of_the_previous_relay_opens_with_everyone_a_member() {
         let dir = tempfile::tempdir().unwrap();
@@ -393,7 +394,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(dir.path()).unwrap();
         store
-            .create_channel("news", "owner", true, 30_000)
+            .create_channel("news", "owner", true, limits(30_000))
             .await
             .unwrap();
         let info = store.group("news").await.unwrap().unwrap();
@@ -457,9 +458,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(dir.path()).unwrap();
         for (name, public) in [("bank-a", true), ("bank-b", false), ("bank-c", true)] {
-            store.create_channel(name, "o", public, 1000).await.unwrap();
+            store
+                .create_channel(name, "o", public, limits(1000))
+                .await
+                .unwrap();
         }
-        store.create_channel("blog", "o", true, 1000).await.unwrap();
+        store
+            .create_channel("blog", "o", true, limits(1000))
+            .await
+            .unwrap();
         store
             .create_group("bank-team", GroupMode::Notes, 1000)
             .await
