@@ -9,11 +9,13 @@
 //! - [`stats`]: histograms and `/proc` sampling.
 //! - [`lossy`]: an in-process lossy, slow UDP socket for quinn.
 //! - [`audio`]: the WAV encoded once and replayed.
+//! - [`broadcast`]: the broadcast-channel scenario (issue #14).
 //! - [`report`], [`plot`]: the JSON report, the table, the SVG.
 //!
 //! [`run`] is what the binary does.
 
 pub mod audio;
+pub mod broadcast;
 pub mod lossy;
 pub mod plot;
 pub mod report;
