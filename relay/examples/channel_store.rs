@@ -2,7 +2,7 @@
 //! the embedded redb store.
 //!
 //! ```sh
-//! cargo run --release -p ptt-relay --example channel_store -- 100000 10
+//! cargo run -p ptt-relay --example channel_store -- 100000 10
 //! ```
 //!
 //! Follows FOLLOWERS users (the store's writer batches them), publishes

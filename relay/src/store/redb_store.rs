@@ -22,7 +22,7 @@
 //! follow) the cursor, O(1) whatever the following, and does not signal
 //! the group's watchers, whose feed re-reads the group record with its
 //! members (the channel's owner, admins and publishers only). See
-//! [`channels`].
+//! `redb_store/channels.rs`.
 //!
 //! # Encoding
 //!
