@@ -7,7 +7,8 @@
 #
 # A fresh Debian machine with a Rust toolchain lacks CMake (libopus is compiled
 # from source by the `opus` crate's opusic-sys dependency and needs it), and the
-# tests need real decoders (opus-tools, ffmpeg) to check our Ogg Opus output.
+# tests need real decoders (opus-tools, ffmpeg) to check our Ogg Opus output,
+# and Chromium with its WebDriver to test the browser page.
 # `setup` installs whatever is missing through apt-get when it can (root, or
 # password-less sudo) and otherwise stops with the exact command to run.
 set -euo pipefail
@@ -16,6 +17,8 @@ cd "$(dirname "$0")"
 # Tools a build needs, and tools the tests need: "command:debian-package".
 BUILD_TOOLS=("cmake:cmake" "cc:gcc" "pkg-config:pkg-config")
 TEST_TOOLS=("opusenc:opus-tools" "opusinfo:opus-tools" "opusdec:opus-tools" "ffmpeg:ffmpeg")
+# The browser page is tested in headless Chromium through WebDriver (issue #13).
+TEST_TOOLS+=("chromium:chromium" "chromedriver:chromium-driver")
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 

@@ -9,7 +9,16 @@
 #
 # Each *_TARGET_DIR holds a `relay` and a `client-sim` binary built from the
 # revision to compare (`cargo build --release -p ptt-relay -p client-sim`).
+#
+# A_BIN / B_BIN name another server binary in that directory, run with the
+# relay's `serve` arguments; the live path's floor is measured this way
+# (issue #15), the relay against the minimal quinn fan-out, same workload:
+#
+#   cargo build --release -p ptt-relay -p client-sim -p ptt-benches --bin relay --bin client-sim --bin quinn-floor
+#   A_BIN=quinn-floor scripts/relay-ab.sh target/release target/release 3 \
+#       --scenario load --clients 1000 --duration 30s --talkers-per-group 1
 set -euo pipefail
+a_bin=${A_BIN:-relay} b_bin=${B_BIN:-relay}
 a=$1 b=$2 rounds=${3:-1}
 shift 3 || true
 args=("$@")
@@ -18,10 +27,10 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 run() {
-    local label=$1 dir=$2 n=$3
+    local label=$1 dir=$2 n=$3 bin=$4
     local data="$work/$label-$n"
     local log="$work/$label-$n.relay.log"
-    taskset -c 0 "$dir/relay" serve --data-dir "$data" --listen 127.0.0.1:0 2>"$log" &
+    taskset -c 0 "$dir/$bin" serve --data-dir "$data" --listen 127.0.0.1:0 2>"$log" &
     local pid=$!
     local addr="" fp=""
     for _ in $(seq 1 100); do
@@ -55,6 +64,6 @@ PY
 }
 
 for n in $(seq 1 "$rounds"); do
-    run A "$a" "$n"
-    run B "$b" "$n"
+    run "A-$a_bin" "$a" "$n" "$a_bin"
+    run "B-$b_bin" "$b" "$n" "$b_bin"
 done

@@ -187,6 +187,7 @@ pub const NAMED: &[(&str, &str)] = &[
     ("capacity", include_str!("../scenarios/capacity.toml")),
     ("load", include_str!("../scenarios/load.toml")),
     ("idle", include_str!("../scenarios/idle.toml")),
+    ("live", include_str!("../scenarios/live.toml")),
 ];
 
 impl Scenario {

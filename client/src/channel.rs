@@ -1,4 +1,4 @@
-//! Roles and broadcast channels (PROTOCOL.md section 12): the requests of
+//! Roles and broadcast channels (PROTOCOL.md section 13): the requests of
 //! [`ptt_protocol::ChannelMessage`] as methods of [`Client`]. A follower
 //! receives a channel by [`Client::join`]ing it after [`Client::follow`],
 //! as a member joins a group; clips of a muted channel arrive with

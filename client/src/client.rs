@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ptt_protocol::{
-    ClipFormat, ControlMessage, GroupMode, GroupSummary, Limits, Welcome, is_valid_id,
+    ClipFormat, ClipSummary, ControlMessage, GroupMode, GroupSummary, Limits, MemberState, Welcome,
+    is_valid_id,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -508,6 +509,89 @@ impl Client {
             .await?
         {
             ControlMessage::MemberList { members, .. } => Ok(members),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Admin: a group's members with their cursor and last-seen time.
+    pub async fn member_status(&self, group: &str) -> Result<Vec<MemberState>, ClientError> {
+        let group = checked(group)?;
+        match self
+            .request(
+                PendingKind::Plain,
+                self.inner.config.request_timeout,
+                move |request_id| ControlMessage::ListMemberStatus { request_id, group },
+            )
+            .await?
+        {
+            ControlMessage::MemberStatus { members, .. } => Ok(members),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Admin: summaries of up to `limit` stored clips with `seq >
+    /// after_seq` (the relay answers at most 100 at a time).
+    pub async fn list_clips(
+        &self,
+        group: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<ClipSummary>, ClientError> {
+        let group = checked(group)?;
+        match self
+            .request(
+                PendingKind::Plain,
+                self.inner.config.request_timeout,
+                move |request_id| ControlMessage::ListClips {
+                    request_id,
+                    group,
+                    after_seq,
+                    limit,
+                },
+            )
+            .await?
+        {
+            ControlMessage::ClipList { clips, .. } => Ok(clips),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Admin: deletes stored clip `seq`; members get
+    /// [`Event::ClipDeleted`](crate::Event::ClipDeleted).
+    pub async fn delete_clip(&self, group: &str, seq: u64) -> Result<(), ClientError> {
+        let group = checked(group)?;
+        self.simple_request(PendingKind::Plain, move |request_id| {
+            ControlMessage::DeleteClip {
+                request_id,
+                group,
+                seq,
+            }
+        })
+        .await
+    }
+
+    /// Asks for stored clip `seq` again (members and admins); it arrives
+    /// as history clip events, and the call returns how many clips the
+    /// relay sent (1).
+    pub async fn fetch_clip(&self, group: &str, seq: u64) -> Result<u32, ClientError> {
+        let group = checked(group)?;
+        let g = group.clone();
+        let timeout = self
+            .inner
+            .config
+            .request_timeout
+            .max(Duration::from_secs(60));
+        match self
+            .request(PendingKind::Fetch(group), timeout, move |request_id| {
+                ControlMessage::FetchClip {
+                    request_id,
+                    group: g,
+                    seq,
+                }
+            })
+            .await?
+        {
+            ControlMessage::FetchDone { count, .. } => Ok(count),
             other => Err(unexpected(other)),
         }
     }

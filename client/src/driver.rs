@@ -419,6 +419,8 @@ impl Driver {
             | M::FloorDenied { request_id, .. }
             | M::GroupList { request_id, .. }
             | M::MemberList { request_id, .. }
+            | M::MemberStatus { request_id, .. }
+            | M::ClipList { request_id, .. }
             | M::FetchDone { request_id, .. }
                 if request_id != 0 =>
             {
@@ -514,6 +516,15 @@ impl Driver {
                 self.joined.remove(&group);
                 Some(Event::GroupLeft { group, code })
             }
+            M::ClipDeleted {
+                group,
+                seq,
+                clip_id,
+            } => Some(Event::ClipDeleted {
+                group,
+                seq,
+                clip_id,
+            }),
             other => {
                 tracing::debug!(?other, "ignoring an unexpected control message");
                 None

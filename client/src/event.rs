@@ -154,6 +154,17 @@ pub enum Event {
         /// Why.
         code: ErrorCode,
     },
+    /// An administrator deleted a stored clip: drop it (by clip id) from
+    /// the app's history. Sent to members connected at the time and, when
+    /// they join again, to members that were away.
+    ClipDeleted {
+        /// The group.
+        group: String,
+        /// Its sequence number.
+        seq: u64,
+        /// Its clip id.
+        clip_id: ClipId,
+    },
     /// After a reconnect, a group could not be joined again (membership
     /// removed, group deleted).
     RejoinFailed {

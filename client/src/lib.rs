@@ -66,4 +66,6 @@ pub use ptt_protocol;
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 pub use ptt_protocol::{ChannelCounts, ChannelLimits, Role};
-pub use ptt_protocol::{ClipFormat, ClipHeader, ClipId, ErrorCode, GroupMode, ReceiptKind};
+pub use ptt_protocol::{
+    ClipFormat, ClipHeader, ClipId, ClipSummary, ErrorCode, GroupMode, MemberState, ReceiptKind,
+};

@@ -1,4 +1,4 @@
-//! Roles and broadcast channels (PROTOCOL.md, section 12): the messages of
+//! Roles and broadcast channels (PROTOCOL.md, section 13): the messages of
 //! types `0x40..=0x4f` (client → relay) and `0x50..=0x5f` (relay → client).
 //!
 //! A channel is a group in which only its owner, admins and publishers

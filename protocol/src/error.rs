@@ -141,6 +141,9 @@ pub enum ErrorCode {
     TooManyConnections = 23,
     /// A request names something malformed (an empty group id, a bad mode).
     InvalidRequest = 24,
+    /// The clip named by a request (DeleteClip, FetchClip) is not stored:
+    /// never was, expired, or was deleted.
+    NoSuchClip = 25,
     /// The user is a listener here (a channel's follower, or a group
     /// member given the listener role): it may not talk.
     ListenerOnly = 30,
@@ -170,7 +173,7 @@ impl ErrorCode {
         {
             return c;
         }
-        const ALL: [ErrorCode; 25] = [
+        const ALL: [ErrorCode; 26] = [
             None,
             Protocol,
             UnsupportedVersion,
@@ -196,6 +199,7 @@ impl ErrorCode {
             Preempted,
             TooManyConnections,
             InvalidRequest,
+            NoSuchClip,
         ];
         ALL.into_iter()
             .find(|c| u64::from(c.code()) == code)
@@ -229,7 +233,7 @@ mod tests {
 
     #[test]
     fn codes_round_trip_and_unknown_is_tolerated() {
-        for n in 0..=24u64 {
+        for n in 0..=25u64 {
             let code = ErrorCode::from_code(n);
             assert_ne!(code, ErrorCode::Unknown, "{n}");
             assert_eq!(u64::from(code.code()), n);

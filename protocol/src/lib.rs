@@ -36,8 +36,8 @@ pub use error::{DecodeError, ErrorCode};
 pub use floor::{FloorDecision, FloorHolder, FloorState};
 pub use ids::{ClipId, GroupMode, is_valid_id};
 pub use message::{
-    ClipFormat, ClipHeader, ClipMessage, ControlMessage, GroupSummary, Limits, PROTOCOL_VERSION,
-    ReceiptKind, Welcome,
+    ClipFormat, ClipHeader, ClipMessage, ClipSummary, ControlMessage, GroupSummary, Limits,
+    MemberState, PROTOCOL_VERSION, ReceiptKind, Welcome,
 };
 pub use reader::{ChunkSource, FramedReader, ReadError};
 pub use session::{SessionLimits, SessionPhase, SessionState};

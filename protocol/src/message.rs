@@ -49,6 +49,10 @@ pub mod kind {
     pub const LIST_GROUPS: u64 = 0x13;
     pub const SET_MODE: u64 = 0x14;
     pub const LIST_MEMBERS: u64 = 0x15;
+    pub const LIST_MEMBER_STATUS: u64 = 0x16;
+    pub const LIST_CLIPS: u64 = 0x17;
+    pub const DELETE_CLIP: u64 = 0x18;
+    pub const FETCH_CLIP: u64 = 0x19;
 
     pub const WELCOME: u64 = 0x20;
     pub const OK: u64 = 0x21;
@@ -68,6 +72,9 @@ pub mod kind {
     pub const MEMBER_LIST: u64 = 0x2f;
     pub const FETCH_DONE: u64 = 0x30;
     pub const GROUP_LEFT: u64 = 0x31;
+    pub const MEMBER_STATUS: u64 = 0x32;
+    pub const CLIP_LIST: u64 = 0x33;
+    pub const CLIP_DELETED: u64 = 0x34;
 
     pub const CLIP_HEADER: u64 = 0x38;
     pub const CLIP_FRAME: u64 = 0x39;
@@ -125,9 +132,39 @@ pub struct GroupSummary {
     pub mode: GroupMode,
 }
 
+/// A member's progress in a group, as listed by
+/// [`ControlMessage::MemberStatus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberState {
+    /// The user id.
+    pub user: String,
+    /// The member's durable cursor: every clip up to it was acknowledged.
+    pub cursor: u64,
+    /// When the member last joined or left the group on a connection, Unix
+    /// ms (0: never).
+    pub last_seen_ms: u64,
+}
+
+/// A stored clip, as listed by [`ControlMessage::ClipList`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClipSummary {
+    /// Its group sequence number.
+    pub seq: u64,
+    /// The talker's clip id.
+    pub clip_id: ClipId,
+    /// The talker's user id.
+    pub talker: String,
+    /// Audio duration in ms (frames × frame duration).
+    pub duration_ms: u64,
+    /// Bytes of Opus packets.
+    pub bytes: u64,
+    /// When it was started, Unix ms (relay clock).
+    pub created_ms: u64,
+}
+
 /// A message on the control stream, in either direction.
 ///
-/// Variants up to `ListMembers` are sent by clients, the rest by the relay.
+/// Variants up to `FetchClip` are sent by clients, the rest by the relay.
 /// Requests carry a `request_id` chosen by the client and echoed in the
 /// reply (`Ok`, `Error`, or the request's own answer), so a client can match
 /// replies to requests; `0` is reserved for errors not tied to a request.
@@ -241,6 +278,44 @@ pub enum ControlMessage {
         request_id: u64,
         /// The group.
         group: String,
+    },
+
+    /// Admin: the members of a group with their cursor and last-seen time.
+    ListMemberStatus {
+        /// Echoed in the reply.
+        request_id: u64,
+        /// The group.
+        group: String,
+    },
+    /// Admin: the stored clips of a group with `seq > after_seq`, oldest
+    /// first, at most `limit` (the relay caps it at 100).
+    ListClips {
+        /// Echoed in the reply.
+        request_id: u64,
+        /// The group.
+        group: String,
+        /// List clips after this one.
+        after_seq: u64,
+        /// How many at most.
+        limit: u32,
+    },
+    /// Admin: delete a stored clip; members get `ClipDeleted`.
+    DeleteClip {
+        /// Echoed in the reply.
+        request_id: u64,
+        /// The group.
+        group: String,
+        /// The clip.
+        seq: u64,
+    },
+    /// Send one stored clip again (like `FetchRecent`, for one `seq`).
+    FetchClip {
+        /// Echoed in `FetchDone`.
+        request_id: u64,
+        /// The group.
+        group: String,
+        /// The clip.
+        seq: u64,
     },
 
     /// The relay accepted the hello.
@@ -398,6 +473,33 @@ pub enum ControlMessage {
     /// A roles-and-channels message (types `0x40..=0x5f`, see
     /// [`crate::channel`]).
     Channel(crate::channel::ChannelMessage),
+    /// The answer to `ListMemberStatus`.
+    MemberStatus {
+        /// The request's id.
+        request_id: u64,
+        /// The group.
+        group: String,
+        /// Every member, sorted by user id.
+        members: Vec<MemberState>,
+    },
+    /// The answer to `ListClips`.
+    ClipList {
+        /// The request's id.
+        request_id: u64,
+        /// The group.
+        group: String,
+        /// The clips, oldest first.
+        clips: Vec<ClipSummary>,
+    },
+    /// A stored clip was deleted by an administrator: drop it.
+    ClipDeleted {
+        /// The group.
+        group: String,
+        /// Its sequence number.
+        seq: u64,
+        /// Its clip id.
+        clip_id: ClipId,
+    },
     /// A message type this version does not know; skipped.
     Unknown {
         /// Its type number.
@@ -453,7 +555,7 @@ impl ClipHeader {
     /// is not a repeated delivery.
     pub const FLAG_FETCHED: u8 = 0x04;
     /// The receiver muted the clip's channel: the app stores the clip but
-    /// does not notify (PROTOCOL.md, section 12).
+    /// does not notify (PROTOCOL.md, section 13).
     pub const FLAG_MUTED: u8 = 0x08;
 }
 
@@ -499,6 +601,10 @@ impl ControlMessage {
             ListGroups { .. } => kind::LIST_GROUPS,
             SetMode { .. } => kind::SET_MODE,
             ListMembers { .. } => kind::LIST_MEMBERS,
+            ListMemberStatus { .. } => kind::LIST_MEMBER_STATUS,
+            ListClips { .. } => kind::LIST_CLIPS,
+            DeleteClip { .. } => kind::DELETE_CLIP,
+            FetchClip { .. } => kind::FETCH_CLIP,
             Welcome(_) => kind::WELCOME,
             Ok { .. } => kind::OK,
             Error { .. } => kind::ERROR,
@@ -518,6 +624,9 @@ impl ControlMessage {
             FetchDone { .. } => kind::FETCH_DONE,
             GroupLeft { .. } => kind::GROUP_LEFT,
             Channel(m) => m.kind(),
+            MemberStatus { .. } => kind::MEMBER_STATUS,
+            ClipList { .. } => kind::CLIP_LIST,
+            ClipDeleted { .. } => kind::CLIP_DELETED,
             Unknown { kind } => *kind,
         }
     }
@@ -550,9 +659,75 @@ impl ControlMessage {
             }
             Join { request_id, group }
             | Leave { request_id, group }
-            | ListMembers { request_id, group } => {
+            | ListMembers { request_id, group }
+            | ListMemberStatus { request_id, group } => {
                 put_varint(p, *request_id);
                 put_string(p, group);
+            }
+            ListClips {
+                request_id,
+                group,
+                after_seq,
+                limit,
+            } => {
+                put_varint(p, *request_id);
+                put_string(p, group);
+                put_varint(p, *after_seq);
+                put_varint(p, u64::from(*limit));
+            }
+            DeleteClip {
+                request_id,
+                group,
+                seq,
+            }
+            | FetchClip {
+                request_id,
+                group,
+                seq,
+            } => {
+                put_varint(p, *request_id);
+                put_string(p, group);
+                put_varint(p, *seq);
+            }
+            MemberStatus {
+                request_id,
+                group,
+                members,
+            } => {
+                put_varint(p, *request_id);
+                put_string(p, group);
+                put_varint(p, members.len() as u64);
+                for m in members {
+                    put_string(p, &m.user);
+                    put_varint(p, m.cursor);
+                    put_varint(p, m.last_seen_ms);
+                }
+            }
+            ClipList {
+                request_id,
+                group,
+                clips,
+            } => {
+                put_varint(p, *request_id);
+                put_string(p, group);
+                put_varint(p, clips.len() as u64);
+                for c in clips {
+                    put_varint(p, c.seq);
+                    p.put_slice(c.clip_id.as_bytes());
+                    put_string(p, &c.talker);
+                    put_varint(p, c.duration_ms);
+                    put_varint(p, c.bytes);
+                    put_varint(p, c.created_ms);
+                }
+            }
+            ClipDeleted {
+                group,
+                seq,
+                clip_id,
+            } => {
+                put_string(p, group);
+                put_varint(p, *seq);
+                p.put_slice(clip_id.as_bytes());
             }
             FloorRequest {
                 request_id,
@@ -843,6 +1018,34 @@ impl ControlMessage {
                     group: get_id(p, "group")?,
                 })
             })?,
+            kind::LIST_MEMBER_STATUS => request(p, |request_id, p| {
+                Ok(ListMemberStatus {
+                    request_id,
+                    group: get_id(p, "group")?,
+                })
+            })?,
+            kind::LIST_CLIPS => request(p, |request_id, p| {
+                Ok(ListClips {
+                    request_id,
+                    group: get_id(p, "group")?,
+                    after_seq: get_varint(p)?,
+                    limit: get_varint_u32(p, "limit")?,
+                })
+            })?,
+            kind::DELETE_CLIP => request(p, |request_id, p| {
+                Ok(DeleteClip {
+                    request_id,
+                    group: get_id(p, "group")?,
+                    seq: get_varint(p)?,
+                })
+            })?,
+            kind::FETCH_CLIP => request(p, |request_id, p| {
+                Ok(FetchClip {
+                    request_id,
+                    group: get_id(p, "group")?,
+                    seq: get_varint(p)?,
+                })
+            })?,
             kind::WELCOME => Welcome(self::Welcome {
                 version: get_varint_u32(p, "version")?,
                 user: user(p)?,
@@ -960,6 +1163,52 @@ impl ControlMessage {
             kind::GROUP_LEFT => GroupLeft {
                 group: group(p)?,
                 code: ErrorCode::from_code(get_varint(p)?),
+            },
+            kind::MEMBER_STATUS => {
+                let request_id = get_varint(p)?;
+                let group = group(p)?;
+                // Each entry takes at least 3 bytes.
+                let n = get_count(p, MAX_LIST_LEN, 3, "members")?;
+                let mut members = Vec::with_capacity(n);
+                for _ in 0..n {
+                    members.push(MemberState {
+                        user: user(p)?,
+                        cursor: get_varint(p)?,
+                        last_seen_ms: get_varint(p)?,
+                    });
+                }
+                MemberStatus {
+                    request_id,
+                    group,
+                    members,
+                }
+            }
+            kind::CLIP_LIST => {
+                let request_id = get_varint(p)?;
+                let group = group(p)?;
+                // Each entry takes at least 21 bytes.
+                let n = get_count(p, MAX_LIST_LEN, 21, "clips")?;
+                let mut clips = Vec::with_capacity(n);
+                for _ in 0..n {
+                    clips.push(ClipSummary {
+                        seq: get_varint(p)?,
+                        clip_id: ClipId::from_bytes(get_array(p)?),
+                        talker: user(p)?,
+                        duration_ms: get_varint(p)?,
+                        bytes: get_varint(p)?,
+                        created_ms: get_varint(p)?,
+                    });
+                }
+                ClipList {
+                    request_id,
+                    group,
+                    clips,
+                }
+            }
+            kind::CLIP_DELETED => ClipDeleted {
+                group: group(p)?,
+                seq: get_varint(p)?,
+                clip_id: ClipId::from_bytes(get_array(p)?),
             },
             kind::CLIP_HEADER | kind::CLIP_FRAME | kind::CLIP_END => {
                 return Err(DecodeError::Unexpected {
@@ -1330,6 +1579,52 @@ mod tests {
             GroupLeft {
                 group: "g".into(),
                 code: ErrorCode::NotMember,
+            },
+            ListMemberStatus {
+                request_id: 18,
+                group: "g".into(),
+            },
+            ListClips {
+                request_id: 19,
+                group: "g".into(),
+                after_seq: 4,
+                limit: 100,
+            },
+            DeleteClip {
+                request_id: 20,
+                group: "g".into(),
+                seq: 5,
+            },
+            FetchClip {
+                request_id: 21,
+                group: "g".into(),
+                seq: 5,
+            },
+            MemberStatus {
+                request_id: 18,
+                group: "g".into(),
+                members: vec![MemberState {
+                    user: "bob".into(),
+                    cursor: 4,
+                    last_seen_ms: 1_763_700_000_000,
+                }],
+            },
+            ClipList {
+                request_id: 19,
+                group: "g".into(),
+                clips: vec![ClipSummary {
+                    seq: 5,
+                    clip_id: id,
+                    talker: "alice".into(),
+                    duration_ms: 4000,
+                    bytes: 12_000,
+                    created_ms: 1_763_700_000_000,
+                }],
+            },
+            ClipDeleted {
+                group: "g".into(),
+                seq: 5,
+                clip_id: id,
             },
         ]
     }

@@ -15,8 +15,9 @@ use bytes::{Bytes, BytesMut};
 use ptt_protocol::coding::{put_bytes, put_string, put_varint};
 use ptt_protocol::message::kind;
 use ptt_protocol::{
-    ClipFormat, ClipHeader, ClipId, ClipMessage, ControlMessage, ErrorCode, FrameDecoder,
-    GroupMode, GroupSummary, Limits, LiveRead, ReceiptKind, Welcome, live_reads,
+    ClipFormat, ClipHeader, ClipId, ClipMessage, ClipSummary, ControlMessage, ErrorCode,
+    FrameDecoder, GroupMode, GroupSummary, Limits, LiveRead, MemberState, ReceiptKind, Welcome,
+    live_reads,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -392,6 +393,81 @@ fn examples() -> Vec<(&'static str, Example)> {
                 frames: 25,
             }]),
         ),
+        (
+            "list-member-status",
+            Control(C::ListMemberStatus {
+                request_id: 17,
+                group: g(),
+            }),
+        ),
+        (
+            "member-status",
+            Control(C::MemberStatus {
+                request_id: 17,
+                group: g(),
+                members: vec![MemberState {
+                    user: "bob".into(),
+                    cursor: 300,
+                    last_seen_ms: 1_767_225_600_000,
+                }],
+            }),
+        ),
+        (
+            "list-clips",
+            Control(C::ListClips {
+                request_id: 18,
+                group: g(),
+                after_seq: 300,
+                limit: 100,
+            }),
+        ),
+        (
+            "clip-list",
+            Control(C::ClipList {
+                request_id: 18,
+                group: g(),
+                clips: vec![ClipSummary {
+                    seq: 301,
+                    clip_id: CLIP,
+                    talker: "alice".into(),
+                    duration_ms: 4020,
+                    bytes: 12_060,
+                    created_ms: 1_767_225_600_123,
+                }],
+            }),
+        ),
+        (
+            "delete-clip",
+            Control(C::DeleteClip {
+                request_id: 19,
+                group: g(),
+                seq: 301,
+            }),
+        ),
+        (
+            "clip-deleted",
+            Control(C::ClipDeleted {
+                group: g(),
+                seq: 301,
+                clip_id: CLIP,
+            }),
+        ),
+        (
+            "error-no-such-clip",
+            Control(C::Error {
+                request_id: 19,
+                code: ErrorCode::NoSuchClip,
+                message: "no clip 301 in team-1".into(),
+            }),
+        ),
+        (
+            "fetch-clip",
+            Control(C::FetchClip {
+                request_id: 20,
+                group: g(),
+                seq: 301,
+            }),
+        ),
     ]
     .into_iter()
     .chain(channel_examples())
@@ -735,6 +811,25 @@ fn annotated(title: &str) -> Option<Vec<(Vec<u8>, String)>> {
                 format!("token: length {}, then UTF-8", TOKEN.len()),
             ),
             (s("ios/2.3"), "client: length 7, \"ios/2.3\"".into()),
+        ],
+        "clip-list" => vec![
+            (v(18), "request_id = 18".into()),
+            (s("team-1"), "group: length 6, \"team-1\"".into()),
+            (v(1), "clips: 1 entry".into()),
+            (v(301), "seq = 301".into()),
+            (raw(CLIP.as_bytes()), "clip_id: 16 raw bytes".into()),
+            (s("alice"), "talker: length 5, \"alice\"".into()),
+            (v(4020), "duration_ms = 4020".into()),
+            (v(12_060), "bytes = 12060".into()),
+            (v(1_767_225_600_123), "created_ms (8-byte varint)".into()),
+        ],
+        "member-status" => vec![
+            (v(17), "request_id = 17".into()),
+            (s("team-1"), "group: length 6, \"team-1\"".into()),
+            (v(1), "members: 1 entry".into()),
+            (s("bob"), "user: length 3, \"bob\"".into()),
+            (v(300), "cursor = 300".into()),
+            (v(1_767_225_600_000), "last_seen_ms (8-byte varint)".into()),
         ],
         "clip-header-upload" | "clip-header-history" => {
             let history = title == "clip-header-history";

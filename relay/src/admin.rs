@@ -82,6 +82,57 @@ pub async fn set_mode(
     Ok(store.set_mode(group, mode).await?)
 }
 
+/// Most clips one `ListClips` answers with.
+pub const MAX_LIST_CLIPS: usize = 100;
+
+/// Deletes clip `seq` of `group` and tells the group's members connected
+/// to this relay (`ClipDeleted`); members away learn of it when they join
+/// again (see [`tombstones_for`]).
+pub async fn delete_clip(ctx: &RelayContext, group: &str, seq: u64) -> Result<(), ErrorCode> {
+    check(group).map_err(|e| e.code())?;
+    let now = crate::auth::unix_millis(std::time::SystemTime::now());
+    let clip_id = ctx
+        .store
+        .delete_clip(group, seq, now)
+        .await
+        .map_err(|e| e.code())?
+        .ok_or(ErrorCode::NoSuchClip)?;
+    tracing::info!(%group, seq, %clip_id, "clip deleted");
+    ctx.hub.send_to_group(
+        group,
+        ControlMessage::ClipDeleted {
+            group: group.to_owned(),
+            seq,
+            clip_id,
+        },
+    );
+    Ok(())
+}
+
+/// The `ClipDeleted` messages a member joining `group` is owed: the clips
+/// deleted since it was last seen there (none for a member never seen,
+/// who cannot hold any).
+pub async fn tombstones_for(
+    store: &dyn ClipStore,
+    group: &str,
+    user: &str,
+) -> Result<Vec<ControlMessage>, StoreError> {
+    let since = store.last_seen(group, user).await?;
+    if since == 0 {
+        return Ok(Vec::new());
+    }
+    Ok(store
+        .tombstones(group, since)
+        .await?
+        .into_iter()
+        .map(|(seq, clip_id)| ControlMessage::ClipDeleted {
+            group: group.to_owned(),
+            seq,
+            clip_id,
+        })
+        .collect())
+}
+
 /// Applies an admin control message (the caller checked the admin claim).
 pub async fn apply(ctx: &RelayContext, message: ControlMessage) -> Result<(), ErrorCode> {
     let store = &*ctx.store;
@@ -94,7 +145,79 @@ pub async fn apply(ctx: &RelayContext, message: ControlMessage) -> Result<(), Er
             remove_member(store, &group, &user).await
         }
         ControlMessage::SetMode { group, mode, .. } => set_mode(store, &group, mode).await,
+        ControlMessage::DeleteClip { group, seq, .. } => {
+            return delete_clip(ctx, &group, seq).await;
+        }
         _ => return Err(ErrorCode::InvalidRequest),
     };
     result.map_err(|e| e.code())
+}
+
+/// Why a clip could not be exported.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// The clip has no frames, or frames of a duration Opus does not have.
+    #[error("cannot export: {0}")]
+    Unsupported(String),
+    /// Writing failed.
+    #[error(transparent)]
+    Codec(#[from] ptt_codec::CodecError),
+}
+
+/// The pre-skip written in exported files: libopus's encoder delay at
+/// 48 kHz (the talker's own is not stored; 312 samples is what libopus
+/// reports for every application mode but restricted low delay).
+pub const EXPORT_PRE_SKIP: u16 = 312;
+
+/// Writes a stored clip's Opus packets as an Ogg Opus stream (RFC 7845)
+/// that any player opens: OpusHead with the clip's channels and rate,
+/// OpusTags naming the talker, group and sequence number, then the packets.
+pub fn write_ogg_opus<W: std::io::Write>(
+    writer: W,
+    meta: &crate::store::ClipMeta,
+    frames: &[bytes::Bytes],
+) -> Result<W, ExportError> {
+    use ptt_codec::{EncodedPacket, OggOpusWriter, OpusHead, OpusTags};
+    if meta.format != ptt_protocol::ClipFormat::Opus {
+        return Err(ExportError::Unsupported("not an Opus clip".into()));
+    }
+    if !matches!(meta.frame_ms, 10 | 20 | 40 | 60 | 80 | 100 | 120) {
+        return Err(ExportError::Unsupported(format!(
+            "frame duration {} ms",
+            meta.frame_ms
+        )));
+    }
+    let Some((last, rest)) = frames.split_last() else {
+        return Err(ExportError::Unsupported("the clip has no audio".into()));
+    };
+    let head = OpusHead {
+        channels: meta.channels.clamp(1, 2),
+        pre_skip: EXPORT_PRE_SKIP,
+        input_sample_rate: meta.sample_rate,
+        output_gain: 0,
+        mapping_family: 0,
+    };
+    let tags = OpusTags::with_comments(vec![
+        ("ARTIST".into(), meta.talker.clone()),
+        ("ALBUM".into(), meta.group.clone()),
+        ("PTT_CLIP_ID".into(), meta.clip_id.to_string()),
+        ("PTT_CREATED_MS".into(), meta.created_ms.to_string()),
+    ]);
+    let duration = u32::from(meta.frame_ms) * 48;
+    let packet = |data: &bytes::Bytes| EncodedPacket {
+        data: data.to_vec(),
+        duration,
+    };
+    // The serial only tells streams apart within one file.
+    let serial = meta
+        .clip_id
+        .as_bytes()
+        .iter()
+        .fold(0u32, |h, b| h.rotate_left(5) ^ u32::from(*b));
+    let mut ogg = OggOpusWriter::new(writer, &head, &tags, serial, false)?;
+    for frame in rest {
+        ogg.write_packet(packet(frame))?;
+    }
+    let end = ogg.granule() + u64::from(duration);
+    Ok(ogg.finish(packet(last), end)?)
 }

@@ -101,6 +101,29 @@ pub struct RelayConfig {
     /// and 10.
     #[arg(long, default_value_t = 50)]
     pub channel_max_backlog_clips: u32,
+    /// TCP address of the HTTP listener serving the browser page (for
+    /// example 127.0.0.1:8080); none by default. The page talks to the
+    /// relay over WebTransport on `listen`.
+    #[arg(long)]
+    pub web: Option<SocketAddr>,
+    /// TCP address of the HTTP listener serving Prometheus `/metrics`,
+    /// `/healthz` and `/readyz` (e.g. 127.0.0.1:9464); none by default.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// Log lines as human-readable text or as one JSON object per line.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// How the relay writes its log lines (to stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, with the span fields (session id,
+    /// address, user, group).
+    Json,
 }
 
 impl Default for RelayConfig {

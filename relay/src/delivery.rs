@@ -23,12 +23,13 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ptt_protocol::{ClipHeader, ClipId, ClipMessage, ErrorCode};
-use quinn::{Connection, SendStream, VarInt};
+use quinn::VarInt;
 
 use tokio::sync::watch;
 
 use crate::live::{ClipState, LiveClip, Progress, end_message, member_header};
 use crate::store::{ClipMeta, StoredClip};
+use crate::transport::{Connection, SendStream};
 
 /// How a clip delivery ended.
 #[derive(Debug)]
@@ -102,8 +103,8 @@ impl Sink {
         self.0.flags.load(Ordering::Relaxed)
     }
 
-    fn drop_code(&self) -> VarInt {
-        VarInt::from_u32(self.0.drop_code.load(Ordering::Relaxed))
+    fn drop_code(&self) -> u32 {
+        self.0.drop_code.load(Ordering::Relaxed)
     }
 
     /// Takes the clips recorded as delivered since the last call.
@@ -146,7 +147,7 @@ impl Guarded {
         })
     }
 
-    fn finish(mut self) -> Result<(), quinn::ClosedStream> {
+    fn finish(mut self) -> Result<(), web_transport_quinn::ClosedStream> {
         self.done = true;
         self.stream.finish()
     }
@@ -280,7 +281,7 @@ pub async fn deliver_live(
     let allowed_lag = rx.borrow().raw.len().max(lag.max_frames);
     let mut reading = Reading {
         conn,
-        count: reads.track(stream.id().into()),
+        count: reads.track(stream.quic_id().into()),
         frame,
         allowed_unread: allowed_lag + frames_in(ptt_protocol::LIVE_READ_INTERVAL, frame),
         progress: clip.subscribe(),
@@ -294,31 +295,42 @@ pub async fn deliver_live(
     }
     let mut sent = 0usize;
     let mut batch: Vec<Bytes> = Vec::with_capacity(32);
+    // Frames and bytes are counted here and added to the metrics once,
+    // when the delivery ends.
+    let mut counted = OutCount::default();
     loop {
-        let (state, available) = {
+        let (state, available, newest_at) = {
             let progress = rx.borrow_and_update();
             let available = progress.raw.len();
             if available - sent > allowed_lag {
-                stream.reset(code(ErrorCode::SlowReceiver)).ok();
+                stream.reset(ErrorCode::SlowReceiver.code()).ok();
                 return Delivery::Cut;
             }
             batch.extend(progress.raw[sent..].iter().cloned());
-            (progress.state.clone(), available)
+            (progress.state.clone(), available, progress.newest_at)
         };
+        let sampled =
+            sent / crate::metrics::LATENCY_SAMPLE != available / crate::metrics::LATENCY_SAMPLE;
         if reading.too_far_behind(available, sent) {
-            stream.reset(code(ErrorCode::SlowReceiver)).ok();
+            stream.reset(ErrorCode::SlowReceiver.code()).ok();
             return Delivery::Cut;
         }
         for frame in batch.drain(..) {
+            counted.add(frame.len());
             if !reading.write(&mut stream, frame, sent).await {
                 return cut_or_failed(&mut stream, conn);
             }
             sent += 1;
         }
+        if sampled && sent == available {
+            crate::metrics::Metrics::get()
+                .frame_relay_seconds
+                .record(newest_at.elapsed().as_secs_f64());
+        }
         match state {
             ClipState::Live => {
                 if rx.changed().await.is_err() {
-                    stream.reset(code(ErrorCode::ClipAborted)).ok();
+                    stream.reset(ErrorCode::ClipAborted.code()).ok();
                     return Delivery::Aborted;
                 }
             }
@@ -334,9 +346,34 @@ pub async fn deliver_live(
                 return finish(stream);
             }
             ClipState::Aborted(reason) => {
-                stream.reset(code(reason)).ok();
+                stream.reset(reason.code()).ok();
                 return Delivery::Aborted;
             }
+        }
+    }
+}
+
+/// Frames and bytes written by one delivery, added to the metrics when it
+/// ends (one atomic add per delivery instead of one per frame).
+#[derive(Default)]
+struct OutCount {
+    frames: u64,
+    bytes: u64,
+}
+
+impl OutCount {
+    fn add(&mut self, bytes: usize) {
+        self.frames += 1;
+        self.bytes += bytes as u64;
+    }
+}
+
+impl Drop for OutCount {
+    fn drop(&mut self) {
+        if self.frames > 0 {
+            let m = crate::metrics::Metrics::get();
+            m.frames_out.increment(self.frames);
+            m.bytes_out.increment(self.bytes);
         }
     }
 }
@@ -391,23 +428,29 @@ impl Reading<'_> {
         if let std::task::Poll::Ready(result) = first {
             return result.is_ok();
         }
-        let stall = tokio::time::sleep(self.max_stall);
-        tokio::pin!(stall);
-        // While blocked, the lag rule is checked a few times a second, not
-        // at every frame the talker adds: a thousand blocked members must
-        // not be woken a thousand times per frame.
-        let mut check = tokio::time::interval(BLOCKED_CHECK);
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        check.reset();
+        // One timer, not two: it fires at the next lag check or at the
+        // stall limit, whichever is first. While blocked, the lag rule is
+        // checked a few times a second, not at every frame the talker adds:
+        // a thousand blocked members must not be woken a thousand times per
+        // frame.
+        let give_up = tokio::time::Instant::now() + self.max_stall;
+        let next_check = |now: tokio::time::Instant| (now + BLOCKED_CHECK).min(give_up);
+        let timer = tokio::time::sleep_until(next_check(tokio::time::Instant::now()));
+        tokio::pin!(timer);
         loop {
             tokio::select! {
+                biased;
                 result = &mut write => return result.is_ok(),
-                _ = &mut stall => return false,
-                _ = check.tick() => {
+                () = &mut timer => {
+                    let now = tokio::time::Instant::now();
+                    if now >= give_up {
+                        return false;
+                    }
                     let available = self.progress.borrow().raw.len();
                     if self.too_far_behind(available, sent) {
                         return false;
                     }
+                    timer.as_mut().reset(next_check(now));
                 }
             }
         }
@@ -455,8 +498,11 @@ pub async fn deliver_stored(
         flags |= ClipHeader::FLAG_FETCHED;
     }
     ClipMessage::Header(member_header(&clip.meta, clip.seq, flags)).encode(&mut buf);
+    let mut counted = OutCount::default();
     for (index, data) in clip.frames.iter().enumerate() {
+        let before = buf.len();
         ptt_protocol::message::encode_frame(&mut buf, index as u32, data);
+        counted.add(buf.len() - before);
         if buf.len() >= 16 * 1024 && stream.write_chunk(buf.split().freeze()).await.is_err() {
             return Delivery::Failed;
         }
@@ -472,7 +518,13 @@ pub async fn deliver_stored(
     if stream.write_chunk(buf.freeze()).await.is_err() {
         return Delivery::Failed;
     }
-    finish(stream)
+    let done = finish(stream);
+    if !fetched && matches!(done, Delivery::Complete) {
+        crate::metrics::Metrics::get()
+            .catchup_deliveries
+            .increment(1);
+    }
+    done
 }
 
 fn finish(stream: Guarded) -> Delivery {
@@ -486,7 +538,7 @@ fn cut_or_failed(stream: &mut SendStream, conn: &Connection) -> Delivery {
     if conn.close_reason().is_some() {
         return Delivery::Failed;
     }
-    stream.reset(code(ErrorCode::SlowReceiver)).ok();
+    stream.reset(ErrorCode::SlowReceiver.code()).ok();
     Delivery::Cut
 }
 

@@ -337,6 +337,18 @@ impl Hub {
         }
     }
 
+    /// Sends a control message to every session on this node that joined
+    /// `group` (nothing if none has).
+    pub fn send_to_group(&self, group: &str, message: ControlMessage) {
+        let Some(cell) = self.groups.get(group).map(|c| c.clone()) else {
+            return;
+        };
+        let subscribers: Vec<SessionHandle> = lock(&cell).subscribers.values().cloned().collect();
+        for handle in subscribers {
+            handle.send(message.clone());
+        }
+    }
+
     /// Runs `f` on the group's state, loading the group (and starting its
     /// feed) on first use. `Err` from the directory or from `f`.
     async fn locked<T>(

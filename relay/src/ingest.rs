@@ -16,15 +16,15 @@ use ptt_protocol::{
     ClipEvent, ClipFormat, ClipHeader, ClipReader, ControlMessage, ErrorCode, FramedReader,
     GroupMode, ReadError, SessionState, message::MAX_PAYLOAD_LEN,
 };
-use quinn::RecvStream;
 
 use crate::command::{SessionCommand, SessionHandle};
 use crate::context::RelayContext;
-use crate::delivery::code;
 use crate::floor::{FloorGrant, Talker};
 use crate::live::LiveClip;
 use crate::log::LiveEvent;
+use crate::metrics::Metrics;
 use crate::store::{AppendOutcome, ClipMeta, NewClip};
+use crate::transport::RecvStream;
 
 /// Longest the talker's `Stored` waits for the clip's publication.
 const PUBLISH_WAIT: Duration = Duration::from_secs(2);
@@ -64,9 +64,19 @@ pub async fn run(recv: RecvStream, ctx: Arc<RelayContext>, who: Uploader) {
         wav: Vec::new(),
         started: false,
         finished: false,
+        frames_in: 0,
+        bytes_in: 0,
     };
     let mut reader = FramedReader::new(recv, MAX_PAYLOAD_LEN);
     let result = upload.receive(&mut reader).await;
+    let metrics = Metrics::get();
+    metrics.frames_in.increment(upload.frames_in);
+    metrics.bytes_in.increment(upload.bytes_in);
+    if let Err(Refusal(code_, _)) = &result
+        && *code_ != ErrorCode::Duplicate
+    {
+        crate::metrics::clip_rejected(*code_);
+    }
     if upload.started {
         lock(&who.state).handle_clip_done();
     }
@@ -81,7 +91,7 @@ pub async fn run(recv: RecvStream, ctx: Arc<RelayContext>, who: Uploader) {
     tracing::debug!(code = %code_, %message, "clip refused");
     if !upload.finished {
         // STOP_SENDING only where the talker still writes.
-        reader.get_mut().stop(code(code_)).ok();
+        reader.get_mut().stop(code_).ok();
     }
     if let Some(clip) = upload.clip.take() {
         let reason = if code_ == ErrorCode::Preempted {
@@ -117,6 +127,9 @@ struct Upload<'a> {
     started: bool,
     /// The talker's FIN arrived.
     finished: bool,
+    /// Frames and bytes received, added to the metrics at the end.
+    frames_in: u64,
+    bytes_in: u64,
 }
 
 impl Upload<'_> {
@@ -160,6 +173,8 @@ impl Upload<'_> {
                 Ok(false)
             }
             ClipEvent::Frame { index, data } => {
+                self.frames_in += 1;
+                self.bytes_in += raw.len() as u64;
                 if let Some(clip) = &self.clip {
                     if let crate::live::ClipState::Aborted(code) = clip.state() {
                         return Err(Refusal(code, "the clip was cut by the relay".into()));
@@ -192,6 +207,9 @@ impl Upload<'_> {
         let who = self.who;
         // Known from here on, so that a refusal names the clip.
         self.header = Some(header.clone());
+        let span = tracing::Span::current();
+        span.record("group", header.group.as_str());
+        span.record("clip", tracing::field::display(header.clip_id));
         lock(&who.state)
             .handle_clip_start(Instant::now())
             .map_err(|c| Refusal(c, format!("clip refused: {c}")))?;
@@ -230,6 +248,7 @@ impl Upload<'_> {
             return Err(Refusal(ErrorCode::Duplicate, "clip stored before".into()));
         }
         if header.format == ClipFormat::Wav {
+            Metrics::get().clips_started.increment(1);
             // Recorded clips are not spoken live: no floor, no live copy
             // until transcoded.
             self.reader
@@ -248,6 +267,11 @@ impl Upload<'_> {
                 .request(&header.group, &talker, emergency, hold)
                 .await;
             self.walkie = true;
+            let metrics = Metrics::get();
+            match grant {
+                FloorGrant::Granted => metrics.floor_grants.increment(1),
+                FloorGrant::Denied { .. } => metrics.floor_denials.increment(1),
+            }
             if let FloorGrant::Denied { holder } = grant {
                 return Err(Refusal(
                     ErrorCode::FloorTaken,
@@ -278,6 +302,7 @@ impl Upload<'_> {
             });
         }
         self.clip = Some(clip);
+        Metrics::get().clips_started.increment(1);
         Ok(())
     }
 
@@ -332,7 +357,12 @@ impl Upload<'_> {
             frames: clip.packets(),
             waveform,
         };
-        let outcome = match self.ctx.log.append(new).await {
+        let commit = Instant::now();
+        let appended = self.ctx.log.append(new).await;
+        Metrics::get()
+            .store_commit_seconds
+            .record(commit.elapsed().as_secs_f64());
+        let outcome = match appended {
             Ok(outcome) => outcome,
             Err(e) => {
                 tracing::error!(error = %e, "storing a clip failed");
@@ -351,6 +381,7 @@ impl Upload<'_> {
                 self.abort(&clip, ErrorCode::Duplicate);
             }
             AppendOutcome::Stored { .. } => {
+                Metrics::get().clips_stored.increment(1);
                 // `Stored` follows the clip's publication (its members have
                 // its end, a joiner's snapshot includes it): the talker
                 // never knows of a clip its group does not see yet. The

@@ -16,7 +16,11 @@
 //!   cursors).
 //! - [`hub`]: the node's live plane over the log; [`command`]: what it asks
 //!   sessions to do.
-//! - [`auth`], [`tls`], [`net`], [`config`], [`admin`].
+//! - [`auth`], [`tls`], [`net`], [`config`], [`admin`]; [`metrics`]
+//!   (Prometheus, `/healthz`, `/readyz`).
+//! - [`transport`]: the seam that lets native QUIC and WebTransport
+//!   connections share the session code; [`web`]: the browser page, its
+//!   HTTP listener and certificates.
 
 pub mod admin;
 pub mod auth;
@@ -29,12 +33,15 @@ pub mod hub;
 pub mod ingest;
 pub mod live;
 pub mod log;
+pub mod metrics;
 pub mod net;
 pub mod server;
 pub mod session;
 pub mod store;
 pub mod subscription;
 pub mod tls;
+pub mod transport;
+pub mod web;
 
 pub use config::RelayConfig;
 pub use server::{RelayHandle, StartError, run, start};

@@ -41,6 +41,9 @@ pub struct Progress {
     pub data: Vec<Bytes>,
     /// Live, ended or aborted.
     pub state: ClipState,
+    /// When the newest frame was appended (for the frame relay latency
+    /// metric).
+    pub newest_at: std::time::Instant,
 }
 
 /// A clip being spoken (or a complete clip on its way to members).
@@ -64,6 +67,7 @@ impl LiveClip {
             raw: Vec::with_capacity(INITIAL_FRAMES),
             data: Vec::with_capacity(INITIAL_FRAMES),
             state: ClipState::Live,
+            newest_at: std::time::Instant::now(),
         });
         Arc::new(LiveClip {
             meta,
@@ -99,9 +103,11 @@ impl LiveClip {
 
     /// Appends a frame: `raw` is the framed message, `data` its packet.
     pub fn push_frame(&self, raw: Bytes, data: Bytes) {
+        let now = std::time::Instant::now();
         self.progress.send_modify(|p| {
             p.raw.push(raw);
             p.data.push(data);
+            p.newest_at = now;
         });
     }
 

@@ -1,5 +1,6 @@
 //! The `relay` command line: serve, issue tokens, administer groups.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,8 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use ptt_protocol::GroupMode;
 use ptt_relay::RelayConfig;
 use ptt_relay::auth::TokenIssuer;
-use ptt_relay::store::{ClipStore, RedbStore};
+use ptt_relay::config::LogFormat;
+use ptt_relay::store::{ClipStore, RedbStore, StoreError};
 
 /// Push-to-talk relay: live fan-out, floor control and store-and-forward
 /// of voice clips over QUIC.
@@ -48,15 +50,38 @@ enum Command {
         #[arg(long, default_value = "./data")]
         data_dir: PathBuf,
     },
-    /// Administer groups in the data directory (while the relay is
-    /// stopped; a running relay takes admin messages from admin tokens).
+    /// Administer groups: in the data directory when no relay runs on it,
+    /// otherwise through the running relay (over QUIC, with an admin token
+    /// signed by the data directory's key).
     Group {
         #[command(subcommand)]
         action: GroupAction,
-        /// The data directory.
-        #[arg(long, global = true, default_value = "./data")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        target: AdminTarget,
     },
+}
+
+/// Where `relay group` applies its changes.
+#[derive(clap::Args, Debug, Clone)]
+struct AdminTarget {
+    /// The data directory (its store when no relay runs on it; its token
+    /// key and certificate otherwise).
+    #[arg(long, global = true, default_value = "./data")]
+    data_dir: PathBuf,
+    /// The running relay's address (used when the store is locked by it).
+    #[arg(long, global = true, default_value = "127.0.0.1:4433")]
+    relay: SocketAddr,
+    /// The relay's certificate SHA-256 (64 hex digits); default: the
+    /// development certificate in the data directory.
+    #[arg(long, global = true)]
+    fingerprint: Option<String>,
+    /// The TLS server name.
+    #[arg(long, global = true, default_value = "localhost")]
+    server_name: String,
+    /// An admin token (`PTT_ADMIN_TOKEN`); default: one signed now with
+    /// the data directory's key, valid five minutes.
+    #[arg(long, global = true, env = "PTT_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -97,6 +122,39 @@ enum GroupAction {
     },
     /// List groups and their members.
     List,
+    /// List a group's members with their cursor and last-seen time.
+    Members {
+        /// The group id.
+        group: String,
+    },
+    /// List a group's stored clips (seq, talker, duration, size, created).
+    Clips {
+        /// The group id.
+        group: String,
+        /// Start after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// How many at most.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Delete a stored clip; members drop it from their apps.
+    Delete {
+        /// The group id.
+        group: String,
+        /// The clip's sequence number.
+        seq: u64,
+    },
+    /// Export a stored clip as an Ogg Opus file.
+    Export {
+        /// The group id.
+        group: String,
+        /// The clip's sequence number.
+        seq: u64,
+        /// The file to write (`.ogg` or `.opus`).
+        #[arg(long, short)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -132,7 +190,7 @@ fn run() -> anyhow::Result<()> {
             println!("{}", issuer.issue(&user, ttl, admin, emergency));
             Ok(())
         }
-        Command::Group { action, data_dir } => runtime(0)?.block_on(group(action, &data_dir)),
+        Command::Group { action, target } => runtime(0)?.block_on(group(action, &target)),
     }
 }
 
@@ -151,13 +209,7 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn serve(config: RelayConfig) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,quinn=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs(config.log_format);
     runtime(config.worker_threads)?.block_on(async move {
         let data_dir = config.data_dir.clone();
         let handle = ptt_relay::start(config)
@@ -168,12 +220,15 @@ fn serve(config: RelayConfig) -> anyhow::Result<()> {
              certificate sha-256: {fp}\n  \
              store:               {dir}\n  \
              get a token:         relay token --user alice --data-dir {dir}\n  \
-             create a group:      (stop the relay) relay group create team --mode walkie --data-dir {dir}\n  \
+             create a group:      relay group create team --mode walkie --data-dir {dir} (works while it runs)\n  \
              stop:                Ctrl-C or SIGTERM (drains clips in flight)\n",
             addr = handle.addr(),
             fp = handle.cert_fingerprint(),
             dir = data_dir.display(),
         );
+        if let Some(web) = handle.web_addr() {
+            eprintln!("  browser page:        http://{web}/ (WebTransport on {})\n", handle.addr());
+        }
         shutdown_signal().await?;
         tracing::info!("draining");
         handle.shutdown().await;
@@ -181,11 +236,24 @@ fn serve(config: RelayConfig) -> anyhow::Result<()> {
     })
 }
 
-async fn group(action: GroupAction, data_dir: &Path) -> anyhow::Result<()> {
-    let store: Arc<dyn ClipStore> = Arc::new(
-        RedbStore::open(data_dir).with_context(|| format!("opening {}", data_dir.display()))?,
-    );
-    let store = &*store;
+/// Runs a group command on the data directory's store, or, when a
+/// running relay holds it, through that relay.
+async fn group(action: GroupAction, target: &AdminTarget) -> anyhow::Result<()> {
+    let data_dir = &target.data_dir;
+    match RedbStore::open(data_dir) {
+        Ok(store) => {
+            let store: Arc<dyn ClipStore> = Arc::new(store);
+            let result = offline(action, &*store).await;
+            store.flush().await?;
+            result
+        }
+        Err(StoreError::Locked { .. }) => online(action, target).await,
+        Err(e) => Err(e).with_context(|| format!("opening {}", data_dir.display())),
+    }
+}
+
+/// A group command against the store (no relay running on it).
+async fn offline(action: GroupAction, store: &dyn ClipStore) -> anyhow::Result<()> {
     use ptt_relay::admin;
     match action {
         GroupAction::Create {
@@ -216,18 +284,244 @@ async fn group(action: GroupAction, data_dir: &Path) -> anyhow::Result<()> {
         GroupAction::List => {
             for g in store.groups().await? {
                 let members: Vec<_> = g.members.iter().map(String::as_str).collect();
-                println!(
-                    "{}\t{}\tmax {} s\t{}",
-                    g.id,
-                    g.mode,
-                    g.max_clip_ms / 1000,
-                    members.join(",")
-                );
+                print_group(&g.id, g.mode, Some(g.max_clip_ms), &members);
             }
         }
+        GroupAction::Members { group } => {
+            for m in store.member_status(&group).await? {
+                print_member(&m);
+            }
+        }
+        GroupAction::Clips {
+            group,
+            after,
+            limit,
+        } => {
+            for c in store.clip_summaries(&group, after, limit as usize).await? {
+                print_clip(&c);
+            }
+        }
+        GroupAction::Delete { group, seq } => {
+            let now = ptt_relay::auth::unix_millis(std::time::SystemTime::now());
+            store
+                .delete_clip(&group, seq, now)
+                .await?
+                .with_context(|| format!("no clip {seq} stored in {group}"))?;
+            println!("deleted {group}/{seq}");
+        }
+        GroupAction::Export { group, seq, out } => {
+            let clip = store
+                .clips_after(&group, seq.saturating_sub(1), 1)
+                .await?
+                .into_iter()
+                .find(|c| c.seq == seq)
+                .with_context(|| format!("no clip {seq} stored in {group}"))?;
+            write_export(&out, &clip.meta, &clip.frames)?;
+        }
     }
-    store.flush().await?;
     Ok(())
+}
+
+/// A group command through the running relay, as an admin client.
+async fn online(action: GroupAction, target: &AdminTarget) -> anyhow::Result<()> {
+    use ptt_client::{Client, ClientConfig, Event, Trust};
+    let token = match &target.token {
+        Some(token) => token.clone(),
+        None => TokenIssuer::load_or_create(&target.data_dir.join("token.key"))
+            .context("reading the data directory's token key")?
+            .issue("admin", Duration::from_secs(300), true, false),
+    };
+    let fingerprint = match &target.fingerprint {
+        Some(fp) => fp.clone(),
+        None => {
+            let cert = target.data_dir.join("dev-cert.pem");
+            let pem = std::fs::read(&cert).with_context(|| {
+                format!(
+                    "reading {} (give --fingerprint for a relay with its own certificate)",
+                    cert.display()
+                )
+            })?;
+            use rustls::pki_types::{CertificateDer, pem::PemObject};
+            let der = CertificateDer::pem_slice_iter(&pem)
+                .next()
+                .context("no certificate in dev-cert.pem")?
+                .context("reading dev-cert.pem")?;
+            ptt_relay::tls::fingerprint_hex(&der)
+        }
+    };
+    let trust = Trust::fingerprint_from_hex(&fingerprint).context("invalid fingerprint")?;
+    let mut config = ClientConfig::new(target.relay, &target.server_name, trust, token);
+    config.reconnect = None;
+    let (client, mut events) = Client::connect(config).await.with_context(|| {
+        format!(
+            "the store is in use; connecting to the relay at {}",
+            target.relay
+        )
+    })?;
+    let result = async {
+        match action {
+            GroupAction::Create { group, mode, .. } => {
+                // The relay gives new groups its own max_clip.
+                client.create_group(&group, mode).await?;
+                println!("created {group} ({mode})");
+            }
+            GroupAction::Add { group, users } => {
+                for user in users {
+                    client.add_member(&group, &user).await?;
+                    println!("added {user} to {group}");
+                }
+            }
+            GroupAction::Remove { group, users } => {
+                for user in users {
+                    client.remove_member(&group, &user).await?;
+                    println!("removed {user} from {group}");
+                }
+            }
+            GroupAction::Mode { group, mode } => {
+                client.set_mode(&group, mode).await?;
+                println!("{group} is now {mode}");
+            }
+            GroupAction::List => {
+                for g in client.list_groups().await? {
+                    let members = client.list_members(&g.group).await?;
+                    let members: Vec<_> = members.iter().map(String::as_str).collect();
+                    print_group(&g.group, g.mode, None, &members);
+                }
+            }
+            GroupAction::Members { group } => {
+                for m in client.member_status(&group).await? {
+                    print_member(&m);
+                }
+            }
+            GroupAction::Clips {
+                group,
+                after,
+                limit,
+            } => {
+                for c in client.list_clips(&group, after, limit).await? {
+                    print_clip(&c);
+                }
+            }
+            GroupAction::Delete { group, seq } => {
+                client.delete_clip(&group, seq).await?;
+                println!("deleted {group}/{seq}");
+            }
+            GroupAction::Export { group, seq, out } => {
+                client.fetch_clip(&group, seq).await?;
+                let mut header: Option<ptt_protocol::ClipHeader> = None;
+                let mut frames = Vec::new();
+                let ours = |h: &Option<ptt_protocol::ClipHeader>, id| {
+                    h.as_ref().is_some_and(|h| h.clip_id == id)
+                };
+                tokio::time::timeout(Duration::from_secs(60), async {
+                    while let Some(event) = events.next().await {
+                        match event {
+                            Event::ClipStarted {
+                                header: h, seq: s, ..
+                            } if s == seq && h.group == group => header = Some(h),
+                            Event::Frame { clip_id, data, .. } if ours(&header, clip_id) => {
+                                frames.push(data)
+                            }
+                            Event::ClipEnded { clip_id, .. } if ours(&header, clip_id) => {
+                                return Ok(());
+                            }
+                            Event::ClipAborted { clip_id, code, .. } if ours(&header, clip_id) => {
+                                anyhow::bail!("the clip stopped: {code}");
+                            }
+                            _ => {}
+                        }
+                    }
+                    anyhow::bail!("the connection ended before the clip arrived")
+                })
+                .await
+                .context("waiting for the clip")??;
+                let header = header.context("no clip header")?;
+                let meta = ptt_relay::store::ClipMeta {
+                    group: header.group,
+                    clip_id: header.clip_id,
+                    talker: header.talker,
+                    format: header.format,
+                    sample_rate: header.sample_rate,
+                    channels: header.channels,
+                    frame_ms: header.frame_ms,
+                    created_ms: header.created_ms,
+                    flags: header.flags,
+                };
+                write_export(&out, &meta, &frames)?;
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    client.close().await;
+    result
+}
+
+fn print_group(id: &str, mode: GroupMode, max_clip_ms: Option<u32>, members: &[&str]) {
+    let max = max_clip_ms.map_or_else(String::new, |ms| format!("\tmax {} s", ms / 1000));
+    println!("{id}\t{mode}{max}\t{}", members.join(","));
+}
+
+fn print_member(m: &ptt_protocol::MemberState) {
+    let seen = match m.last_seen_ms {
+        0 => "never".to_owned(),
+        ms => humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+            .to_string(),
+    };
+    println!("{}\tcursor {}\tlast seen {seen}", m.user, m.cursor);
+}
+
+fn print_clip(c: &ptt_protocol::ClipSummary) {
+    let created = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + Duration::from_millis(c.created_ms),
+    );
+    println!(
+        "{}\t{}\t{}.{:03} s\t{} B\t{created}\t{}",
+        c.seq,
+        c.talker,
+        c.duration_ms / 1000,
+        c.duration_ms % 1000,
+        c.bytes,
+        c.clip_id
+    );
+}
+
+/// Writes a clip's Opus packets as an Ogg Opus file and says so.
+fn write_export(
+    out: &Path,
+    meta: &ptt_relay::store::ClipMeta,
+    frames: &[bytes::Bytes],
+) -> anyhow::Result<()> {
+    let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut writer = std::io::BufWriter::new(file);
+    ptt_relay::admin::write_ogg_opus(&mut writer, meta, frames)?;
+    std::io::Write::flush(&mut writer)?;
+    println!(
+        "wrote {} ({} frames of {} ms)",
+        out.display(),
+        frames.len(),
+        meta.frame_ms
+    );
+    Ok(())
+}
+
+/// Log lines to stderr, filtered by `RUST_LOG`, as text or JSON (one
+/// object per line, with the fields of the current span and its parents:
+/// the session's id, address and user; the clip's group and id).
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,quinn=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
 }
 
 /// Ctrl-C or SIGTERM (what service managers send), whichever comes first.

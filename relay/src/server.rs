@@ -22,8 +22,10 @@ use crate::delivery::code;
 use crate::floor::LocalFloor;
 use crate::hub::Hub;
 use crate::log::{GroupLog, LocalLog};
+use crate::metrics::Metrics;
 use crate::store::{ClipStore, RedbStore, RetentionPolicy};
 use crate::tls::{Identity, TransportTuning};
+use crate::web::cert::CertResolver;
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,17 @@ pub enum StartError {
     /// The token key could not be loaded or made, or is invalid.
     #[error("token key: {0}")]
     Key(String),
+    /// The metrics listener could not start.
+    #[error("metrics: {0}")]
+    Metrics(#[from] crate::metrics::MetricsError),
+    /// The web page's TCP listener could not be bound.
+    #[error("cannot listen for the web page on {addr}: {error}")]
+    WebBind {
+        /// The address.
+        addr: SocketAddr,
+        /// The failure.
+        error: std::io::Error,
+    },
     /// The UDP socket could not be bound.
     #[error("cannot listen on {addr}: {error}")]
     Bind {
@@ -51,18 +64,37 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct RelayHandle {
     addr: SocketAddr,
+    web_addr: Option<SocketAddr>,
     fingerprint: String,
     cert_pem: String,
     issuer: Option<TokenIssuer>,
     ctx: Arc<RelayContext>,
     floor: Arc<LocalFloor>,
+    certs: Arc<CertResolver>,
     task: tokio::task::JoinHandle<()>,
+    /// The metrics listener: its address, its tasks and their stop signal
+    /// (fired after the drain, so `/healthz` answers until the end).
+    metrics_addr: Option<SocketAddr>,
+    metrics_tasks: TaskTracker,
+    metrics_stop: CancellationToken,
 }
 
 impl RelayHandle {
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address of the HTTP listener serving the browser page, if
+    /// `web` was configured.
+    pub fn web_addr(&self) -> Option<SocketAddr> {
+        self.web_addr
+    }
+
+    /// The SHA-256 hashes (hex) browsers pass as `serverCertificateHashes`
+    /// (empty with a real certificate).
+    pub fn web_certificate_hashes(&self) -> Vec<String> {
+        self.certs.certificate_hashes()
     }
 
     /// SHA-256 of its certificate, 64 hex digits.
@@ -95,6 +127,11 @@ impl RelayHandle {
         &self.ctx.store
     }
 
+    /// The address of the metrics listener, if one was configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
     /// Connected sessions.
     pub fn session_count(&self) -> usize {
         self.ctx.hub.session_count()
@@ -112,6 +149,9 @@ impl RelayHandle {
     pub async fn shutdown(self) {
         self.ctx.shutdown.cancel();
         let _ = self.task.await;
+        self.metrics_stop.cancel();
+        self.metrics_tasks.close();
+        self.metrics_tasks.wait().await;
         let RelayHandle { ctx, floor, .. } = self;
         drop(floor);
         if let Err(ctx) = Arc::try_unwrap(ctx) {
@@ -128,10 +168,11 @@ impl RelayHandle {
 pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
     let redb = Arc::new(RedbStore::open(&config.data_dir)?);
     let store: Arc<dyn ClipStore> = redb.clone();
-    let identity = match (&config.cert, &config.key) {
-        (Some(cert), Some(key)) => Identity::from_pem_files(cert, key)?,
-        _ => Identity::load_or_create_dev(&config.data_dir)?,
+    let (identity, dev) = match (&config.cert, &config.key) {
+        (Some(cert), Some(key)) => (Identity::from_pem_files(cert, key)?, false),
+        _ => (Identity::load_or_create_dev(&config.data_dir)?, true),
     };
+    let certs = Arc::new(CertResolver::new(&identity, dev, SystemTime::now())?);
     let (verifier, issuer) = match &config.token_public_key {
         Some(key) => (
             TokenVerifier::from_base64(key).ok_or_else(|| {
@@ -148,7 +189,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
     let fingerprint = identity.fingerprint();
     let cert_pem = identity.leaf_pem();
     let server_config = crate::tls::server_config(
-        identity,
+        certs.clone(),
         &TransportTuning {
             idle_timeout: config.idle_timeout,
             max_uni_streams: config.max_streams_per_connection,
@@ -170,6 +211,15 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         addr: config.listen,
         error,
     })?;
+    let web = match config.web {
+        Some(web) => Some(
+            crate::web::http::bind(web, addr.port(), certs.clone())
+                .await
+                .map_err(|error| StartError::WebBind { addr: web, error })?,
+        ),
+        None => None,
+    };
+    let web_addr = web.as_ref().map(|site| site.addr());
     let limits = Limits {
         max_clip_ms: config.max_clip.as_millis().min(u128::from(u32::MAX)) as u32,
         max_clip_bytes: config.max_clip_bytes,
@@ -191,9 +241,33 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         limits,
         shutdown: CancellationToken::new(),
     });
-    let task = tokio::spawn(serve(endpoint, ctx.clone(), floor.clone()));
+    let metrics_tasks = TaskTracker::new();
+    let metrics_stop = CancellationToken::new();
+    let metrics_addr = match ctx.config.metrics {
+        Some(addr) => {
+            let draining = ctx.shutdown.clone();
+            let ready: crate::metrics::Readiness = Arc::new(move || !draining.is_cancelled());
+            let bound =
+                crate::metrics::serve(addr, ready, metrics_stop.clone(), &metrics_tasks).await?;
+            tracing::info!(addr = %bound, "metrics, /healthz and /readyz over HTTP");
+            Some(bound)
+        }
+        None => None,
+    };
+    let task = tokio::spawn(serve(
+        endpoint,
+        ctx.clone(),
+        floor.clone(),
+        certs.clone(),
+        web,
+    ));
     Ok(RelayHandle {
+        metrics_addr,
+        metrics_tasks,
+        metrics_stop,
         addr,
+        web_addr,
+        certs,
         fingerprint,
         cert_pem,
         issuer,
@@ -217,11 +291,21 @@ pub async fn run(config: RelayConfig, shutdown: impl Future) -> Result<(), Start
 /// The accept loop, then the drain: every task the relay started is
 /// owned by `tracker` (sessions, the floor's timer, retention) or by the
 /// hub (group feeds), and each is waited for before the log is closed.
-async fn serve(endpoint: quinn::Endpoint, ctx: Arc<RelayContext>, floor: Arc<LocalFloor>) {
+async fn serve(
+    endpoint: quinn::Endpoint,
+    ctx: Arc<RelayContext>,
+    floor: Arc<LocalFloor>,
+    certs: Arc<CertResolver>,
+    web: Option<crate::web::http::Site>,
+) {
     let tracker = TaskTracker::new();
     let next_id = AtomicU64::new(1);
     tracker.spawn(retention_loop(ctx.clone()));
     tracker.spawn(floor.run(ctx.shutdown.clone()));
+    tracker.spawn(crate::web::cert::renew_loop(certs, ctx.shutdown.clone()));
+    if let Some(site) = web {
+        tracker.spawn(site.serve(ctx.shutdown.clone()));
+    }
     loop {
         let incoming = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
@@ -234,10 +318,12 @@ async fn serve(endpoint: quinn::Endpoint, ctx: Arc<RelayContext>, floor: Arc<Loc
         // every connection task.
         if tracker.len() > ctx.config.max_connections {
             tracing::warn!(addr = %incoming.remote_address(), "connection limit reached");
+            Metrics::get().refused_limit.increment(1);
             incoming.refuse();
             continue;
         }
         let id = next_id.fetch_add(1, Ordering::Relaxed);
+        Metrics::get().connections_accepted.increment(1);
         tracker.spawn(crate::session::run(incoming, ctx.clone(), id));
     }
     // Drain: refuse new connections (CONNECTION_REFUSED) while the
@@ -250,7 +336,10 @@ async fn serve(endpoint: quinn::Endpoint, ctx: Arc<RelayContext>, floor: Arc<Loc
             tokio::select! {
                 _ = &mut wait => return,
                 incoming = endpoint.accept() => match incoming {
-                    Some(incoming) => incoming.refuse(),
+                    Some(incoming) => {
+                        Metrics::get().refused_shutdown.increment(1);
+                        incoming.refuse();
+                    }
                     None => {
                         wait.as_mut().await;
                         return;

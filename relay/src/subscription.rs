@@ -218,6 +218,33 @@ impl Subscription {
         self.advance();
     }
 
+    /// Clip `seq` was deleted by an administrator (a `ClipDeleted`, or a
+    /// hole a catch-up found): it counts as received and acknowledged, so
+    /// the cursor moves past it.
+    pub fn deleted(&mut self, seq: u64) {
+        if seq <= self.cursor {
+            return;
+        }
+        if let Some(entry) = self.delivered.get_mut(&seq) {
+            entry.acked = true;
+            entry.played = true;
+        } else {
+            if self.delivered.len() >= MAX_UNACKED {
+                self.delivered.pop_first();
+            }
+            self.delivered.insert(
+                seq,
+                Delivered {
+                    clip_id: ClipId::default(),
+                    talker: self.member.clone(),
+                    acked: true,
+                    played: true,
+                },
+            );
+        }
+        self.advance();
+    }
+
     /// A DeliveryAck for `seq`: the receipt to send, if it earns one. An
     /// ack for a clip not delivered on this connection is ignored.
     pub fn ack(&mut self, seq: u64) -> Option<ReceiptTo> {
@@ -510,5 +537,28 @@ mod tests {
         sub.join(0, SeqRange { first: 1, last: 0 }, 0);
         deliver(&mut sub, 1..=(MAX_UNACKED as u64 + 100));
         assert_eq!(sub.pending(), MAX_UNACKED);
+    }
+
+    #[test]
+    fn a_deleted_clip_counts_as_received_and_moves_the_cursor() {
+        let mut sub = Subscription::new("bob".into());
+        sub.join(0, SeqRange { first: 1, last: 4 }, 4);
+        let id = ClipId::from_bytes([1; 16]);
+        for seq in [1, 3] {
+            sub.delivered(seq, id, "alice".into());
+            sub.ack(seq);
+        }
+        assert_eq!(sub.cursor(), 1, "2 is missing");
+        sub.deleted(2);
+        assert_eq!(sub.cursor(), 3, "2 deleted: the cursor moves past it");
+        // Deleted while delivered and not yet acknowledged: no receipt
+        // is owed, the cursor moves.
+        sub.delivered(4, id, "alice".into());
+        sub.deleted(4);
+        assert_eq!(sub.cursor(), 4);
+        assert!(!sub.expects_ack(4));
+        // At or below the cursor: nothing changes.
+        sub.deleted(1);
+        assert_eq!((sub.cursor(), sub.pending()), (4, 0));
     }
 }

@@ -130,7 +130,9 @@ pub struct TransportTuning {
     pub max_uni_streams: u32,
 }
 
-/// A quinn server configuration for `identity`.
+/// A quinn server configuration presenting the certificates `resolver`
+/// picks (by ALPN: native clients `ptt/1`, browsers `h3`,
+/// [`crate::web::cert`]).
 ///
 /// Windows are sized for voice, not bulk transfer: an Opus clip is tens of
 /// KB, so a 64 KiB stream window and 512 KiB connection window let a member
@@ -140,7 +142,7 @@ pub struct TransportTuning {
 /// accepted, a few at a time, for members' `LiveRead` reports
 /// ([`crate::delivery::LiveReads`]).
 pub fn server_config(
-    identity: Identity,
+    resolver: Arc<crate::web::cert::CertResolver>,
     tuning: &TransportTuning,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -148,9 +150,11 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Setup(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(identity.chain, identity.key)
-        .map_err(|e| TlsError::Setup(e.to_string()))?;
-    tls.alpn_protocols = vec![ptt_protocol::ALPN.to_vec()];
+        .with_cert_resolver(resolver);
+    tls.alpn_protocols = vec![
+        ptt_protocol::ALPN.to_vec(),
+        crate::transport::WEB_ALPN.to_vec(),
+    ];
     tls.max_early_data_size = 0;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Setup(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));

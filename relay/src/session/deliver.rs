@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use quinn::Connection;
+use crate::transport::Connection;
 
 use super::{Session, TaskDone};
 use crate::delivery::{self, Delivery, Sink};
@@ -97,8 +97,12 @@ impl Session {
         let conn = self.conn.clone();
         let log = self.ctx.log.clone();
         self.spawn_for(&group.clone(), async move {
-            catch_up(&conn, &*log, &group, after, to, &skip, &sink).await;
-            TaskDone::CaughtUp { group, seq: to }
+            let deleted = catch_up(&conn, &*log, &group, after, to, &skip, &sink).await;
+            TaskDone::CaughtUp {
+                group,
+                seq: to,
+                deleted,
+            }
         });
     }
 
@@ -156,8 +160,39 @@ impl Session {
     }
 }
 
-/// Sends stored clips with `after < seq <= to` that are not in `skip`.
+/// Most holes (deleted clips) one catch-up reports; past it the cursor
+/// waits for the next join to move past the rest.
+const MAX_HOLES: usize = crate::subscription::MAX_UNACKED;
+
+/// Sends stored clips with `after < seq <= to` that are not in `skip`;
+/// returns the seqs missing between the clips it read (deleted by an
+/// administrator; a read that failed reports none).
 async fn catch_up(
+    conn: &Connection,
+    log: &dyn GroupLog,
+    group: &str,
+    after: u64,
+    to: u64,
+    skip: &HashSet<u64>,
+    sink: &Sink,
+) -> Vec<u64> {
+    let mut holes = Vec::new();
+    let mut reached = after;
+    let complete = send_stored(conn, log, group, after, to, skip, sink, &mut |seq| {
+        holes.extend((reached + 1..seq).take(MAX_HOLES.saturating_sub(holes.len())));
+        reached = seq;
+    })
+    .await;
+    if complete && reached < to {
+        holes.extend((reached + 1..=to).take(MAX_HOLES.saturating_sub(holes.len())));
+    }
+    holes
+}
+
+/// The catch-up loop: `seen` is called with each stored seq read, in
+/// order; returns whether it read to the end of the log (no failure).
+#[allow(clippy::too_many_arguments)]
+async fn send_stored(
     conn: &Connection,
     log: &dyn GroupLog,
     group: &str,
@@ -165,40 +200,45 @@ async fn catch_up(
     to: u64,
     skip: &HashSet<u64>,
     sink: &Sink,
-) {
+    seen: &mut impl FnMut(u64),
+) -> bool {
     while after < to {
         let clips = match log.read(group, after, CATCH_UP_BATCH).await {
             Ok(clips) if !clips.is_empty() => clips,
-            Ok(_) => break,
+            Ok(_) => return true,
             Err(crate::store::StoreError::Corrupt { .. }) => {
                 // One damaged clip must not hide the ones after it: read
                 // one at a time and step over the damaged one.
                 match log.read(group, after, 1).await {
                     Ok(clips) if !clips.is_empty() => clips,
-                    Ok(_) => break,
+                    Ok(_) => return true,
                     Err(e) => {
                         tracing::error!(error = %e, seq = after + 1, "skipping a damaged clip");
                         after += 1;
+                        // Not a hole: the clip is there, only unreadable.
+                        seen(after);
                         continue;
                     }
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "catch-up read failed");
-                break;
+                return false;
             }
         };
         for clip in clips {
             if clip.seq > to {
-                return;
+                return true;
             }
             after = clip.seq;
+            seen(clip.seq);
             if skip.contains(&clip.seq) {
                 continue;
             }
             if let Delivery::Failed = delivery::deliver_stored(conn, &clip, false, sink).await {
-                return;
+                return false;
             }
         }
     }
+    true
 }

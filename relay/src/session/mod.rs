@@ -18,7 +18,6 @@ use ptt_protocol::{
     ControlMessage, ErrorCode, FramedReader, PROTOCOL_VERSION, SessionState, Welcome,
     message::MAX_PAYLOAD_LEN,
 };
-use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -26,10 +25,11 @@ use tracing::Instrument;
 use crate::auth::Claims;
 use crate::command::{SessionCommand, SessionHandle};
 use crate::context::RelayContext;
-use crate::delivery::{Delivery, Sink, code};
+use crate::delivery::{Delivery, Sink};
 use crate::ingest::{self, Uploader};
 use crate::live::LiveClip;
 use crate::subscription::Subscription;
+use crate::transport::{self, Connection, RecvStream, SendStream};
 
 mod cmd;
 mod deliver;
@@ -57,6 +57,9 @@ pub fn run(
     // captured value stays in the task for its whole life.
     let connect = Box::pin(connect(incoming, ctx, id));
     async move {
+        let metrics = crate::metrics::Metrics::get();
+        metrics.connections.increment(1.0);
+        let _alive = scopeguard(|| metrics.connections.decrement(1.0));
         let Some(mut session) = connect.await else {
             return;
         };
@@ -75,6 +78,28 @@ async fn connect(incoming: quinn::Incoming, ctx: Arc<RelayContext>, id: u64) -> 
         Ok(conn) => conn,
         Err(e) => {
             tracing::debug!(error = %e, "handshake failed");
+            return None;
+        }
+    };
+    // A browser's WebTransport handshake (HTTP/3 SETTINGS and CONNECT)
+    // comes first, within the hello's deadline; then it is a session like
+    // any other.
+    let web = transport::accept(conn.clone(), ctx.config.max_streams_per_connection);
+    let conn = match tokio::time::timeout(ctx.config.auth_timeout, web).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "WebTransport handshake failed");
+            conn.close(
+                ErrorCode::Protocol.code().into(),
+                b"WebTransport handshake failed",
+            );
+            return None;
+        }
+        Err(_) => {
+            conn.close(
+                ErrorCode::AuthTimeout.code().into(),
+                b"no WebTransport CONNECT in time",
+            );
             return None;
         }
     };
@@ -108,14 +133,17 @@ impl Refusal {
     async fn close(self, conn: &Connection) {
         if self.code == ErrorCode::None {
             tracing::debug!(message = %self.message, "gone");
-            conn.close(code(ErrorCode::None), b"");
+            conn.close(ErrorCode::None.code(), b"");
             return;
         }
         tracing::info!(code = %self.code, message = %self.message, "refused");
+        if self.code != ErrorCode::ShuttingDown {
+            crate::metrics::auth_failure(self.code);
+        }
         if let Some(mut send) = self.control {
             write_then_close(&mut send, self.code, &self.message).await;
         }
-        conn.close(code(self.code), self.message.as_bytes());
+        conn.close(self.code.code(), self.message.as_bytes());
     }
 }
 
@@ -127,8 +155,13 @@ enum TaskDone {
         clip: Option<Arc<LiveClip>>,
         result: Delivery,
     },
-    /// A catch-up reached its end.
-    CaughtUp { group: Arc<str>, seq: u64 },
+    /// A catch-up reached its end; `deleted` are the seqs it found
+    /// missing between stored clips (deleted by an administrator).
+    CaughtUp {
+        group: Arc<str>,
+        seq: u64,
+        deleted: Vec<u64>,
+    },
     /// A fetch sent `count` clips.
     Fetched {
         request_id: u64,
@@ -218,7 +251,7 @@ impl Session {
                 None,
             )
         })?;
-        let mut control = FramedReader::new(recv, MAX_HELLO_FRAME);
+        let mut control = FramedReader::new(RecvStream::from(recv), MAX_HELLO_FRAME);
         let hello = tokio::time::timeout_at(deadline.into(), control.next_control()).await;
         let (version, token) = match hello {
             Err(_) => {
@@ -304,6 +337,7 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = self.handle.overflowed() => {
+                    crate::metrics::Metrics::get().overflow_closed.increment(1);
                     return (ErrorCode::SlowReceiver, "the session could not keep up with its events".into());
                 }
                 _ = self.ctx.shutdown.cancelled(), if drain_deadline.is_none() => {
@@ -330,7 +364,7 @@ impl Session {
                     },
                 },
                 stream = self.conn.accept_uni(), if drain_deadline.is_none() => match stream {
-                    Ok(recv) => self.start_upload(recv),
+                    Ok(recv) => self.start_upload(recv.into()),
                     Err(_) => return (ErrorCode::None, "connection closed".into()),
                 },
                 Some(command) = self.commands.recv() => Box::pin(self.handle_command(command)).await,
@@ -397,7 +431,7 @@ impl Session {
         if code_ != ErrorCode::None {
             write_then_close(&mut self.control_send, code_, &reason).await;
         }
-        self.conn.close(code(code_), reason.as_bytes());
+        self.conn.close(code_.code(), reason.as_bytes());
         tracing::info!(code = %code_, "closed");
     }
 
@@ -417,7 +451,13 @@ impl Session {
             state: self.state.clone(),
         };
         let ctx = self.ctx.clone();
-        let span = tracing::debug_span!("clip");
+        // The session's span (its parent) names the user; the group and
+        // clip id are recorded once the header is read.
+        let span = tracing::info_span!(
+            "clip",
+            group = tracing::field::Empty,
+            clip = tracing::field::Empty
+        );
         self.uploads
             .spawn(ingest::run(recv, ctx, uploader).instrument(span));
     }
@@ -460,6 +500,14 @@ impl Session {
                     && let Some(joined) = self.joined.get_mut(group.as_str())
                 {
                     joined.sub.stored_own(*seq, *clip_id);
+                    let group: Arc<str> = group.as_str().into();
+                    self.write_cursor(&group);
+                }
+                // A deleted clip counts as received: the cursor moves on.
+                if let ControlMessage::ClipDeleted { group, seq, .. } = &*message
+                    && let Some(joined) = self.joined.get_mut(group.as_str())
+                {
+                    joined.sub.deleted(*seq);
                     let group: Arc<str> = group.as_str().into();
                     self.write_cursor(&group);
                 }
@@ -506,6 +554,7 @@ impl Session {
                 // it wrote the clip's end.
                 Delivery::Complete => self.sync_delivered(&group),
                 Delivery::Cut => {
+                    crate::metrics::Metrics::get().live_cuts.increment(1);
                     tracing::debug!(%group, "live stream cut; recovering from the store");
                     if let Some(clip) = clip {
                         self.spawn_recovery(group, clip);
@@ -513,7 +562,19 @@ impl Session {
                 }
                 Delivery::Aborted | Delivery::Failed => {}
             },
-            TaskDone::CaughtUp { group, seq } => {
+            TaskDone::CaughtUp {
+                group,
+                seq,
+                deleted,
+            } => {
+                if let Some(joined) = self.joined.get_mut(&group)
+                    && !deleted.is_empty()
+                {
+                    for seq in deleted {
+                        joined.sub.deleted(seq);
+                    }
+                    self.write_cursor(&group);
+                }
                 if self.joined.contains_key(&group) {
                     self.send(ControlMessage::CaughtUp {
                         group: group.to_string(),
@@ -545,6 +606,20 @@ impl Session {
             }
         }
     }
+}
+
+/// Runs `f` when dropped (the connection gauge goes down however the
+/// task ends).
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 fn shutting_down() -> (ErrorCode, String) {

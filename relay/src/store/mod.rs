@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
-use ptt_protocol::{ChannelLimits, ClipFormat, ClipId, GroupMode, Role};
+use ptt_protocol::{ChannelLimits, ClipFormat, ClipId, ClipSummary, GroupMode, MemberState, Role};
 
 pub mod redb_store;
 
@@ -256,6 +256,15 @@ impl StoreError {
     }
 }
 
+/// The answer of a store that does not implement an optional operation.
+fn unsupported<'a, T: Send + 'a>(what: &'static str) -> StoreFuture<'a, T> {
+    Box::pin(async move {
+        Err(StoreError::Backend(format!(
+            "{what} is not supported by this store"
+        )))
+    })
+}
+
 /// Durable storage for the relay. See the module documentation.
 pub trait ClipStore: Send + Sync + 'static {
     /// Creates a group with no members.
@@ -299,6 +308,47 @@ pub trait ClipStore: Send + Sync + 'static {
     /// Deletes clips the policy no longer keeps, as of `now_ms`; returns
     /// how many were deleted.
     fn apply_retention(&self, policy: RetentionPolicy, now_ms: u64) -> StoreFuture<'_, u64>;
+    /// Summaries (no audio) of up to `limit` clips with `seq > after`, in
+    /// sequence order.
+    fn clip_summaries(
+        &self,
+        group: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<ClipSummary>> {
+        let _ = (group, after, limit);
+        unsupported("listing clips")
+    }
+    /// Deletes clip `seq` (an administrator's decision) and records a
+    /// tombstone at `now_ms`; returns its clip id, or `None` if it is not
+    /// stored. Its dedup entry ages out as after retention.
+    fn delete_clip(&self, group: &str, seq: u64, now_ms: u64) -> StoreFuture<'_, Option<ClipId>> {
+        let _ = (group, seq, now_ms);
+        unsupported("deleting clips")
+    }
+    /// The tombstones of `group` recorded at or after `since_ms`:
+    /// `(seq, clip_id)` in sequence order.
+    fn tombstones(&self, group: &str, since_ms: u64) -> StoreFuture<'_, Vec<(u64, ClipId)>> {
+        let _ = (group, since_ms);
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    /// Every member of `group` with its cursor and last-seen time.
+    fn member_status(&self, group: &str) -> StoreFuture<'_, Vec<MemberState>> {
+        let _ = group;
+        unsupported("member status")
+    }
+    /// When `user` was last seen in `group` (a join or a cursor write),
+    /// Unix ms; 0 if never.
+    fn last_seen(&self, group: &str, user: &str) -> StoreFuture<'_, u64> {
+        let _ = (group, user);
+        Box::pin(async { Ok(0) })
+    }
+    /// Records that `user` was seen in `group` now.
+    fn touch_member(&self, group: &str, user: &str) -> StoreFuture<'_, ()> {
+        let _ = (group, user);
+        Box::pin(async { Ok(()) })
+    }
+
     /// Makes everything committed so far durable (used at shutdown).
     fn flush(&self) -> StoreFuture<'_, ()>;
 
@@ -315,19 +365,19 @@ pub trait ClipStore: Send + Sync + 'static {
         limits: ChannelLimits,
     ) -> StoreFuture<'_, ()> {
         let _ = (channel, owner, public, limits);
-        unsupported()
+        no_channels()
     }
     /// Gives `user` a role in a group (adding it as a member). In a
     /// channel, [`Role::Listener`] removes it from the members (a follower
     /// stays a follower).
     fn set_role(&self, group: &str, user: &str, role: Role) -> StoreFuture<'_, ()> {
         let _ = (group, user, role);
-        unsupported()
+        no_channels()
     }
     /// Sets a channel's limits (the group's `max_clip_ms` with them).
     fn set_channel_limits(&self, channel: &str, limits: ChannelLimits) -> StoreFuture<'_, ()> {
         let _ = (channel, limits);
-        unsupported()
+        no_channels()
     }
     /// Changes a follower's record; returns whether anything changed.
     /// Costs O(1) writes, and does not signal the group's watchers.
@@ -338,37 +388,37 @@ pub trait ClipStore: Send + Sync + 'static {
         change: FollowChange,
     ) -> StoreFuture<'_, bool> {
         let _ = (channel, user, change);
-        unsupported()
+        no_channels()
     }
     /// A follower's record, if `user` follows `channel`.
     fn follower(&self, channel: &str, user: &str) -> StoreFuture<'_, Option<Follower>> {
         let _ = (channel, user);
-        unsupported()
+        no_channels()
     }
     /// How many follow `channel`.
     fn follower_count(&self, channel: &str) -> StoreFuture<'_, u64> {
         let _ = channel;
-        unsupported()
+        no_channels()
     }
     /// Up to `limit` public channels whose id starts with `prefix`, sorted.
     fn public_channels(&self, prefix: &str, limit: usize) -> StoreFuture<'_, Vec<String>> {
         let _ = (prefix, limit);
-        unsupported()
+        no_channels()
     }
     /// Stores an invite code for `channel`.
     fn create_invite(&self, channel: &str, code: &str) -> StoreFuture<'_, ()> {
         let _ = (channel, code);
-        unsupported()
+        no_channels()
     }
     /// Deletes an invite code of `channel`; returns whether it existed.
     fn revoke_invite(&self, channel: &str, code: &str) -> StoreFuture<'_, bool> {
         let _ = (channel, code);
-        unsupported()
+        no_channels()
     }
     /// The channel an invite code opens.
     fn invite(&self, code: &str) -> StoreFuture<'_, Option<String>> {
         let _ = code;
-        unsupported()
+        no_channels()
     }
     /// The writes asked for so far.
     fn counters(&self) -> StoreCounters {
@@ -376,7 +426,7 @@ pub trait ClipStore: Send + Sync + 'static {
     }
 }
 
-fn unsupported<'a, T: 'a>() -> StoreFuture<'a, T> {
+fn no_channels<'a, T: 'a>() -> StoreFuture<'a, T> {
     Box::pin(async {
         Err(StoreError::Backend(
             "this store does not keep channels".into(),

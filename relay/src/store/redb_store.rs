@@ -71,7 +71,10 @@
 //!
 //! Retention deletes from the oldest sequence number forward and stops at
 //! the first clip it keeps, so the retained clips of a group are always the
-//! contiguous range [`SeqRange`] reports. Clips are appended in the order
+//! contiguous range [`SeqRange`] reports, less the clips an administrator
+//! deleted ([`ClipStore::delete_clip`]: holes that catch-up steps over;
+//! each leaves a tombstone, `(group, seq)` to the clip id and the time,
+//! pruned with the dedup entries). Clips are appended in the order
 //! they finish, so a clip can be up to one clip length older than a clip
 //! before it; it is then deleted at most that much later than its age
 //! allows. The cost is proportional to the clips deleted, not to the clips
@@ -107,7 +110,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use ptt_protocol::coding::{
     get_array, get_bytes, get_count, get_u8, get_varint, get_varint_u32, put_bytes, put_varint,
 };
-use ptt_protocol::{ClipFormat, ClipId, DecodeError, GroupMode};
+use ptt_protocol::{ClipFormat, ClipId, ClipSummary, DecodeError, GroupMode, MemberState};
 use redb::{
     Database, DatabaseError, Durability, MultimapTableDefinition, ReadTransaction,
     ReadableDatabase, ReadableMultimapTable, ReadableTable, Table, TableDefinition,
@@ -155,6 +158,13 @@ const FOLLOWER_COUNT: TableDefinition<'static, &str, u64> = TableDefinition::new
 const INVITES: TableDefinition<'static, &str, &str> = TableDefinition::new("invites");
 
 mod channels;
+/// When each member's progress was last recorded (a cursor write or a
+/// join), Unix ms.
+const LAST_SEEN: TableDefinition<'static, (&str, &str), u64> = TableDefinition::new("last_seen");
+/// Clips deleted by an administrator: `(group, seq)` to the clip id and
+/// when it was deleted (Unix ms), so members that were away learn of it.
+const TOMBSTONES: TableDefinition<'static, (&str, u64), (&[u8; 16], u64)> =
+    TableDefinition::new("tombstones");
 
 const GROUP_RECORD_V1: u8 = 1;
 const GROUP_RECORD_V2: u8 = 2;
@@ -290,6 +300,8 @@ impl RedbStore {
             txn.open_table(FOLLOWER_COUNT)
                 .ctx("creating follower_count")?;
             txn.open_table(INVITES).ctx("creating invites")?;
+            txn.open_table(LAST_SEEN).ctx("creating last_seen")?;
+            txn.open_table(TOMBSTONES).ctx("creating tombstones")?;
         }
         txn.commit().ctx("commit")?;
 
@@ -542,6 +554,8 @@ fn commit_batch(db: &Database, cmds: Vec<Command>, unsynced: &mut bool) {
             let mut counts = txn
                 .open_table(FOLLOWER_COUNT)
                 .ctx("opening follower_count")?;
+            let mut last_seen = txn.open_table(LAST_SEEN).ctx("opening last_seen")?;
+            let now_ms = crate::auth::unix_millis(std::time::SystemTime::now());
             let mut cmds = cmds.into_iter();
             while let Some(cmd) = cmds.next() {
                 let fatal = match cmd {
@@ -570,7 +584,16 @@ fn commit_batch(db: &Database, cmds: Vec<Command>, unsynced: &mut bool) {
                         seq,
                         reply,
                     } => {
-                        let step = advance_one(&groups, &mut cursors, &group, &user, seq);
+                        let step = advance_one(&groups, &mut cursors, &group, &user, seq).and_then(
+                            |answer| {
+                                if answer.is_ok() {
+                                    last_seen
+                                        .insert((group.as_str(), user.as_str()), now_ms)
+                                        .ctx("writing last_seen")?;
+                                }
+                                Ok(answer)
+                            },
+                        );
                         let (answer, fatal) = split_step(step);
                         answers.push(Answer::Cursor(reply, answer));
                         fatal
@@ -997,6 +1020,7 @@ fn retain_group(
 
     // Drop the dedup entries whose clip was deleted long enough ago.
     let grace = policy.max_age_ms.max(MIN_DEDUP_GRACE_MS);
+    prune_tombstones(txn, group, now_ms.saturating_sub(grace))?;
     let mut clip_ids = txn.open_table(CLIP_IDS).ctx("opening clip_ids")?;
     loop {
         let (seq, clip_id) = {
@@ -1019,6 +1043,76 @@ fn retain_group(
             .ctx("deleting clip_ids")?;
     }
     Ok(deleted)
+}
+
+/// Drops `group`'s tombstones of clips deleted before `before_ms`: a member
+/// away for longer than that has its whole history resent anyway or
+/// retention took the clip from its peers too.
+fn prune_tombstones(txn: &WriteTransaction, group: &str, before_ms: u64) -> Result<(), StoreError> {
+    let mut tombstones = txn.open_table(TOMBSTONES).ctx("opening tombstones")?;
+    let mut old = Vec::new();
+    for entry in tombstones
+        .range((group, 0)..=(group, u64::MAX))
+        .ctx("reading tombstones")?
+    {
+        let (key, value) = entry.ctx("reading tombstones")?;
+        if value.value().1 < before_ms {
+            old.push(key.value().1);
+        }
+    }
+    for seq in old {
+        tombstones.remove((group, seq)).ctx("deleting tombstones")?;
+    }
+    Ok(())
+}
+
+/// A clip's summary from its blob: the metadata, the frame count and the
+/// bytes of its frames, read without copying the frames.
+fn summarize(group: &str, seq: u64, raw: &[u8]) -> Result<ClipSummary, StoreError> {
+    let mut rest = raw;
+    let meta = decode_meta(group, seq, &mut rest)?;
+    let de = |e: DecodeError| clip_corrupt(group, seq, e);
+    let waveform_len = get_varint(&mut rest).map_err(de)?;
+    if waveform_len > rest.len() as u64 {
+        return Err(de(DecodeError::Short));
+    }
+    rest = &rest[waveform_len as usize..];
+    let count = get_varint(&mut rest).map_err(de)?;
+    let mut bytes = 0u64;
+    for _ in 0..count {
+        let len = get_varint(&mut rest).map_err(de)?;
+        if len > rest.len() as u64 {
+            return Err(de(DecodeError::Short));
+        }
+        rest = &rest[len as usize..];
+        bytes += len;
+    }
+    Ok(ClipSummary {
+        seq,
+        clip_id: meta.clip_id,
+        talker: meta.talker,
+        duration_ms: count * u64::from(meta.frame_ms),
+        bytes,
+        created_ms: meta.created_ms,
+    })
+}
+
+impl RedbStore {
+    /// Records that `user` was seen in `group` now (at a join) without
+    /// moving its cursor: a cursor write of 0, batched like the others.
+    fn touch(&self, group: &str, user: &str) -> StoreFuture<'_, ()> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Cursor {
+            group: group.to_owned(),
+            user: user.to_owned(),
+            seq: 0,
+            reply,
+        };
+        Box::pin(async move {
+            self.send(cmd).await?;
+            rx.await.map_err(|_| writer_gone())?
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1278,6 +1372,129 @@ impl ClipStore for RedbStore {
             }
             Ok(deleted)
         })
+    }
+
+    fn clip_summaries(
+        &self,
+        group: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<ClipSummary>> {
+        let group = group.to_owned();
+        self.read(move |txn| {
+            require_group(txn, &group)?;
+            let clips = txn.open_table(CLIPS).ctx("opening clips")?;
+            let mut out = Vec::new();
+            if limit == 0 || after == u64::MAX {
+                return Ok(out);
+            }
+            let g = group.as_str();
+            for entry in clips
+                .range((g, after + 1)..=(g, u64::MAX))
+                .ctx("reading clips")?
+                .take(limit)
+            {
+                let (key, value) = entry.ctx("reading clips")?;
+                out.push(summarize(g, key.value().1, value.value())?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn delete_clip(&self, group: &str, seq: u64, now_ms: u64) -> StoreFuture<'_, Option<ClipId>> {
+        let group = group.to_owned();
+        self.write(move |txn| {
+            {
+                let groups = txn.open_table(GROUPS).ctx("opening groups")?;
+                if groups.get(group.as_str()).ctx("reading groups")?.is_none() {
+                    return Err(StoreError::NoSuchGroup(group));
+                }
+            }
+            let g = group.as_str();
+            let mut clips = txn.open_table(CLIPS).ctx("opening clips")?;
+            let Some(raw) = clips.remove((g, seq)).ctx("deleting clips")? else {
+                return Ok(None);
+            };
+            let mut blob = raw.value();
+            // A damaged clip is deleted all the same; its id is unknown.
+            let clip_id = decode_meta(g, seq, &mut blob)
+                .map(|m| m.clip_id)
+                .unwrap_or_default();
+            drop(raw);
+            // The dedup entry ages out like a clip retention deleted.
+            txn.open_table(EXPIRED)
+                .ctx("opening expired_clip_ids")?
+                .insert((g, seq), (clip_id.as_bytes(), now_ms))
+                .ctx("writing expired_clip_ids")?;
+            txn.open_table(TOMBSTONES)
+                .ctx("opening tombstones")?
+                .insert((g, seq), (clip_id.as_bytes(), now_ms))
+                .ctx("writing tombstones")?;
+            Ok(Some(clip_id))
+        })
+    }
+
+    fn tombstones(&self, group: &str, since_ms: u64) -> StoreFuture<'_, Vec<(u64, ClipId)>> {
+        let group = group.to_owned();
+        self.read(move |txn| {
+            let tombstones = txn.open_table(TOMBSTONES).ctx("opening tombstones")?;
+            let g = group.as_str();
+            let mut out = Vec::new();
+            for entry in tombstones
+                .range((g, 0)..=(g, u64::MAX))
+                .ctx("reading tombstones")?
+            {
+                let (key, value) = entry.ctx("reading tombstones")?;
+                let (clip_id, deleted_ms) = value.value();
+                if deleted_ms >= since_ms {
+                    out.push((key.value().1, ClipId::from_bytes(*clip_id)));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn member_status(&self, group: &str) -> StoreFuture<'_, Vec<MemberState>> {
+        let group = group.to_owned();
+        self.read(move |txn| {
+            let info = read_group(txn, &group)?.ok_or(StoreError::NoSuchGroup(group.clone()))?;
+            let cursors = txn.open_table(CURSORS).ctx("opening cursors")?;
+            let seen = txn.open_table(LAST_SEEN).ctx("opening last_seen")?;
+            let g = group.as_str();
+            let mut out = Vec::with_capacity(info.members.len());
+            for user in info.members {
+                let key = (g, user.as_str());
+                let cursor = cursors
+                    .get(key)
+                    .ctx("reading cursors")?
+                    .map_or(0, |v| v.value());
+                let last_seen_ms = seen
+                    .get(key)
+                    .ctx("reading last_seen")?
+                    .map_or(0, |v| v.value());
+                out.push(MemberState {
+                    user,
+                    cursor,
+                    last_seen_ms,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn last_seen(&self, group: &str, user: &str) -> StoreFuture<'_, u64> {
+        let (group, user) = (group.to_owned(), user.to_owned());
+        self.read(move |txn| {
+            let seen = txn.open_table(LAST_SEEN).ctx("opening last_seen")?;
+            Ok(seen
+                .get((group.as_str(), user.as_str()))
+                .ctx("reading last_seen")?
+                .map_or(0, |v| v.value()))
+        })
+    }
+
+    fn touch_member(&self, group: &str, user: &str) -> StoreFuture<'_, ()> {
+        self.touch(group, user)
     }
 
     fn flush(&self) -> StoreFuture<'_, ()> {
@@ -1820,5 +2037,83 @@ mod tests {
         ));
         drop(store);
         RedbStore::open(dir.path()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn summaries_deletion_tombstones_and_last_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_group(dir.path()).await;
+        for id in 1..=3 {
+            store.append_clip(clip("g", id, 1_000)).await.unwrap();
+        }
+        let summaries = store.clip_summaries("g", 1, 10).await.unwrap();
+        let seqs: Vec<u64> = summaries.iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, [2, 3]);
+        let frames = clip("g", 2, 1_000).frames;
+        let m = meta("g", 2, 1_000);
+        assert_eq!(summaries[0].clip_id, m.clip_id);
+        assert_eq!(summaries[0].talker, m.talker);
+        assert_eq!(
+            summaries[0].bytes,
+            frames.iter().map(|f| f.len() as u64).sum::<u64>()
+        );
+        assert_eq!(
+            summaries[0].duration_ms,
+            frames.len() as u64 * u64::from(m.frame_ms)
+        );
+
+        assert_eq!(
+            store.delete_clip("g", 2, 5_000).await.unwrap(),
+            Some(m.clip_id)
+        );
+        assert_eq!(store.delete_clip("g", 2, 6_000).await.unwrap(), None);
+        assert!(matches!(
+            store.delete_clip("nope", 1, 5_000).await,
+            Err(StoreError::NoSuchGroup(_))
+        ));
+        let left: Vec<u64> = store
+            .clip_summaries("g", 0, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.seq)
+            .collect();
+        assert_eq!(left, [1, 3]);
+        // Still known to dedup: a retry is not stored again.
+        assert_eq!(
+            store.append_clip(clip("g", 2, 1_000)).await.unwrap(),
+            AppendOutcome::Duplicate { seq: 2 }
+        );
+        assert_eq!(
+            store.tombstones("g", 5_000).await.unwrap(),
+            [(2, m.clip_id)]
+        );
+        assert!(store.tombstones("g", 5_001).await.unwrap().is_empty());
+
+        store.add_member("g", "bob").await.unwrap();
+        store.add_member("g", "carol").await.unwrap();
+        store.advance_cursor("g", "bob", 3).await.unwrap();
+        store.touch_member("g", "carol").await.unwrap();
+        let status = store.member_status("g").await.unwrap();
+        assert_eq!(status.len(), 2);
+        assert_eq!((status[0].user.as_str(), status[0].cursor), ("bob", 3));
+        assert_eq!((status[1].user.as_str(), status[1].cursor), ("carol", 0));
+        assert!(status.iter().all(|m| m.last_seen_ms > 0));
+        assert_eq!(
+            store.last_seen("g", "carol").await.unwrap(),
+            status[1].last_seen_ms
+        );
+        assert_eq!(store.last_seen("g", "dave").await.unwrap(), 0);
+
+        // Retention drops tombstones as old as the dedup window.
+        let policy = RetentionPolicy {
+            max_age_ms: 0,
+            max_clips_per_group: 0,
+        };
+        store
+            .apply_retention(policy, 5_000 + MIN_DEDUP_GRACE_MS + 1)
+            .await
+            .unwrap();
+        assert!(store.tombstones("g", 0).await.unwrap().is_empty());
     }
 }

@@ -14,7 +14,8 @@ impl Session {
             M::CreateGroup { request_id, .. }
             | M::AddMember { request_id, .. }
             | M::RemoveMember { request_id, .. }
-            | M::SetMode { request_id, .. } => *request_id,
+            | M::SetMode { request_id, .. }
+            | M::DeleteClip { request_id, .. } => *request_id,
             _ => unreachable!("admin is called with admin messages"),
         };
         let result = if !self.claims.adm {
@@ -24,6 +25,55 @@ impl Session {
         };
         let reply = result.map(|()| M::Ok { request_id });
         self.reply_result(request_id, reply).await;
+    }
+
+    /// ListMemberStatus: a group's members with their cursor and
+    /// last-seen time (admins only).
+    pub(super) async fn member_status(
+        &self,
+        request_id: u64,
+        group: String,
+    ) -> Result<ControlMessage, ErrorCode> {
+        if !self.claims.adm {
+            return Err(ErrorCode::Forbidden);
+        }
+        let members = self
+            .ctx
+            .store
+            .member_status(&group)
+            .await
+            .map_err(|e| e.code())?;
+        Ok(ControlMessage::MemberStatus {
+            request_id,
+            group,
+            members,
+        })
+    }
+
+    /// ListClips: summaries of a group's stored clips (admins only), at
+    /// most [`crate::admin::MAX_LIST_CLIPS`].
+    pub(super) async fn list_clips(
+        &self,
+        request_id: u64,
+        group: String,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<ControlMessage, ErrorCode> {
+        if !self.claims.adm {
+            return Err(ErrorCode::Forbidden);
+        }
+        let limit = (limit as usize).min(crate::admin::MAX_LIST_CLIPS);
+        let clips = self
+            .ctx
+            .store
+            .clip_summaries(&group, after_seq, limit)
+            .await
+            .map_err(|e| e.code())?;
+        Ok(ControlMessage::ClipList {
+            request_id,
+            group,
+            clips,
+        })
     }
 
     /// ListGroups: the user's groups (every group for an admin).

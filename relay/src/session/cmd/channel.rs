@@ -1,4 +1,4 @@
-//! Roles and broadcast channels (issue #14, PROTOCOL.md section 12):
+//! Roles and broadcast channels (issue #14, PROTOCOL.md section 13):
 //! CreateChannel, Follow, Unfollow, Mute, Unmute, ListChannels, SetRole,
 //! CreateInvite, RevokeInvite, SetChannelLimits, ChannelStats.
 //!

@@ -1,4 +1,6 @@
-//! FetchRecent: a group's newest stored clips again.
+//! FetchRecent: a group's newest stored clips again; FetchClip: one
+//! stored clip again (members and admins: the command line exports clips
+//! with it).
 
 use std::sync::Arc;
 
@@ -50,6 +52,57 @@ impl Session {
                 sent
             }
             .await;
+            TaskDone::Fetched {
+                request_id,
+                group: key,
+                count,
+            }
+        });
+    }
+
+    /// FetchClip: clip `seq` of the group, flagged FETCHED, then
+    /// FetchDone (count 1); `NoSuchClip` if it is not stored. For the
+    /// group's members and for admins; counts as a fetch in flight.
+    pub(super) async fn fetch_clip(&mut self, request_id: u64, group: String, seq: u64) {
+        if !self.claims.adm
+            && let Err(code_) = self.ctx.hub.member_group(&group, &self.handle.user).await
+        {
+            self.reply_result(request_id, Err(code_)).await;
+            return;
+        }
+        match self.ctx.log.meta(&group, seq).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                self.reply_result(request_id, Err(ErrorCode::NoSuchClip))
+                    .await;
+                return;
+            }
+            Err(e) => {
+                self.reply_result(request_id, Err(e.code())).await;
+                return;
+            }
+        }
+        if self.fetches >= MAX_FETCHES {
+            self.reply_result(request_id, Err(ErrorCode::RateLimited))
+                .await;
+            return;
+        }
+        self.fetches += 1;
+        let conn = self.conn.clone();
+        let log = self.ctx.log.clone();
+        let key: Arc<str> = group.as_str().into();
+        self.deliveries.spawn(async move {
+            let sink = Sink::new(ErrorCode::ShuttingDown);
+            let clips = log
+                .read(&key, seq.saturating_sub(1), 1)
+                .await
+                .unwrap_or_default();
+            let mut count = 0;
+            if let Some(clip) = clips.first().filter(|c| c.seq == seq)
+                && let Delivery::Complete = delivery::deliver_stored(&conn, clip, true, &sink).await
+            {
+                count = 1;
+            }
             TaskDone::Fetched {
                 request_id,
                 group: key,

@@ -40,25 +40,28 @@ impl Session {
             user: self.handle.user.clone(),
         };
         let hold = Duration::from_millis(u64::from(max_ms));
-        Ok(
-            match self
-                .ctx
-                .floor
-                .request(&group, &talker, emergency, hold)
-                .await
-            {
-                FloorGrant::Granted => ControlMessage::FloorGranted {
-                    request_id,
-                    group,
-                    max_ms,
-                },
-                FloorGrant::Denied { holder } => ControlMessage::FloorDenied {
-                    request_id,
-                    group,
-                    holder,
-                },
+        let grant = self
+            .ctx
+            .floor
+            .request(&group, &talker, emergency, hold)
+            .await;
+        let metrics = crate::metrics::Metrics::get();
+        match grant {
+            FloorGrant::Granted => metrics.floor_grants.increment(1),
+            FloorGrant::Denied { .. } => metrics.floor_denials.increment(1),
+        }
+        Ok(match grant {
+            FloorGrant::Granted => ControlMessage::FloorGranted {
+                request_id,
+                group,
+                max_ms,
             },
-        )
+            FloorGrant::Denied { holder } => ControlMessage::FloorDenied {
+                request_id,
+                group,
+                holder,
+            },
+        })
     }
 
     /// FloorRelease: frees the floor if this connection holds it (a no-op

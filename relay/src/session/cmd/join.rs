@@ -22,11 +22,14 @@ impl Session {
             }
         };
         let user = self.handle.user.clone();
+        // Read after the hub registered the session: a clip deleted from
+        // here on reaches it live, one deleted before is in the store.
         let looked_up = tokio::try_join!(
             self.ctx.store.cursor(&group, &user),
-            self.ctx.log.range(&group)
+            self.ctx.log.range(&group),
+            crate::admin::tombstones_for(&*self.ctx.store, &group, &user),
         );
-        let (cursor, range) = match looked_up {
+        let (cursor, range, tombstones) = match looked_up {
             Ok(v) => v,
             Err(e) => {
                 if !self.joined.contains_key(group.as_str()) {
@@ -65,6 +68,20 @@ impl Session {
                 to_seq,
             })
             .await;
+        }
+        // Clips deleted while the member was away: its app drops them.
+        for tombstone in tombstones {
+            if let ControlMessage::ClipDeleted { seq, .. } = &tombstone {
+                self.joined
+                    .get_mut(&key)
+                    .expect("inserted above")
+                    .sub
+                    .deleted(*seq);
+            }
+            self.send(tombstone).await;
+        }
+        if let Err(e) = self.ctx.store.touch_member(&group, &user).await {
+            tracing::debug!(error = %e, %group, "recording last seen failed");
         }
         if snapshot.mode == GroupMode::Walkie
             && let Some((user, emergency)) = snapshot.floor

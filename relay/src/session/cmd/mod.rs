@@ -38,6 +38,9 @@ impl Session {
                 .unwrap_or_else(|p| p.into_inner())
                 .handle_control(Instant::now());
             if let Err(code) = limited {
+                crate::metrics::Metrics::get()
+                    .control_rate_limited
+                    .increment(1);
                 return Err((code, "too many control messages".into()));
             }
         }
@@ -60,7 +63,26 @@ impl Session {
             M::CreateGroup { .. }
             | M::AddMember { .. }
             | M::RemoveMember { .. }
-            | M::SetMode { .. } => self.admin(message).await,
+            | M::SetMode { .. }
+            | M::DeleteClip { .. } => self.admin(message).await,
+            M::ListMemberStatus { request_id, group } => {
+                let result = self.member_status(request_id, group).await;
+                self.reply_result(request_id, result).await;
+            }
+            M::ListClips {
+                request_id,
+                group,
+                after_seq,
+                limit,
+            } => {
+                let result = self.list_clips(request_id, group, after_seq, limit).await;
+                self.reply_result(request_id, result).await;
+            }
+            M::FetchClip {
+                request_id,
+                group,
+                seq,
+            } => self.fetch_clip(request_id, group, seq).await,
             M::ListGroups { request_id } => {
                 let result = self.list_groups(request_id).await;
                 self.reply_result(request_id, result).await;
