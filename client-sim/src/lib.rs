@@ -10,6 +10,7 @@
 //! - [`lossy`]: an in-process lossy, slow UDP socket for quinn.
 //! - [`audio`]: the WAV encoded once and replayed.
 //! - [`kill`]: the process-kill driver (`kill-soak`).
+//! - [`broadcast`]: the broadcast-channel scenario (issue #14).
 //! - [`report`], [`plot`]: the JSON report, the table, the SVG.
 //!
 //! [`run`] is what the binary does.
@@ -17,6 +18,7 @@
 pub mod audio;
 pub mod flood;
 pub mod kill;
+pub mod broadcast;
 pub mod lossy;
 pub mod plot;
 pub mod report;

@@ -216,6 +216,9 @@ fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if cli.scenario == "broadcast" {
+        return broadcast(&cli);
+    }
     let scenario = cli.scenario()?;
     let relay = match cli.relay {
         Some(addr) => RelayChoice::External {
@@ -297,6 +300,44 @@ fn main() -> anyhow::Result<()> {
     // Connections still closing must not hold the exit.
     runtime.shutdown_timeout(Duration::from_secs(2));
     if outcome.failed() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// `--scenario broadcast` (issue #14): one publisher and `--clients`
+/// followers of a channel (default 10,000), on an embedded relay.
+fn broadcast(cli: &Cli) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        cli.relay.is_none(),
+        "the broadcast scenario runs on an embedded relay only"
+    );
+    let mut opts = client_sim::broadcast::BroadcastOptions::full();
+    if let Some(n) = cli.clients {
+        opts.followers = n;
+        opts.churn = opts.churn.min(n / 10);
+    }
+    if let Some(d) = cli.duration {
+        opts.clips = (d.as_secs_f64() / opts.clip_interval.as_secs_f64()).ceil() as usize;
+    }
+    if let Some(n) = cli.clients_per_endpoint {
+        opts.clients_per_endpoint = n;
+    }
+    if let Some(d) = cli.settle {
+        opts.settle = d;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.workers.max(1))
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(client_sim::broadcast::run(&opts))?;
+    println!("{}", report.table());
+    if let Some(path) = &cli.report {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    if report.failed {
         std::process::exit(1);
     }
     Ok(())

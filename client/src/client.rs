@@ -51,7 +51,7 @@ pub struct FloorGrant {
 /// is closed by [`Client::close`] or when every clone is dropped.
 #[derive(Clone)]
 pub struct Client {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
     commands: mpsc::Sender<Command>,
 }
 
@@ -169,7 +169,7 @@ impl Client {
         lock(&self.inner.uploads).len()
     }
 
-    async fn request(
+    pub(crate) async fn request(
         &self,
         kind: PendingKind,
         timeout: Duration,
@@ -195,7 +195,7 @@ impl Client {
         }
     }
 
-    async fn simple_request(
+    pub(crate) async fn simple_request(
         &self,
         kind: PendingKind,
         build: impl FnOnce(u64) -> ControlMessage + Send + 'static,
@@ -608,7 +608,7 @@ impl Client {
     }
 }
 
-fn checked(id: &str) -> Result<String, ClientError> {
+pub(crate) fn checked(id: &str) -> Result<String, ClientError> {
     if is_valid_id(id) {
         Ok(id.to_owned())
     } else {
@@ -616,6 +616,6 @@ fn checked(id: &str) -> Result<String, ClientError> {
     }
 }
 
-fn unexpected(msg: ControlMessage) -> ClientError {
+pub(crate) fn unexpected(msg: ControlMessage) -> ClientError {
     ClientError::Protocol(format!("unexpected reply {msg:?}"))
 }

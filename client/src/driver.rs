@@ -420,6 +420,11 @@ impl Driver {
     async fn control(&mut self, _session: &mut Session, msg: ControlMessage) -> Step {
         use ControlMessage as M;
         let event = match msg {
+            M::Channel(ref answer) if answer.request_id() != 0 => {
+                let request_id = answer.request_id();
+                self.reply(request_id, msg).await;
+                None
+            }
             M::Ok { request_id }
             | M::Error { request_id, .. }
             | M::Joined { request_id, .. }

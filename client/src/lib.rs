@@ -32,6 +32,7 @@
 //! at the repository root describes the wire format.
 
 mod backoff;
+mod channel;
 mod client;
 mod config;
 mod dedup;
@@ -64,6 +65,7 @@ pub use ptt_protocol;
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+pub use ptt_protocol::{ChannelCounts, ChannelLimits, Role};
 pub use ptt_protocol::{
     ClipFormat, ClipHeader, ClipId, ClipSummary, ErrorCode, GroupMode, MemberState, ReceiptKind,
 };

@@ -144,6 +144,16 @@ pub enum ErrorCode {
     /// The clip named by a request (DeleteClip, FetchClip) is not stored:
     /// never was, expired, or was deleted.
     NoSuchClip = 25,
+    /// The user is a listener here (a channel's follower, or a group
+    /// member given the listener role): it may not talk.
+    ListenerOnly = 30,
+    /// The invite code is unknown or revoked.
+    BadInvite = 31,
+    /// The channel published as many clips as its limit allows in 24 hours.
+    ChannelLimit = 32,
+    /// The operation needs a channel, and the group is not one (or the
+    /// reverse).
+    NotChannel = 33,
     /// Any code this version does not know.
     Unknown = u32::MAX,
 }
@@ -157,6 +167,12 @@ impl ErrorCode {
     /// The code for a number received from the peer.
     pub fn from_code(code: u64) -> ErrorCode {
         use ErrorCode::*;
+        if let Some(c) = [ListenerOnly, BadInvite, ChannelLimit, NotChannel]
+            .into_iter()
+            .find(|c| u64::from(c.code()) == code)
+        {
+            return c;
+        }
         const ALL: [ErrorCode; 26] = [
             None,
             Protocol,

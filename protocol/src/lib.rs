@@ -17,6 +17,7 @@
 //! - [`datagram`] holds what travels in QUIC datagrams: a member's
 //!   [`LiveRead`] reports of how far it read a live clip.
 
+pub mod channel;
 pub mod clip;
 pub mod coding;
 pub mod datagram;
@@ -28,6 +29,7 @@ pub mod reader;
 pub mod session;
 pub mod stream;
 
+pub use channel::{ChannelCounts, ChannelLimits, ChannelMessage, Role};
 pub use clip::{ClipError, ClipEvent, ClipLimits, ClipReader};
 pub use datagram::{LIVE_READ_BUFFER, LIVE_READ_INTERVAL, LiveRead, live_reads};
 pub use error::{DecodeError, ErrorCode};

@@ -475,6 +475,9 @@ pub enum ControlMessage {
         /// Why.
         code: ErrorCode,
     },
+    /// A roles-and-channels message (types `0x40..=0x5f`, see
+    /// [`crate::channel`]).
+    Channel(crate::channel::ChannelMessage),
     /// The answer to `ListMemberStatus`.
     MemberStatus {
         /// The request's id.
@@ -566,6 +569,9 @@ impl ClipHeader {
     /// [`ClipHeader::FLAG_HISTORY`]): the client asked for it again, so it
     /// is not a repeated delivery.
     pub const FLAG_FETCHED: u8 = 0x04;
+    /// The receiver muted the clip's channel: the app stores the clip but
+    /// does not notify (PROTOCOL.md, section 13).
+    pub const FLAG_MUTED: u8 = 0x08;
 }
 
 /// A message on a clip stream.
@@ -632,6 +638,7 @@ impl ControlMessage {
             MemberList { .. } => kind::MEMBER_LIST,
             FetchDone { .. } => kind::FETCH_DONE,
             GroupLeft { .. } => kind::GROUP_LEFT,
+            Channel(m) => m.kind(),
             MemberStatus { .. } => kind::MEMBER_STATUS,
             ClipList { .. } => kind::CLIP_LIST,
             ClipDeleted { .. } => kind::CLIP_DELETED,
@@ -935,6 +942,7 @@ impl ControlMessage {
                 put_varint(p, u64::from(*reconnect_after_ms));
                 put_string(p, address);
             }
+            Channel(m) => m.encode_payload(p),
             Unknown { .. } => {}
         }
     }
@@ -1235,6 +1243,12 @@ impl ControlMessage {
                     stream: "control",
                 });
             }
+            k if crate::channel::is_channel_kind(k) => {
+                match crate::channel::ChannelMessage::decode_fields(k, p)? {
+                    Some(m) => Channel(m),
+                    None => Unknown { kind: k },
+                }
+            }
             other => Unknown { kind: other },
         })
     }
@@ -1375,7 +1389,7 @@ fn put_frame(buf: &mut BytesMut, kind: u64, payload: &[u8]) {
 /// read whole and the stream is still in step; a payload that ends inside
 /// a field stays malformed. A request with id 0 cannot be answered (an
 /// `Error` with id 0 announces a close), so its invalid fields stay fatal.
-fn request<T>(
+pub(crate) fn request<T>(
     p: &mut Bytes,
     decode: impl FnOnce(u64, &mut Bytes) -> Result<T, DecodeError>,
 ) -> Result<T, DecodeError> {
@@ -1395,7 +1409,7 @@ fn request<T>(
 /// Reads a group or user id of a request. Unlike [`get_string`], a length
 /// longer than the payload is [`DecodeError::Short`] (malformed) before it
 /// is [`DecodeError::TooLong`] (an invalid id, refused as a request).
-fn get_id(p: &mut Bytes, field: &'static str) -> Result<String, DecodeError> {
+pub(crate) fn get_id(p: &mut Bytes, field: &'static str) -> Result<String, DecodeError> {
     let mut after_len = &p[..];
     let len = get_varint(&mut after_len)?;
     if len > after_len.len() as u64 {

@@ -476,6 +476,152 @@ fn examples() -> Vec<(&'static str, Example)> {
             }),
         ),
     ]
+    .into_iter()
+    .chain(channel_examples())
+    .collect()
+}
+
+/// Section 12, roles and channels (issue #14).
+fn channel_examples() -> Vec<(&'static str, Example)> {
+    use ptt_protocol::{ChannelCounts, ChannelLimits, ChannelMessage as M, Role};
+    let c = |m| Example::Control(ControlMessage::Channel(m));
+    let news = || "news-daily".to_string();
+    let club = || "club-news".to_string();
+    let code = || "9f2c4e1a7b3d5f60a1b2c3d4".to_string();
+    vec![
+        (
+            "create-channel",
+            c(M::CreateChannel {
+                request_id: 20,
+                channel: news(),
+                public: true,
+            }),
+        ),
+        (
+            "list-channels",
+            c(M::ListChannels {
+                request_id: 21,
+                prefix: "news".into(),
+            }),
+        ),
+        (
+            "channel-list",
+            c(M::ChannelList {
+                request_id: 21,
+                channels: vec![news(), "news-weekly".into()],
+            }),
+        ),
+        (
+            "follow",
+            c(M::Follow {
+                request_id: 22,
+                channel: news(),
+                invite: String::new(),
+            }),
+        ),
+        (
+            "create-invite",
+            c(M::CreateInvite {
+                request_id: 23,
+                channel: club(),
+            }),
+        ),
+        (
+            "invite",
+            c(M::Invite {
+                request_id: 23,
+                channel: club(),
+                code: code(),
+            }),
+        ),
+        (
+            "follow-with-invite",
+            c(M::Follow {
+                request_id: 24,
+                channel: club(),
+                invite: code(),
+            }),
+        ),
+        (
+            "revoke-invite",
+            c(M::RevokeInvite {
+                request_id: 25,
+                channel: club(),
+                code: code(),
+            }),
+        ),
+        (
+            "mute",
+            c(M::Mute {
+                request_id: 26,
+                channel: news(),
+            }),
+        ),
+        (
+            "unmute",
+            c(M::Unmute {
+                request_id: 27,
+                channel: news(),
+            }),
+        ),
+        (
+            "unfollow",
+            c(M::Unfollow {
+                request_id: 28,
+                channel: news(),
+            }),
+        ),
+        (
+            "set-role",
+            c(M::SetRole {
+                request_id: 29,
+                group: "team-1".into(),
+                user: "bob".into(),
+                role: Role::Listener,
+            }),
+        ),
+        (
+            "error-listener-only",
+            Example::Control(ControlMessage::Error {
+                request_id: 30,
+                code: ErrorCode::ListenerOnly,
+                message: "ListenerOnly (30)".into(),
+            }),
+        ),
+        (
+            "set-channel-limits",
+            c(M::SetChannelLimits {
+                request_id: 31,
+                channel: news(),
+                limits: ChannelLimits {
+                    clips_per_day: 20,
+                    max_clip_ms: 30_000,
+                    backlog_clips: 5,
+                    backlog_days: 2,
+                },
+            }),
+        ),
+        (
+            "channel-stats",
+            c(M::ChannelStats {
+                request_id: 32,
+                channel: news(),
+            }),
+        ),
+        (
+            "channel-counts",
+            c(M::ChannelCounts {
+                request_id: 32,
+                channel: news(),
+                counts: ChannelCounts {
+                    followers: 100_000,
+                    online: 30_000,
+                    delivered: 1_250_000,
+                    played: 400_000,
+                },
+            }),
+        ),
+    ]
 }
 
 /// Examples written by hand-picked bytes rather than the encoder: what a

@@ -130,6 +130,15 @@ pub struct RelayConfig {
     /// Tokio worker threads (0: a current-thread runtime).
     #[arg(long, default_value_t = 2)]
     pub worker_threads: usize,
+    /// The most clips a channel may publish in 24 hours, whatever its
+    /// owner sets (issue #14).
+    #[arg(long, default_value_t = 100)]
+    pub channel_max_clips_per_day: u32,
+    /// The most clips a new follower receives from a channel's history,
+    /// whatever its owner sets; new channels start at the lower of this
+    /// and 10.
+    #[arg(long, default_value_t = 50)]
+    pub channel_max_backlog_clips: u32,
     /// TCP address of the HTTP listener serving the browser page (for
     /// example 127.0.0.1:8080); none by default. The page talks to the
     /// relay over WebTransport on `listen`.

@@ -66,6 +66,8 @@ pub struct Sink(Arc<SinkInner>);
 #[derive(Debug)]
 struct SinkInner {
     drop_code: AtomicU32,
+    /// Header flags every delivery of this sink adds (muted).
+    flags: std::sync::atomic::AtomicU8,
     delivered: Mutex<Vec<DeliveredClip>>,
 }
 
@@ -77,6 +79,7 @@ impl Sink {
     pub fn new(code: ErrorCode) -> Sink {
         Sink(Arc::new(SinkInner {
             drop_code: AtomicU32::new(code.code()),
+            flags: std::sync::atomic::AtomicU8::new(0),
             delivered: Mutex::new(Vec::new()),
         }))
     }
@@ -84,6 +87,20 @@ impl Sink {
     /// Changes the reset code for every stream of this sink.
     pub fn set_drop_code(&self, code: ErrorCode) {
         self.0.drop_code.store(code.code(), Ordering::Relaxed);
+    }
+
+    /// Sets or clears `flag` in the header of every delivery that starts
+    /// from now on (a channel's follower muting it).
+    pub fn set_header_flag(&self, flag: u8, on: bool) {
+        if on {
+            self.0.flags.fetch_or(flag, Ordering::Relaxed);
+        } else {
+            self.0.flags.fetch_and(!flag, Ordering::Relaxed);
+        }
+    }
+
+    fn header_flags(&self) -> u8 {
+        self.0.flags.load(Ordering::Relaxed)
     }
 
     fn drop_code(&self) -> u32 {
@@ -270,7 +287,9 @@ pub async fn deliver_live(
         progress: clip.subscribe(),
         max_stall: lag.max_stall,
     };
-    let header = ClipMessage::Header(clip.header()).to_bytes();
+    let mut header = clip.header();
+    header.flags |= sink.header_flags();
+    let header = ClipMessage::Header(header).to_bytes();
     if !reading.write(&mut stream, header, 0).await {
         return cut_or_failed(&mut stream, conn);
     }
@@ -474,7 +493,7 @@ pub async fn deliver_stored(
         return Delivery::Failed;
     };
     let mut buf = BytesMut::new();
-    let mut flags = ClipHeader::FLAG_HISTORY;
+    let mut flags = ClipHeader::FLAG_HISTORY | sink.header_flags();
     if fetched {
         flags |= ClipHeader::FLAG_FETCHED;
     }

@@ -38,7 +38,8 @@ use crate::command::{SessionCommand, SessionHandle};
 use crate::floor::{FloorEvent, FloorListener};
 use crate::live::LiveClip;
 use crate::log::{FeedEvent, GroupFeed, GroupLog, LiveEvent};
-use crate::store::{ClipStore, GroupInfo, StoredClip};
+use crate::store::{ClipStore, Follower, GroupInfo, StoredClip};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How long a feed waits before reading again after a failed read.
 const FEED_RETRY: Duration = Duration::from_secs(1);
@@ -54,6 +55,16 @@ pub struct JoinSnapshot {
     pub active: Vec<Arc<LiveClip>>,
     /// Who holds the floor (walkie groups), and whether in an emergency.
     pub floor: Option<(String, bool)>,
+    /// Set when the session's user joins a channel as a follower.
+    pub follower: Option<Follower>,
+}
+
+/// A channel's tallies on this node since the relay started (one per
+/// channel, nothing per follower).
+#[derive(Debug, Default)]
+struct ChannelTally {
+    delivered: AtomicU64,
+    played: AtomicU64,
 }
 
 struct GroupState {
@@ -77,6 +88,7 @@ pub struct Hub {
     groups: DashMap<String, GroupCell>,
     sessions: DashMap<u64, SessionHandle>,
     users: DashMap<Arc<str>, Vec<u64>>,
+    tallies: DashMap<String, ChannelTally>,
     tasks: TaskTracker,
     closed: CancellationToken,
 }
@@ -99,6 +111,7 @@ impl Hub {
             groups: DashMap::new(),
             sessions: DashMap::new(),
             users: DashMap::new(),
+            tallies: DashMap::new(),
             tasks: TaskTracker::new(),
             closed: CancellationToken::new(),
         })
@@ -158,14 +171,29 @@ impl Hub {
     }
 
     /// Subscribes a session to a group's live clips; says where catch-up
-    /// ends and what is in flight.
+    /// ends and what is in flight. A channel's follower is not in the
+    /// group record: its record is looked up (one point read) first.
     pub async fn join(
         self: &Arc<Self>,
         group: &str,
         session: &SessionHandle,
     ) -> Result<JoinSnapshot, ErrorCode> {
+        let (_, member) = self
+            .locked(group, |g| {
+                Ok(g.info.channel.is_none() || g.info.members.contains(&*session.user))
+            })
+            .await?;
+        let follower = if member {
+            None
+        } else {
+            self.directory
+                .follower(group, &session.user)
+                .await
+                .map_err(|e| e.code())?
+        };
         self.locked(group, |g| {
-            if !g.info.members.contains(&*session.user) {
+            let follows = g.info.channel.is_some() && follower.is_some();
+            if !follows && !g.info.members.contains(&*session.user) {
                 return Err(ErrorCode::NotMember);
             }
             g.subscribers.insert(session.id, session.clone());
@@ -174,10 +202,67 @@ impl Hub {
                 last_seq: g.last_published,
                 active: g.active.clone(),
                 floor: g.floor.clone(),
+                follower: if follows { follower } else { None },
             })
         })
         .await
         .map(|(_, snapshot)| snapshot)
+    }
+
+    /// The group's record, if `user` may talk in it: a listener (a
+    /// channel's follower or anyone else not among its members, or a
+    /// member with the listener role) gets `ListenerOnly`.
+    pub async fn talker_group(
+        self: &Arc<Self>,
+        group: &str,
+        user: &str,
+    ) -> Result<GroupInfo, ErrorCode> {
+        let (_, info) = self.locked(group, |g| Ok(g.info.clone())).await?;
+        talk_check(&info, user)?;
+        Ok(info)
+    }
+
+    /// Stops every session of `user` on this node receiving `group` (an
+    /// unfollow), with `code` in their `GroupLeft`.
+    pub fn remove_user(&self, group: &str, user: &str, code: ErrorCode) {
+        let Some(cell) = self.groups.get(group).map(|c| c.clone()) else {
+            return;
+        };
+        let mut g = lock(&cell);
+        let gone: Vec<SessionHandle> = g
+            .subscribers
+            .values()
+            .filter(|s| &*s.user == user)
+            .cloned()
+            .collect();
+        for s in gone {
+            g.subscribers.remove(&s.id);
+            s.offer(SessionCommand::Left {
+                group: group.into(),
+                code,
+            });
+        }
+        drop(g);
+        self.retire_if_idle(group);
+    }
+
+    /// A channel's followers joined on this node now, and the clips
+    /// followers acknowledged and played since the relay started.
+    pub fn channel_tally(&self, group: &str) -> (u64, u64, u64) {
+        let online = self.groups.get(group).map_or(0, |cell| {
+            let g = lock(&cell);
+            g.subscribers
+                .values()
+                .filter(|s| !g.info.members.contains(&*s.user))
+                .count() as u64
+        });
+        let (delivered, played) = self.tallies.get(group).map_or((0, 0), |t| {
+            (
+                t.delivered.load(Ordering::Relaxed),
+                t.played.load(Ordering::Relaxed),
+            )
+        });
+        (online, delivered, played)
     }
 
     /// Unsubscribes a session from a group.
@@ -195,9 +280,7 @@ impl Hub {
     pub async fn start_clip(self: &Arc<Self>, clip: Arc<LiveClip>) -> Result<(), ErrorCode> {
         let group = clip.meta.group.clone();
         self.locked(&group, |g| {
-            if !g.info.members.contains(clip.meta.talker.as_str()) {
-                return Err(ErrorCode::NotMember);
-            }
+            talk_check(&g.info, &clip.meta.talker)?;
             add_active(g, clip.clone());
             Ok(())
         })
@@ -215,6 +298,8 @@ impl Hub {
     }
 
     /// Sends a receipt to every session of the clip's talker on this node.
+    /// A channel's followers send none: their acknowledgements and Played
+    /// are counted for the owner instead ([`Hub::channel_tally`]).
     pub fn send_receipt(
         &self,
         talker: &str,
@@ -224,6 +309,18 @@ impl Hub {
         member: &str,
         kind: ReceiptKind,
     ) {
+        let follower = self.groups.get(group).is_some_and(|cell| {
+            let g = lock(&cell);
+            g.info.channel.is_some() && !g.info.members.contains(member)
+        });
+        if follower {
+            let tally = self.tallies.entry(group.to_owned()).or_default();
+            match kind {
+                ReceiptKind::Delivered => tally.delivered.fetch_add(1, Ordering::Relaxed),
+                ReceiptKind::Played => tally.played.fetch_add(1, Ordering::Relaxed),
+            };
+            return;
+        }
         let Some(ids) = self.users.get(talker).map(|ids| ids.clone()) else {
             return;
         };
@@ -459,6 +556,39 @@ async fn feed_group(hub: Arc<Hub>, group: String, after: u64, stop: Cancellation
             }
         }
     }
+}
+
+/// Whether `user` may talk in the group `info` describes.
+fn talk_check(info: &GroupInfo, user: &str) -> Result<(), ErrorCode> {
+    match info.role(user) {
+        Some(role) if role.talks() => Ok(()),
+        Some(_) => Err(ErrorCode::ListenerOnly),
+        None if info.channel.is_some() => Err(ErrorCode::ListenerOnly),
+        None => Err(ErrorCode::NotMember),
+    }
+}
+
+/// Whether channel `group` published `per_day` clips in the 24 hours
+/// before `now_ms`: one read (the clip `per_day` before the newest), so the
+/// check costs the same whatever the limit.
+pub async fn channel_day_full(
+    log: &dyn GroupLog,
+    group: &str,
+    per_day: u32,
+    now_ms: u64,
+) -> Result<bool, ErrorCode> {
+    if per_day == 0 {
+        return Ok(false);
+    }
+    let last = log.range(group).await.map_err(|e| e.code())?.last;
+    let Some(oldest) = (last + 1)
+        .checked_sub(u64::from(per_day))
+        .filter(|&s| s > 0)
+    else {
+        return Ok(false);
+    };
+    let meta = log.meta(group, oldest).await.map_err(|e| e.code())?;
+    Ok(meta.is_some_and(|m| m.created_ms + 24 * 3600 * 1000 > now_ms))
 }
 
 fn lock(cell: &GroupCell) -> MutexGuard<'_, GroupState> {

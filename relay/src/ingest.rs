@@ -235,9 +235,12 @@ impl Upload<'_> {
         let info = self
             .ctx
             .hub
-            .member_group(&header.group, &who.handle.user)
+            .talker_group(&header.group, &who.handle.user)
             .await
             .map_err(|c| Refusal(c, format!("cannot talk in {}", header.group)))?;
+        if let Some(channel) = info.channel {
+            self.channel_limits(&header, channel.limits).await?;
+        }
         let emergency = header.flags & ClipHeader::FLAG_EMERGENCY != 0;
         if emergency && !who.emergency {
             return Err(Refusal(
@@ -324,6 +327,36 @@ impl Upload<'_> {
         }
         self.clip = Some(clip);
         Metrics::get().clips_started.increment(1);
+        Ok(())
+    }
+
+    /// A channel's limits: its clips of the last 24 hours, and its
+    /// longest clip (which the reader enforces from here on).
+    async fn channel_limits(
+        &mut self,
+        header: &ClipHeader,
+        limits: ptt_protocol::ChannelLimits,
+    ) -> Result<(), Refusal> {
+        let now = crate::auth::unix_millis(std::time::SystemTime::now());
+        let per_day = limits
+            .clips_per_day
+            .min(self.ctx.config.channel_max_clips_per_day);
+        if crate::hub::channel_day_full(&*self.ctx.log, &header.group, per_day, now)
+            .await
+            .map_err(|c| Refusal(c, format!("cannot talk in {}", header.group)))?
+        {
+            return Err(Refusal(
+                ErrorCode::ChannelLimit,
+                format!("{} published {per_day} clips in 24 hours", header.group),
+            ));
+        }
+        if header.format == ClipFormat::Opus && limits.max_clip_ms > 0 {
+            let mut clip_limits = self.ctx.clip_limits(ClipFormat::Opus);
+            clip_limits.max_duration = clip_limits
+                .max_duration
+                .min(Duration::from_millis(u64::from(limits.max_clip_ms)));
+            self.reader.set_limits(clip_limits);
+        }
         Ok(())
     }
 

@@ -136,12 +136,14 @@ fn info(group: &str, record: GroupRecord) -> Result<GroupInfo, StoreError> {
         table: "groups",
         detail: format!("group {group}: bad mode {}", record.mode),
     })?;
-    Ok(GroupInfo {
-        id: group.to_owned(),
+    // Roles and channels are kept by the embedded store only (issue #14):
+    // on NATS every member is a plain member.
+    Ok(GroupInfo::plain(
+        group,
         mode,
-        max_clip_ms: record.max_clip_ms,
-        members: record.members,
-    })
+        record.max_clip_ms,
+        record.members,
+    ))
 }
 
 /// The id a key of the groups bucket stands for (the inverse of

@@ -17,10 +17,10 @@
 //!   commit); the worst outcome is that a member receives a clip again,
 //!   which clients drop by clip id.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
-use ptt_protocol::{ClipFormat, ClipId, ClipSummary, GroupMode, MemberState};
+use ptt_protocol::{ChannelLimits, ClipFormat, ClipId, ClipSummary, GroupMode, MemberState, Role};
 
 pub mod redb_store;
 
@@ -39,8 +39,69 @@ pub struct GroupInfo {
     pub mode: GroupMode,
     /// Longest clip (and longest floor hold) in this group, in ms.
     pub max_clip_ms: u32,
-    /// The members' user ids.
+    /// The members' user ids. In a channel: its owner, admins and
+    /// publishers only; followers are kept apart ([`ClipStore::follower`]),
+    /// so a group record stays small whatever the following.
     pub members: BTreeSet<String>,
+    /// The roles of members whose role is not [`Role::Member`] (a stored
+    /// group without roles reads as everyone a member).
+    pub roles: BTreeMap<String, Role>,
+    /// Set for a channel.
+    pub channel: Option<ChannelInfo>,
+}
+
+impl GroupInfo {
+    /// A group record with no roles, not a channel.
+    pub fn plain(id: &str, mode: GroupMode, max_clip_ms: u32, members: BTreeSet<String>) -> Self {
+        GroupInfo {
+            id: id.to_owned(),
+            mode,
+            max_clip_ms,
+            members,
+            roles: BTreeMap::new(),
+            channel: None,
+        }
+    }
+
+    /// The role of `user` among the members (`None`: not a member; a
+    /// channel's followers are not members).
+    pub fn role(&self, user: &str) -> Option<Role> {
+        if !self.members.contains(user) {
+            return None;
+        }
+        Some(self.roles.get(user).copied().unwrap_or(Role::Member))
+    }
+}
+
+/// What makes a group a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelInfo {
+    /// Listed, and followed without an invite.
+    pub public: bool,
+    /// Its owner's limits (`max_clip_ms` mirrors the group's).
+    pub limits: ChannelLimits,
+}
+
+/// A follower's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Follower {
+    /// Its clips are delivered flagged muted.
+    pub muted: bool,
+}
+
+/// A change of a follower's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FollowChange {
+    /// Follow; a new follower's cursor moves forward to `start` (it
+    /// receives the clips after it).
+    Follow {
+        /// The new follower's starting cursor.
+        start: u64,
+    },
+    /// Stop following (the cursor is kept).
+    Unfollow,
+    /// Mute or unmute.
+    Mute(bool),
 }
 
 /// The audio parameters and identity of a clip, as the talker's header gave
@@ -142,6 +203,8 @@ pub struct StoreCounters {
     pub appends: u64,
     /// Cursor updates.
     pub cursor_writes: u64,
+    /// Follower record changes (follow, unfollow, mute).
+    pub follower_writes: u64,
 }
 
 /// Why a store operation failed.
@@ -171,6 +234,12 @@ pub enum StoreError {
     /// The underlying database or file system failed.
     #[error("storage failure: {0}")]
     Backend(String),
+    /// The operation needs a channel.
+    #[error("not a channel: {0}")]
+    NotChannel(String),
+    /// The user does not follow the channel.
+    #[error("not a follower of {0}")]
+    NotFollower(String),
 }
 
 impl StoreError {
@@ -180,6 +249,8 @@ impl StoreError {
         match self {
             StoreError::NoSuchGroup(_) => ErrorCode::NoSuchGroup,
             StoreError::GroupExists(_) => ErrorCode::GroupExists,
+            StoreError::NotChannel(_) => ErrorCode::NotChannel,
+            StoreError::NotFollower(_) => ErrorCode::NotMember,
             _ => ErrorCode::Internal,
         }
     }
@@ -280,8 +351,85 @@ pub trait ClipStore: Send + Sync + 'static {
 
     /// Makes everything committed so far durable (used at shutdown).
     fn flush(&self) -> StoreFuture<'_, ()>;
+
+    // Roles and channels (issue #14). The defaults refuse, for stores that
+    // do not keep channels yet.
+
+    /// Creates a channel owned by `owner` (its only member, role owner)
+    /// with `limits` (whose `max_clip_ms` is the group's).
+    fn create_channel(
+        &self,
+        channel: &str,
+        owner: &str,
+        public: bool,
+        limits: ChannelLimits,
+    ) -> StoreFuture<'_, ()> {
+        let _ = (channel, owner, public, limits);
+        no_channels()
+    }
+    /// Gives `user` a role in a group (adding it as a member). In a
+    /// channel, [`Role::Listener`] removes it from the members (a follower
+    /// stays a follower).
+    fn set_role(&self, group: &str, user: &str, role: Role) -> StoreFuture<'_, ()> {
+        let _ = (group, user, role);
+        no_channels()
+    }
+    /// Sets a channel's limits (the group's `max_clip_ms` with them).
+    fn set_channel_limits(&self, channel: &str, limits: ChannelLimits) -> StoreFuture<'_, ()> {
+        let _ = (channel, limits);
+        no_channels()
+    }
+    /// Changes a follower's record; returns whether anything changed.
+    /// Costs O(1) writes, and does not signal the group's watchers.
+    fn change_follower(
+        &self,
+        channel: &str,
+        user: &str,
+        change: FollowChange,
+    ) -> StoreFuture<'_, bool> {
+        let _ = (channel, user, change);
+        no_channels()
+    }
+    /// A follower's record, if `user` follows `channel`.
+    fn follower(&self, channel: &str, user: &str) -> StoreFuture<'_, Option<Follower>> {
+        let _ = (channel, user);
+        no_channels()
+    }
+    /// How many follow `channel`.
+    fn follower_count(&self, channel: &str) -> StoreFuture<'_, u64> {
+        let _ = channel;
+        no_channels()
+    }
+    /// Up to `limit` public channels whose id starts with `prefix`, sorted.
+    fn public_channels(&self, prefix: &str, limit: usize) -> StoreFuture<'_, Vec<String>> {
+        let _ = (prefix, limit);
+        no_channels()
+    }
+    /// Stores an invite code for `channel`.
+    fn create_invite(&self, channel: &str, code: &str) -> StoreFuture<'_, ()> {
+        let _ = (channel, code);
+        no_channels()
+    }
+    /// Deletes an invite code of `channel`; returns whether it existed.
+    fn revoke_invite(&self, channel: &str, code: &str) -> StoreFuture<'_, bool> {
+        let _ = (channel, code);
+        no_channels()
+    }
+    /// The channel an invite code opens.
+    fn invite(&self, code: &str) -> StoreFuture<'_, Option<String>> {
+        let _ = code;
+        no_channels()
+    }
     /// The writes asked for so far.
     fn counters(&self) -> StoreCounters {
         StoreCounters::default()
     }
+}
+
+fn no_channels<'a, T: 'a>() -> StoreFuture<'a, T> {
+    Box::pin(async {
+        Err(StoreError::Backend(
+            "this store does not keep channels".into(),
+        ))
+    })
 }

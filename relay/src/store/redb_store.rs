@@ -12,8 +12,26 @@
 //! | `clip_ids`         | (group id, clip id)       | seq (the dedup index)                   |
 //! | `expired_clip_ids` | (group id, seq)           | (clip id, ms the clip was deleted)      |
 //! | `cursors`          | (group id, user id)       | seq of the member's cursor              |
+//! | `roles`            | (group id, user id)       | role byte, for members not `Member`     |
+//! | `followers`        | (channel id, user id)     | flags (bit 0: muted)                    |
+//! | `follower_count`   | channel id                | followers                               |
+//! | `invites`          | invite code               | channel id                              |
+//!
+//! A channel's followers are one record each in `followers`, not in
+//! `members`: a follow or unfollow writes that record, the count and (a
+//! follow) the cursor, O(1) whatever the following, and does not signal
+//! the group's watchers, whose feed re-reads the group record with its
+//! members (the channel's owner, admins and publishers only). See
+//! `redb_store/channels.rs`.
 //!
 //! # Encoding
+//!
+//! A group record is version 1 (mode, max clip ms) for a plain group;
+//! version 2 appends the kind (0 group, 1 channel), public (0 or 1), and
+//! the channel's clips per day, backlog clips and backlog days as varints.
+//! Plain groups are still written as version 1, so files stay readable by
+//! the previous relay until a channel is created, and files of the previous
+//! relay open as they are (no roles table entries: everyone a member).
 //!
 //! Records are encoded by hand with the protocol's varint helpers and start
 //! with a version byte, so that a later layout can be told apart. A clip blob
@@ -134,6 +152,12 @@ const CLIP_IDS: TableDefinition<'static, (&str, &[u8; 16]), u64> = TableDefiniti
 const EXPIRED: TableDefinition<'static, (&str, u64), (&[u8; 16], u64)> =
     TableDefinition::new("expired_clip_ids");
 const CURSORS: TableDefinition<'static, (&str, &str), u64> = TableDefinition::new("cursors");
+const ROLES: TableDefinition<'static, (&str, &str), u8> = TableDefinition::new("roles");
+const FOLLOWERS: TableDefinition<'static, (&str, &str), u8> = TableDefinition::new("followers");
+const FOLLOWER_COUNT: TableDefinition<'static, &str, u64> = TableDefinition::new("follower_count");
+const INVITES: TableDefinition<'static, &str, &str> = TableDefinition::new("invites");
+
+mod channels;
 /// When each member's progress was last recorded (a cursor write or a
 /// join), Unix ms.
 const LAST_SEEN: TableDefinition<'static, (&str, &str), u64> = TableDefinition::new("last_seen");
@@ -143,6 +167,7 @@ const TOMBSTONES: TableDefinition<'static, (&str, u64), (&[u8; 16], u64)> =
     TableDefinition::new("tombstones");
 
 const GROUP_RECORD_V1: u8 = 1;
+const GROUP_RECORD_V2: u8 = 2;
 const CLIP_BLOB_V1: u8 = 1;
 
 /// Maps any displayable error to [`StoreError::Backend`] with what was being
@@ -168,6 +193,8 @@ fn copy_error(e: &StoreError) -> StoreError {
             detail: detail.clone(),
         },
         StoreError::Backend(s) => StoreError::Backend(s.clone()),
+        StoreError::NotChannel(g) => StoreError::NotChannel(g.clone()),
+        StoreError::NotFollower(g) => StoreError::NotFollower(g.clone()),
     }
 }
 
@@ -190,6 +217,13 @@ enum Command {
         user: String,
         seq: u64,
         reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// Change a follower's record (batched, durable).
+    Follow {
+        group: String,
+        user: String,
+        change: super::FollowChange,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
     },
     /// Run one durable transaction on its own; returns whether it
     /// committed.
@@ -217,6 +251,7 @@ pub struct RedbStore {
     group_changes: dashmap::DashMap<String, tokio::sync::watch::Sender<u64>>,
     appends: std::sync::atomic::AtomicU64,
     cursor_writes: std::sync::atomic::AtomicU64,
+    follower_writes: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -278,6 +313,11 @@ impl RedbStore {
             txn.open_table(CLIP_IDS).ctx("creating clip_ids")?;
             txn.open_table(EXPIRED).ctx("creating expired_clip_ids")?;
             txn.open_table(CURSORS).ctx("creating cursors")?;
+            txn.open_table(ROLES).ctx("creating roles")?;
+            txn.open_table(FOLLOWERS).ctx("creating followers")?;
+            txn.open_table(FOLLOWER_COUNT)
+                .ctx("creating follower_count")?;
+            txn.open_table(INVITES).ctx("creating invites")?;
             txn.open_table(LAST_SEEN).ctx("creating last_seen")?;
             txn.open_table(TOMBSTONES).ctx("creating tombstones")?;
         }
@@ -298,6 +338,7 @@ impl RedbStore {
             group_changes: dashmap::DashMap::new(),
             appends: Default::default(),
             cursor_writes: Default::default(),
+            follower_writes: Default::default(),
         })
     }
 
@@ -471,6 +512,10 @@ enum Answer {
         oneshot::Sender<Result<(), StoreError>>,
         Result<(), StoreError>,
     ),
+    Follow(
+        oneshot::Sender<Result<bool, StoreError>>,
+        Result<bool, StoreError>,
+    ),
 }
 
 impl Answer {
@@ -480,6 +525,9 @@ impl Answer {
                 let _ = reply.send(result);
             }
             Answer::Cursor(reply, result) => {
+                let _ = reply.send(result);
+            }
+            Answer::Follow(reply, result) => {
                 let _ = reply.send(result);
             }
         }
@@ -493,13 +541,18 @@ impl Answer {
             Answer::Cursor(reply, _) => {
                 let _ = reply.send(Err(copy_error(e)));
             }
+            Answer::Follow(reply, _) => {
+                let _ = reply.send(Err(copy_error(e)));
+            }
         }
     }
 }
 
 /// Writes a batch of appends and cursor updates in one transaction.
 fn commit_batch(db: &Database, cmds: Vec<Command>, unsynced: &mut bool) {
-    let durable = cmds.iter().any(|c| matches!(c, Command::Append { .. }));
+    let durable = cmds
+        .iter()
+        .any(|c| matches!(c, Command::Append { .. } | Command::Follow { .. }));
     let mut answers = Vec::with_capacity(cmds.len());
     // Commands that were not reached because the batch failed part-way.
     let mut unreached = Vec::new();
@@ -515,6 +568,10 @@ fn commit_batch(db: &Database, cmds: Vec<Command>, unsynced: &mut bool) {
             let mut clips = txn.open_table(CLIPS).ctx("opening clips")?;
             let mut clip_ids = txn.open_table(CLIP_IDS).ctx("opening clip_ids")?;
             let mut cursors = txn.open_table(CURSORS).ctx("opening cursors")?;
+            let mut followers = txn.open_table(FOLLOWERS).ctx("opening followers")?;
+            let mut counts = txn
+                .open_table(FOLLOWER_COUNT)
+                .ctx("opening follower_count")?;
             let mut last_seen = txn.open_table(LAST_SEEN).ctx("opening last_seen")?;
             let now_ms = crate::auth::unix_millis(std::time::SystemTime::now());
             let mut cmds = cmds.into_iter();
@@ -559,6 +616,25 @@ fn commit_batch(db: &Database, cmds: Vec<Command>, unsynced: &mut bool) {
                         answers.push(Answer::Cursor(reply, answer));
                         fatal
                     }
+                    Command::Follow {
+                        group,
+                        user,
+                        change,
+                        reply,
+                    } => {
+                        let step = channels::follow_one(
+                            &groups,
+                            &mut followers,
+                            &mut counts,
+                            &mut cursors,
+                            &group,
+                            &user,
+                            change,
+                        );
+                        let (answer, fatal) = split_step(step);
+                        answers.push(Answer::Follow(reply, answer));
+                        fatal
+                    }
                     Command::Exec(_) => None,
                 };
                 if let Some(e) = fatal {
@@ -584,6 +660,9 @@ fn commit_batch(db: &Database, cmds: Vec<Command>, unsynced: &mut bool) {
                         let _ = reply.send(Err(copy_error(&e)));
                     }
                     Command::Cursor { reply, .. } => {
+                        let _ = reply.send(Err(copy_error(&e)));
+                    }
+                    Command::Follow { reply, .. } => {
                         let _ = reply.send(Err(copy_error(&e)));
                     }
                     Command::Exec(_) => {}
@@ -663,13 +742,25 @@ fn advance_one(
 struct GroupRecord {
     mode: GroupMode,
     max_clip_ms: u32,
+    /// Set for a channel (version 2 records).
+    channel: Option<super::ChannelInfo>,
 }
 
 fn encode_group(record: GroupRecord) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(8);
-    buf.put_u8(GROUP_RECORD_V1);
+    let mut buf = Vec::with_capacity(16);
+    buf.put_u8(match record.channel {
+        None => GROUP_RECORD_V1,
+        Some(_) => GROUP_RECORD_V2,
+    });
     buf.put_u8(record.mode as u8);
     put_varint(&mut buf, u64::from(record.max_clip_ms));
+    if let Some(c) = record.channel {
+        buf.put_u8(1);
+        buf.put_u8(u8::from(c.public));
+        put_varint(&mut buf, u64::from(c.limits.clips_per_day));
+        put_varint(&mut buf, u64::from(c.limits.backlog_clips));
+        put_varint(&mut buf, u64::from(c.limits.backlog_days));
+    }
     buf
 }
 
@@ -680,17 +771,40 @@ fn decode_group(group: &str, mut raw: &[u8]) -> Result<GroupRecord, StoreError> 
     };
     let de = |e: DecodeError| corrupt(e.to_string());
     let version = get_u8(&mut raw).map_err(de)?;
-    if version != GROUP_RECORD_V1 {
+    if version != GROUP_RECORD_V1 && version != GROUP_RECORD_V2 {
         return Err(corrupt(format!("unknown record version {version}")));
     }
     let mode_byte = get_u8(&mut raw).map_err(de)?;
     let mode =
         GroupMode::from_u8(mode_byte).ok_or_else(|| corrupt(format!("bad mode {mode_byte}")))?;
     let max_clip_ms = get_varint_u32(&mut raw, "max_clip_ms").map_err(de)?;
+    let mut channel = None;
+    if version == GROUP_RECORD_V2 {
+        let kind = get_u8(&mut raw).map_err(de)?;
+        let public = get_u8(&mut raw).map_err(de)? == 1;
+        let clips_per_day = get_varint_u32(&mut raw, "clips_per_day").map_err(de)?;
+        let backlog_clips = get_varint_u32(&mut raw, "backlog_clips").map_err(de)?;
+        let backlog_days = get_varint_u32(&mut raw, "backlog_days").map_err(de)?;
+        if kind == 1 {
+            channel = Some(super::ChannelInfo {
+                public,
+                limits: ptt_protocol::ChannelLimits {
+                    clips_per_day,
+                    max_clip_ms,
+                    backlog_clips,
+                    backlog_days,
+                },
+            });
+        }
+    }
     if !raw.is_empty() {
         return Err(corrupt(format!("{} trailing bytes", raw.len())));
     }
-    Ok(GroupRecord { mode, max_clip_ms })
+    Ok(GroupRecord {
+        mode,
+        max_clip_ms,
+        channel,
+    })
 }
 
 fn format_from_u8(v: u8) -> Option<ClipFormat> {
@@ -827,7 +941,11 @@ pub fn decode_group_record(group: &str, raw: &[u8]) -> Result<(GroupMode, u32), 
 /// Encodes a group record as the store writes it (the inverse of
 /// [`decode_group_record`]).
 pub fn encode_group_record(mode: GroupMode, max_clip_ms: u32) -> Vec<u8> {
-    encode_group(GroupRecord { mode, max_clip_ms })
+    encode_group(GroupRecord {
+        mode,
+        max_clip_ms,
+        channel: None,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -849,11 +967,13 @@ fn read_group(txn: &ReadTransaction, group: &str) -> Result<Option<GroupInfo>, S
     };
     let record = decode_group(group, raw.value())?;
     let members = txn.open_multimap_table(MEMBERS).ctx("opening members")?;
-    group_info(&members, group, record).map(Some)
+    let roles = txn.open_table(ROLES).ctx("opening roles")?;
+    group_info(&members, &roles, group, record).map(Some)
 }
 
 fn group_info(
     members: &impl ReadableMultimapTable<&'static str, &'static str>,
+    roles: &impl ReadableTable<(&'static str, &'static str), u8>,
     group: &str,
     record: GroupRecord,
 ) -> Result<GroupInfo, StoreError> {
@@ -861,12 +981,10 @@ fn group_info(
     for user in members.get(group).ctx("reading members")? {
         set.insert(user.ctx("reading members")?.value().to_owned());
     }
-    Ok(GroupInfo {
-        id: group.to_owned(),
-        mode: record.mode,
-        max_clip_ms: record.max_clip_ms,
-        members: set,
-    })
+    let mut info = GroupInfo::plain(group, record.mode, record.max_clip_ms, set);
+    info.roles = channels::read_roles(roles, group)?;
+    info.channel = record.channel;
+    Ok(info)
 }
 
 fn last_seq(txn: &ReadTransaction, group: &str) -> Result<u64, StoreError> {
@@ -1065,6 +1183,12 @@ impl RedbStore {
                 members.remove(group.as_str(), user.as_str())
             }
             .ctx("writing members")?;
+            if !add {
+                let mut roles = txn.open_table(ROLES).ctx("opening roles")?;
+                roles
+                    .remove((group.as_str(), user.as_str()))
+                    .ctx("writing roles")?;
+            }
             Ok(())
         });
         self.changing(name, change)
@@ -1080,7 +1204,11 @@ impl ClipStore for RedbStore {
             if groups.get(group.as_str()).ctx("reading groups")?.is_some() {
                 return Err(StoreError::GroupExists(group));
             }
-            let record = encode_group(GroupRecord { mode, max_clip_ms });
+            let record = encode_group(GroupRecord {
+                mode,
+                max_clip_ms,
+                channel: None,
+            });
             groups
                 .insert(group.as_str(), record.as_slice())
                 .ctx("writing groups")?;
@@ -1127,12 +1255,13 @@ impl ClipStore for RedbStore {
         self.read(|txn| {
             let groups = txn.open_table(GROUPS).ctx("opening groups")?;
             let members = txn.open_multimap_table(MEMBERS).ctx("opening members")?;
+            let roles = txn.open_table(ROLES).ctx("opening roles")?;
             let mut out = Vec::new();
             for entry in groups.iter().ctx("reading groups")? {
                 let (key, value) = entry.ctx("reading groups")?;
                 let id = key.value();
                 let record = decode_group(id, value.value())?;
-                out.push(group_info(&members, id, record)?);
+                out.push(group_info(&members, &roles, id, record)?);
             }
             Ok(out)
         })
@@ -1422,11 +1551,67 @@ impl ClipStore for RedbStore {
         self.write(|_| Ok(()))
     }
 
+    fn create_channel(
+        &self,
+        channel: &str,
+        owner: &str,
+        public: bool,
+        limits: ptt_protocol::ChannelLimits,
+    ) -> StoreFuture<'_, ()> {
+        self.create_channel_impl(channel, owner, public, limits)
+    }
+
+    fn set_role(&self, group: &str, user: &str, role: ptt_protocol::Role) -> StoreFuture<'_, ()> {
+        self.set_role_impl(group, user, role)
+    }
+
+    fn set_channel_limits(
+        &self,
+        channel: &str,
+        limits: ptt_protocol::ChannelLimits,
+    ) -> StoreFuture<'_, ()> {
+        self.set_channel_limits_impl(channel, limits)
+    }
+
+    fn change_follower(
+        &self,
+        channel: &str,
+        user: &str,
+        change: super::FollowChange,
+    ) -> StoreFuture<'_, bool> {
+        self.change_follower_impl(channel, user, change)
+    }
+
+    fn follower(&self, channel: &str, user: &str) -> StoreFuture<'_, Option<super::Follower>> {
+        self.follower_impl(channel, user)
+    }
+
+    fn follower_count(&self, channel: &str) -> StoreFuture<'_, u64> {
+        self.follower_count_impl(channel)
+    }
+
+    fn public_channels(&self, prefix: &str, limit: usize) -> StoreFuture<'_, Vec<String>> {
+        self.public_channels_impl(prefix, limit)
+    }
+
+    fn create_invite(&self, channel: &str, code: &str) -> StoreFuture<'_, ()> {
+        self.create_invite_impl(channel, code)
+    }
+
+    fn revoke_invite(&self, channel: &str, code: &str) -> StoreFuture<'_, bool> {
+        self.revoke_invite_impl(channel, code)
+    }
+
+    fn invite(&self, code: &str) -> StoreFuture<'_, Option<String>> {
+        self.invite_impl(code)
+    }
+
     fn counters(&self) -> StoreCounters {
         use std::sync::atomic::Ordering::Relaxed;
         StoreCounters {
             appends: self.appends.load(Relaxed),
             cursor_writes: self.cursor_writes.load(Relaxed),
+            follower_writes: self.follower_writes.load(Relaxed),
         }
     }
 }

@@ -26,7 +26,7 @@ impl Session {
         if emergency && !self.claims.emg {
             return Err(ErrorCode::Forbidden);
         }
-        let info = self.ctx.hub.member_group(&group, &self.handle.user).await?;
+        let info = self.ctx.hub.talker_group(&group, &self.handle.user).await?;
         let max_ms = info.max_clip_ms;
         if info.mode == GroupMode::Notes {
             return Ok(ControlMessage::FloorGranted {

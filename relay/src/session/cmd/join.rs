@@ -48,6 +48,10 @@ impl Session {
         });
         self.sync_delivered(&group);
         let joined = self.joined.get_mut(&key).expect("inserted above");
+        joined.sink.set_header_flag(
+            ptt_protocol::ClipHeader::FLAG_MUTED,
+            snapshot.follower.is_some_and(|f| f.muted),
+        );
         let plan = joined.sub.join(cursor, range, snapshot.last_seq);
         self.send(ControlMessage::Joined {
             request_id,

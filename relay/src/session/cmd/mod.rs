@@ -1,7 +1,8 @@
 //! Control messages, each handled in the module named for it (as
 //! mini-redis's `cmd/`): [`join`] (Join, Leave), [`floor`] (FloorRequest,
 //! FloorRelease), [`ack`] (DeliveryAck, Played), [`fetch`] (FetchRecent),
-//! [`admin`] (group administration and lists).
+//! [`admin`] (group administration and lists), [`channel`] (roles and
+//! broadcast channels).
 //!
 //! Every message costs a token of the connection's rate limit, except an
 //! acknowledgement or Played of a clip delivered on this connection and not
@@ -18,6 +19,7 @@ use super::Session;
 
 mod ack;
 mod admin;
+mod channel;
 mod fetch;
 mod floor;
 mod join;
@@ -89,6 +91,7 @@ impl Session {
                 let result = self.list_members(request_id, group).await;
                 self.reply_result(request_id, result).await;
             }
+            M::Channel(message) => return self.channel(message).await,
             M::Hello { .. } => return Err((ErrorCode::Protocol, "a second hello".into())),
             M::Unknown { kind } => tracing::debug!(kind, "unknown control message skipped"),
             other => {
