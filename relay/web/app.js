@@ -131,12 +131,21 @@ function onClosed(s, code, reason) {
   scheduleReconnect();
 }
 
+/** The relay's GoAway, if it sent one before the connection closed. */
+let goAway = null;
+
 function scheduleReconnect() {
   if (state.status === 'signed-out') return;
   state.status = 'reconnecting';
   const base = Math.min(RECONNECT_MAX_MS, 500 * 2 ** reconnectAttempt);
   reconnectAttempt += 1;
-  const delay = base / 2 + Math.random() * base / 2;
+  let delay = base / 2 + Math.random() * base / 2;
+  if (goAway) {
+    // §9.14: the hint plus up to half of it again, then the usual back-off.
+    delay = goAway.reconnectAfterMs * (1 + Math.random() / 2);
+    goAway = null;
+    reconnectAttempt = 0;
+  }
   reconnectTimer = setTimeout(connect, delay);
   render();
 }
@@ -189,6 +198,11 @@ function onControl(s, m) {
       if (state.talk.group === m.group) stopTalk(true);
       break;
     case 'GroupLeft': g.joined = false; g.left = true; tell(`${m.group}: ${errorWords(m.code)}`); break;
+    case 'ClipDeleted': g.clips = g.clips.filter(c => c.id !== hex(m.clipId)); break;
+    // The relay is draining (§9.14): reconnect after its hint once it
+    // closes. The page stays with the relay that served it (`address` is
+    // for native clients behind a list of relays).
+    case 'GoAway': goAway = m; tell('the relay is restarting: reconnecting', 'info'); break;
     default: break; // unknown types are skipped (§2.1)
   }
   render();

@@ -13,7 +13,7 @@ export const T = {
   Welcome: 0x20, Ok: 0x21, Error: 0x22, Joined: 0x23, CaughtUp: 0x24, Gap: 0x25,
   Stored: 0x26, ClipRejected: 0x27, Receipt: 0x28, FloorGranted: 0x29, FloorDenied: 0x2a,
   FloorTaken: 0x2b, FloorIdle: 0x2c, FloorRevoked: 0x2d, GroupList: 0x2e, MemberList: 0x2f,
-  FetchDone: 0x30, GroupLeft: 0x31,
+  FetchDone: 0x30, GroupLeft: 0x31, ClipDeleted: 0x34, GoAway: 0x36,
   ClipHeader: 0x38, ClipFrame: 0x39, ClipEnd: 0x3a,
 };
 
@@ -145,7 +145,9 @@ export const encode = {
 
 /** Decodes a relay → client control message, or a clip message. Unknown
  * types come back as `{type, name: 'Unknown'}` (skipped on the control
- * stream, §2.1). Bytes after the last known field are ignored. */
+ * stream, §2.1); so do the answers to requests the page never sends
+ * (operators' MemberStatus and ClipList, channel answers). Bytes after the
+ * last known field are ignored. */
 export function decode(type, payload) {
   const r = new Reader(payload);
   switch (type) {
@@ -169,6 +171,8 @@ export function decode(type, payload) {
     case T.MemberList: return { name: 'MemberList', requestId: r.varint(), group: r.string(), members: r.list(x => x.string()) };
     case T.FetchDone: return { name: 'FetchDone', requestId: r.varint(), group: r.string(), count: r.varint() };
     case T.GroupLeft: return { name: 'GroupLeft', group: r.string(), code: r.varint() };
+    case T.ClipDeleted: return { name: 'ClipDeleted', group: r.string(), seq: r.varint(), clipId: r.clipId() };
+    case T.GoAway: return { name: 'GoAway', reconnectAfterMs: r.varint(), address: r.string() };
     case T.ClipHeader: return { name: 'ClipHeader', group: r.string(), clipId: r.clipId(), talker: r.string(), seq: r.varint(),
       format: r.u8(), sampleRate: r.varint(), channels: r.u8(), frameMs: r.u8(), createdMs: r.varint(), flags: r.u8() };
     case T.ClipFrame: return { name: 'ClipFrame', index: r.varint(), data: r.bytesField().slice() };
