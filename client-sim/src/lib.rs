@@ -16,9 +16,9 @@
 //! [`run`] is what the binary does.
 
 pub mod audio;
+pub mod broadcast;
 pub mod flood;
 pub mod kill;
-pub mod broadcast;
 pub mod lossy;
 pub mod plot;
 pub mod report;
