@@ -951,6 +951,32 @@ pub fn encode_group_record(mode: GroupMode, max_clip_ms: u32) -> Vec<u8> {
 // ---------------------------------------------------------------------------
 // Reads.
 
+/// The group's clips after `after`, at most `limit`, each turned into a
+/// `T` by `f(group, seq, record)`.
+fn scan_clips<T>(
+    txn: &ReadTransaction,
+    group: &str,
+    after: u64,
+    limit: usize,
+    f: impl Fn(&str, u64, &[u8]) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    require_group(txn, group)?;
+    let clips = txn.open_table(CLIPS).ctx("opening clips")?;
+    let mut out = Vec::new();
+    if limit == 0 || after == u64::MAX {
+        return Ok(out);
+    }
+    for entry in clips
+        .range((group, after + 1)..=(group, u64::MAX))
+        .ctx("reading clips")?
+        .take(limit)
+    {
+        let (key, value) = entry.ctx("reading clips")?;
+        out.push(f(group, key.value().1, value.value())?);
+    }
+    Ok(out)
+}
+
 fn require_group(txn: &ReadTransaction, group: &str) -> Result<GroupRecord, StoreError> {
     let groups = txn.open_table(GROUPS).ctx("opening groups")?;
     let raw = groups
@@ -1303,24 +1329,7 @@ impl ClipStore for RedbStore {
         limit: usize,
     ) -> StoreFuture<'_, Vec<StoredClip>> {
         let group = group.to_owned();
-        self.read(move |txn| {
-            require_group(txn, &group)?;
-            let clips = txn.open_table(CLIPS).ctx("opening clips")?;
-            let mut out = Vec::new();
-            if limit == 0 || after == u64::MAX {
-                return Ok(out);
-            }
-            let g = group.as_str();
-            for entry in clips
-                .range((g, after + 1)..=(g, u64::MAX))
-                .ctx("reading clips")?
-                .take(limit)
-            {
-                let (key, value) = entry.ctx("reading clips")?;
-                out.push(decode_clip(g, key.value().1, value.value())?);
-            }
-            Ok(out)
-        })
+        self.read(move |txn| scan_clips(txn, &group, after, limit, decode_clip))
     }
 
     fn recent_clips(&self, group: &str, count: usize) -> StoreFuture<'_, Vec<StoredClip>> {
@@ -1429,24 +1438,7 @@ impl ClipStore for RedbStore {
         limit: usize,
     ) -> StoreFuture<'_, Vec<ClipSummary>> {
         let group = group.to_owned();
-        self.read(move |txn| {
-            require_group(txn, &group)?;
-            let clips = txn.open_table(CLIPS).ctx("opening clips")?;
-            let mut out = Vec::new();
-            if limit == 0 || after == u64::MAX {
-                return Ok(out);
-            }
-            let g = group.as_str();
-            for entry in clips
-                .range((g, after + 1)..=(g, u64::MAX))
-                .ctx("reading clips")?
-                .take(limit)
-            {
-                let (key, value) = entry.ctx("reading clips")?;
-                out.push(summarize(g, key.value().1, value.value())?);
-            }
-            Ok(out)
-        })
+        self.read(move |txn| scan_clips(txn, &group, after, limit, summarize))
     }
 
     fn delete_clip(&self, group: &str, seq: u64, now_ms: u64) -> StoreFuture<'_, Option<ClipId>> {

@@ -8,6 +8,7 @@ use ptt_protocol::ErrorCode;
 
 use crate::delivery::{self, Delivery, Sink};
 use crate::session::{Session, TaskDone};
+use crate::store::StoredClip;
 
 /// Most clips one fetch may ask for.
 const MAX_FETCH: u32 = 100;
@@ -25,39 +26,17 @@ impl Session {
             self.reply_result(request_id, Err(code_)).await;
             return;
         }
-        if self.fetches >= MAX_FETCHES {
-            self.reply_result(request_id, Err(ErrorCode::RateLimited))
-                .await;
-            return;
-        }
-        self.fetches += 1;
-        let conn = self.conn.clone();
         let log = self.ctx.log.clone();
         let key: Arc<str> = group.as_str().into();
-        self.deliveries.spawn(async move {
-            let sink = Sink::new(ErrorCode::ShuttingDown);
-            let count = async {
-                let clips = log
-                    .recent(&key, count.min(MAX_FETCH) as usize)
+        let read = {
+            let key = key.clone();
+            async move {
+                log.recent(&key, count.min(MAX_FETCH) as usize)
                     .await
-                    .unwrap_or_default();
-                let mut sent = 0;
-                for clip in &clips {
-                    if let Delivery::Complete =
-                        delivery::deliver_stored(&conn, clip, true, &sink).await
-                    {
-                        sent += 1;
-                    }
-                }
-                sent
+                    .unwrap_or_default()
             }
-            .await;
-            TaskDone::Fetched {
-                request_id,
-                group: key,
-                count,
-            }
-        });
+        };
+        self.spawn_fetch(request_id, key, read).await;
     }
 
     /// FetchClip: clip `seq` of the group, flagged FETCHED, then
@@ -82,6 +61,31 @@ impl Session {
                 return;
             }
         }
+        let log = self.ctx.log.clone();
+        let key: Arc<str> = group.as_str().into();
+        let read = {
+            let key = key.clone();
+            async move {
+                let mut clips = log
+                    .read(&key, seq.saturating_sub(1), 1)
+                    .await
+                    .unwrap_or_default();
+                clips.retain(|c| c.seq == seq);
+                clips
+            }
+        };
+        self.spawn_fetch(request_id, key, read).await;
+    }
+
+    /// Takes one of the connection's fetch slots (or answers
+    /// `RateLimited`) and delivers the clips `read` yields, flagged
+    /// FETCHED, then FetchDone with how many were delivered whole.
+    async fn spawn_fetch(
+        &mut self,
+        request_id: u64,
+        group: Arc<str>,
+        read: impl Future<Output = Vec<StoredClip>> + Send + 'static,
+    ) {
         if self.fetches >= MAX_FETCHES {
             self.reply_result(request_id, Err(ErrorCode::RateLimited))
                 .await;
@@ -89,23 +93,18 @@ impl Session {
         }
         self.fetches += 1;
         let conn = self.conn.clone();
-        let log = self.ctx.log.clone();
-        let key: Arc<str> = group.as_str().into();
         self.deliveries.spawn(async move {
             let sink = Sink::new(ErrorCode::ShuttingDown);
-            let clips = log
-                .read(&key, seq.saturating_sub(1), 1)
-                .await
-                .unwrap_or_default();
             let mut count = 0;
-            if let Some(clip) = clips.first().filter(|c| c.seq == seq)
-                && let Delivery::Complete = delivery::deliver_stored(&conn, clip, true, &sink).await
-            {
-                count = 1;
+            for clip in &read.await {
+                if let Delivery::Complete = delivery::deliver_stored(&conn, clip, true, &sink).await
+                {
+                    count += 1;
+                }
             }
             TaskDone::Fetched {
                 request_id,
-                group: key,
+                group,
                 count,
             }
         });
