@@ -20,7 +20,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 seconds=${SECONDS_PER_TARGET:-60}
-work=${FUZZ_WORK:-${CARGO_TARGET_DIR:-target}/fuzz-work}
+# Absolute: the targets run from fuzz/, where cargo-fuzz wants to be.
+work=$(realpath -m "${FUZZ_WORK:-${CARGO_TARGET_DIR:-target}/fuzz-work}")
 all=(control_message clip_stream live_read_datagram wav_input ogg_input auth_token store_record ogg_headers)
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")

@@ -32,6 +32,10 @@ struct Setup {
     talk: tokio::sync::Mutex<Option<Talk>>,
     receivers: Vec<Client>,
     delivered: Arc<AtomicU64>,
+    /// Live deliveries that ended early (`ClipAborted`: a lag cut) and
+    /// clips that came again from the store (`ClipStarted` with the
+    /// history flag): a run that has any measures recovery, not fan-out.
+    recovered: Arc<(AtomicU64, AtomicU64)>,
     _endpoints: Vec<quinn::Endpoint>,
 }
 
@@ -81,6 +85,7 @@ async fn setup(n: usize) -> Setup {
         .collect();
     let endpoint = endpoints[0].clone();
     let delivered = Arc::new(AtomicU64::new(0));
+    let recovered = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
     let mut receivers = Vec::with_capacity(n);
     for i in 0..n {
         let (client, mut events) =
@@ -88,11 +93,20 @@ async fn setup(n: usize) -> Setup {
                 .await
                 .expect("receiver connects");
         client.join("bench").await.expect("join");
-        let delivered = delivered.clone();
+        let (delivered, recovered) = (delivered.clone(), recovered.clone());
         tokio::spawn(async move {
             while let Some(event) = events.next().await {
-                if let Event::Frame { .. } = event {
-                    delivered.fetch_add(1, Ordering::Relaxed);
+                match event {
+                    Event::Frame { .. } => {
+                        delivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Event::ClipAborted { .. } => {
+                        recovered.0.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Event::ClipStarted { history: true, .. } => {
+                        recovered.1.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
                 }
             }
         });
@@ -112,6 +126,7 @@ async fn setup(n: usize) -> Setup {
         talk: tokio::sync::Mutex::new(Some(talk)),
         receivers,
         delivered,
+        recovered,
         _endpoints: endpoints,
     }
 }
@@ -187,6 +202,19 @@ fn udp_receive_drops() -> u64 {
         .unwrap_or(0)
 }
 
+/// UDP datagrams the receivers have received so far. Frames per datagram
+/// tell the two regimes of this benchmark apart: a run where each member's
+/// writes carry several frames per packet, and one where the talker, the
+/// relay and the members fall into lockstep and every frame costs a
+/// packet per member.
+fn received_datagrams(s: &Setup) -> u64 {
+    s.receivers
+        .iter()
+        .filter_map(Client::connection)
+        .map(|c| c.stats().udp_rx.datagrams)
+        .sum()
+}
+
 fn runtime(workers: usize) -> tokio::runtime::Runtime {
     let mut builder = if workers == 0 {
         tokio::runtime::Builder::new_current_thread()
@@ -210,6 +238,7 @@ fn fanout(c: &mut Criterion) {
             group.throughput(Throughput::Elements(n as u64));
             let (mut cpu, mut delivered) = (Duration::ZERO, 0u64);
             let drops_before = udp_receive_drops();
+            let datagrams_before = received_datagrams(&s);
             group.bench_with_input(BenchmarkId::new(label, n), &n, |b, _| {
                 b.iter_custom(|iters| {
                     let before = cpu_time();
@@ -220,10 +249,17 @@ fn fanout(c: &mut Criterion) {
                 });
             });
             if delivered > 0 {
+                let datagrams = received_datagrams(&s).saturating_sub(datagrams_before);
                 eprintln!(
-                    "fanout/{label}/{n}: {:.2} µs CPU per delivered frame (relay + receivers, {delivered} frames); {} UDP datagrams dropped by full receive buffers",
+                    "fanout/{label}/{n}: {:.2} delivered frames per datagram received",
+                    delivered as f64 / datagrams.max(1) as f64
+                );
+                eprintln!(
+                    "fanout/{label}/{n}: {:.2} µs CPU per delivered frame (relay + receivers, {delivered} frames); {} UDP datagrams dropped by full receive buffers; {} live deliveries cut, {} clips delivered again from the store",
                     cpu.as_secs_f64() * 1e6 / delivered as f64,
-                    udp_receive_drops().saturating_sub(drops_before)
+                    udp_receive_drops().saturating_sub(drops_before),
+                    s.recovered.0.load(Ordering::Relaxed),
+                    s.recovered.1.load(Ordering::Relaxed),
                 );
             }
             rt.block_on(async {

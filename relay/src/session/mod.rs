@@ -201,7 +201,9 @@ pub(crate) struct Session {
     claims: Claims,
     state: Arc<Mutex<SessionState>>,
     commands: mpsc::Receiver<SessionCommand>,
-    joined: HashMap<Arc<str>, Joined>,
+    /// Boxed: a map of one or two groups still allocates four buckets, and
+    /// an idle connection should pay for one `Joined`, not four.
+    joined: HashMap<Arc<str>, Box<Joined>>,
     /// Deliveries, catch-ups, fetches, look-ups and cursor writes (at most
     /// one per joined group).
     deliveries: JoinSet<TaskDone>,

@@ -40,11 +40,13 @@ impl Session {
             }
         };
         let key: Arc<str> = group.as_str().into();
-        self.joined.entry(key.clone()).or_insert_with(|| Joined {
-            sub: Subscription::new(user.clone()),
-            tasks: Vec::new(),
-            sink: Sink::new(ErrorCode::ShuttingDown),
-            writing: false,
+        self.joined.entry(key.clone()).or_insert_with(|| {
+            Box::new(Joined {
+                sub: Subscription::new(user.clone()),
+                tasks: Vec::new(),
+                sink: Sink::new(ErrorCode::ShuttingDown),
+                writing: false,
+            })
         });
         self.sync_delivered(&group);
         let joined = self.joined.get_mut(&key).expect("inserted above");
