@@ -245,6 +245,7 @@ pub async fn start(mut config: RelayConfig) -> Result<RelayHandle, StartError> {
         idle_timeout_ms: config.idle_timeout.as_millis().min(u128::from(u32::MAX)) as u32,
     };
     let (store, log) = (backend.store(), backend.log());
+    let backend_ready = backend.readiness();
     let hub = Hub::new(log.clone(), store.clone());
     let shutdown = CancellationToken::new();
     let (floor, floor_driver): (Arc<dyn FloorArbiter>, FloorDriver) = match backend {
@@ -273,7 +274,8 @@ pub async fn start(mut config: RelayConfig) -> Result<RelayHandle, StartError> {
     let metrics_addr = match ctx.config.metrics {
         Some(addr) => {
             let draining = ctx.shutdown.clone();
-            let ready: crate::metrics::Readiness = Arc::new(move || !draining.is_cancelled());
+            let ready: crate::metrics::Readiness =
+                Arc::new(move || !draining.is_cancelled() && backend_ready());
             let bound =
                 crate::metrics::serve(addr, ready, metrics_stop.clone(), &metrics_tasks).await?;
             tracing::info!(addr = %bound, "metrics, /healthz and /readyz over HTTP");
@@ -409,6 +411,19 @@ impl Backend {
         match self {
             Backend::Local { log, .. } => log.clone(),
             Backend::Nats { log, .. } => log.clone(),
+        }
+    }
+
+    /// Whether the backend can serve now, for `/readyz`: the embedded
+    /// store is open as long as the relay runs; a cluster node must be
+    /// connected to NATS.
+    fn readiness(&self) -> crate::metrics::Readiness {
+        match self {
+            Backend::Local { .. } => Arc::new(|| true),
+            Backend::Nats { nats, .. } => {
+                let nats = nats.clone();
+                Arc::new(move || nats.reachable())
+            }
         }
     }
 }
