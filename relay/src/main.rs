@@ -412,6 +412,7 @@ async fn offline(action: GroupAction, store: &dyn ClipStore) -> anyhow::Result<(
 /// A group command against a cluster's NATS JetStream, where the nodes
 /// keep their groups and clips (the same as on a stopped data directory:
 /// every node watches the groups and hears of deleted clips).
+#[cfg(feature = "nats")]
 async fn cluster(action: GroupAction, target: &AdminTarget) -> anyhow::Result<()> {
     use ptt_relay::log::GroupLog;
     use ptt_relay::nats::{Nats, NatsLog, NatsStore};
@@ -439,6 +440,12 @@ async fn cluster(action: GroupAction, target: &AdminTarget) -> anyhow::Result<()
     // Sends what is queued (a deleted clip's notice to the nodes).
     log.close().await?;
     result
+}
+
+/// `--nats` on a relay built without NATS.
+#[cfg(not(feature = "nats"))]
+async fn cluster(_action: GroupAction, _target: &AdminTarget) -> anyhow::Result<()> {
+    anyhow::bail!("this relay was built without the `nats` feature (no cluster support)")
 }
 
 /// A group command through the running relay, as an admin client.

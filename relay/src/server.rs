@@ -24,6 +24,7 @@ use crate::hub::Hub;
 use crate::limits::HandshakeVerdict;
 use crate::log::{GroupLog, LocalLog};
 use crate::metrics::Metrics;
+#[cfg(feature = "nats")]
 use crate::nats::{Nats, NatsFloor, NatsLog, NatsStore};
 use crate::store::{ClipStore, RedbStore, RetentionPolicy};
 use crate::tls::{CertFiles, CertResolver, Identity, TransportTuning};
@@ -253,6 +254,7 @@ pub async fn start(mut config: RelayConfig) -> Result<RelayHandle, StartError> {
             let floor = Arc::new(LocalFloor::new(hub.clone()));
             (floor.clone(), Box::pin(floor.run(shutdown.clone())))
         }
+        #[cfg(feature = "nats")]
         Backend::Nats { nats, .. } => {
             let floor = Arc::new(NatsFloor::new(nats, hub.clone()));
             (floor.clone(), Box::pin(floor.run(shutdown.clone())))
@@ -365,6 +367,7 @@ enum Backend {
         log: Arc<LocalLog>,
     },
     /// One of several nodes on NATS (`[cluster]`).
+    #[cfg(feature = "nats")]
     Nats {
         nats: Arc<Nats>,
         store: Arc<NatsStore>,
@@ -382,6 +385,21 @@ impl Backend {
             let log = Arc::new(LocalLog::new(store.clone()));
             return Ok(Backend::Local { store, log });
         }
+        Backend::open_nats(config).await
+    }
+
+    /// A cluster node is asked for, but this relay was built without NATS.
+    #[cfg(not(feature = "nats"))]
+    async fn open_nats(_config: &mut RelayConfig) -> Result<Backend, StartError> {
+        Err(crate::store::StoreError::Backend(
+            "[cluster] asks for NATS, but this relay was built without the `nats` feature".into(),
+        )
+        .into())
+    }
+
+    /// Connects to NATS as one of several nodes.
+    #[cfg(feature = "nats")]
+    async fn open_nats(config: &mut RelayConfig) -> Result<Backend, StartError> {
         let nats = Nats::connect(&config.cluster, retention_policy(config)).await?;
         let max_frames = (config.max_clip.as_millis() as usize + 5_000) / 10;
         let fits = nats.max_clip_bytes(max_frames);
@@ -403,6 +421,7 @@ impl Backend {
     fn store(&self) -> Arc<dyn ClipStore> {
         match self {
             Backend::Local { store, .. } => store.clone(),
+            #[cfg(feature = "nats")]
             Backend::Nats { store, .. } => store.clone(),
         }
     }
@@ -410,6 +429,7 @@ impl Backend {
     fn log(&self) -> Arc<dyn GroupLog> {
         match self {
             Backend::Local { log, .. } => log.clone(),
+            #[cfg(feature = "nats")]
             Backend::Nats { log, .. } => log.clone(),
         }
     }
@@ -420,6 +440,7 @@ impl Backend {
     fn readiness(&self) -> crate::metrics::Readiness {
         match self {
             Backend::Local { .. } => Arc::new(|| true),
+            #[cfg(feature = "nats")]
             Backend::Nats { nats, .. } => {
                 let nats = nats.clone();
                 Arc::new(move || nats.reachable())

@@ -5,6 +5,7 @@
 //!
 //! Needs `nats-server` (`./dev.sh setup` installs it); without it every test
 //! here fails saying so.
+#![cfg(feature = "nats")]
 
 mod common;
 

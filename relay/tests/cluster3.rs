@@ -7,6 +7,7 @@
 //!
 //! Its own test binary (its own process), so the three servers do not
 //! compete with `cluster.rs`'s for the two cores while it runs.
+#![cfg(feature = "nats")]
 
 mod common;
 
