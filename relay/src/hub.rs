@@ -450,6 +450,16 @@ impl Hub {
                 }
                 g.info = info;
             }
+            FeedEvent::Deleted { seq, clip_id } => {
+                let message = ControlMessage::ClipDeleted {
+                    group: group.into(),
+                    seq,
+                    clip_id,
+                };
+                for s in g.subscribers.values() {
+                    s.send(message.clone());
+                }
+            }
             FeedEvent::Group(None) => {
                 for s in g.subscribers.drain().map(|(_, s)| s) {
                     s.offer(SessionCommand::Left {

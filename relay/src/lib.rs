@@ -38,6 +38,7 @@ pub mod limits;
 pub mod live;
 pub mod log;
 pub mod metrics;
+#[cfg(feature = "nats")]
 pub mod nats;
 pub mod net;
 pub mod server;

@@ -91,6 +91,15 @@ struct AdminTarget {
     /// the data directory's key, valid five minutes.
     #[arg(long, global = true, env = "PTT_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A cluster's NATS servers (comma-separated): administer the groups
+    /// the nodes share, in NATS directly, while they run (they see every
+    /// change at once). With `--config`, its `[cluster]` section is used.
+    #[arg(long, global = true, value_delimiter = ',')]
+    nats: Vec<String>,
+    /// The relay's configuration file, for its `[cluster]` section (the
+    /// cluster's stream, prefix, replicas, credentials).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -314,6 +323,9 @@ fn key(action: KeyAction, data_dir: &Path) -> anyhow::Result<()> {
 /// Runs a group command on the data directory's store, or, when a
 /// running relay holds it, through that relay.
 async fn group(action: GroupAction, target: &AdminTarget) -> anyhow::Result<()> {
+    if !target.nats.is_empty() || target.config.is_some() {
+        return cluster(action, target).await;
+    }
     let data_dir = &target.data_dir;
     match RedbStore::open(data_dir) {
         Ok(store) => {
@@ -395,6 +407,45 @@ async fn offline(action: GroupAction, store: &dyn ClipStore) -> anyhow::Result<(
         }
     }
     Ok(())
+}
+
+/// A group command against a cluster's NATS JetStream, where the nodes
+/// keep their groups and clips (the same as on a stopped data directory:
+/// every node watches the groups and hears of deleted clips).
+#[cfg(feature = "nats")]
+async fn cluster(action: GroupAction, target: &AdminTarget) -> anyhow::Result<()> {
+    use ptt_relay::log::GroupLog;
+    use ptt_relay::nats::{Nats, NatsLog, NatsStore};
+    let mut config = match &target.config {
+        Some(path) => RelayConfig::load(Some(path), &RelayConfig::default(), &Default::default())?,
+        None => RelayConfig::default(),
+    };
+    if !target.nats.is_empty() {
+        config.cluster.nats = target.nats.clone();
+    }
+    anyhow::ensure!(
+        config.cluster.enabled(),
+        "no NATS servers: give --nats or a configuration with a [cluster] section"
+    );
+    let retention = ptt_relay::store::RetentionPolicy {
+        max_age_ms: config.retention_max_age.as_millis() as u64,
+        max_clips_per_group: config.retention_max_clips,
+    };
+    let nats = Nats::connect(&config.cluster, retention)
+        .await
+        .with_context(|| format!("connecting to NATS at {:?}", config.cluster.nats))?;
+    let log = NatsLog::new(nats.clone());
+    let store = NatsStore::new(nats, log.clone());
+    let result = offline(action, &store).await;
+    // Sends what is queued (a deleted clip's notice to the nodes).
+    log.close().await?;
+    result
+}
+
+/// `--nats` on a relay built without NATS.
+#[cfg(not(feature = "nats"))]
+async fn cluster(_action: GroupAction, _target: &AdminTarget) -> anyhow::Result<()> {
+    anyhow::bail!("this relay was built without the `nats` feature (no cluster support)")
 }
 
 /// A group command through the running relay, as an admin client.

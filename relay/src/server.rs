@@ -24,6 +24,7 @@ use crate::hub::Hub;
 use crate::limits::HandshakeVerdict;
 use crate::log::{GroupLog, LocalLog};
 use crate::metrics::Metrics;
+#[cfg(feature = "nats")]
 use crate::nats::{Nats, NatsFloor, NatsLog, NatsStore};
 use crate::store::{ClipStore, RedbStore, RetentionPolicy};
 use crate::tls::{CertFiles, CertResolver, Identity, TransportTuning};
@@ -245,6 +246,7 @@ pub async fn start(mut config: RelayConfig) -> Result<RelayHandle, StartError> {
         idle_timeout_ms: config.idle_timeout.as_millis().min(u128::from(u32::MAX)) as u32,
     };
     let (store, log) = (backend.store(), backend.log());
+    let backend_ready = backend.readiness();
     let hub = Hub::new(log.clone(), store.clone());
     let shutdown = CancellationToken::new();
     let (floor, floor_driver): (Arc<dyn FloorArbiter>, FloorDriver) = match backend {
@@ -252,6 +254,7 @@ pub async fn start(mut config: RelayConfig) -> Result<RelayHandle, StartError> {
             let floor = Arc::new(LocalFloor::new(hub.clone()));
             (floor.clone(), Box::pin(floor.run(shutdown.clone())))
         }
+        #[cfg(feature = "nats")]
         Backend::Nats { nats, .. } => {
             let floor = Arc::new(NatsFloor::new(nats, hub.clone()));
             (floor.clone(), Box::pin(floor.run(shutdown.clone())))
@@ -273,7 +276,8 @@ pub async fn start(mut config: RelayConfig) -> Result<RelayHandle, StartError> {
     let metrics_addr = match ctx.config.metrics {
         Some(addr) => {
             let draining = ctx.shutdown.clone();
-            let ready: crate::metrics::Readiness = Arc::new(move || !draining.is_cancelled());
+            let ready: crate::metrics::Readiness =
+                Arc::new(move || !draining.is_cancelled() && backend_ready());
             let bound =
                 crate::metrics::serve(addr, ready, metrics_stop.clone(), &metrics_tasks).await?;
             tracing::info!(addr = %bound, "metrics, /healthz and /readyz over HTTP");
@@ -363,6 +367,7 @@ enum Backend {
         log: Arc<LocalLog>,
     },
     /// One of several nodes on NATS (`[cluster]`).
+    #[cfg(feature = "nats")]
     Nats {
         nats: Arc<Nats>,
         store: Arc<NatsStore>,
@@ -380,6 +385,21 @@ impl Backend {
             let log = Arc::new(LocalLog::new(store.clone()));
             return Ok(Backend::Local { store, log });
         }
+        Backend::open_nats(config).await
+    }
+
+    /// A cluster node is asked for, but this relay was built without NATS.
+    #[cfg(not(feature = "nats"))]
+    async fn open_nats(_config: &mut RelayConfig) -> Result<Backend, StartError> {
+        Err(crate::store::StoreError::Backend(
+            "[cluster] asks for NATS, but this relay was built without the `nats` feature".into(),
+        )
+        .into())
+    }
+
+    /// Connects to NATS as one of several nodes.
+    #[cfg(feature = "nats")]
+    async fn open_nats(config: &mut RelayConfig) -> Result<Backend, StartError> {
         let nats = Nats::connect(&config.cluster, retention_policy(config)).await?;
         let max_frames = (config.max_clip.as_millis() as usize + 5_000) / 10;
         let fits = nats.max_clip_bytes(max_frames);
@@ -401,6 +421,7 @@ impl Backend {
     fn store(&self) -> Arc<dyn ClipStore> {
         match self {
             Backend::Local { store, .. } => store.clone(),
+            #[cfg(feature = "nats")]
             Backend::Nats { store, .. } => store.clone(),
         }
     }
@@ -408,7 +429,22 @@ impl Backend {
     fn log(&self) -> Arc<dyn GroupLog> {
         match self {
             Backend::Local { log, .. } => log.clone(),
+            #[cfg(feature = "nats")]
             Backend::Nats { log, .. } => log.clone(),
+        }
+    }
+
+    /// Whether the backend can serve now, for `/readyz`: the embedded
+    /// store is open as long as the relay runs; a cluster node must be
+    /// connected to NATS.
+    fn readiness(&self) -> crate::metrics::Readiness {
+        match self {
+            Backend::Local { .. } => Arc::new(|| true),
+            #[cfg(feature = "nats")]
+            Backend::Nats { nats, .. } => {
+                let nats = nats.clone();
+                Arc::new(move || nats.reachable())
+            }
         }
     }
 }

@@ -5,6 +5,7 @@
 //!
 //! Needs `nats-server` (`./dev.sh setup` installs it); without it every test
 //! here fails saying so.
+#![cfg(feature = "nats")]
 
 mod common;
 
@@ -433,4 +434,173 @@ async fn nats_stopping_refuses_clips_with_a_code_and_the_node_recovers() {
     // A member joining on the recovered node gets both.
     let (_bob, mut bob_events) = a.member("bob", "team").await;
     assert_eq!(collect_clips(&mut bob_events, 2).await.len(), 2);
+}
+
+/// `/readyz` of a cluster node follows its NATS connection: 200 while
+/// connected, 503 once NATS is gone (a load balancer stops sending it new
+/// clients), 200 again by itself when NATS is back. `/healthz` stays 200.
+#[tokio::test]
+async fn readyz_is_503_while_nats_is_unreachable() {
+    let mut nats = NatsServer::start();
+    let a = node_with(&nats, None, |c| {
+        c.metrics = Some("127.0.0.1:0".parse().expect("address"))
+    })
+    .await;
+    let addr = a.handle.metrics_addr().expect("a metrics listener");
+    assert_eq!(http_status(addr, "/readyz").await, 200);
+    nats.stop();
+    readyz_becomes(addr, 503, Duration::from_secs(10)).await;
+    assert_eq!(http_status(addr, "/healthz").await, 200);
+    nats.restart();
+    // The client's reconnect delay grows while the server is away.
+    readyz_becomes(addr, 200, Duration::from_secs(30)).await;
+}
+
+/// Polls `/readyz` until it answers `status`, failing after `within`.
+async fn readyz_becomes(addr: std::net::SocketAddr, status: u16, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let now = http_status(addr, "/readyz").await;
+        if now == status {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz still {now}, not {status}, after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// GET `path` over HTTP/1.1: the status code.
+async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tokio::time::timeout(WAIT, async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        response
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("a status line")
+    })
+    .await
+    .expect("an HTTP answer in time")
+}
+
+/// The `ClipDeleted` events `events` carries until `n` have come: their
+/// sequence numbers.
+async fn deleted(events: &mut Events, n: usize) -> Vec<u64> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        out.push(
+            wait_for(events, |e| match e {
+                Event::ClipDeleted { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .await,
+        );
+    }
+    out
+}
+
+/// A clip deleted on node A: a member connected to B gets `ClipDeleted`
+/// at once, a member away (seen before) gets it when it joins on B, the
+/// clip is gone from the shared log, and deleting the newest clip does not
+/// free its number.
+#[tokio::test]
+async fn a_clip_deleted_on_one_node_reaches_members_on_the_other() {
+    let (_nats, a, b) = cluster().await;
+    a.group("team", GroupMode::Notes, &["alice", "bob", "carol"])
+        .await;
+    let (alice, _ae) = a.member("alice", "team").await;
+    for i in 0..3u8 {
+        alice
+            .send_clip("team", params(), frames(i, 3), Bytes::new())
+            .await
+            .unwrap();
+    }
+    let (_bob, mut bob_events) = b.member("bob", "team").await;
+    assert_eq!(collect_clips(&mut bob_events, 3).await.len(), 3);
+    let (carol, mut carol_events) = b.member("carol", "team").await;
+    assert_eq!(collect_clips(&mut carol_events, 3).await.len(), 3);
+    carol.close().await;
+
+    ptt_relay::admin::delete_clip(a.handle.context(), "team", 2)
+        .await
+        .expect("deleted");
+    assert_eq!(deleted(&mut bob_events, 1).await, [2]);
+    let (_carol, mut carol_events) = b.member("carol", "team").await;
+    assert_eq!(deleted(&mut carol_events, 1).await, [2]);
+    assert_eq!(
+        ptt_relay::admin::delete_clip(b.handle.context(), "team", 2).await,
+        Err(ErrorCode::NoSuchClip)
+    );
+
+    // The newest clip deleted: the next clip is 4, not 3 again.
+    ptt_relay::admin::delete_clip(b.handle.context(), "team", 3)
+        .await
+        .expect("deleted");
+    assert_eq!(deleted(&mut bob_events, 1).await, [3]);
+    let next = alice
+        .send_clip("team", params(), frames(9, 3), Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(next.seq, 4);
+    let log = &b.handle.context().log;
+    let seqs: Vec<u64> = log
+        .read("team", 0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.seq)
+        .collect();
+    assert_eq!(seqs, [1, 4]);
+}
+
+/// `relay group --nats …` administers the groups of running cluster nodes
+/// in NATS: a group created, a member added and listed, clips listed, a
+/// clip deleted (its member on node B hears of it at once), members with
+/// their cursors.
+#[tokio::test]
+async fn relay_group_administers_a_running_cluster_through_nats() {
+    let (nats, a, b) = cluster().await;
+    let relay_group = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+            .arg("group")
+            .args(["--nats", &nats.url()])
+            .args(args)
+            .output()
+            .expect("run relay group");
+        assert!(
+            out.status.success(),
+            "relay group {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    relay_group(&["create", "crew", "--mode", "notes"]);
+    relay_group(&["add", "crew", "alice", "bob"]);
+    let list = relay_group(&["list"]);
+    assert!(list.contains("crew") && list.contains("alice") && list.contains("bob"));
+    let (alice, _ae) = a.member("alice", "crew").await;
+    let (_bob, mut bob_events) = b.member("bob", "crew").await;
+    for i in 0..2u8 {
+        alice
+            .send_clip("crew", params(), frames(i, 5), Bytes::new())
+            .await
+            .unwrap();
+    }
+    assert_eq!(collect_clips(&mut bob_events, 2).await.len(), 2);
+    let clips = relay_group(&["clips", "crew"]);
+    assert_eq!(clips.lines().count(), 2, "{clips}");
+    relay_group(&["delete", "crew", "1"]);
+    assert_eq!(deleted(&mut bob_events, 1).await, [1]);
+    let clips = relay_group(&["clips", "crew"]);
+    assert_eq!(clips.lines().count(), 1, "{clips}");
+    let members = relay_group(&["members", "crew"]);
+    assert!(members.contains("bob"), "{members}");
 }

@@ -54,6 +54,14 @@ pub enum FeedEvent {
     /// The group's record changed (members added or removed, mode), or the
     /// group was deleted (`None`).
     Group(Option<GroupInfo>),
+    /// An administrator deleted stored clip `seq` on another node (or
+    /// offline): this node's members get `ClipDeleted`.
+    Deleted {
+        /// The clip's number.
+        seq: u64,
+        /// The clip's id.
+        clip_id: ClipId,
+    },
 }
 
 /// A live clip's progress, as one node tells the others.

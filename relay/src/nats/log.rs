@@ -71,6 +71,27 @@ const KIND_STARTED: u8 = 1;
 const KIND_FRAME: u8 = 2;
 const KIND_ABORTED: u8 = 3;
 const KIND_STORED: u8 = 4;
+const KIND_DELETED: u8 = 5;
+/// Tombstones kept per group (the oldest go first).
+const MAX_TOMBSTONES: usize = 1024;
+
+/// A deleted clip, as the `<prefix>_tombstones` bucket keeps it (a JSON
+/// list per group).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Tombstone {
+    seq: u64,
+    /// The clip id in hex.
+    clip_id: String,
+    /// When it was deleted, Unix ms.
+    at_ms: u64,
+}
+
+fn decode_tombstones(group: &str, raw: &[u8]) -> Result<Vec<Tombstone>, StoreError> {
+    serde_json::from_slice(raw).map_err(|e| StoreError::Corrupt {
+        table: "tombstones",
+        detail: format!("group {group}: {e}"),
+    })
+}
 
 /// The [`GroupLog`] of a relay node on NATS JetStream. See the module
 /// documentation.
@@ -110,6 +131,17 @@ impl NatsLog {
                     next = rx.recv() => next,
                 };
                 let Some((subject, payload)) = next else {
+                    // Closing: what is queued goes out first (a deleted
+                    // clip's notice from `relay group delete`), for a
+                    // second at most (NATS may be away).
+                    let drain = async {
+                        while let Ok((subject, payload)) = rx.try_recv() {
+                            if let Err(e) = client.publish(subject, payload).await {
+                                tracing::debug!(error = %e, "publishing a live event");
+                            }
+                        }
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
                     return;
                 };
                 if let Err(e) = client.publish(subject, payload).await {
@@ -258,27 +290,158 @@ impl NatsLog {
         ))
     }
 
-    /// The stream sequence and group number of the group's last retained
-    /// clip; `(0, last number)` when none is retained.
+    /// The stream sequence of the group's last retained clip (0 when none
+    /// is retained) and the group's last number: the higher of that clip's
+    /// and the `last` bucket's (which is ahead when an administrator
+    /// deleted the newest clips, so their numbers are not given again).
     async fn last_message(&self, group: &str) -> Result<(u64, u64), StoreError> {
         let nats = self.nats();
-        match nats
-            .stream
-            .get_last_raw_message_by_subject(&nats.clip_subject(group))
-            .await
-        {
+        let subject = nats.clip_subject(group);
+        let (message, recorded) = tokio::join!(
+            nats.stream.get_last_raw_message_by_subject(&subject),
+            self.last_number(group),
+        );
+        match message {
             Ok(message) => {
                 let seq = header_seq(&message.headers).ok_or_else(|| StoreError::Corrupt {
                     table: "clips",
                     detail: format!("stream message {} has no Ptt-Seq", message.sequence),
                 })?;
-                Ok((message.sequence, seq))
+                Ok((message.sequence, seq.max(recorded?)))
             }
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
-                Ok((0, self.last_number(group).await?))
-            }
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok((0, recorded?)),
             Err(e) => Err(backend("reading the last clip", e)),
         }
+    }
+
+    /// Deletes clip `seq` of `group` (an administrator's decision): a
+    /// tombstone goes into the `<prefix>_tombstones` bucket first, then the
+    /// message leaves the stream, and every node's feed of the group is
+    /// told (a "deleted" notice on the live subject) so that its members
+    /// get `ClipDeleted` at once. The group's last number is raised to
+    /// `seq` first, so deleting the newest clip never frees its number.
+    /// Returns the clip's id, or `None` if it is not stored.
+    pub(crate) async fn delete_clip(
+        &self,
+        group: &str,
+        seq: u64,
+        now_ms: u64,
+    ) -> Result<Option<ClipId>, StoreError> {
+        let nats = self.nats();
+        let Some((stream_seq, clip_id)) = self.locate(group, seq).await? else {
+            return Ok(None);
+        };
+        self.raise_last(group, seq).await?;
+        self.record_tombstone(group, seq, clip_id, now_ms).await?;
+        nats.stream
+            .delete_message(stream_seq)
+            .await
+            .map_err(|e| backend("deleting a clip", e))?;
+        let mut notice = BytesMut::with_capacity(33);
+        notice.put_u8(KIND_DELETED);
+        notice.put_u64(nats.node);
+        notice.put_u64(seq);
+        notice.put_slice(clip_id.as_bytes());
+        // Lost if the queue is full: members then learn it at their next
+        // join, from the tombstone.
+        let _ = self
+            .inner
+            .live
+            .try_send((nats.live_subject(group), notice.freeze()));
+        Ok(Some(clip_id))
+    }
+
+    /// The tombstones of `group` recorded at or after `since_ms`, in
+    /// sequence order.
+    pub(crate) async fn tombstones(
+        &self,
+        group: &str,
+        since_ms: u64,
+    ) -> Result<Vec<(u64, ClipId)>, StoreError> {
+        let raw = self
+            .nats()
+            .tombstones
+            .get(token(group))
+            .await
+            .map_err(|e| backend("reading tombstones", e))?;
+        let Some(raw) = raw else {
+            return Ok(Vec::new());
+        };
+        let mut out: Vec<(u64, ClipId)> = decode_tombstones(group, &raw)?
+            .into_iter()
+            .filter(|t| t.at_ms >= since_ms)
+            .filter_map(|t| Some((t.seq, ClipId::from_hex(&t.clip_id)?)))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// The stream sequence and clip id of clip `seq`, if it is stored.
+    async fn locate(&self, group: &str, seq: u64) -> Result<Option<(u64, ClipId)>, StoreError> {
+        if seq == 0 {
+            return Ok(None);
+        }
+        let mut next = self.indexed(&seq_key(group, seq)).await?.unwrap_or(1);
+        // The index entry is where clip `seq` was written; without it the
+        // subject is read from its start (the index write failed).
+        while let Some((stream_seq, clip)) = self.next_from(group, next).await? {
+            if clip.seq == seq {
+                return Ok(Some((stream_seq, clip.meta.clip_id)));
+            }
+            if clip.seq > seq {
+                return Ok(None);
+            }
+            next = stream_seq + 1;
+        }
+        Ok(None)
+    }
+
+    /// Adds a tombstone to the group's list (compare-and-set; the oldest
+    /// go beyond [`MAX_TOMBSTONES`], and the bucket's age limit, the
+    /// retention's, drops a list untouched that long).
+    async fn record_tombstone(
+        &self,
+        group: &str,
+        seq: u64,
+        clip_id: ClipId,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let bucket = &self.nats().tombstones;
+        let key = token(group);
+        for _ in 0..MAX_ATTEMPTS {
+            let entry = bucket
+                .entry(key.clone())
+                .await
+                .map_err(|e| backend("reading tombstones", e))?;
+            let mut list = match &entry {
+                Some(e) => decode_tombstones(group, &e.value)?,
+                None => Vec::new(),
+            };
+            if list.iter().any(|t| t.seq == seq) {
+                return Ok(());
+            }
+            list.push(Tombstone {
+                seq,
+                clip_id: clip_id.to_string(),
+                at_ms: now_ms,
+            });
+            if list.len() > MAX_TOMBSTONES {
+                list.sort_by_key(|t| t.at_ms);
+                list.drain(..list.len() - MAX_TOMBSTONES);
+            }
+            let value = Bytes::from(
+                serde_json::to_vec(&list)
+                    .map_err(|e| StoreError::Backend(format!("encoding tombstones: {e}")))?,
+            );
+            let written = match entry {
+                Some(e) => bucket.update(&key, value, e.revision).await.is_ok(),
+                None => bucket.create(&key, value).await.is_ok(),
+            };
+            if written {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Backend("NATS: tombstones kept changing".into()))
     }
 
     /// The group's last number as the `last` bucket has it.
@@ -639,6 +802,9 @@ impl NatsFeed {
                     }
                 }
                 Wake::Live(Some(payload)) => {
+                    if let Some((seq, clip_id)) = self.deleted_message(&payload) {
+                        return Ok(Some(FeedEvent::Deleted { seq, clip_id }));
+                    }
                     if let Some(event) = self.live_message(&payload) {
                         return Ok(Some(FeedEvent::Live(event)));
                     }
@@ -656,6 +822,22 @@ impl NatsFeed {
                 }
             }
         }
+    }
+
+    /// Another node's "clip deleted" notice: the clip's number and id
+    /// (this node's own deletions reached its members already).
+    fn deleted_message(&self, payload: &Bytes) -> Option<(u64, ClipId)> {
+        let mut buf = payload.clone();
+        if buf.remaining() < 33 || buf.get_u8() != KIND_DELETED {
+            return None;
+        }
+        if buf.get_u64() == self.log.inner.nats.node {
+            return None;
+        }
+        let seq = buf.get_u64();
+        let mut id = [0u8; 16];
+        buf.copy_to_slice(&mut id);
+        Some((seq, ClipId::from_bytes(id)))
     }
 
     /// A message on the group's live subject: raises `known_last` for a

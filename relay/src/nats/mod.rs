@@ -55,6 +55,8 @@ pub struct Nats {
     index: kv::Store,
     /// `<group>` → the group's last sequence number (no expiry).
     last: kv::Store,
+    /// `<group>` → its deleted clips (JSON), kept as long as clips are.
+    tombstones: kv::Store,
     /// This process's id among the nodes (random).
     node: u64,
     prefix: String,
@@ -130,6 +132,7 @@ impl Nats {
         let floor = key_value(&js, bucket("floor", Duration::ZERO)).await?;
         let index = key_value(&js, bucket("clips", index_age)).await?;
         let last = key_value(&js, bucket("last", Duration::ZERO)).await?;
+        let tombstones = key_value(&js, bucket("tombstones", index_age)).await?;
         let max_payload = client.server_info().max_payload;
         let mut id = [0u8; 8];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
@@ -143,6 +146,7 @@ impl Nats {
             floor,
             index,
             last,
+            tombstones,
             node: u64::from_be_bytes(id),
             prefix: config.prefix.clone(),
             max_payload,
@@ -162,6 +166,13 @@ impl Nats {
         self.max_payload.saturating_sub(
             MESSAGE_OVERHEAD + max_frames * 3 + ptt_protocol::message::MAX_WAVEFORM_LEN,
         )
+    }
+
+    /// Whether this node is connected to a NATS server now (what `/readyz`
+    /// asks of the cluster backend): false from the moment the connection
+    /// is lost until the client has reconnected to one of the servers.
+    pub fn reachable(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
     }
 
     /// Closes the connection, sending what is queued first.

@@ -4,7 +4,8 @@
 //! (mode, longest clip, members), changed by compare-and-set so that two
 //! nodes adding members at once both land; every node's feed of the group
 //! watches that key. A cursor is one key per member and group in
-//! `<prefix>_cursors`, moved forward only, also by compare-and-set. Clips
+//! `<prefix>_cursors`, moved forward only, also by compare-and-set (and
+//! beside it `seen.<group>.<member>`, when the member last joined). Clips
 //! are the log's ([`super::NatsLog`]): the store's clip methods answer from
 //! it.
 
@@ -12,7 +13,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use ptt_protocol::{ClipId, GroupMode};
+use ptt_protocol::{ClipId, ClipSummary, GroupMode, MemberState};
 use serde::{Deserialize, Serialize};
 
 use super::{Nats, NatsLog, backend, parse_u64, token};
@@ -144,6 +145,12 @@ fn info(group: &str, record: GroupRecord) -> Result<GroupInfo, StoreError> {
         record.max_clip_ms,
         record.members,
     ))
+}
+
+/// When `user` was last seen in `group`: `seen.<group>.<user>` in the
+/// cursors bucket (three tokens, so never a cursor's `<group>.<user>`).
+fn seen_key(group: &str, user: &str) -> String {
+    format!("seen.{}.{}", token(group), token(user))
 }
 
 /// The id a key of the groups bucket stands for (the inverse of
@@ -290,6 +297,92 @@ impl ClipStore for NatsStore {
     fn advance_cursor(&self, group: &str, user: &str, seq: u64) -> StoreFuture<'_, ()> {
         let (group, user) = (group.to_owned(), user.to_owned());
         Box::pin(async move { self.advance(&group, &user, seq).await })
+    }
+
+    fn clip_summaries(
+        &self,
+        group: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<ClipSummary>> {
+        let group = group.to_owned();
+        Box::pin(async move {
+            let clips = self.log.read_future(&group, after, limit).await?;
+            Ok(clips
+                .into_iter()
+                .map(|c| ClipSummary {
+                    seq: c.seq,
+                    clip_id: c.meta.clip_id,
+                    duration_ms: c.frames.len() as u64 * u64::from(c.meta.frame_ms),
+                    bytes: c.frames.iter().map(|f| f.len() as u64).sum(),
+                    created_ms: c.meta.created_ms,
+                    talker: c.meta.talker,
+                })
+                .collect())
+        })
+    }
+
+    fn member_status(&self, group: &str) -> StoreFuture<'_, Vec<MemberState>> {
+        let group = group.to_owned();
+        Box::pin(async move {
+            let info = read_group(&self.nats, &group)
+                .await?
+                .ok_or_else(|| StoreError::NoSuchGroup(group.clone()))?;
+            let mut out = Vec::with_capacity(info.members.len());
+            for user in info.members {
+                let (cursor, last_seen_ms) =
+                    tokio::try_join!(self.cursor(&group, &user), self.last_seen(&group, &user))?;
+                out.push(MemberState {
+                    user,
+                    cursor,
+                    last_seen_ms,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn delete_clip(&self, group: &str, seq: u64, now_ms: u64) -> StoreFuture<'_, Option<ClipId>> {
+        let group = group.to_owned();
+        Box::pin(async move {
+            let deleted = self.log.delete_clip(&group, seq, now_ms).await;
+            self.nats.track("deleting a clip", deleted)
+        })
+    }
+
+    fn tombstones(&self, group: &str, since_ms: u64) -> StoreFuture<'_, Vec<(u64, ClipId)>> {
+        let group = group.to_owned();
+        Box::pin(async move {
+            let tombstones = self.log.tombstones(&group, since_ms).await;
+            self.nats.track("reading tombstones", tombstones)
+        })
+    }
+
+    fn last_seen(&self, group: &str, user: &str) -> StoreFuture<'_, u64> {
+        let key = seen_key(group, user);
+        Box::pin(async move {
+            let raw = self
+                .nats
+                .cursors
+                .get(key)
+                .await
+                .map_err(|e| backend("reading last seen", e));
+            let raw = self.nats.track("reading last seen", raw)?;
+            Ok(raw.as_deref().and_then(parse_u64).unwrap_or(0))
+        })
+    }
+
+    fn touch_member(&self, group: &str, user: &str) -> StoreFuture<'_, ()> {
+        let key = seen_key(group, user);
+        Box::pin(async move {
+            let now = crate::auth::unix_millis(std::time::SystemTime::now());
+            self.nats
+                .cursors
+                .put(key, Bytes::from(now.to_string()))
+                .await
+                .map(drop)
+                .map_err(|e| backend("recording last seen", e))
+        })
     }
 
     fn apply_retention(&self, _policy: RetentionPolicy, _now_ms: u64) -> StoreFuture<'_, u64> {

@@ -1,6 +1,7 @@
 //! A real `nats-server` with JetStream for the cluster tests: found on the
 //! PATH (or `$NATS_SERVER`), started on a free loopback port with its store
-//! in a temporary directory, killed when dropped.
+//! in a temporary directory, killed when dropped. [`NatsCluster`] is three
+//! (or more) of them clustered by routes on loopback, JetStream replicated.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -13,6 +14,9 @@ pub struct NatsServer {
     port: u16,
     binary: PathBuf,
     store: tempfile::TempDir,
+    /// Clustering flags (`-n`, `--cluster_name`, `--cluster`, `--routes`),
+    /// empty for a server on its own.
+    cluster_args: Vec<String>,
 }
 
 impl NatsServer {
@@ -27,9 +31,25 @@ impl NatsServer {
             port,
             binary,
             store,
+            cluster_args: Vec::new(),
         };
         server.restart();
         server
+    }
+
+    /// The server's name in its cluster (`n<i>`), if clustered.
+    pub fn name(&self) -> Option<&str> {
+        let at = self.cluster_args.iter().position(|a| a == "-n")?;
+        self.cluster_args.get(at + 1).map(String::as_str)
+    }
+
+    /// Kills the server at once (`kill -9`: nothing flushed, no goodbye
+    /// to its peers), and waits until it is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// The client URL.
@@ -71,6 +91,7 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(self.store.path())
+            .args(&self.cluster_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -90,6 +111,63 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// NATS servers clustered by routes on loopback (one JetStream domain, so
+/// streams and buckets can have replicas up to the number of servers).
+pub struct NatsCluster {
+    /// The servers, `n1`, `n2`, … in order.
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` clustered servers and waits until each accepts
+    /// connections (electing JetStream's leaders takes a moment more: the
+    /// first client requests may fail until then).
+    pub fn start(n: usize) -> NatsCluster {
+        let binary = binary();
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let route_urls = routes
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let servers = routes
+            .iter()
+            .enumerate()
+            .map(|(i, route)| {
+                let mut server = NatsServer {
+                    child: None,
+                    port: free_port(),
+                    binary: binary.clone(),
+                    store: tempfile::tempdir().expect("temp dir"),
+                    cluster_args: vec![
+                        "-n".into(),
+                        format!("n{}", i + 1),
+                        "--cluster_name".into(),
+                        "ptt-test".into(),
+                        "--cluster".into(),
+                        format!("nats://127.0.0.1:{route}"),
+                        "--routes".into(),
+                        route_urls.clone(),
+                    ],
+                };
+                server.restart();
+                server
+            })
+            .collect();
+        NatsCluster { servers }
+    }
+
+    /// Every server's client URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(NatsServer::url).collect()
+    }
+
+    /// The server named `name` (`n1`…).
+    pub fn by_name(&mut self, name: &str) -> Option<&mut NatsServer> {
+        self.servers.iter_mut().find(|s| s.name() == Some(name))
     }
 }
 
