@@ -154,6 +154,9 @@ pub enum ErrorCode {
     /// The operation needs a channel, and the group is not one (or the
     /// reverse).
     NotChannel = 33,
+    /// The relay offers no UDP media path to this connection (it is off,
+    /// or the connection is a browser's): live frames stay on streams.
+    MediaUnavailable = 40,
     /// Any code this version does not know.
     Unknown = u32::MAX,
 }
@@ -172,6 +175,9 @@ impl ErrorCode {
             .find(|c| u64::from(c.code()) == code)
         {
             return c;
+        }
+        if code == u64::from(MediaUnavailable.code()) {
+            return MediaUnavailable;
         }
         const ALL: [ErrorCode; 26] = [
             None,

@@ -16,6 +16,8 @@
 //! - [`session::SessionState`] enforces auth first and the clip limits.
 //! - [`datagram`] holds what travels in QUIC datagrams: a member's
 //!   [`LiveRead`] reports of how far it read a live clip.
+//! - [`media`] holds the UDP media path: its negotiation, packet format,
+//!   keys from the TLS exporter and replay window.
 
 pub mod channel;
 pub mod clip;
@@ -24,6 +26,7 @@ pub mod datagram;
 pub mod error;
 pub mod floor;
 pub mod ids;
+pub mod media;
 pub mod message;
 pub mod reader;
 pub mod session;
@@ -35,6 +38,7 @@ pub use datagram::{LIVE_READ_BUFFER, LIVE_READ_INTERVAL, LiveRead, live_reads};
 pub use error::{DecodeError, ErrorCode};
 pub use floor::{FloorDecision, FloorHolder, FloorState};
 pub use ids::{ClipId, GroupMode, is_valid_id};
+pub use media::{MediaCrypto, MediaMessage};
 pub use message::{
     ClipFormat, ClipHeader, ClipMessage, ClipSummary, ControlMessage, GroupSummary, Limits,
     MemberState, PROTOCOL_VERSION, ReceiptKind, Welcome,

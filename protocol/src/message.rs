@@ -478,6 +478,8 @@ pub enum ControlMessage {
     /// A roles-and-channels message (types `0x40..=0x5f`, see
     /// [`crate::channel`]).
     Channel(crate::channel::ChannelMessage),
+    /// A media-path message (types `0x60..=0x67`, see [`crate::media`]).
+    Media(crate::media::MediaMessage),
     /// The answer to `ListMemberStatus`.
     MemberStatus {
         /// The request's id.
@@ -572,6 +574,10 @@ impl ClipHeader {
     /// The receiver muted the clip's channel: the app stores the clip but
     /// does not notify (PROTOCOL.md, section 13).
     pub const FLAG_MUTED: u8 = 0x08;
+    /// A live delivery to a member on the media path (PROTOCOL.md §14):
+    /// the stream carries the header and the end, the frames come in UDP
+    /// `Frame` packets.
+    pub const FLAG_MEDIA: u8 = 0x10;
 }
 
 /// A message on a clip stream.
@@ -639,6 +645,7 @@ impl ControlMessage {
             FetchDone { .. } => kind::FETCH_DONE,
             GroupLeft { .. } => kind::GROUP_LEFT,
             Channel(m) => m.kind(),
+            Media(m) => m.kind(),
             MemberStatus { .. } => kind::MEMBER_STATUS,
             ClipList { .. } => kind::CLIP_LIST,
             ClipDeleted { .. } => kind::CLIP_DELETED,
@@ -943,6 +950,7 @@ impl ControlMessage {
                 put_string(p, address);
             }
             Channel(m) => m.encode_payload(p),
+            Media(m) => m.encode_payload(p),
             Unknown { .. } => {}
         }
     }
@@ -1246,6 +1254,12 @@ impl ControlMessage {
             k if crate::channel::is_channel_kind(k) => {
                 match crate::channel::ChannelMessage::decode_fields(k, p)? {
                     Some(m) => Channel(m),
+                    None => Unknown { kind: k },
+                }
+            }
+            k if crate::media::is_media_kind(k) => {
+                match crate::media::MediaMessage::decode_fields(k, p)? {
+                    Some(m) => Media(m),
                     None => Unknown { kind: k },
                 }
             }

@@ -478,7 +478,35 @@ fn examples() -> Vec<(&'static str, Example)> {
     ]
     .into_iter()
     .chain(channel_examples())
+    .chain(media_examples())
     .collect()
+}
+
+/// Section 14, the UDP media path.
+fn media_examples() -> Vec<(&'static str, Example)> {
+    use ptt_protocol::MediaMessage as M;
+    let m = |m| Example::Control(ControlMessage::Media(m));
+    vec![
+        ("media-open", m(M::Open { request_id: 40 })),
+        (
+            "media-offer",
+            m(M::Offer {
+                request_id: 40,
+                port: 4434,
+                conn_id: 0x0123_4567_89ab_cdef,
+                epoch: 0,
+            }),
+        ),
+        (
+            "error-media-unavailable",
+            Example::Control(ControlMessage::Error {
+                request_id: 40,
+                code: ErrorCode::MediaUnavailable,
+                message: "no media path".into(),
+            }),
+        ),
+        ("media-close", m(M::Close { request_id: 41 })),
+    ]
 }
 
 /// Section 12, roles and channels (issue #14).

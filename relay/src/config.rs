@@ -151,6 +151,15 @@ pub struct RelayConfig {
     /// Log lines as human-readable text or as one JSON object per line.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Offer native clients the UDP media path (PROTOCOL.md §14): live
+    /// frames sealed in UDP datagrams beside the QUIC connection, instead
+    /// of on streams, for clients that ask with `MediaOpen`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub media: bool,
+    /// UDP address of the media socket; default: the `listen` address with
+    /// the next port (with port 0, any free port).
+    #[arg(long)]
+    pub media_listen: Option<SocketAddr>,
     /// Several relay nodes on NATS JetStream (`[cluster]` in the file);
     /// without NATS URLs the relay runs alone on its embedded store.
     #[command(flatten)]
@@ -252,6 +261,20 @@ pub enum ConfigError {
 }
 
 impl RelayConfig {
+    /// Where the media socket binds, if the media path is on.
+    pub fn media_addr(&self) -> Option<SocketAddr> {
+        if !self.media {
+            return None;
+        }
+        Some(self.media_listen.unwrap_or_else(|| {
+            let mut addr = self.listen;
+            if addr.port() != 0 {
+                addr.set_port(addr.port().wrapping_add(1));
+            }
+            addr
+        }))
+    }
+
     /// A configuration for tests: port 0 on loopback, the given data
     /// directory, short timeouts, and no per-address or per-user limits
     /// (every test and simulated client connects from 127.0.0.1; tests

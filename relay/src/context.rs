@@ -36,6 +36,8 @@ pub struct RelayContext {
     pub shutdown: CancellationToken,
     /// Clips each user started in the last minute, over all connections.
     pub user_clips: crate::limits::ClipsPerUser,
+    /// The UDP media path, if on (`media`).
+    pub media: Option<Arc<crate::media::MediaPlane>>,
 }
 
 impl std::fmt::Debug for RelayContext {

@@ -99,7 +99,7 @@ impl Sink {
         }
     }
 
-    fn header_flags(&self) -> u8 {
+    pub(crate) fn header_flags(&self) -> u8 {
         self.0.flags.load(Ordering::Relaxed)
     }
 
@@ -118,7 +118,7 @@ impl Sink {
         )
     }
 
-    fn record(&self, seq: u64, meta: &ClipMeta) {
+    pub(crate) fn record(&self, seq: u64, meta: &ClipMeta) {
         self.0
             .delivered
             .lock()
@@ -131,14 +131,14 @@ impl Sink {
 /// before [`Guarded::finish`], it is reset with its sink's drop code (quinn
 /// finishes a dropped stream, which a reader would take for a clip cut
 /// short without a reason).
-struct Guarded {
+pub(crate) struct Guarded {
     stream: SendStream,
     on_drop: Sink,
     done: bool,
 }
 
 impl Guarded {
-    async fn open(conn: &Connection, on_drop: &Sink) -> Option<Guarded> {
+    pub(crate) async fn open(conn: &Connection, on_drop: &Sink) -> Option<Guarded> {
         let stream = conn.open_uni().await.ok()?;
         Some(Guarded {
             stream,
@@ -147,7 +147,7 @@ impl Guarded {
         })
     }
 
-    fn finish(mut self) -> Result<(), web_transport_quinn::ClosedStream> {
+    pub(crate) fn finish(mut self) -> Result<(), web_transport_quinn::ClosedStream> {
         self.done = true;
         self.stream.finish()
     }

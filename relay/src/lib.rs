@@ -9,7 +9,8 @@
 //! - [`subscription`]: a member's subscription to a group (sans-IO).
 //! - [`ingest`]: a talker's clip upload.
 //! - [`delivery`]: writing clips to members; [`live`]: the shared frame
-//!   buffer of a clip in flight.
+//!   buffer of a clip in flight; [`media`]: the UDP media path (live
+//!   frames sealed per member, sent by the talker's task).
 //! - The seams, each with its single-node implementation: [`log`] (each
 //!   group's ordered clips, membership changes, live clips of other
 //!   nodes), [`floor`] (the floor arbiter), [`store`] (groups, members,
@@ -37,6 +38,7 @@ pub mod ingest;
 pub mod limits;
 pub mod live;
 pub mod log;
+pub mod media;
 pub mod metrics;
 #[cfg(feature = "nats")]
 pub mod nats;

@@ -44,6 +44,9 @@ pub struct Progress {
     /// When the newest frame was appended (for the frame relay latency
     /// metric).
     pub newest_at: std::time::Instant,
+    /// Members on the UDP media path: each frame is sealed and sent to
+    /// them as it is appended ([`crate::media::send_frame`]).
+    pub media: Arc<[crate::media::MediaTarget]>,
 }
 
 /// A clip being spoken (or a complete clip on its way to members).
@@ -54,6 +57,9 @@ pub struct LiveClip {
     /// The talker's connection, for floor release and receipts.
     pub talker_session: u64,
     progress: watch::Sender<Progress>,
+    /// Signalled when the clip ends or is aborted: media deliveries wait
+    /// for this alone, not for every frame.
+    finished: tokio::sync::Notify,
 }
 
 /// Frames reserved up front: 15 s of 20 ms frames, a typical voice note,
@@ -68,11 +74,13 @@ impl LiveClip {
             data: Vec::with_capacity(INITIAL_FRAMES),
             state: ClipState::Live,
             newest_at: std::time::Instant::now(),
+            media: Arc::new([]),
         });
         Arc::new(LiveClip {
             meta,
             talker_session,
             progress,
+            finished: tokio::sync::Notify::new(),
         })
     }
 
@@ -102,19 +110,75 @@ impl LiveClip {
     }
 
     /// Appends a frame: `raw` is the framed message, `data` its packet.
+    ///
+    /// Media-path members get the frame at once, sealed and sent by this
+    /// call ([`crate::media::send_frame`]), after the frame is in the
+    /// buffer: a member registered before the append gets it here, one
+    /// registered after gets it in its backlog, never both or neither.
     pub fn push_frame(&self, raw: Bytes, data: Bytes) {
         let now = std::time::Instant::now();
+        let mut media = None;
         self.progress.send_modify(|p| {
+            if !p.media.is_empty() {
+                media = Some((p.media.clone(), p.data.len()));
+            }
             p.raw.push(raw);
-            p.data.push(data);
+            p.data.push(data.clone());
             p.newest_at = now;
         });
+        if let Some((targets, index)) = media {
+            crate::media::send_frame(&targets, index as u32, &data);
+        }
+    }
+
+    /// Adds a media-path member: the frames appended from now on are sent
+    /// to it by [`push_frame`](Self::push_frame); returns the frames
+    /// before (its backlog, for the caller to send) and a guard that
+    /// removes the member when dropped. Wakes no receiver.
+    pub fn add_media_target(
+        self: &Arc<Self>,
+        target: crate::media::MediaTarget,
+    ) -> (MediaRegistration, Vec<Bytes>) {
+        let mut backlog = Vec::new();
+        let key = (target.peer.conn_id(), target.stream);
+        self.progress.send_if_modified(|p| {
+            backlog = p.data.clone();
+            p.media = p.media.iter().cloned().chain([target]).collect();
+            false
+        });
+        (
+            MediaRegistration {
+                clip: self.clone(),
+                key,
+            },
+            backlog,
+        )
+    }
+
+    /// Frames appended so far.
+    pub fn frame_count(&self) -> usize {
+        self.progress.borrow().data.len()
+    }
+
+    /// Waits until the clip is ended or aborted; its final state.
+    pub async fn finished(&self) -> ClipState {
+        loop {
+            let notified = self.finished.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let state = self.state();
+            if state != ClipState::Live {
+                return state;
+            }
+            notified.await;
+        }
     }
 
     /// The clip is stored as `seq`.
     pub fn end(&self, seq: u64, waveform: Bytes) {
         self.progress
             .send_modify(|p| p.state = ClipState::Ended { seq, waveform });
+        self.finished.notify_waiters();
     }
 
     /// The clip is discarded.
@@ -127,6 +191,7 @@ impl LiveClip {
                 false
             }
         });
+        self.finished.notify_waiters();
     }
 
     /// The current state.
@@ -158,6 +223,31 @@ impl LiveClip {
     /// A receiver of the clip's progress.
     pub fn subscribe(&self) -> watch::Receiver<Progress> {
         self.progress.subscribe()
+    }
+}
+
+/// A media-path member of a live clip; removed from the clip when dropped
+/// (the delivery ended, or the member left).
+#[derive(Debug)]
+pub struct MediaRegistration {
+    clip: Arc<LiveClip>,
+    key: (u64, u64),
+}
+
+impl Drop for MediaRegistration {
+    fn drop(&mut self) {
+        let key = self.key;
+        self.clip.progress.send_if_modified(|p| {
+            if p.media.iter().any(|t| (t.peer.conn_id(), t.stream) == key) {
+                p.media = p
+                    .media
+                    .iter()
+                    .filter(|t| (t.peer.conn_id(), t.stream) != key)
+                    .cloned()
+                    .collect();
+            }
+            false
+        });
     }
 }
 

@@ -237,6 +237,13 @@ pub async fn start(mut config: RelayConfig) -> Result<RelayHandle, StartError> {
         None => None,
     };
     let web_addr = web.as_ref().map(|site| site.addr());
+    let media = match config.media_addr() {
+        Some(media) => Some(
+            crate::media::MediaPlane::bind(media)
+                .map_err(|error| StartError::Bind { addr: media, error })?,
+        ),
+        None => None,
+    };
     let limits = Limits {
         max_clip_ms: config.max_clip.as_millis().min(u128::from(u32::MAX)) as u32,
         max_clip_bytes: config.max_clip_bytes,
@@ -270,6 +277,7 @@ pub async fn start(mut config: RelayConfig) -> Result<RelayHandle, StartError> {
         limits,
         shutdown,
         user_clips: Default::default(),
+        media,
     });
     let metrics_tasks = TaskTracker::new();
     let metrics_stop = CancellationToken::new();
@@ -494,6 +502,9 @@ async fn serve(
     tracker.spawn(crate::web::cert::renew_loop(certs, ctx.shutdown.clone()));
     if let Some(site) = web {
         tracker.spawn(site.serve(ctx.shutdown.clone()));
+    }
+    if let Some(media) = &ctx.media {
+        tracker.spawn(media.clone().run(ctx.shutdown.clone()));
     }
     loop {
         let incoming = tokio::select! {

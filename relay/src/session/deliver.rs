@@ -46,8 +46,21 @@ impl Session {
         };
         let conn = self.conn.clone();
         let lag = self.ctx.lag_policy(clip.meta.frame_ms);
-        let reads = self.live_reads.get_or_insert_default().clone();
         let group: Arc<str> = clip.meta.group.as_str().into();
+        if let Some(peer) = self.bound_media() {
+            self.spawn_for(&group.clone(), async move {
+                let result =
+                    crate::media::deliver_live_media(&conn, &clip, &sink, &peer, lag.max_stall)
+                        .await;
+                TaskDone::Clip {
+                    group,
+                    clip: Some(clip),
+                    result,
+                }
+            });
+            return;
+        }
+        let reads = self.live_reads.get_or_insert_default().clone();
         self.spawn_for(&group.clone(), async move {
             let result = delivery::deliver_live(&conn, &clip, lag, &sink, &reads).await;
             TaskDone::Clip {

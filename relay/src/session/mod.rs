@@ -217,6 +217,8 @@ pub(crate) struct Session {
     /// What the member reports reading of its live streams (made with
     /// the first live delivery or report: idle sessions have none).
     live_reads: Option<crate::delivery::LiveReads>,
+    /// The connection's UDP media path, once opened (`MediaOpen`).
+    media: Option<Arc<crate::media::MediaPeer>>,
 }
 
 impl Session {
@@ -325,6 +327,7 @@ impl Session {
             lookups: 0,
             fetches: 0,
             live_reads: None,
+            media: None,
             ctx,
         })
     }
@@ -405,6 +408,7 @@ impl Session {
             .hub
             .unregister(self.handle.id, &self.handle.user, &groups);
         self.ctx.floor.release_all(self.handle.id).await;
+        self.close_media();
         self.uploads.abort_all();
         self.deliveries.abort_all();
         while self.uploads.join_next().await.is_some() {}

@@ -2,7 +2,7 @@
 //! mini-redis's `cmd/`): [`join`] (Join, Leave), [`floor`] (FloorRequest,
 //! FloorRelease), [`ack`] (DeliveryAck, Played), [`fetch`] (FetchRecent),
 //! [`admin`] (group administration and lists), [`channel`] (roles and
-//! broadcast channels).
+//! broadcast channels), [`media`] (the UDP media path).
 //!
 //! Every message costs a token of the connection's rate limit, except an
 //! acknowledgement or Played of a clip delivered on this connection and not
@@ -23,6 +23,7 @@ mod channel;
 mod fetch;
 mod floor;
 mod join;
+mod media;
 
 /// Why a message closes the connection: the code and the reason.
 pub(super) type Fatal = (ErrorCode, String);
@@ -92,6 +93,7 @@ impl Session {
                 self.reply_result(request_id, result).await;
             }
             M::Channel(message) => return self.channel(message).await,
+            M::Media(message) => return self.media(message).await,
             M::Hello { .. } => return Err((ErrorCode::Protocol, "a second hello".into())),
             M::Unknown { kind } => tracing::debug!(kind, "unknown control message skipped"),
             other => {

@@ -1,0 +1,299 @@
+//! The UDP media path (PROTOCOL.md §14) over real QUIC and UDP on
+//! loopback: a talker's frames reach a bound member byte-identical in
+//! sealed datagrams while the clip's header and end come on its stream; a
+//! member that lost frames gets the clip whole through FetchClip; spoofed,
+//! replayed and garbled Binds move nothing and get no answer; a member
+//! whose path never binds gets its frames on streams.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::raw::{Raw, header};
+use common::{TestRelay, WAIT};
+use ptt_protocol::media::{
+    EXPORTER_LABEL, FramePayload, KEY_MATERIAL_LEN, MediaCrypto, MediaKeys, PacketType, Side,
+};
+use ptt_protocol::{ClipHeader, ClipMessage, ControlMessage, ErrorCode, GroupMode, MediaMessage};
+use tokio::net::UdpSocket;
+
+/// A member's end of the media path, as a client implements it from the
+/// document: the keys from its own TLS session, a UDP socket.
+struct MediaClient {
+    crypto: MediaCrypto,
+    socket: UdpSocket,
+    relay: std::net::SocketAddr,
+}
+
+impl MediaClient {
+    /// MediaOpen, then the offer; keys exported from `raw`'s connection.
+    async fn open(
+        raw: &Raw,
+        send: &mut quinn::SendStream,
+        control: &mut common::raw::Control,
+    ) -> MediaClient {
+        let open = ControlMessage::Media(MediaMessage::Open { request_id: 40 });
+        send.write_all(&open.to_bytes()).await.unwrap();
+        let (port, conn_id, epoch) = control
+            .until(|m| match m {
+                ControlMessage::Media(MediaMessage::Offer {
+                    request_id: 40,
+                    port,
+                    conn_id,
+                    epoch,
+                }) => Some((port, conn_id, epoch)),
+                ControlMessage::Error {
+                    request_id: 40,
+                    code,
+                    ..
+                } => panic!("no offer: {code}"),
+                _ => None,
+            })
+            .await;
+        MediaClient {
+            crypto: MediaCrypto::new(Side::Client, conn_id, epoch, &export(&raw.conn, epoch)),
+            socket: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            relay: std::net::SocketAddr::new(raw.conn.remote_address().ip(), port),
+        }
+    }
+
+    /// A sealed Bind carrying `clock`.
+    fn bind_packet(&mut self, clock: u64) -> Vec<u8> {
+        let mut packet = Vec::new();
+        self.crypto
+            .seal(PacketType::Bind, &clock.to_be_bytes(), &mut packet)
+            .unwrap();
+        packet
+    }
+
+    /// Binds and waits for the BindAck echoing the clock.
+    async fn bind(&mut self) {
+        let packet = self.bind_packet(1234);
+        self.socket.send_to(&packet, self.relay).await.unwrap();
+        let (kind, plain) = self.next_packet(WAIT).await.expect("a BindAck");
+        assert_eq!(kind, PacketType::BindAck);
+        assert_eq!(plain, 1234u64.to_be_bytes());
+    }
+
+    /// The next packet that opens: its type and plaintext.
+    async fn next_packet(&mut self, wait: Duration) -> Option<(PacketType, Vec<u8>)> {
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let (len, _) = tokio::time::timeout(wait, self.socket.recv_from(&mut buf))
+                .await
+                .ok()?
+                .unwrap();
+            if let Ok((header, plain)) = self.crypto.open(&mut buf[..len]) {
+                return Some((header.kind, plain.to_vec()));
+            }
+        }
+    }
+
+    /// `n` Frame packets: (stream, index, data) each.
+    async fn frames(&mut self, n: usize) -> Vec<(u64, u32, Bytes)> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let (kind, plain) = self.next_packet(WAIT).await.expect("a frame in time");
+            assert_eq!(kind, PacketType::Frame);
+            let f = FramePayload::decode(&plain).unwrap();
+            out.push((f.stream, f.index, Bytes::copy_from_slice(f.data)));
+        }
+        out
+    }
+}
+
+fn export(conn: &quinn::Connection, epoch: u32) -> [u8; KEY_MATERIAL_LEN] {
+    let mut material = [0u8; KEY_MATERIAL_LEN];
+    conn.export_keying_material(&mut material, EXPORTER_LABEL, &MediaKeys::context(epoch))
+        .unwrap();
+    material
+}
+
+/// Uploads a clip of `frames` from `talker`, `first` frames, a pause (so
+/// they are live, not backlog, for members already on the clip), then the
+/// rest and the end.
+async fn talk(talker: &Raw, group: &str, frames: &[Bytes], first: usize) {
+    let mut up = talker.conn.open_uni().await.unwrap();
+    up.write_all(&ClipMessage::Header(header(group)).to_bytes())
+        .await
+        .unwrap();
+    for (i, data) in frames.iter().enumerate() {
+        if i == first {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let frame = ClipMessage::Frame {
+            index: i as u32,
+            data: data.clone(),
+        };
+        up.write_all(&frame.to_bytes()).await.unwrap();
+    }
+    let end = ClipMessage::End {
+        frame_count: frames.len() as u32,
+        seq: 0,
+        waveform: Bytes::new(),
+    };
+    up.write_all(&end.to_bytes()).await.unwrap();
+    up.finish().unwrap();
+}
+
+/// The next clip stream: its id and messages (FIN expected).
+async fn next_stream(raw: &Raw) -> (u64, Vec<ClipMessage>) {
+    let recv = tokio::time::timeout(WAIT, raw.conn.accept_uni())
+        .await
+        .expect("a clip stream in time")
+        .unwrap();
+    let id = u64::from(recv.id());
+    let (messages, reset) = common::raw::read_clip(recv).await;
+    assert_eq!(reset, None, "the stream ends with FIN");
+    (id, messages)
+}
+
+#[tokio::test]
+async fn frames_go_by_udp_byte_identical_and_a_lossy_member_fetches_the_clip_whole() {
+    let relay = TestRelay::start().await;
+    relay
+        .group("team", GroupMode::Notes, &["alice", "bob"])
+        .await;
+    let (bob, mut bob_send, mut bob_control) = Raw::member(&relay, "bob", "team").await;
+    let mut media = MediaClient::open(&bob, &mut bob_send, &mut bob_control).await;
+    media.bind().await;
+    let (alice, _alice_send, _alice_control) = Raw::hello(&relay, "alice").await;
+
+    let frames = common::frames(7, 30);
+    let talking = talk(&alice, "team", &frames, 10);
+    let (_, (stream, messages), received) =
+        tokio::join!(talking, next_stream(&bob), media.frames(30));
+    // The stream: the header (flag MEDIA) and the end, no frame.
+    let [
+        ClipMessage::Header(h),
+        ClipMessage::End {
+            frame_count, seq, ..
+        },
+    ] = &messages[..]
+    else {
+        panic!("header and end only: {messages:?}");
+    };
+    assert_eq!(h.flags & ClipHeader::FLAG_MEDIA, ClipHeader::FLAG_MEDIA);
+    assert_eq!((*frame_count, *seq), (30, 1));
+    // The datagrams: every frame, byte for byte, naming the stream.
+    for (i, (s, index, data)) in received.iter().enumerate() {
+        assert_eq!((*s, *index as usize), (stream, i));
+        assert_eq!(data, &frames[i], "frame {i}");
+    }
+
+    // Say bob's phone lost frames 3 and 17: it fetches the clip whole.
+    let fetch = ControlMessage::FetchClip {
+        request_id: 9,
+        group: "team".into(),
+        seq: 1,
+    };
+    bob_send.write_all(&fetch.to_bytes()).await.unwrap();
+    let (_, fetched) = next_stream(&bob).await;
+    let fetched: Vec<Bytes> = fetched
+        .into_iter()
+        .filter_map(|m| match m {
+            ClipMessage::Frame { data, .. } => Some(data),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fetched, frames, "the fetched clip has every frame");
+    relay.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn spoofed_replayed_and_garbled_binds_move_nothing_and_get_no_answer() {
+    let relay = TestRelay::start().await;
+    relay
+        .group("team", GroupMode::Notes, &["alice", "bob"])
+        .await;
+    let (bob, mut bob_send, mut bob_control) = Raw::member(&relay, "bob", "team").await;
+    let mut media = MediaClient::open(&bob, &mut bob_send, &mut bob_control).await;
+    let captured = media.bind_packet(1);
+    media.socket.send_to(&captured, media.relay).await.unwrap();
+    assert!(media.next_packet(WAIT).await.is_some(), "a BindAck");
+
+    // An attacker on another address: the captured Bind replayed, a fresh
+    // Bind with one bit flipped, a Bind sealed with other keys, and junk.
+    let attacker = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut garbled = media.bind_packet(2);
+    garbled[30] ^= 0x40;
+    let mut forged = Vec::new();
+    MediaCrypto::new(
+        Side::Client,
+        media.crypto.conn_id(),
+        0,
+        &[7; KEY_MATERIAL_LEN],
+    )
+    .seal(PacketType::Bind, &[0; 8], &mut forged)
+    .unwrap();
+    for packet in [
+        captured.clone(),
+        garbled,
+        forged,
+        vec![0x01; 40],
+        vec![0x01; 1500],
+    ] {
+        attacker.send_to(&packet, media.relay).await.unwrap();
+    }
+    let mut buf = [0u8; 2048];
+    let answer =
+        tokio::time::timeout(Duration::from_millis(500), attacker.recv_from(&mut buf)).await;
+    assert!(answer.is_err(), "the attacker gets no answer");
+
+    // The frames still go to bob's address, and only there.
+    let (alice, _s, _c) = Raw::hello(&relay, "alice").await;
+    let frames = common::frames(1, 5);
+    let (_, (_, messages), received) = tokio::join!(
+        talk(&alice, "team", &frames, 5),
+        next_stream(&bob),
+        media.frames(5)
+    );
+    assert_eq!(messages.len(), 2, "header and end");
+    assert_eq!(
+        received.into_iter().map(|f| f.2).collect::<Vec<_>>(),
+        frames
+    );
+    let leaked =
+        tokio::time::timeout(Duration::from_millis(200), attacker.recv_from(&mut buf)).await;
+    assert!(leaked.is_err(), "nothing reaches the attacker");
+    relay.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_a_bind_or_a_media_socket_frames_stay_on_streams() {
+    // Offered but never bound: the clip comes whole on the stream.
+    let relay = TestRelay::start().await;
+    relay
+        .group("team", GroupMode::Notes, &["alice", "bob"])
+        .await;
+    let (bob, mut bob_send, mut bob_control) = Raw::member(&relay, "bob", "team").await;
+    let _unbound = MediaClient::open(&bob, &mut bob_send, &mut bob_control).await;
+    let (alice, _s, _c) = Raw::hello(&relay, "alice").await;
+    let frames = common::frames(2, 6);
+    let (_, (_, messages)) = tokio::join!(talk(&alice, "team", &frames, 3), next_stream(&bob));
+    let ClipMessage::Header(h) = &messages[0] else {
+        panic!("a header first");
+    };
+    assert_eq!(h.flags & ClipHeader::FLAG_MEDIA, 0);
+    assert_eq!(messages.len(), 2 + frames.len(), "frames on the stream");
+    relay.handle.shutdown().await;
+
+    // A relay with the media path off answers MediaUnavailable.
+    let relay = TestRelay::start_with(|c| c.media = false).await;
+    let (_raw, mut send, mut control) = Raw::hello(&relay, "bob").await;
+    let open = ControlMessage::Media(MediaMessage::Open { request_id: 3 });
+    send.write_all(&open.to_bytes()).await.unwrap();
+    let code = control
+        .until(|m| match m {
+            ControlMessage::Error {
+                request_id: 3,
+                code,
+                ..
+            } => Some(code),
+            _ => None,
+        })
+        .await;
+    assert_eq!(code, ErrorCode::MediaUnavailable);
+    relay.handle.shutdown().await;
+}
