@@ -36,6 +36,8 @@ pub struct RelayContext {
     pub shutdown: CancellationToken,
     /// Clips each user started in the last minute, over all connections.
     pub user_clips: crate::limits::ClipsPerUser,
+    /// Clip frames each user uploads per second, over all connections.
+    pub user_frames: crate::limits::FramesPerUser,
 }
 
 impl std::fmt::Debug for RelayContext {

@@ -257,6 +257,8 @@ pub async fn start(mut config: RelayConfig) -> Result<RelayHandle, StartError> {
             (floor.clone(), Box::pin(floor.run(shutdown.clone())))
         }
     };
+    let user_frames =
+        crate::limits::FramesPerUser::new(config.user_frames_per_second, config.user_frames_burst);
     let ctx = Arc::new(RelayContext {
         hub,
         log,
@@ -267,6 +269,7 @@ pub async fn start(mut config: RelayConfig) -> Result<RelayHandle, StartError> {
         limits,
         shutdown,
         user_clips: Default::default(),
+        user_frames,
     });
     let metrics_tasks = TaskTracker::new();
     let metrics_stop = CancellationToken::new();
