@@ -75,6 +75,9 @@ pub struct Options {
     /// The embedded relay's `handshakes_per_ip_per_second` (default: 0,
     /// none).
     pub handshakes_per_ip_per_second: Option<u32>,
+    /// The embedded relay's `user_frames_per_second` and
+    /// `user_frames_burst` (default: 0, none).
+    pub user_frames: Option<(u32, u32)>,
 }
 
 /// The result of [`run`].
@@ -155,6 +158,10 @@ pub async fn run(options: &Options, progress: &dyn Progress) -> anyhow::Result<O
             if let Some(rate) = options.handshakes_per_ip_per_second {
                 config.handshakes_per_ip_per_second = rate;
             }
+            if let Some((rate, burst)) = options.user_frames {
+                config.user_frames_per_second = rate;
+                config.user_frames_burst = burst;
+            }
             let handle = ptt_relay::start(config)
                 .await
                 .context("starting the embedded relay")?;
@@ -202,23 +209,34 @@ pub async fn run(options: &Options, progress: &dyn Progress) -> anyhow::Result<O
 
     let result = match &options.scenario.capacity {
         None => {
-            let (stop, stopped) = tokio::sync::oneshot::channel();
-            let flood = options.flood.map(|(kind, rate)| match kind {
-                flood::FloodKind::Handshakes => tokio::spawn(flood::handshakes(
-                    target.addr,
-                    target.fingerprint,
-                    rate,
-                    stopped,
-                )),
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let (group, group_rx) = tokio::sync::watch::channel(None);
+            let intruder = sim::Intruder {
+                user: format!("flood-{:06x}", rand::random::<u32>() & 0xff_ffff),
+                group,
+            };
+            let flood = options.flood.map(|(kind, rate)| {
+                let target = flood::FloodTarget {
+                    addr: target.addr,
+                    fingerprint: target.fingerprint,
+                    issuer: target.issuer.clone(),
+                    user: intruder.user.clone(),
+                    group: group_rx,
+                };
+                (kind, tokio::spawn(flood::run(kind, target, rate, stopped)))
             });
-            let report = sim::run_once(&options.scenario, &target, &audio, progress).await;
-            let _ = stop.send(());
-            if let Some(flood) = flood {
+            let report = sim::run_once_with(
+                &options.scenario,
+                &target,
+                &audio,
+                progress,
+                flood.is_some().then_some(&intruder),
+            )
+            .await;
+            let _ = stop.send(true);
+            if let Some((kind, flood)) = flood {
                 let stats = flood.await.context("the flood task")??;
-                eprintln!(
-                    "flood: {} handshakes attempted, {} completed by the relay",
-                    stats.attempted, stats.completed
-                );
+                eprintln!("{}", stats.summary(kind));
             }
             report.map(|r| Outcome::Single(Box::new(r)))
         }

@@ -124,6 +124,13 @@ struct Cli {
     /// The embedded relay's handshakes_per_ip_per_second (default 0: none).
     #[arg(long)]
     handshakes_per_ip_per_second: Option<u32>,
+    /// The embedded relay's user_frames_per_second (default 0: none).
+    #[arg(long)]
+    user_frames_per_second: Option<u32>,
+    /// The embedded relay's user_frames_burst (with
+    /// --user-frames-per-second).
+    #[arg(long, default_value_t = 3000)]
+    user_frames_burst: u32,
     /// Print only the result table.
     #[arg(short, long)]
     quiet: bool,
@@ -239,6 +246,9 @@ fn main() -> anyhow::Result<()> {
         flood: cli.flood.map(|kind| (kind, cli.flood_rate)),
         handshakes_per_second: cli.handshakes_per_second,
         handshakes_per_ip_per_second: cli.handshakes_per_ip_per_second,
+        user_frames: cli
+            .user_frames_per_second
+            .map(|rate| (rate, cli.user_frames_burst)),
     };
     if !cli.quiet {
         let s = &options.scenario;

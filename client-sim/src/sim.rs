@@ -158,6 +158,8 @@ struct Sim {
     /// When talking starts (set once, before `go` fires).
     talk_start: Mutex<Option<Instant>>,
     talkers_busy: AtomicUsize,
+    /// A hostile member's user id, whose clips are not verified.
+    intruder: Option<String>,
 }
 
 impl Sim {
@@ -354,6 +356,43 @@ async fn create_groups(target: &Target, sim: &Sim) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes the intruder a member of its group and announces the group.
+async fn add_intruder(target: &Target, sim: &Sim, intruder: &Intruder) -> anyhow::Result<()> {
+    let Some(group) = sim
+        .groups
+        .iter()
+        .find(|g| g.mode == GroupMode::Notes)
+        .or(sim.groups.first())
+    else {
+        return Ok(());
+    };
+    if let Some(store) = &target.store {
+        ptt_relay::admin::add_member(&**store, &group.name, &intruder.user)
+            .await
+            .context("adding the intruder")?;
+    } else {
+        let token = target
+            .issuer
+            .issue("client-sim-admin", Duration::from_secs(3600), true, false);
+        let config = ClientConfig::new(
+            target.addr,
+            "localhost",
+            Trust::Fingerprint(target.fingerprint),
+            token,
+        );
+        let (client, _events) = Client::connect(config)
+            .await
+            .context("connecting the admin client")?;
+        client
+            .add_member(&group.name, &intruder.user)
+            .await
+            .context("adding the intruder")?;
+        client.close().await;
+    }
+    intruder.group.send_replace(Some(group.name.clone()));
+    Ok(())
+}
+
 /// A random duration, log-uniform between `min` and `max`.
 fn log_uniform(rng: &mut SmallRng, min: Duration, max: Duration) -> Duration {
     if max <= min {
@@ -370,12 +409,35 @@ fn uniform(rng: &mut SmallRng, min: Duration, max: Duration) -> Duration {
     Duration::from_secs_f64(rng.random_range(min.as_secs_f64()..max.as_secs_f64()))
 }
 
+/// A hostile user (a flood, [`crate::flood`]) made a member of one group
+/// of the run: the first notes group (walkie floors would hold the
+/// normal talkers back), else the first. The receivers leave its clips
+/// out of the verdict.
+#[derive(Debug)]
+pub struct Intruder {
+    /// Its user id.
+    pub user: String,
+    /// Set to the group's name once it exists.
+    pub group: watch::Sender<Option<String>>,
+}
+
 /// Runs the scenario once against `target`.
 pub async fn run_once(
     scenario: &Scenario,
     target: &Target,
     audio: &Audio,
     progress: &dyn Progress,
+) -> anyhow::Result<Report> {
+    run_once_with(scenario, target, audio, progress, None).await
+}
+
+/// [`run_once`] with a hostile member in one group.
+pub async fn run_once_with(
+    scenario: &Scenario,
+    target: &Target,
+    audio: &Audio,
+    progress: &dyn Progress,
+    intruder: Option<&Intruder>,
 ) -> anyhow::Result<Report> {
     let wall = Instant::now();
     let prefix = format!("s{:06x}", rand::random::<u32>() & 0xff_ffff);
@@ -426,10 +488,14 @@ pub async fn run_once(
         errors: Mutex::new(Vec::new()),
         talk_start: Mutex::new(None),
         talkers_busy: AtomicUsize::new(0),
+        intruder: intruder.map(|i| i.user.clone()),
     });
 
     progress.phase("set-up", sim.groups.len() as u64);
     create_groups(target, &sim).await?;
+    if let Some(intruder) = intruder {
+        add_intruder(target, &sim, intruder).await?;
+    }
 
     let before = sample_process(target.pid);
     let (endpoints, loss_counters) = endpoints(scenario, scenario.clients)?;
@@ -983,6 +1049,8 @@ struct Receiver {
     late_pending: bool,
     /// The run is over: our own close's events are not faults.
     stopping: bool,
+    /// Clips of the intruder under way, left out.
+    intruded: HashSet<ClipId>,
 }
 
 impl Receiver {
@@ -995,6 +1063,7 @@ impl Receiver {
             talker,
             clips: HashMap::new(),
             completed: HashSet::new(),
+            intruded: HashSet::new(),
             received: Vec::new(),
             batch: FrameBatch::new(),
             last_flush: Instant::now(),
@@ -1083,8 +1152,13 @@ impl Receiver {
                 group,
                 clip_id,
                 history,
+                talker,
                 ..
             } => {
+                if sim.intruder.as_ref() == Some(&talker) {
+                    self.intruded.insert(clip_id);
+                    return;
+                }
                 let group = sim
                     .group_index
                     .get(&group)
@@ -1118,6 +1192,9 @@ impl Receiver {
                 received_at,
                 ..
             } => {
+                if self.intruded.contains(&clip_id) {
+                    return;
+                }
                 let Some(c) = self.clips.get_mut(&clip_id) else {
                     bump(&sim.counters.orphan_frames);
                     return;
@@ -1175,6 +1252,9 @@ impl Receiver {
                 frame_count,
                 ..
             } => {
+                if self.intruded.remove(&clip_id) {
+                    return;
+                }
                 let Some(c) = self.clips.remove(&clip_id) else {
                     sim.error(format!(
                         "user {}: end of clip {clip_id} never started",
@@ -1207,6 +1287,9 @@ impl Receiver {
                 self.flush();
             }
             Event::ClipAborted { clip_id, .. } => {
+                if self.intruded.remove(&clip_id) {
+                    return;
+                }
                 if let Some(c) = self.clips.get_mut(&clip_id) {
                     bump(&sim.counters.partial);
                     c.streams -= 1;

@@ -58,6 +58,17 @@ pub struct RelayConfig {
     /// (0: no limit); `clips_per_minute` is per connection.
     #[arg(long, default_value_t = 120)]
     pub user_clips_per_minute: u32,
+    /// Clip frames one user may upload per second, sustained, over all
+    /// their connections (0: no limit); past it (and the burst) the upload
+    /// is refused with `RateLimited`. Talking in real time takes 50 a
+    /// second with 20 ms frames, 100 with 10 ms.
+    #[arg(long, default_value_t = 100)]
+    pub user_frames_per_second: u32,
+    /// The burst above `user_frames_per_second`: enough for a client to
+    /// re-send a whole clip at once after a reconnect (60 s of 20 ms
+    /// frames).
+    #[arg(long, default_value_t = 3000)]
+    pub user_frames_burst: u32,
     /// Most clip streams one connection may have open at once. A client
     /// uploads at most `max_concurrent_clips` clips at a time, so a few
     /// more than that is enough (a client wanting more waits for stream
@@ -288,6 +299,7 @@ impl RelayConfig {
             handshakes_per_second: 0,
             handshakes_per_ip_per_second: 0,
             user_clips_per_minute: 0,
+            user_frames_per_second: 0,
             ..RelayConfig::default()
         }
     }

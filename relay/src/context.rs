@@ -38,6 +38,8 @@ pub struct RelayContext {
     pub user_clips: crate::limits::ClipsPerUser,
     /// The UDP media path, if on (`media`).
     pub media: Option<Arc<crate::media::MediaPlane>>,
+    /// Clip frames each user uploads per second, over all connections.
+    pub user_frames: crate::limits::FramesPerUser,
 }
 
 impl std::fmt::Debug for RelayContext {

@@ -66,6 +66,7 @@ pub async fn run(recv: RecvStream, ctx: Arc<RelayContext>, who: Uploader) {
         finished: false,
         frames_in: 0,
         bytes_in: 0,
+        user_frames: None,
     };
     let mut reader = FramedReader::new(recv, MAX_PAYLOAD_LEN);
     let result = upload.receive(&mut reader).await;
@@ -130,6 +131,8 @@ struct Upload<'a> {
     /// Frames and bytes received, added to the metrics at the end.
     frames_in: u64,
     bytes_in: u64,
+    /// The uploader's share of `user_frames_per_second`, from the header on.
+    user_frames: Option<crate::limits::UserFrames>,
 }
 
 impl Upload<'_> {
@@ -155,18 +158,24 @@ impl Upload<'_> {
                 }
                 Err(ReadError::Decode(e)) => return Err(Refusal(e.code(), e.to_string())),
             };
+            let now = Instant::now();
             let event = self
                 .reader
-                .handle_message(message, Instant::now())
+                .handle_message(message, now)
                 .map_err(|e| Refusal::from((e.code(), e)))?;
-            if self.handle(event, frame.raw).await? {
+            if self.handle(event, frame.raw, now).await? {
                 return Ok(());
             }
         }
     }
 
     /// Handles one checked event; `true` when the clip is done.
-    async fn handle(&mut self, event: ClipEvent, raw: Bytes) -> Result<bool, Refusal> {
+    async fn handle(
+        &mut self,
+        event: ClipEvent,
+        raw: Bytes,
+        now: Instant,
+    ) -> Result<bool, Refusal> {
         match event {
             ClipEvent::Started(header) => {
                 self.start(header).await?;
@@ -175,6 +184,20 @@ impl Upload<'_> {
             ClipEvent::Frame { index, data } => {
                 self.frames_in += 1;
                 self.bytes_in += raw.len() as u64;
+                if let Some(user_frames) = &self.user_frames
+                    && user_frames.frame(now).is_err()
+                {
+                    metrics::counter!("ptt_clips_rejected_total", "reason" => "user_frame_rate")
+                        .increment(1);
+                    return Err(Refusal(
+                        ErrorCode::RateLimited,
+                        format!(
+                            "clip refused: more than {} frames a second (burst {}) for this user",
+                            self.ctx.config.user_frames_per_second,
+                            self.ctx.config.user_frames_burst
+                        ),
+                    ));
+                }
                 if let Some(clip) = &self.clip {
                     if let crate::live::ClipState::Aborted(code) = clip.state() {
                         return Err(Refusal(code, "the clip was cut by the relay".into()));
@@ -232,6 +255,7 @@ impl Upload<'_> {
                     ),
                 )
             })?;
+        self.user_frames = Some(self.ctx.user_frames.user(&who.handle.user, Instant::now()));
         let info = self
             .ctx
             .hub

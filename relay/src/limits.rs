@@ -1,7 +1,7 @@
 //! Limits on what one address or one user may cost the relay, across all
 //! their connections: connections per IP address, new handshakes per
-//! second (with QUIC address validation above the rate), and clips per
-//! minute per user. The per-connection limits (streams, message sizes,
+//! second (with QUIC address validation above the rate), clips per
+//! minute per user, and frames per second per user. The per-connection limits (streams, message sizes,
 //! control-message rate, clips per connection) live with the session
 //! (`ptt_protocol::SessionState`) and the transport (`tls`).
 //!
@@ -9,8 +9,8 @@
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -229,6 +229,133 @@ impl ClipsPerUser {
     }
 }
 
+/// A token bucket: `per_second` sustained, at most `burst` at once.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    per_second: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket at `now`.
+    pub fn new(per_second: u32, burst: u32, now: Instant) -> TokenBucket {
+        TokenBucket {
+            per_second: f64::from(per_second),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            last: now,
+        }
+    }
+
+    /// Takes one token at `now` if there is one.
+    pub fn take(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether the bucket is full again at `now`.
+    pub fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.per_second >= self.burst
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
+    }
+}
+
+/// Clip frames each user uploads, over all their connections: a token
+/// bucket per user, `per_second` sustained with a burst of `burst`. A
+/// talker speaking in real time sends 50 frames a second (20 ms frames);
+/// the burst lets a client re-send a whole stored clip at once after a
+/// reconnect. Without it, frames sent faster than real time are bounded
+/// only per clip (`max_clip` of audio), and a user could push
+/// `user_clips_per_minute` whole clips a minute through the fan-out.
+#[derive(Debug)]
+pub struct FramesPerUser {
+    per_second: u32,
+    burst: u32,
+    buckets: DashMap<Arc<str>, Arc<Mutex<TokenBucket>>>,
+    calls: AtomicU64,
+}
+
+/// One user's share of [`FramesPerUser`], taken at the start of an upload
+/// so that each frame costs one uncontended lock, not a map lookup.
+#[derive(Debug, Clone)]
+pub struct UserFrames(Option<Arc<Mutex<TokenBucket>>>);
+
+impl FramesPerUser {
+    /// `per_second` frames sustained per user with a burst of `burst`;
+    /// `per_second` 0: no limit.
+    pub fn new(per_second: u32, burst: u32) -> FramesPerUser {
+        FramesPerUser {
+            per_second,
+            burst: burst.max(1),
+            buckets: DashMap::new(),
+            calls: AtomicU64::new(0),
+        }
+    }
+
+    /// The bucket of `user` (shared by all their uploads), made full at
+    /// `now` if the user had none.
+    pub fn user(&self, user: &str, now: Instant) -> UserFrames {
+        if self.per_second == 0 {
+            return UserFrames(None);
+        }
+        // Now and then, forget users with no upload under way and a full
+        // bucket: the map holds only users who uploaded recently.
+        if self.calls.fetch_add(1, Ordering::Relaxed) % 1024 == 1023 {
+            self.buckets.retain(|_, bucket| {
+                Arc::strong_count(bucket) > 1 || !bucket.lock().is_ok_and(|b| b.is_full(now))
+            });
+        }
+        let bucket = self
+            .buckets
+            .entry(user.into())
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(TokenBucket::new(
+                    self.per_second,
+                    self.burst,
+                    now,
+                )))
+            })
+            .clone();
+        UserFrames(Some(bucket))
+    }
+
+    /// Users with a bucket in the map (tests).
+    pub fn users(&self) -> usize {
+        self.buckets.len()
+    }
+}
+
+impl UserFrames {
+    /// Counts one frame at `now`; `Err(RateLimited)` when the user's
+    /// bucket is empty.
+    pub fn frame(&self, now: Instant) -> Result<(), ErrorCode> {
+        let Some(bucket) = &self.0 else {
+            return Ok(());
+        };
+        // A poisoned lock only means another upload panicked mid-update;
+        // the bucket's numbers are still valid.
+        let mut bucket = bucket.lock().unwrap_or_else(|e| e.into_inner());
+        if bucket.take(now) {
+            Ok(())
+        } else {
+            Err(ErrorCode::RateLimited)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,5 +464,52 @@ mod tests {
             clips.start("alice", 1000, later).unwrap();
         }
         assert!(clips.users() <= 2, "{} users kept", clips.users());
+    }
+
+    #[test]
+    fn a_user_gets_a_burst_of_frames_then_the_rate_over_all_uploads() {
+        let t = Instant::now();
+        let limit = FramesPerUser::new(50, 100);
+        let phone = limit.user("alice", t);
+        let laptop = limit.user("alice", t);
+        assert!((0..60).all(|_| phone.frame(t).is_ok()));
+        assert!((0..40).all(|_| laptop.frame(t).is_ok()));
+        assert_eq!(
+            phone.frame(t),
+            Err(ErrorCode::RateLimited),
+            "the burst is shared by the user's uploads"
+        );
+        let later = t + Duration::from_millis(100);
+        assert!((0..5).all(|_| laptop.frame(later).is_ok()), "50 a second");
+        assert_eq!(laptop.frame(later), Err(ErrorCode::RateLimited));
+        let bob = limit.user("bob", t);
+        assert!(
+            (0..100).all(|_| bob.frame(t).is_ok()),
+            "another user is not affected"
+        );
+        let full = t + Duration::from_secs(10);
+        assert_eq!(
+            (0..200).filter(|_| phone.frame(full).is_ok()).count(),
+            100,
+            "refilled to the burst, not beyond"
+        );
+        let open = FramesPerUser::new(0, 0).user("alice", t);
+        assert!((0..10_000).all(|_| open.frame(t).is_ok()), "0: no limit");
+    }
+
+    #[test]
+    fn users_without_an_upload_and_a_full_bucket_are_forgotten() {
+        let t = Instant::now();
+        let limit = FramesPerUser::new(50, 100);
+        for i in 0..1000 {
+            limit.user(&format!("user{i}"), t).frame(t).unwrap();
+        }
+        let uploading = limit.user("alice", t);
+        let later = t + Duration::from_secs(5);
+        for _ in 0..30 {
+            limit.user("bob", later);
+        }
+        assert!(limit.users() <= 3, "{} users kept", limit.users());
+        uploading.frame(later).expect("a kept bucket still works");
     }
 }

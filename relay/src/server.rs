@@ -267,6 +267,8 @@ pub async fn start(mut config: RelayConfig) -> Result<RelayHandle, StartError> {
             (floor.clone(), Box::pin(floor.run(shutdown.clone())))
         }
     };
+    let user_frames =
+        crate::limits::FramesPerUser::new(config.user_frames_per_second, config.user_frames_burst);
     let ctx = Arc::new(RelayContext {
         hub,
         log,
@@ -278,6 +280,7 @@ pub async fn start(mut config: RelayConfig) -> Result<RelayHandle, StartError> {
         shutdown,
         user_clips: Default::default(),
         media,
+        user_frames,
     });
     let metrics_tasks = TaskTracker::new();
     let metrics_stop = CancellationToken::new();

@@ -637,3 +637,58 @@ async fn a_flooding_address_is_refused_and_others_get_in() {
         .expect("another address gets in");
     conn.close(0u32.into(), b"");
 }
+
+/// `user_frames_per_second` counts a user's uploaded frames over all their
+/// connections: past the burst the upload is refused `RateLimited` and
+/// its live copy cut, while other talkers and the members are unaffected.
+#[tokio::test]
+async fn frames_per_second_are_limited_per_user_across_connections() {
+    let counters = Counters::default();
+    let _recorder = metrics::set_default_local_recorder(&counters);
+    // One frame a second after a burst of 100: nothing refills while the
+    // test runs, however slow the machine.
+    let relay = TestRelay::start_with(|c| {
+        c.user_frames_per_second = 1;
+        c.user_frames_burst = 100;
+    })
+    .await;
+    relay
+        .group(
+            "team",
+            ptt_client::GroupMode::Notes,
+            &["alice", "bob", "carol"],
+        )
+        .await;
+    let (phone, _pe) = relay.client("alice").await;
+    let (laptop, _le) = relay.client("alice").await;
+    let (bob, _be) = relay.client("bob").await;
+    let (_carol, mut carol_events) = relay.member("carol", "team").await;
+    let send = |client: &Client, tag: u8, n: usize| {
+        let client = client.clone();
+        async move {
+            client
+                .send_clip("team", ClipParams::default(), frames(tag, n), Bytes::new())
+                .await
+        }
+    };
+    send(&phone, 1, 60).await.expect("within the burst");
+    let err = send(&laptop, 2, 60)
+        .await
+        .expect_err("the user's burst is spent, on another connection too");
+    assert_eq!(
+        err.code(),
+        Some(ptt_client::ErrorCode::RateLimited),
+        "{err}"
+    );
+    assert_eq!(
+        counters.get("ptt_clips_rejected_total{reason=user_frame_rate}"),
+        1
+    );
+    send(&bob, 3, 60)
+        .await
+        .expect("another user is not limited");
+    let clips = collect_clips(&mut carol_events, 2).await;
+    let tags: Vec<u8> = clips.iter().map(|c| c.frames[0][0]).collect();
+    assert_eq!(tags, [1, 3], "the refused clip is not delivered");
+    assert!(clips.iter().all(|c| c.frames.len() == 60));
+}
