@@ -124,6 +124,10 @@ struct Cli {
     /// The embedded relay's handshakes_per_ip_per_second (default 0: none).
     #[arg(long)]
     handshakes_per_ip_per_second: Option<u32>,
+    /// Clients do not ask the relay for fewer ACKs of their uploads (QUIC
+    /// ACK frequency): to measure what asking saves.
+    #[arg(long)]
+    no_upload_ack_frequency: bool,
     /// Print only the result table.
     #[arg(short, long)]
     quiet: bool,
@@ -155,6 +159,9 @@ impl Cli {
             connect_rate => connect_rate,
             clients_per_endpoint => clients_per_endpoint,
         );
+        if self.no_upload_ack_frequency {
+            s.upload_ack_frequency = false;
+        }
         if let Some(n) = self.clients {
             match &mut s.capacity {
                 Some(c) => c.max = n,
