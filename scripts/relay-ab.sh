@@ -17,8 +17,17 @@
 #   cargo build --release -p ptt-relay -p client-sim -p ptt-benches --bin relay --bin client-sim --bin quinn-floor
 #   A_BIN=quinn-floor scripts/relay-ab.sh target/release target/release 3 \
 #       --scenario load --clients 1000 --duration 30s --talkers-per-group 1
+#
+# A_ARGS / B_ARGS add arguments to that server's `serve` (split on spaces),
+# e.g. the relay's live latency budget: per-frame delivery against the
+# floor, then a notes group's coalescing (issue #15):
+#
+#   A_BIN=quinn-floor B_ARGS="--live-budget-ms 0" scripts/relay-ab.sh T T 2 --scenario live
+#   A_BIN=quinn-floor B_ARGS="--live-budget-ms 60" scripts/relay-ab.sh T T 2 --scenario live
 set -euo pipefail
 a_bin=${A_BIN:-relay} b_bin=${B_BIN:-relay}
+read -r -a a_args <<<"${A_ARGS:-}"
+read -r -a b_args <<<"${B_ARGS:-}"
 a=$1 b=$2 rounds=${3:-1}
 shift 3 || true
 args=("$@")
@@ -28,9 +37,10 @@ trap 'rm -rf "$work"' EXIT
 
 run() {
     local label=$1 dir=$2 n=$3 bin=$4
+    shift 4
     local data="$work/$label-$n"
     local log="$work/$label-$n.relay.log"
-    taskset -c 0 "$dir/$bin" serve --data-dir "$data" --listen 127.0.0.1:0 2>"$log" &
+    taskset -c 0 "$dir/$bin" serve --data-dir "$data" --listen 127.0.0.1:0 "$@" 2>"$log" &
     local pid=$!
     local addr="" fp=""
     for _ in $(seq 1 100); do
@@ -64,6 +74,6 @@ PY
 }
 
 for n in $(seq 1 "$rounds"); do
-    run "A-$a_bin" "$a" "$n" "$a_bin"
-    run "B-$b_bin" "$b" "$n" "$b_bin"
+    run "A-$a_bin" "$a" "$n" "$a_bin" ${a_args[@]+"${a_args[@]}"}
+    run "B-$b_bin" "$b" "$n" "$b_bin" ${b_args[@]+"${b_args[@]}"}
 done

@@ -131,6 +131,10 @@ struct Cli {
     /// --user-frames-per-second).
     #[arg(long, default_value_t = 3000)]
     user_frames_burst: u32,
+    /// Clients do not ask the relay for fewer ACKs of their uploads (QUIC
+    /// ACK frequency): to measure what asking saves.
+    #[arg(long)]
+    no_upload_ack_frequency: bool,
     /// Print only the result table.
     #[arg(short, long)]
     quiet: bool,
@@ -162,6 +166,9 @@ impl Cli {
             connect_rate => connect_rate,
             clients_per_endpoint => clients_per_endpoint,
         );
+        if self.no_upload_ack_frequency {
+            s.upload_ack_frequency = false;
+        }
         if let Some(n) = self.clients {
             match &mut s.capacity {
                 Some(c) => c.max = n,

@@ -148,6 +148,9 @@ pub struct Scenario {
     pub faults: Faults,
     /// A capacity search instead of one run.
     pub capacity: Option<Capacity>,
+    /// Clients ask the relay for fewer ACKs of their uploads (the client
+    /// library's default); off to measure what that saves (issue #15).
+    pub upload_ack_frequency: bool,
 }
 
 impl Default for Scenario {
@@ -171,6 +174,7 @@ impl Default for Scenario {
             clients_per_endpoint: 500,
             faults: Faults::default(),
             capacity: None,
+            upload_ack_frequency: true,
         }
     }
 }

@@ -235,6 +235,7 @@ impl Sim {
         });
         c.connect_timeout = Duration::from_secs(15);
         c.request_timeout = Duration::from_secs(15);
+        c.transport.ask_fewer_acks = self.scenario.upload_ack_frequency;
         c
     }
 }

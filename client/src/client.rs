@@ -32,6 +32,9 @@ pub struct JoinInfo {
     pub cursor: u64,
     /// The newest stored clip; catch-up sends `cursor + 1 ..= last_seq`.
     pub last_seq: u64,
+    /// The group's live latency budget, ms: live frames may arrive in
+    /// bursts this far apart (0: each frame as the talker sends it).
+    pub live_budget_ms: u32,
 }
 
 /// The floor of a walkie group, granted.
@@ -238,12 +241,14 @@ impl Client {
                 mode,
                 cursor,
                 last_seq,
+                live_budget_ms,
                 ..
             } => Ok(JoinInfo {
                 group,
                 mode,
                 cursor,
                 last_seq,
+                live_budget_ms,
             }),
             other => Err(unexpected(other)),
         }
@@ -478,6 +483,24 @@ impl Client {
                 request_id,
                 group,
                 mode,
+            }
+        })
+        .await
+    }
+
+    /// Admin: sets a group's live latency budget in ms (`None`: back to
+    /// the relay's default).
+    pub async fn set_live_budget(
+        &self,
+        group: &str,
+        budget_ms: Option<u32>,
+    ) -> Result<(), ClientError> {
+        let group = checked(group)?;
+        self.simple_request(PendingKind::Plain, move |request_id| {
+            ControlMessage::SetLiveBudget {
+                request_id,
+                group,
+                budget_ms,
             }
         })
         .await

@@ -114,6 +114,11 @@ pub struct TransportTuning {
     pub idle_timeout: Duration,
     /// How many clip streams the relay may have open towards us at once.
     pub max_concurrent_uni_streams: u32,
+    /// Ask the relay, with the QUIC ACK frequency extension, to ACK our
+    /// uploads a few packets at once (`ptt_protocol::ACK_ELICITING_THRESHOLD`):
+    /// fewer packets for the phone to receive while it talks. On by
+    /// default; off only to measure what it saves.
+    pub ask_fewer_acks: bool,
 }
 
 impl Default for TransportTuning {
@@ -125,6 +130,7 @@ impl Default for TransportTuning {
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
             max_concurrent_uni_streams: 256,
+            ask_fewer_acks: true,
         }
     }
 }

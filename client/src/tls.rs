@@ -153,14 +153,16 @@ pub fn transport_config(t: &TransportTuning) -> Result<quinn::TransportConfig, C
         .datagram_send_buffer_size(4 * ptt_protocol::LIVE_READ_BUFFER);
     // The relay ACKs a talker's frames a few at a time, as it asks of us:
     // fewer packets for the phone's radio to receive.
-    let mut ack = quinn::AckFrequencyConfig::default();
-    ack.ack_eliciting_threshold(quinn::VarInt::from_u32(
-        ptt_protocol::ACK_ELICITING_THRESHOLD,
-    ))
-    .max_ack_delay(Some(std::time::Duration::from_millis(
-        ptt_protocol::ACK_MAX_DELAY_MS,
-    )));
-    transport.ack_frequency_config(Some(ack));
+    if t.ask_fewer_acks {
+        let mut ack = quinn::AckFrequencyConfig::default();
+        ack.ack_eliciting_threshold(quinn::VarInt::from_u32(
+            ptt_protocol::ACK_ELICITING_THRESHOLD,
+        ))
+        .max_ack_delay(Some(std::time::Duration::from_millis(
+            ptt_protocol::ACK_MAX_DELAY_MS,
+        )));
+        transport.ack_frequency_config(Some(ack));
+    }
     Ok(transport)
 }
 

@@ -86,6 +86,8 @@ pub mod kind {
     pub const CLIP_END: u64 = 0x3a;
 
     pub const LIVE_READ: u64 = 0x3b;
+
+    pub const SET_LIVE_BUDGET: u64 = 0x68;
 }
 
 /// The limits a relay enforces, announced in [`Welcome`].
@@ -277,6 +279,15 @@ pub enum ControlMessage {
         /// The new mode.
         mode: GroupMode,
     },
+    /// Admin: set a group's live latency budget (PROTOCOL.md §4.1).
+    SetLiveBudget {
+        /// Echoed in the reply.
+        request_id: u64,
+        /// The group.
+        group: String,
+        /// The budget in ms (`None`: back to the relay's default).
+        budget_ms: Option<u32>,
+    },
     /// The members of a group the user belongs to.
     ListMembers {
         /// Echoed in the reply.
@@ -352,6 +363,10 @@ pub enum ControlMessage {
         cursor: u64,
         /// The newest stored clip's sequence number.
         last_seq: u64,
+        /// The group's live latency budget, ms: live frames may arrive in
+        /// bursts up to this old (0: each frame at once). Read as 0 from a
+        /// relay that does not send it.
+        live_budget_ms: u32,
     },
     /// Catch-up of a group reached `seq`; what follows is live.
     CaughtUp {
@@ -621,6 +636,7 @@ impl ControlMessage {
             RemoveMember { .. } => kind::REMOVE_MEMBER,
             ListGroups { .. } => kind::LIST_GROUPS,
             SetMode { .. } => kind::SET_MODE,
+            SetLiveBudget { .. } => kind::SET_LIVE_BUDGET,
             ListMembers { .. } => kind::LIST_MEMBERS,
             ListMemberStatus { .. } => kind::LIST_MEMBER_STATUS,
             ListClips { .. } => kind::LIST_CLIPS,
@@ -835,12 +851,24 @@ impl ControlMessage {
                 mode,
                 cursor,
                 last_seq,
+                live_budget_ms,
             } => {
                 put_varint(p, *request_id);
                 put_string(p, group);
                 p.put_u8(*mode as u8);
                 put_varint(p, *cursor);
                 put_varint(p, *last_seq);
+                put_varint(p, u64::from(*live_budget_ms));
+            }
+            SetLiveBudget {
+                request_id,
+                group,
+                budget_ms,
+            } => {
+                put_varint(p, *request_id);
+                put_string(p, group);
+                p.put_u8(u8::from(budget_ms.is_none()));
+                put_varint(p, u64::from(budget_ms.unwrap_or(0)));
             }
             Gap {
                 group,
@@ -1104,7 +1132,23 @@ impl ControlMessage {
                 mode: get_mode(p)?,
                 cursor: get_varint(p)?,
                 last_seq: get_varint(p)?,
+                // Appended in this version: absent from older relays.
+                live_budget_ms: if p.is_empty() {
+                    0
+                } else {
+                    get_varint_u32(p, "live_budget_ms")?
+                },
             },
+            kind::SET_LIVE_BUDGET => request(p, |request_id, p| {
+                let group = get_id(p, "group")?;
+                let default = get_bool(p, "default")?;
+                let budget_ms = get_varint_u32(p, "budget_ms")?;
+                Ok(SetLiveBudget {
+                    request_id,
+                    group,
+                    budget_ms: (!default).then_some(budget_ms),
+                })
+            })?,
             kind::CAUGHT_UP => CaughtUp {
                 group: group(p)?,
                 seq: get_varint(p)?,
@@ -1528,6 +1572,16 @@ mod tests {
                 request_id: 10,
                 group: "g".into(),
             },
+            SetLiveBudget {
+                request_id: 10,
+                group: "g".into(),
+                budget_ms: Some(40),
+            },
+            SetLiveBudget {
+                request_id: 10,
+                group: "g".into(),
+                budget_ms: None,
+            },
             Welcome(self::Welcome {
                 version: 1,
                 user: "alice".into(),
@@ -1553,6 +1607,7 @@ mod tests {
                 mode: GroupMode::Notes,
                 cursor: 3,
                 last_seq: 9,
+                live_budget_ms: 60,
             },
             CaughtUp {
                 group: "g".into(),
@@ -1777,6 +1832,33 @@ mod tests {
         put_varint(&mut p, request_id);
         rest(&mut p);
         p.freeze()
+    }
+
+    /// A Joined from a relay of before the live budget (no trailing
+    /// field) reads as budget 0; bytes after the field are ignored.
+    #[test]
+    fn joined_without_a_live_budget_reads_as_zero() {
+        let full = ControlMessage::Joined {
+            request_id: 1,
+            group: "g".into(),
+            mode: GroupMode::Notes,
+            cursor: 0,
+            last_seq: 0,
+            live_budget_ms: 60,
+        }
+        .to_bytes();
+        // type, length, then the payload: drop the last byte (60).
+        let payload = full.slice(2..full.len() - 1);
+        match ControlMessage::decode(kind::JOINED, payload).unwrap() {
+            ControlMessage::Joined { live_budget_ms, .. } => assert_eq!(live_budget_ms, 0),
+            other => panic!("{other:?}"),
+        }
+        let mut longer = full.slice(2..).to_vec();
+        longer.push(0x07);
+        match ControlMessage::decode(kind::JOINED, longer.into()).unwrap() {
+            ControlMessage::Joined { live_budget_ms, .. } => assert_eq!(live_budget_ms, 60),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

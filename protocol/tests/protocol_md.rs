@@ -110,6 +110,7 @@ fn examples() -> Vec<(&'static str, Example)> {
                 mode: GroupMode::Walkie,
                 cursor: 41,
                 last_seq: 300,
+                live_budget_ms: 0,
             }),
         ),
         (
@@ -352,6 +353,14 @@ fn examples() -> Vec<(&'static str, Example)> {
                 request_id: 14,
                 group: g(),
                 mode: GroupMode::Notes,
+            }),
+        ),
+        (
+            "set-live-budget",
+            Control(C::SetLiveBudget {
+                request_id: 16,
+                group: g(),
+                budget_ms: Some(40),
             }),
         ),
         ("list-groups", Control(C::ListGroups { request_id: 15 })),

@@ -100,6 +100,13 @@ fn client_message() -> impl Strategy<Value = ControlMessage> {
             mode
         }),
         (var(), id()).prop_map(|(request_id, group)| ListMembers { request_id, group }),
+        (var(), id(), proptest::option::of(any::<u32>())).prop_map(
+            |(request_id, group, budget_ms)| SetLiveBudget {
+                request_id,
+                group,
+                budget_ms
+            }
+        ),
     ]
 }
 
@@ -120,13 +127,14 @@ fn relay_message() -> impl Strategy<Value = ControlMessage> {
             code,
             message
         }),
-        (var(), id(), mode(), var(), var()).prop_map(
-            |(request_id, group, mode, cursor, last_seq)| Joined {
+        (var(), id(), mode(), var(), var(), any::<u32>()).prop_map(
+            |(request_id, group, mode, cursor, last_seq, live_budget_ms)| Joined {
                 request_id,
                 group,
                 mode,
                 cursor,
-                last_seq
+                last_seq,
+                live_budget_ms
             }
         ),
         (id(), var()).prop_map(|(group, seq)| CaughtUp { group, seq }),

@@ -17,6 +17,9 @@ pub enum AdminError {
     /// The store refused or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A live latency budget above [`crate::config::MAX_LIVE_BUDGET_MS`].
+    #[error("live budget {0} ms: at most {max} ms", max = crate::config::MAX_LIVE_BUDGET_MS)]
+    BudgetTooLarge(u32),
 }
 
 impl AdminError {
@@ -25,6 +28,7 @@ impl AdminError {
         match self {
             AdminError::InvalidId(_) => ErrorCode::InvalidRequest,
             AdminError::Store(e) => e.code(),
+            AdminError::BudgetTooLarge(_) => ErrorCode::InvalidRequest,
         }
     }
 }
@@ -80,6 +84,20 @@ pub async fn set_mode(
     mode: GroupMode,
 ) -> Result<(), AdminError> {
     Ok(store.set_mode(group, mode).await?)
+}
+
+/// Sets a group's live latency budget in ms (`None`: back to the relay's
+/// `live_budget_ms`). Members' live deliveries use it from their next Join.
+pub async fn set_live_budget(
+    store: &dyn ClipStore,
+    group: &str,
+    budget_ms: Option<u32>,
+) -> Result<(), AdminError> {
+    check(group)?;
+    if let Some(ms) = budget_ms.filter(|&ms| ms > crate::config::MAX_LIVE_BUDGET_MS) {
+        return Err(AdminError::BudgetTooLarge(ms));
+    }
+    Ok(store.set_live_budget(group, budget_ms).await?)
 }
 
 /// Most clips one `ListClips` answers with.
@@ -145,6 +163,9 @@ pub async fn apply(ctx: &RelayContext, message: ControlMessage) -> Result<(), Er
             remove_member(store, &group, &user).await
         }
         ControlMessage::SetMode { group, mode, .. } => set_mode(store, &group, mode).await,
+        ControlMessage::SetLiveBudget {
+            group, budget_ms, ..
+        } => set_live_budget(store, &group, budget_ms).await,
         ControlMessage::DeleteClip { group, seq, .. } => {
             return delete_clip(ctx, &group, seq).await;
         }

@@ -8,6 +8,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The relay-wide live latency budget of notes groups and channels, ms
+/// (`live_budget_ms`): three 20 ms frames per packet.
+pub const DEFAULT_LIVE_BUDGET_MS: u32 = 60;
+
+/// The largest live latency budget a relay or a group may set, ms.
+pub const MAX_LIVE_BUDGET_MS: u32 = 250;
+
 /// Everything `relay serve` can be told. Field names are the TOML keys and
 /// the `--flag-names` (with `-` for `_`).
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
@@ -121,6 +128,15 @@ pub struct RelayConfig {
     /// talker before it is cut and the member catches up from the store.
     #[arg(long, default_value_t = 100)]
     pub live_lag_frames: usize,
+    /// Live latency budget of notes groups and channels, ms: a member's
+    /// live frames may wait this long to be written together (fewer
+    /// packets); walkie groups get each frame at once. 0, or a budget no
+    /// longer than a clip's frame, writes each frame at once. A group's
+    /// own budget (`relay group budget`) overrides it. At most
+    /// `MAX_LIVE_BUDGET_MS` (250).
+    #[arg(long, default_value_t = DEFAULT_LIVE_BUDGET_MS,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_LIVE_BUDGET_MS)))]
+    pub live_budget_ms: u32,
     /// On shutdown, how long clips in flight may take to finish.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     #[serde(with = "humantime_serde")]

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ptt_protocol::{ClipFormat, ClipLimits, Limits, SessionLimits};
+use ptt_protocol::{ClipFormat, ClipLimits, GroupMode, Limits, SessionLimits};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::TokenVerifier;
@@ -92,6 +92,13 @@ impl RelayContext {
             max_frames: self.config.live_lag_frames,
             max_stall: frame * self.config.live_lag_frames as u32,
         }
+    }
+
+    /// The live latency budget of a group in `mode` whose own budget is
+    /// `group_budget_ms` (`None`: the relay's `live_budget_ms`), ms:
+    /// walkie groups deliver each frame at once (0).
+    pub fn live_budget_ms(&self, mode: GroupMode, group_budget_ms: Option<u32>) -> u32 {
+        crate::delivery::live_budget_ms(mode, group_budget_ms, self.config.live_budget_ms)
     }
 
     /// Longest clip in new groups, ms.

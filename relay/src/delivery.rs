@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use ptt_protocol::{ClipHeader, ClipId, ClipMessage, ErrorCode};
+use ptt_protocol::{ClipHeader, ClipId, ClipMessage, ErrorCode, GroupMode};
 use quinn::VarInt;
 
 use tokio::sync::watch;
@@ -68,6 +68,9 @@ struct SinkInner {
     drop_code: AtomicU32,
     /// Header flags every delivery of this sink adds (muted).
     flags: std::sync::atomic::AtomicU8,
+    /// The group's live latency budget, ms ([`Coalescer`]); 0: each frame
+    /// at once.
+    live_budget_ms: AtomicU32,
     delivered: Mutex<Vec<DeliveredClip>>,
 }
 
@@ -80,6 +83,7 @@ impl Sink {
         Sink(Arc::new(SinkInner {
             drop_code: AtomicU32::new(code.code()),
             flags: std::sync::atomic::AtomicU8::new(0),
+            live_budget_ms: AtomicU32::new(0),
             delivered: Mutex::new(Vec::new()),
         }))
     }
@@ -97,6 +101,18 @@ impl Sink {
         } else {
             self.0.flags.fetch_and(!flag, Ordering::Relaxed);
         }
+    }
+
+    /// Sets the live latency budget of every live delivery that starts
+    /// from now on: frames may wait up to `ms` to be written together
+    /// ([`Coalescer`]); 0 writes each frame at once.
+    pub fn set_live_budget(&self, ms: u32) {
+        self.0.live_budget_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The live latency budget set by [`Sink::set_live_budget`].
+    pub fn live_budget(&self) -> Duration {
+        Duration::from_millis(u64::from(self.0.live_budget_ms.load(Ordering::Relaxed)))
     }
 
     pub(crate) fn header_flags(&self) -> u8 {
@@ -276,9 +292,12 @@ pub async fn deliver_live(
         return Delivery::Failed;
     };
     let frame = Duration::from_millis(u64::from(clip.meta.frame_ms.max(10)));
+    let mut coalescer = Coalescer::new(sink.live_budget(), frame);
+    // Frames held back on purpose are not lag: they are allowed on top.
+    let held = coalescer.held_frames();
     // The backlog a late joiner starts with is allowed; beyond it, only
     // `max_frames` more.
-    let allowed_lag = rx.borrow().raw.len().max(lag.max_frames);
+    let allowed_lag = rx.borrow().raw.len().max(lag.max_frames) + held;
     let mut reading = Reading {
         conn,
         count: reads.track(stream.quic_id().into()),
@@ -293,7 +312,9 @@ pub async fn deliver_live(
     if !reading.write(&mut stream, header, 0).await {
         return cut_or_failed(&mut stream, conn);
     }
+    // `sent` frames are written; `taken` are in `batch` or written.
     let mut sent = 0usize;
+    let mut taken = 0usize;
     let mut batch: Vec<Bytes> = Vec::with_capacity(32);
     // Frames and bytes are counted here and added to the metrics once,
     // when the delivery ends.
@@ -306,30 +327,47 @@ pub async fn deliver_live(
                 stream.reset(ErrorCode::SlowReceiver.code()).ok();
                 return Delivery::Cut;
             }
-            batch.extend(progress.raw[sent..].iter().cloned());
+            batch.extend(progress.raw[taken..].iter().cloned());
+            taken = available;
             (progress.state.clone(), available, progress.newest_at)
         };
-        let sampled =
-            sent / crate::metrics::LATENCY_SAMPLE != available / crate::metrics::LATENCY_SAMPLE;
         if reading.too_far_behind(available, sent) {
             stream.reset(ErrorCode::SlowReceiver.code()).ok();
             return Delivery::Cut;
         }
-        for frame in batch.drain(..) {
-            counted.add(frame.len());
-            if !reading.write(&mut stream, frame, sent).await {
+        let live = state == ClipState::Live;
+        if !batch.is_empty() && (!live || coalescer.pending(tokio::time::Instant::now().into_std()))
+        {
+            let sampled =
+                sent / crate::metrics::LATENCY_SAMPLE != available / crate::metrics::LATENCY_SAMPLE;
+            for frame in &batch {
+                counted.add(frame.len());
+            }
+            if !reading.write_all(&mut stream, &mut batch, sent).await {
                 return cut_or_failed(&mut stream, conn);
             }
-            sent += 1;
-        }
-        if sampled && sent == available {
-            crate::metrics::Metrics::get()
-                .frame_relay_seconds
-                .record(newest_at.elapsed().as_secs_f64());
+            batch.clear();
+            sent = taken;
+            coalescer.written();
+            if sampled {
+                crate::metrics::Metrics::get()
+                    .frame_relay_seconds
+                    .record(newest_at.elapsed().as_secs_f64());
+            }
         }
         match state {
             ClipState::Live => {
-                if rx.changed().await.is_err() {
+                // Frames held back wait for the budget's timer (or for
+                // more frames, which join them); otherwise for the talker.
+                let changed = match coalescer.poll_timeout() {
+                    Some(deadline) => tokio::select! {
+                        biased;
+                        changed = rx.changed() => changed,
+                        () = tokio::time::sleep_until(deadline.into()) => Ok(()),
+                    },
+                    None => rx.changed().await,
+                };
+                if changed.is_err() {
                     stream.reset(ErrorCode::ClipAborted.code()).ok();
                     return Delivery::Aborted;
                 }
@@ -350,6 +388,72 @@ pub async fn deliver_live(
                 return Delivery::Aborted;
             }
         }
+    }
+}
+
+/// The live latency budget of a group in `mode`, ms: its own
+/// (`group_budget_ms`) or the relay's, at most
+/// [`crate::config::MAX_LIVE_BUDGET_MS`]; walkie groups get each frame at
+/// once (0).
+pub fn live_budget_ms(mode: GroupMode, group_budget_ms: Option<u32>, relay_budget_ms: u32) -> u32 {
+    match mode {
+        GroupMode::Walkie => 0,
+        GroupMode::Notes => group_budget_ms
+            .unwrap_or(relay_budget_ms)
+            .min(crate::config::MAX_LIVE_BUDGET_MS),
+    }
+}
+
+/// When a live delivery writes the frames it has pending, by the group's
+/// live latency budget, without I/O (time is passed in).
+///
+/// Without a budget (walkie groups), or with one no longer than a frame,
+/// every frame is written as soon as it arrives. With one, the first
+/// pending frame starts a timer of the budget; the frames that arrive
+/// meanwhile join it, and all are written together (one write, so one
+/// packet) when it fires, or at once when the clip ends. A member of a
+/// notes group with a 60 ms budget and 20 ms frames so gets a packet of
+/// three frames every 60 ms instead of three packets.
+#[derive(Debug, Clone, Copy)]
+pub struct Coalescer {
+    budget: Option<Duration>,
+    held_frames: usize,
+    deadline: Option<std::time::Instant>,
+}
+
+impl Coalescer {
+    /// The rule for a group's `budget` and the clip's `frame` duration.
+    pub fn new(budget: Duration, frame: Duration) -> Coalescer {
+        let budget = (budget > frame).then_some(budget);
+        Coalescer {
+            budget,
+            held_frames: budget.map_or(0, |b| frames_in(b, frame)),
+            deadline: None,
+        }
+    }
+
+    /// Frames may be pending at `now`: whether to write them now. The
+    /// first pending frame arms the timer.
+    pub fn pending(&mut self, now: std::time::Instant) -> bool {
+        let Some(budget) = self.budget else {
+            return true;
+        };
+        now >= *self.deadline.get_or_insert(now + budget)
+    }
+
+    /// When the pending frames are to be written (`None`: nothing held).
+    pub fn poll_timeout(&self) -> Option<std::time::Instant> {
+        self.deadline
+    }
+
+    /// The pending frames were written.
+    pub fn written(&mut self) {
+        self.deadline = None;
+    }
+
+    /// How many frames the budget may hold back at most.
+    pub fn held_frames(&self) -> usize {
+        self.held_frames
     }
 }
 
@@ -420,7 +524,31 @@ impl Reading<'_> {
     /// that has to wait arms one. This keeps a timer registration off the
     /// per-frame path.
     async fn write(&mut self, stream: &mut SendStream, bytes: Bytes, sent: usize) -> bool {
-        let mut write = std::pin::pin!(stream.write_chunk(bytes));
+        self.wait_for(stream.write_chunk(bytes), sent).await
+    }
+
+    /// Writes several messages in one write (one packet, if they fit), as
+    /// [`Reading::write`] writes one.
+    async fn write_all(
+        &mut self,
+        stream: &mut SendStream,
+        bytes: &mut [Bytes],
+        sent: usize,
+    ) -> bool {
+        if let [one] = bytes {
+            let one = std::mem::take(one);
+            return self.write(stream, one, sent).await;
+        }
+        self.wait_for(stream.write_all_chunks(bytes), sent).await
+    }
+
+    /// Drives a write to its end under the lag rules.
+    async fn wait_for<E>(
+        &mut self,
+        write: impl Future<Output = Result<(), E>>,
+        sent: usize,
+    ) -> bool {
+        let mut write = std::pin::pin!(write);
         let first = {
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
             write.as_mut().poll(&mut cx)
@@ -559,6 +687,68 @@ mod tests {
         put_varint(buf, ptt_protocol::message::kind::LIVE_READ);
         put_varint(buf, payload.len() as u64);
         buf.extend_from_slice(&payload);
+    }
+
+    /// Issue #15 item 3, on a simulated clock: with a 60 ms budget and
+    /// 20 ms frames, the first frame arms a 60 ms timer, the next two join
+    /// it, all three go at the timer; the next frame arms a new one.
+    #[test]
+    fn frames_wait_for_the_budget_then_go_together() {
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut c = Coalescer::new(Duration::from_millis(60), Duration::from_millis(20));
+        assert_eq!(c.held_frames(), 3);
+        assert_eq!(c.poll_timeout(), None, "nothing held yet");
+        assert!(!c.pending(at(0)));
+        assert_eq!(c.poll_timeout(), Some(at(60)));
+        // Later frames join the first; they do not push the timer.
+        assert!(!c.pending(at(20)));
+        assert!(!c.pending(at(40)));
+        assert!(!c.pending(at(59)));
+        assert_eq!(c.poll_timeout(), Some(at(60)));
+        assert!(c.pending(at(60)));
+        c.written();
+        assert_eq!(c.poll_timeout(), None);
+        // A late wake-up writes at once what waited the budget or more.
+        assert!(!c.pending(at(80)));
+        assert_eq!(c.poll_timeout(), Some(at(140)));
+        assert!(c.pending(at(175)));
+        c.written();
+        // 60 ms frames under a 250 ms budget: up to 5 held.
+        let mut long = Coalescer::new(Duration::from_millis(250), Duration::from_millis(60));
+        assert_eq!(long.held_frames(), 5);
+        assert!(!long.pending(at(0)));
+        assert_eq!(long.poll_timeout(), Some(at(250)));
+    }
+
+    /// No budget, or one no longer than the clip's frames: every frame is
+    /// written as it comes, nothing is held, no timer is armed.
+    #[test]
+    fn a_budget_no_longer_than_a_frame_writes_each_frame_at_once() {
+        let t0 = std::time::Instant::now();
+        for (budget, frame) in [(0, 20), (20, 20), (40, 40), (60, 60), (50, 60)] {
+            let mut c = Coalescer::new(Duration::from_millis(budget), Duration::from_millis(frame));
+            assert_eq!(c.held_frames(), 0, "{budget} ms budget, {frame} ms frames");
+            for i in 0..5 {
+                assert!(c.pending(t0 + Duration::from_millis(i * frame)));
+                assert_eq!(c.poll_timeout(), None);
+                c.written();
+            }
+        }
+        // 40 ms frames under a 60 ms budget still coalesce (2 at a time).
+        let c = Coalescer::new(Duration::from_millis(60), Duration::from_millis(40));
+        assert_eq!(c.held_frames(), 2);
+    }
+
+    #[test]
+    fn walkie_groups_have_no_budget_notes_groups_theirs_or_the_relays() {
+        use GroupMode::{Notes, Walkie};
+        assert_eq!(live_budget_ms(Walkie, None, 60), 0);
+        assert_eq!(live_budget_ms(Walkie, Some(100), 60), 0);
+        assert_eq!(live_budget_ms(Notes, None, 60), 60);
+        assert_eq!(live_budget_ms(Notes, Some(0), 60), 0);
+        assert_eq!(live_budget_ms(Notes, Some(40), 60), 40);
+        assert_eq!(live_budget_ms(Notes, None, 10_000), 250, "capped");
     }
 
     /// The lag rule on made-up numbers: 100 frames allowed (+ 25 for a

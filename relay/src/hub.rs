@@ -57,6 +57,8 @@ pub struct JoinSnapshot {
     pub floor: Option<(String, bool)>,
     /// Set when the session's user joins a channel as a follower.
     pub follower: Option<Follower>,
+    /// The group's own live latency budget, ms (`None`: the relay's).
+    pub live_budget_ms: Option<u32>,
 }
 
 /// A channel's tallies on this node since the relay started (one per
@@ -203,6 +205,7 @@ impl Hub {
                 active: g.active.clone(),
                 floor: g.floor.clone(),
                 follower: if follows { follower } else { None },
+                live_budget_ms: g.info.live_budget_ms,
             })
         })
         .await

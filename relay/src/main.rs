@@ -152,6 +152,15 @@ enum GroupAction {
         /// walkie or notes.
         mode: GroupMode,
     },
+    /// Set a group's live latency budget: live frames of notes groups and
+    /// channels may wait this long to be sent together (fewer packets).
+    Budget {
+        /// The group id.
+        group: String,
+        /// Milliseconds (0: each frame at once; at most 250), or `default`
+        /// for the relay's `live_budget_ms`.
+        budget: String,
+    },
     /// List groups and their members.
     List,
     /// List a group's members with their cursor and last-seen time.
@@ -368,6 +377,11 @@ async fn offline(action: GroupAction, store: &dyn ClipStore) -> anyhow::Result<(
             admin::set_mode(store, &group, mode).await?;
             println!("{group} is now {mode}");
         }
+        GroupAction::Budget { group, budget } => {
+            let budget_ms = parse_budget(&budget)?;
+            admin::set_live_budget(store, &group, budget_ms).await?;
+            print_budget(&group, budget_ms);
+        }
         GroupAction::List => {
             for g in store.groups().await? {
                 let members: Vec<_> = g.members.iter().map(String::as_str).collect();
@@ -507,6 +521,11 @@ async fn online(action: GroupAction, target: &AdminTarget) -> anyhow::Result<()>
                 client.set_mode(&group, mode).await?;
                 println!("{group} is now {mode}");
             }
+            GroupAction::Budget { group, budget } => {
+                let budget_ms = parse_budget(&budget)?;
+                client.set_live_budget(&group, budget_ms).await?;
+                print_budget(&group, budget_ms);
+            }
             GroupAction::List => {
                 for g in client.list_groups().await? {
                     let members = client.list_members(&g.group).await?;
@@ -581,6 +600,25 @@ async fn online(action: GroupAction, target: &AdminTarget) -> anyhow::Result<()>
     .await;
     client.close().await;
     result
+}
+
+/// `default` or a number of milliseconds.
+fn parse_budget(text: &str) -> anyhow::Result<Option<u32>> {
+    if text == "default" {
+        return Ok(None);
+    }
+    let ms = text
+        .trim_end_matches("ms")
+        .parse()
+        .with_context(|| format!("live budget {text:?}: milliseconds or `default`"))?;
+    Ok(Some(ms))
+}
+
+fn print_budget(group: &str, budget_ms: Option<u32>) {
+    match budget_ms {
+        Some(ms) => println!("{group}: live budget {ms} ms (from members' next join)"),
+        None => println!("{group}: live budget of the relay (from members' next join)"),
+    }
 }
 
 fn print_group(id: &str, mode: GroupMode, max_clip_ms: Option<u32>, members: &[&str]) {

@@ -136,6 +136,80 @@ async fn a_member_that_does_not_report_is_cut_when_its_window_fills() {
     assert!(matches!(run.outcomes[1], Outcome::Complete { .. }));
 }
 
+/// Issue #15 item 3: a notes group with a 100 ms live latency budget gets
+/// the talker's 20 ms frames in bursts of about five (one write each), a
+/// walkie group (whose budget is 0 whatever the relay's) each frame on its
+/// own; `Joined` announces each budget.
+#[tokio::test]
+async fn notes_members_get_bursts_of_the_budget_walkie_members_each_frame() {
+    const FRAMES: usize = 50;
+    let relay = TestRelay::start_with(|c| c.live_budget_ms = 100).await;
+    relay
+        .group("notes", GroupMode::Notes, &["alice", "bob"])
+        .await;
+    relay
+        .group("walkie", GroupMode::Walkie, &["alice", "carol"])
+        .await;
+    let (bob, notes_budget) = Member::join_group(&relay, "bob", "notes", 64 * 1024).await;
+    let (carol, walkie_budget) = Member::join_group(&relay, "carol", "walkie", 64 * 1024).await;
+    assert_eq!((notes_budget, walkie_budget), (100, 0));
+    let bob = tokio::spawn(bob.arrivals());
+    let carol = tokio::spawn(carol.arrivals());
+    let (alice, _alice_events) = relay.member("alice", "notes").await;
+    let mut notes = alice.talk("notes", ClipParams::default()).await.unwrap();
+    let mut walkie = alice.talk("walkie", ClipParams::default()).await.unwrap();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let sent = frames(7, FRAMES);
+    for frame in &sent {
+        tick.tick().await;
+        notes.send_frame(frame.clone()).await.unwrap();
+        walkie.send_frame(frame.clone()).await.unwrap();
+    }
+    notes.finish(Bytes::new()).await.unwrap();
+    walkie.finish(Bytes::new()).await.unwrap();
+    let notes = tokio::time::timeout(WAIT, bob).await.unwrap().unwrap();
+    let walkie = tokio::time::timeout(WAIT, carol).await.unwrap().unwrap();
+    for got in [&notes, &walkie] {
+        let data: Vec<&Bytes> = got.iter().map(|(data, _)| data).collect();
+        assert_eq!(
+            data,
+            sent.iter().collect::<Vec<_>>(),
+            "every frame, in order"
+        );
+    }
+    let (notes, walkie) = (bursts(&notes), bursts(&walkie));
+    // 50 frames in bursts of 5 are 10 bursts (one more where the timer and
+    // the talker's ticks straddle, and the last at ClipEnd).
+    assert!(
+        (8..=14).contains(&notes.len()),
+        "notes bursts {notes:?}, expected about {}",
+        FRAMES / 5
+    );
+    // Each frame alone but where the loaded machine bunched the talker's
+    // ticks.
+    assert!(
+        walkie.len() >= FRAMES * 7 / 10,
+        "walkie bursts {walkie:?}, expected about {FRAMES} of one frame"
+    );
+}
+
+/// The sizes of the bursts frames arrived in: a frame read within 8 ms of
+/// the one before is in the same burst (the talker sends every 20 ms).
+fn bursts(arrivals: &[(Bytes, std::time::Instant)]) -> Vec<usize> {
+    let mut sizes: Vec<usize> = Vec::new();
+    let mut last: Option<std::time::Instant> = None;
+    for (_, at) in arrivals {
+        match last {
+            Some(prev) if at.duration_since(prev) < Duration::from_millis(8) => {
+                *sizes.last_mut().expect("a burst is open") += 1;
+            }
+            _ => sizes.push(1),
+        }
+        last = Some(*at);
+    }
+    sizes
+}
+
 fn assert_recovered((header, frames, seq): &(ClipHeader, Vec<Bytes>, u64), run: &Run) {
     assert_ne!(header.flags & ClipHeader::FLAG_HISTORY, 0);
     assert_eq!(header.seq, run.seq);
@@ -156,7 +230,13 @@ struct Run {
 /// A notes group where alice talks `CLIP_FRAMES` frames, one every 20 ms,
 /// to one bare member per behaviour.
 async fn scenario(members: &[Behaviour]) -> Run {
-    let relay = TestRelay::start_with(|c| c.live_lag_frames = LAG).await;
+    // Notes groups coalesce (issue #15): the lag rule must hold with the
+    // frames a budget holds back (3 here).
+    let relay = TestRelay::start_with(|c| {
+        c.live_lag_frames = LAG;
+        c.live_budget_ms = 60;
+    })
+    .await;
     let names: Vec<String> = (0..members.len()).map(|i| format!("m{i}")).collect();
     let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
     all.push("alice");
@@ -212,6 +292,11 @@ struct Member {
 
 impl Member {
     async fn join(relay: &TestRelay, user: &str, window: u32) -> Member {
+        Member::join_group(relay, user, "team", window).await.0
+    }
+
+    /// Joins `group`; also returns the budget its `Joined` announced.
+    async fn join_group(relay: &TestRelay, user: &str, group: &str, window: u32) -> (Member, u32) {
         let mut config = relay.config(relay.token(user));
         config.transport.stream_receive_window = window;
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -230,17 +315,17 @@ impl Member {
         send.write_all(&hello.to_bytes()).await.unwrap();
         let join = ControlMessage::Join {
             request_id: 1,
-            group: "team".into(),
+            group: group.into(),
         };
         send.write_all(&join.to_bytes()).await.unwrap();
         let mut decoder = FrameDecoder::new(MAX_PAYLOAD_LEN);
-        tokio::time::timeout(WAIT, async {
+        let budget = tokio::time::timeout(WAIT, async {
             loop {
                 while let Some(f) = decoder.next_frame().unwrap() {
-                    if let ControlMessage::Joined { .. } =
+                    if let ControlMessage::Joined { live_budget_ms, .. } =
                         ControlMessage::decode(f.kind, f.payload).unwrap()
                     {
-                        return;
+                        return live_budget_ms;
                     }
                 }
                 let chunk = recv.read_chunk(65536, true).await.unwrap().unwrap();
@@ -249,10 +334,28 @@ impl Member {
         })
         .await
         .expect("joined in time");
-        Member {
+        let member = Member {
             _endpoint: endpoint,
             conn,
             _control: (send, recv),
+        };
+        (member, budget)
+    }
+
+    /// Reads one live clip whole; returns its frames with when each was
+    /// read.
+    async fn arrivals(self) -> Vec<(Bytes, std::time::Instant)> {
+        let mut live = Clip::accept(&self.conn).await;
+        live.header().await.expect("live header");
+        let mut frames = Vec::new();
+        loop {
+            match live.next().await {
+                Ok(Some(ClipMessage::Frame { data, .. })) => {
+                    frames.push((data, std::time::Instant::now()));
+                }
+                Ok(Some(ClipMessage::End { .. })) => return frames,
+                other => panic!("live stream broke: {other:?}"),
+            }
         }
     }
 

@@ -251,6 +251,7 @@ fn answer(
                     mode: ptt_protocol::GroupMode::Notes,
                     cursor: 0,
                     last_seq: 0,
+                    live_budget_ms: 0,
                 },
                 M::CaughtUp { group, seq: 0 },
             ])

@@ -38,6 +38,9 @@ struct GroupRecord {
     mode: u8,
     max_clip_ms: u32,
     members: BTreeSet<String>,
+    /// The group's own live latency budget, ms (absent: the relay's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    live_budget_ms: Option<u32>,
 }
 
 impl NatsStore {
@@ -139,12 +142,9 @@ fn info(group: &str, record: GroupRecord) -> Result<GroupInfo, StoreError> {
     })?;
     // Roles and channels are kept by the embedded store only (issue #14):
     // on NATS every member is a plain member.
-    Ok(GroupInfo::plain(
-        group,
-        mode,
-        record.max_clip_ms,
-        record.members,
-    ))
+    let mut info = GroupInfo::plain(group, mode, record.max_clip_ms, record.members);
+    info.live_budget_ms = record.live_budget_ms;
+    Ok(info)
 }
 
 /// When `user` was last seen in `group`: `seen.<group>.<user>` in the
@@ -180,6 +180,7 @@ impl ClipStore for NatsStore {
                 mode: mode as u8,
                 max_clip_ms,
                 members: BTreeSet::new(),
+                live_budget_ms: None,
             };
             match self
                 .nats
@@ -199,6 +200,11 @@ impl ClipStore for NatsStore {
     fn set_mode(&self, group: &str, mode: GroupMode) -> StoreFuture<'_, ()> {
         let group = group.to_owned();
         Box::pin(async move { self.modify(&group, |r| r.mode = mode as u8).await })
+    }
+
+    fn set_live_budget(&self, group: &str, budget_ms: Option<u32>) -> StoreFuture<'_, ()> {
+        let group = group.to_owned();
+        Box::pin(async move { self.modify(&group, |r| r.live_budget_ms = budget_ms).await })
     }
 
     fn add_member(&self, group: &str, user: &str) -> StoreFuture<'_, ()> {

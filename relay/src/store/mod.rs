@@ -48,6 +48,9 @@ pub struct GroupInfo {
     pub roles: BTreeMap<String, Role>,
     /// Set for a channel.
     pub channel: Option<ChannelInfo>,
+    /// The group's own live latency budget, ms (`None`: the relay's
+    /// `live_budget_ms`); walkie groups have none whatever it says.
+    pub live_budget_ms: Option<u32>,
 }
 
 impl GroupInfo {
@@ -60,6 +63,7 @@ impl GroupInfo {
             members,
             roles: BTreeMap::new(),
             channel: None,
+            live_budget_ms: None,
         }
     }
 
@@ -271,6 +275,12 @@ pub trait ClipStore: Send + Sync + 'static {
     fn create_group(&self, group: &str, mode: GroupMode, max_clip_ms: u32) -> StoreFuture<'_, ()>;
     /// Changes a group's mode.
     fn set_mode(&self, group: &str, mode: GroupMode) -> StoreFuture<'_, ()>;
+    /// Sets a group's live latency budget in ms (`None`: the relay's
+    /// default), and signals the group's watchers.
+    fn set_live_budget(&self, group: &str, budget_ms: Option<u32>) -> StoreFuture<'_, ()> {
+        let _ = (group, budget_ms);
+        unsupported("live latency budgets")
+    }
     /// Adds a member (no-op if present).
     fn add_member(&self, group: &str, user: &str) -> StoreFuture<'_, ()>;
     /// Removes a member (no-op if absent).

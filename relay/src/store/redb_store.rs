@@ -166,6 +166,10 @@ const LAST_SEEN: TableDefinition<'static, (&str, &str), u64> = TableDefinition::
 const TOMBSTONES: TableDefinition<'static, (&str, u64), (&[u8; 16], u64)> =
     TableDefinition::new("tombstones");
 
+/// Groups with a live latency budget of their own, ms (others use the
+/// relay's).
+const LIVE_BUDGETS: TableDefinition<'static, &str, u32> = TableDefinition::new("live_budgets");
+
 const GROUP_RECORD_V1: u8 = 1;
 const GROUP_RECORD_V2: u8 = 2;
 const CLIP_BLOB_V1: u8 = 1;
@@ -320,6 +324,7 @@ impl RedbStore {
             txn.open_table(INVITES).ctx("creating invites")?;
             txn.open_table(LAST_SEEN).ctx("creating last_seen")?;
             txn.open_table(TOMBSTONES).ctx("creating tombstones")?;
+            txn.open_table(LIVE_BUDGETS).ctx("creating live_budgets")?;
         }
         txn.commit().ctx("commit")?;
 
@@ -994,7 +999,20 @@ fn read_group(txn: &ReadTransaction, group: &str) -> Result<Option<GroupInfo>, S
     let record = decode_group(group, raw.value())?;
     let members = txn.open_multimap_table(MEMBERS).ctx("opening members")?;
     let roles = txn.open_table(ROLES).ctx("opening roles")?;
-    group_info(&members, &roles, group, record).map(Some)
+    let mut info = group_info(&members, &roles, group, record)?;
+    let budgets = txn.open_table(LIVE_BUDGETS).ctx("opening live_budgets")?;
+    info.live_budget_ms = live_budget(&budgets, group)?;
+    Ok(Some(info))
+}
+
+fn live_budget(
+    budgets: &impl ReadableTable<&'static str, u32>,
+    group: &str,
+) -> Result<Option<u32>, StoreError> {
+    Ok(budgets
+        .get(group)
+        .ctx("reading live_budgets")?
+        .map(|v| v.value()))
 }
 
 fn group_info(
@@ -1268,6 +1286,25 @@ impl ClipStore for RedbStore {
         self.change_member(group, user, true)
     }
 
+    fn set_live_budget(&self, group: &str, budget_ms: Option<u32>) -> StoreFuture<'_, ()> {
+        let name = group;
+        let group = group.to_owned();
+        let change = self.write(move |txn| {
+            let groups = txn.open_table(GROUPS).ctx("opening groups")?;
+            if groups.get(group.as_str()).ctx("reading groups")?.is_none() {
+                return Err(StoreError::NoSuchGroup(group));
+            }
+            let mut budgets = txn.open_table(LIVE_BUDGETS).ctx("opening live_budgets")?;
+            match budget_ms {
+                Some(ms) => budgets.insert(group.as_str(), ms).map(drop),
+                None => budgets.remove(group.as_str()).map(drop),
+            }
+            .ctx("writing live_budgets")?;
+            Ok(())
+        });
+        self.changing(name, change)
+    }
+
     fn remove_member(&self, group: &str, user: &str) -> StoreFuture<'_, ()> {
         self.change_member(group, user, false)
     }
@@ -1282,12 +1319,15 @@ impl ClipStore for RedbStore {
             let groups = txn.open_table(GROUPS).ctx("opening groups")?;
             let members = txn.open_multimap_table(MEMBERS).ctx("opening members")?;
             let roles = txn.open_table(ROLES).ctx("opening roles")?;
+            let budgets = txn.open_table(LIVE_BUDGETS).ctx("opening live_budgets")?;
             let mut out = Vec::new();
             for entry in groups.iter().ctx("reading groups")? {
                 let (key, value) = entry.ctx("reading groups")?;
                 let id = key.value();
                 let record = decode_group(id, value.value())?;
-                out.push(group_info(&members, &roles, id, record)?);
+                let mut info = group_info(&members, &roles, id, record)?;
+                info.live_budget_ms = live_budget(&budgets, id)?;
+                out.push(info);
             }
             Ok(out)
         })

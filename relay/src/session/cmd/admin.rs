@@ -7,7 +7,8 @@ use ptt_protocol::{ControlMessage, ErrorCode, GroupSummary};
 use crate::session::Session;
 
 impl Session {
-    /// CreateGroup, AddMember, RemoveMember, SetMode.
+    /// CreateGroup, AddMember, RemoveMember, SetMode, SetLiveBudget,
+    /// DeleteClip.
     pub(super) async fn admin(&mut self, message: ControlMessage) {
         use ControlMessage as M;
         let request_id = match &message {
@@ -15,6 +16,7 @@ impl Session {
             | M::AddMember { request_id, .. }
             | M::RemoveMember { request_id, .. }
             | M::SetMode { request_id, .. }
+            | M::SetLiveBudget { request_id, .. }
             | M::DeleteClip { request_id, .. } => *request_id,
             _ => unreachable!("admin is called with admin messages"),
         };

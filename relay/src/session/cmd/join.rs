@@ -54,6 +54,10 @@ impl Session {
             ptt_protocol::ClipHeader::FLAG_MUTED,
             snapshot.follower.is_some_and(|f| f.muted),
         );
+        let live_budget_ms = self
+            .ctx
+            .live_budget_ms(snapshot.mode, snapshot.live_budget_ms);
+        joined.sink.set_live_budget(live_budget_ms);
         let plan = joined.sub.join(cursor, range, snapshot.last_seq);
         self.send(ControlMessage::Joined {
             request_id,
@@ -61,6 +65,7 @@ impl Session {
             mode: snapshot.mode,
             cursor: plan.cursor,
             last_seq: plan.to,
+            live_budget_ms,
         })
         .await;
         if let Some((from_seq, to_seq)) = plan.gap {

@@ -65,6 +65,7 @@ impl Session {
             | M::AddMember { .. }
             | M::RemoveMember { .. }
             | M::SetMode { .. }
+            | M::SetLiveBudget { .. }
             | M::DeleteClip { .. } => self.admin(message).await,
             M::ListMemberStatus { request_id, group } => {
                 let result = self.member_status(request_id, group).await;
