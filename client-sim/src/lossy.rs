@@ -1,13 +1,20 @@
 //! A lossy, slow network in process: a [`quinn::AsyncUdpSocket`] wrapping
-//! the tokio runtime's UDP socket that drops a fraction of the datagrams
-//! it sends and receives, and delays the rest (fixed delay plus uniform
-//! jitter, kept in order). Give it to [`quinn::Endpoint::new_with_abstract_socket`];
-//! every client connection on that endpoint then sees the same network.
+//! the tokio runtime's UDP socket that does to the datagrams it sends and
+//! receives what netem does to a link ([`NetworkFaults`]): drops a
+//! fraction, delays the rest (fixed delay plus uniform jitter, kept in
+//! order), holds a fraction back so that later ones overtake them
+//! (reordering), and sends a fraction twice (duplication). Give it to
+//! [`quinn::Endpoint::new_with_abstract_socket`]; every client connection
+//! on that endpoint then sees the same network.
+//!
+//! This machine's kernel has no netem qdisc, which is why the faults are
+//! made here, in the simulator's process, rather than on a veth pair.
 //!
 //! The randomness is a seeded [`SmallRng`], so a run's fault pattern (the
-//! sequence of drop decisions) is reproducible for a given traffic order.
+//! sequence of decisions) is reproducible for a given traffic order.
 
-use std::collections::VecDeque;
+use std::cmp::{Ordering as CmpOrdering, Reverse};
+use std::collections::BinaryHeap;
 use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
@@ -23,13 +30,32 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
 
-/// Drop decisions and delays for one direction.
+/// What the network does to the datagrams of one direction, as netem's
+/// knobs: every fraction is of all datagrams, 0 to 1.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct NetworkFaults {
+    /// Fraction dropped.
+    pub loss: f64,
+    /// Delay added to each datagram.
+    pub delay: Duration,
+    /// Uniform random extra delay, 0 to this. Jitter alone keeps the
+    /// datagrams in order (a datagram never leaves before the one before
+    /// it), as netem does unless told to reorder.
+    pub jitter: Duration,
+    /// Fraction held back `reorder_delay` beyond their delay and jitter,
+    /// outside the order: the datagrams sent in the meantime overtake them.
+    pub reorder: f64,
+    /// How long a reordered datagram is held back.
+    pub reorder_delay: Duration,
+    /// Fraction sent twice (the copy with its own delay and jitter).
+    pub duplicate: f64,
+}
+
+/// Decisions (drop, delay, reorder, duplicate) for one direction.
 #[derive(Debug)]
 pub struct LossModel {
     rng: SmallRng,
-    loss: f64,
-    delay: Duration,
-    jitter: Duration,
+    faults: NetworkFaults,
     last_deadline: Option<Instant>,
 }
 
@@ -37,39 +63,68 @@ impl LossModel {
     /// Drops `loss` (0 to 1) of the datagrams and delays the others by
     /// `delay` plus 0 to `jitter`.
     pub fn new(seed: u64, loss: f64, delay: Duration, jitter: Duration) -> LossModel {
+        LossModel::with_faults(
+            seed,
+            NetworkFaults {
+                loss,
+                delay,
+                jitter,
+                ..NetworkFaults::default()
+            },
+        )
+    }
+
+    /// Does all of `faults`. Decisions are drawn from one seeded stream in
+    /// a fixed order (drop, jitter, reorder, duplicate), and a knob at 0
+    /// draws nothing, so a seed gives the same losses whatever else is on.
+    pub fn with_faults(seed: u64, faults: NetworkFaults) -> LossModel {
         LossModel {
             rng: SmallRng::seed_from_u64(seed),
-            loss,
-            delay,
-            jitter,
+            faults,
             last_deadline: None,
         }
     }
 
     /// Whether the next datagram is lost.
     pub fn drop_next(&mut self) -> bool {
-        self.loss > 0.0 && self.rng.random::<f64>() < self.loss
+        self.faults.loss > 0.0 && self.rng.random::<f64>() < self.faults.loss
     }
 
-    /// Whether datagrams are delayed at all.
+    /// Whether the datagram just scheduled is sent a second time.
+    pub fn duplicate_next(&mut self) -> bool {
+        self.faults.duplicate > 0.0 && self.rng.random::<f64>() < self.faults.duplicate
+    }
+
+    /// Whether datagrams go through a delay line at all (a duplicate or a
+    /// reordered datagram needs one too).
     pub fn delays(&self) -> bool {
-        !self.delay.is_zero() || !self.jitter.is_zero()
+        let f = &self.faults;
+        !f.delay.is_zero() || !f.jitter.is_zero() || f.reorder > 0.0 || f.duplicate > 0.0
     }
 
     /// When a datagram that arrives `now` leaves: after the delay and a
     /// random jitter, but never before the one before it (no reordering).
     pub fn deadline(&mut self, now: Instant) -> Instant {
-        let jitter = if self.jitter.is_zero() {
+        self.schedule(now).0
+    }
+
+    /// When a datagram that arrives `now` leaves, and whether it is one
+    /// of the reordered: those leave `reorder_delay` after their delay and
+    /// jitter, and the in-order datagrams do not wait for them.
+    pub fn schedule(&mut self, now: Instant) -> (Instant, bool) {
+        let f = self.faults;
+        let jitter = if f.jitter.is_zero() {
             Duration::ZERO
         } else {
-            self.jitter.mul_f64(self.rng.random::<f64>())
+            f.jitter.mul_f64(self.rng.random::<f64>())
         };
-        let mut at = now + self.delay + jitter;
-        if let Some(last) = self.last_deadline {
-            at = at.max(last);
+        let at = now + f.delay + jitter;
+        if f.reorder > 0.0 && self.rng.random::<f64>() < f.reorder {
+            return (at + f.reorder_delay, true);
         }
+        let at = self.last_deadline.map_or(at, |last| at.max(last));
         self.last_deadline = Some(at);
-        at
+        (at, false)
     }
 }
 
@@ -84,6 +139,10 @@ pub struct LossCounters {
     pub received: AtomicU64,
     /// Of those, dropped.
     pub received_dropped: AtomicU64,
+    /// Datagrams held back out of order, both ways.
+    pub reordered: AtomicU64,
+    /// Extra copies made, both ways.
+    pub duplicated: AtomicU64,
 }
 
 impl LossCounters {
@@ -97,34 +156,82 @@ impl LossCounters {
             g(&self.received_dropped),
         )
     }
+
+    /// (reordered, duplicated), both ways.
+    pub fn reordered_duplicated(&self) -> (u64, u64) {
+        (
+            self.reordered.load(Ordering::Relaxed),
+            self.duplicated.load(Ordering::Relaxed),
+        )
+    }
+
+    fn count(&self, reordered: bool) {
+        if reordered {
+            self.reordered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A datagram waiting in the send delay line.
 struct Outgoing {
     at: Instant,
+    /// Arrival order, to break ties: equal deadlines leave in order.
+    order: u64,
     destination: SocketAddr,
     ecn: Option<EcnCodepoint>,
     src_ip: Option<std::net::IpAddr>,
     data: Vec<u8>,
 }
 
-/// Received datagrams (one GRO batch each) waiting out their delay.
+/// A received datagram waiting out its delay.
 struct Held {
     at: Instant,
+    order: u64,
     meta: RecvMeta,
     data: Vec<u8>,
 }
 
+/// Orders delay-line entries by deadline, then arrival.
+macro_rules! by_deadline {
+    ($t:ty) => {
+        impl PartialEq for $t {
+            fn eq(&self, other: &Self) -> bool {
+                (self.at, self.order) == (other.at, other.order)
+            }
+        }
+        impl Eq for $t {}
+        impl PartialOrd for $t {
+            fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+                Some(self.cmp(other))
+            }
+        }
+        impl Ord for $t {
+            fn cmp(&self, other: &Self) -> CmpOrdering {
+                (self.at, self.order).cmp(&(other.at, other.order))
+            }
+        }
+    };
+}
+by_deadline!(Outgoing);
+by_deadline!(Held);
+
+struct SendState {
+    model: LossModel,
+    order: u64,
+}
+
 struct RecvState {
     model: LossModel,
-    queue: VecDeque<Held>,
+    /// Earliest deadline first.
+    queue: BinaryHeap<Reverse<Held>>,
+    order: u64,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// The lossy socket. See the module documentation.
 pub struct LossySocket {
     inner: Arc<dyn AsyncUdpSocket>,
-    send: Mutex<LossModel>,
+    send: Mutex<SendState>,
     recv: Mutex<RecvState>,
     delay_line: Option<mpsc::UnboundedSender<Outgoing>>,
     counters: Arc<LossCounters>,
@@ -152,10 +259,31 @@ impl LossySocket {
         delay: Duration,
         jitter: Duration,
     ) -> io::Result<Arc<LossySocket>> {
+        LossySocket::wrap_with(
+            socket,
+            seed,
+            NetworkFaults {
+                loss,
+                delay,
+                jitter,
+                ..NetworkFaults::default()
+            },
+        )
+    }
+
+    /// Wraps `socket` (already bound) with the tokio runtime, doing
+    /// `faults` to each direction. Must be called inside a tokio runtime
+    /// (the send delay line is a task, which ends when the socket is
+    /// dropped).
+    pub fn wrap_with(
+        socket: std::net::UdpSocket,
+        seed: u64,
+        faults: NetworkFaults,
+    ) -> io::Result<Arc<LossySocket>> {
         let inner = quinn::TokioRuntime.wrap_udp_socket(socket)?;
         // Two independent streams of randomness, one per direction.
-        let send = LossModel::new(seed, loss, delay, jitter);
-        let recv = LossModel::new(seed ^ 0x5bd1_e995_7f4a_7c15, loss, delay, jitter);
+        let send = LossModel::with_faults(seed, faults);
+        let recv = LossModel::with_faults(seed ^ 0x5bd1_e995_7f4a_7c15, faults);
         let delay_line = if send.delays() {
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(run_delay_line(inner.clone(), rx));
@@ -165,10 +293,14 @@ impl LossySocket {
         };
         Ok(Arc::new(LossySocket {
             inner,
-            send: Mutex::new(send),
+            send: Mutex::new(SendState {
+                model: send,
+                order: 0,
+            }),
             recv: Mutex::new(RecvState {
                 model: recv,
-                queue: VecDeque::new(),
+                queue: BinaryHeap::new(),
+                order: 0,
                 timer: None,
             }),
             delay_line,
@@ -182,26 +314,52 @@ impl LossySocket {
     }
 }
 
-/// Sends delayed datagrams when their time comes.
+/// Sends delayed datagrams when their time comes, earliest deadline first
+/// (a reordered datagram does not hold back the ones behind it). Ends when
+/// the socket is dropped.
 async fn run_delay_line(inner: Arc<dyn AsyncUdpSocket>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
-    while let Some(out) = rx.recv().await {
-        tokio::time::sleep_until(out.at.into()).await;
-        let transmit = Transmit {
-            destination: out.destination,
-            ecn: out.ecn,
-            contents: &out.data,
-            segment_size: None,
-            src_ip: out.src_ip,
-        };
-        // A full socket buffer is a congested router: retry briefly, then
-        // drop.
-        for _ in 0..10 {
-            match inner.try_send(&transmit) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+    let mut line: BinaryHeap<Reverse<Outgoing>> = BinaryHeap::new();
+    loop {
+        let next = line.peek().map(|Reverse(o)| o.at);
+        tokio::select! {
+            received = rx.recv() => match received {
+                Some(out) => line.push(Reverse(out)),
+                None => return,
+            },
+            () = sleep_until_some(next) => {
+                while line.peek().is_some_and(|Reverse(o)| o.at <= Instant::now()) {
+                    let Reverse(out) = line.pop().expect("peeked");
+                    send_now(&*inner, &out).await;
                 }
-                _ => break,
             }
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn send_now(inner: &dyn AsyncUdpSocket, out: &Outgoing) {
+    let transmit = Transmit {
+        destination: out.destination,
+        ecn: out.ecn,
+        contents: &out.data,
+        segment_size: None,
+        src_ip: out.src_ip,
+    };
+    // A full socket buffer is a congested router: retry briefly, then
+    // drop.
+    for _ in 0..10 {
+        match inner.try_send(&transmit) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            _ => break,
         }
     }
 }
@@ -238,10 +396,11 @@ impl AsyncUdpSocket for LossySocket {
             .segment_size
             .unwrap_or(transmit.contents.len())
             .max(1);
-        let mut model = lock(&self.send);
+        let mut st = lock(&self.send);
+        let st = &mut *st;
         let now = Instant::now();
         for chunk in transmit.contents.chunks(segment) {
-            if model.drop_next() {
+            if st.model.drop_next() {
                 self.counters.sent.fetch_add(1, Ordering::Relaxed);
                 self.counters.sent_dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -249,14 +408,26 @@ impl AsyncUdpSocket for LossySocket {
             match &self.delay_line {
                 Some(line) => {
                     self.counters.sent.fetch_add(1, Ordering::Relaxed);
-                    let at = model.deadline(now);
-                    let _ = line.send(Outgoing {
-                        at,
-                        destination: transmit.destination,
-                        ecn: transmit.ecn,
-                        src_ip: transmit.src_ip,
-                        data: chunk.to_vec(),
-                    });
+                    let (at, reordered) = st.model.schedule(now);
+                    self.counters.count(reordered);
+                    let copy = st.model.duplicate_next().then(|| st.model.schedule(now));
+                    let mut push = |at: Instant| {
+                        st.order += 1;
+                        let _ = line.send(Outgoing {
+                            at,
+                            order: st.order,
+                            destination: transmit.destination,
+                            ecn: transmit.ecn,
+                            src_ip: transmit.src_ip,
+                            data: chunk.to_vec(),
+                        });
+                    };
+                    push(at);
+                    if let Some((at, reordered)) = copy {
+                        self.counters.duplicated.fetch_add(1, Ordering::Relaxed);
+                        self.counters.count(reordered);
+                        push(at);
+                    }
                 }
                 None => {
                     let one = Transmit {
@@ -289,12 +460,17 @@ impl AsyncUdpSocket for LossySocket {
         let st = &mut *st;
         loop {
             // Delayed datagrams whose time has come go first.
-            if st.queue.front().is_some_and(|h| h.at <= Instant::now()) {
-                let held = st.queue.pop_front().expect("checked");
+            if st
+                .queue
+                .peek()
+                .is_some_and(|Reverse(h)| h.at <= Instant::now())
+            {
+                let Reverse(held) = st.queue.pop().expect("checked");
                 let n = held.data.len().min(bufs[0].len());
                 bufs[0][..n].copy_from_slice(&held.data[..n]);
                 meta[0] = held.meta;
                 meta[0].len = n;
+                meta[0].stride = n;
                 return Poll::Ready(Ok(1));
             }
             match self.inner.poll_recv(cx, &mut bufs[..1], &mut meta[..1]) {
@@ -324,16 +500,37 @@ impl AsyncUdpSocket for LossySocket {
                     if !st.model.delays() {
                         return Poll::Ready(Ok(1));
                     }
-                    let at = st.model.deadline(Instant::now());
-                    st.queue.push_back(Held {
-                        at,
-                        meta: *m,
-                        data: bufs[0][..len].to_vec(),
-                    });
+                    // Each datagram of a GRO batch waits (and may be
+                    // reordered or copied) on its own.
+                    let now = Instant::now();
+                    let template = *m;
+                    for segment in bufs[0][..len].chunks(stride.max(1)) {
+                        let (at, reordered) = st.model.schedule(now);
+                        self.counters.count(reordered);
+                        let copy = st.model.duplicate_next().then(|| st.model.schedule(now));
+                        st.order += 1;
+                        st.queue.push(Reverse(Held {
+                            at,
+                            order: st.order,
+                            meta: template,
+                            data: segment.to_vec(),
+                        }));
+                        if let Some((at, reordered)) = copy {
+                            self.counters.duplicated.fetch_add(1, Ordering::Relaxed);
+                            self.counters.count(reordered);
+                            st.order += 1;
+                            st.queue.push(Reverse(Held {
+                                at,
+                                order: st.order,
+                                meta: template,
+                                data: segment.to_vec(),
+                            }));
+                        }
+                    }
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    let Some(front) = st.queue.front() else {
+                    let Some(Reverse(front)) = st.queue.peek() else {
                         return Poll::Pending;
                     };
                     let at = tokio::time::Instant::from_std(front.at);
@@ -402,6 +599,53 @@ mod tests {
             assert!(at <= t + Duration::from_millis(51));
             last = at;
         }
+    }
+
+    #[test]
+    fn reordered_datagrams_are_overtaken_and_copies_counted() {
+        let faults = NetworkFaults {
+            loss: 0.1,
+            delay: Duration::from_millis(10),
+            jitter: Duration::from_millis(2),
+            reorder: 0.2,
+            reorder_delay: Duration::from_millis(8),
+            duplicate: 0.05,
+        };
+        let mut m = LossModel::with_faults(9, faults);
+        let now = Instant::now();
+        let (mut reordered, mut copies, mut last_in_order) = (0, 0, now);
+        for i in 0..10_000u64 {
+            let t = now + Duration::from_micros(i * 500);
+            let (at, out_of_order) = m.schedule(t);
+            assert!(at >= t + Duration::from_millis(10));
+            if out_of_order {
+                reordered += 1;
+                // Held back past its in-order slot: the next datagrams
+                // (0.5 ms apart) leave before it.
+                assert!(at >= t + Duration::from_millis(18));
+                assert!(at <= t + Duration::from_millis(20));
+            } else {
+                assert!(at >= last_in_order, "in-order datagrams keep order");
+                assert!(at <= t + Duration::from_millis(12) || at == last_in_order);
+                last_in_order = at;
+            }
+            copies += u32::from(m.duplicate_next());
+        }
+        assert!((1_800..=2_200).contains(&reordered), "{reordered}");
+        assert!((400..=600).contains(&copies), "{copies}");
+        // Knobs at 0 draw nothing: the same seed drops the same datagrams
+        // as the loss-only model.
+        let mut plain = LossModel::new(5, 0.1, Duration::ZERO, Duration::ZERO);
+        let mut full = LossModel::with_faults(
+            5,
+            NetworkFaults {
+                loss: 0.1,
+                ..NetworkFaults::default()
+            },
+        );
+        assert!((0..1000).all(|_| plain.drop_next() == full.drop_next()));
+        assert!(!full.delays());
+        assert!(LossModel::with_faults(1, faults).delays());
     }
 
     #[test]
@@ -500,6 +744,113 @@ mod tests {
             (300..=500).contains(&received_dropped),
             "{received_dropped}"
         );
+    }
+
+    /// Numbered datagrams through a socket that reorders and duplicates
+    /// (no loss): every one arrives, some twice, some after later ones.
+    #[tokio::test]
+    async fn real_datagrams_are_reordered_and_duplicated_both_ways() {
+        const N: u32 = 600;
+        let faults = NetworkFaults {
+            jitter: Duration::from_millis(1),
+            reorder: 0.1,
+            reorder_delay: Duration::from_millis(5),
+            duplicate: 0.1,
+            ..NetworkFaults::default()
+        };
+        fn check(got: &[u32], duplicated: u64, reordered: u64) {
+            let mut counts = vec![0u32; N as usize];
+            for &i in got {
+                counts[i as usize] += 1;
+            }
+            let wrong: Vec<(usize, u32)> = counts
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| !(1..=2).contains(*c))
+                .map(|(i, &c)| (i, c))
+                .collect();
+            assert!(wrong.is_empty(), "each arrives once or twice: {wrong:?}");
+            let twice = counts.iter().filter(|&&c| c == 2).count() as u64;
+            assert_eq!(twice, duplicated, "every copy arrives");
+            assert!((30..=100).contains(&twice), "{twice}");
+            let inversions = got.windows(2).filter(|w| w[1] < w[0]).count();
+            assert!(inversions > 10, "{inversions} inversions");
+            assert!((30..=100).contains(&reordered), "{reordered}");
+        }
+
+        // Sending side.
+        let lossy = LossySocket::wrap_with(bound(), 11, faults).unwrap();
+        let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut poller = lossy.clone().create_io_poller();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 16];
+        for i in 0..N {
+            let data = i.to_be_bytes();
+            let t = Transmit {
+                destination: sink.local_addr().unwrap(),
+                ecn: None,
+                contents: &data,
+                segment_size: None,
+                src_ip: None,
+            };
+            while let Err(e) = lossy.try_send(&t) {
+                assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+                std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx))
+                    .await
+                    .unwrap();
+            }
+            // 0.2 ms apart: a held-back datagram is overtaken by ~25.
+            if i % 10 == 9 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                // Drain as we go: the sink's socket buffer is small.
+                while let Ok(n) = sink.try_recv(&mut buf) {
+                    assert_eq!(n, 4);
+                    got.push(u32::from_be_bytes(buf[..4].try_into().unwrap()));
+                }
+            }
+        }
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(200), sink.recv(&mut buf)).await
+        {
+            assert_eq!(n, 4);
+            got.push(u32::from_be_bytes(buf[..4].try_into().unwrap()));
+        }
+        let c = lossy.counters();
+        let (reordered, duplicated) = c.reordered_duplicated();
+        check(&got, duplicated, reordered);
+
+        // Receiving side.
+        let lossy_rx = LossySocket::wrap_with(bound(), 12, faults).unwrap();
+        let to = lossy_rx.local_addr().unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut got = Vec::new();
+        let mut storage = vec![0u8; 65_536];
+        let mut drain = async |got: &mut Vec<u32>, wait: Duration| {
+            while let Ok(Ok((n, len))) = tokio::time::timeout(
+                wait,
+                std::future::poll_fn(|cx| {
+                    let mut bufs = [IoSliceMut::new(&mut storage)];
+                    let mut meta = [RecvMeta::default()];
+                    lossy_rx
+                        .poll_recv(cx, &mut bufs, &mut meta)
+                        .map_ok(|n| (n, meta[0].len))
+                }),
+            )
+            .await
+            {
+                assert_eq!((n, len), (1, 4));
+                got.push(u32::from_be_bytes(storage[..4].try_into().unwrap()));
+            }
+        };
+        for i in 0..N {
+            sender.send_to(&i.to_be_bytes(), to).unwrap();
+            if i % 10 == 9 {
+                drain(&mut got, Duration::from_millis(2)).await;
+            }
+        }
+        drain(&mut got, Duration::from_millis(200)).await;
+        let (reordered, duplicated) = lossy_rx.counters().reordered_duplicated();
+        check(&got, duplicated, reordered);
     }
 
     #[tokio::test]

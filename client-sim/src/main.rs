@@ -81,12 +81,34 @@ struct Cli {
     /// Random extra delay each way, 0 to this.
     #[arg(long, value_parser = humantime::parse_duration)]
     jitter: Option<Duration>,
+    /// Fraction of datagrams held back out of order, each way.
+    #[arg(long)]
+    reorder: Option<f64>,
+    /// How long a reordered datagram is held back.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    reorder_delay: Option<Duration>,
+    /// Fraction of datagrams delivered twice, each way.
+    #[arg(long)]
+    duplicate: Option<f64>,
     /// Connection drops per client per minute.
     #[arg(long)]
     churn: Option<f64>,
+    /// Network switches (endpoint rebinds: connection migration) per
+    /// client socket per minute.
+    #[arg(long)]
+    rebinds: Option<f64>,
     /// Fraction of listeners that read slowly.
     #[arg(long)]
     slow_receivers: Option<f64>,
+    /// Members per group that never read their events.
+    #[arg(long)]
+    stalled_per_group: Option<usize>,
+    /// Members per group that read each event --slow-delay late.
+    #[arg(long)]
+    slow_per_group: Option<usize>,
+    /// How late a slow member reads each event.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    slow_delay: Option<Duration>,
     /// Seed of the fault randomness.
     #[arg(long)]
     seed: Option<u64>,
@@ -159,8 +181,15 @@ impl Cli {
             loss => faults.loss,
             delay => faults.delay,
             jitter => faults.jitter,
+            reorder => faults.reorder,
+            reorder_delay => faults.reorder_delay,
+            duplicate => faults.duplicate,
             churn => faults.churn,
+            rebinds => faults.rebinds,
             slow_receivers => faults.slow_receivers,
+            stalled_per_group => faults.stalled_per_group,
+            slow_per_group => faults.slow_per_group,
+            slow_delay => faults.slow_delay,
             seed => faults.seed,
             settle => settle,
             connect_rate => connect_rate,

@@ -105,6 +105,10 @@ pub struct NetworkCounters {
     pub received: u64,
     /// Of those, dropped.
     pub received_dropped: u64,
+    /// Datagrams held back out of order, both ways.
+    pub reordered: u64,
+    /// Extra copies delivered, both ways.
+    pub duplicated: u64,
 }
 
 /// Counters from the client library and the simulated users.
@@ -118,6 +122,8 @@ pub struct ClientCounters {
     pub disconnects: u64,
     /// Connections the simulator dropped on purpose (churn).
     pub churn_drops: u64,
+    /// Client sockets switched to a new port (their connections migrate).
+    pub rebinds: u64,
     /// Clips re-sent whole after a reconnect (client library counter).
     pub clips_resent: u64,
     /// Re-deliveries the client library recognised and dropped.
@@ -312,8 +318,8 @@ impl Report {
         );
         let _ = writeln!(
             t,
-            "\n{:<16} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            "latency (ms)", "count", "p50", "p95", "p99", "max"
+            "\n{:<16} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "latency (ms)", "count", "p50", "p90", "p95", "p99", "max"
         );
         for key in [
             "connect",
@@ -324,12 +330,15 @@ impl Report {
             "clip_complete",
             "stored_ack",
             "sim_pacing_lag",
+            "slow_frame",
         ] {
-            if let Some(s) = self.latency_ms.get(key) {
+            if let Some(s) = self.latency_ms.get(key)
+                && (s.count > 0 || key != "slow_frame")
+            {
                 let _ = writeln!(
                     t,
-                    "{key:<16} {:>9} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
-                    s.count, s.p50, s.p95, s.p99, s.max
+                    "{key:<16} {:>9} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+                    s.count, s.p50, s.p90, s.p95, s.p99, s.max
                 );
             }
         }
@@ -373,11 +382,13 @@ impl Report {
         let c = &self.client;
         let _ = writeln!(
             t,
-            "clients: {} disconnects, {} reconnects, {} churn drops, {} clips re-sent, \
-             {} re-deliveries dropped by the client, {} floor denials, {} gaps, {} errors",
+            "clients: {} disconnects, {} reconnects, {} churn drops, {} socket switches, \
+             {} clips re-sent, {} re-deliveries dropped by the client, {} floor denials, \
+             {} gaps, {} errors",
             c.disconnects,
             c.reconnects,
             c.churn_drops,
+            c.rebinds,
             c.clips_resent,
             c.duplicates_dropped,
             c.floor_denied,
@@ -395,7 +406,7 @@ impl Report {
             let _ = writeln!(
                 t,
                 "network: {} of {} datagrams out dropped ({:.1}%), {} of {} in ({:.1}%); \
-                 delay {:?} + jitter {:?} each way",
+                 delay {:?} + jitter {:?} each way; {} reordered (held {:?}), {} duplicated",
                 n.sent_dropped,
                 n.sent,
                 pct(n.sent_dropped, n.sent),
@@ -403,7 +414,10 @@ impl Report {
                 n.received,
                 pct(n.received_dropped, n.received),
                 self.faults.delay,
-                self.faults.jitter
+                self.faults.jitter,
+                n.reordered,
+                self.faults.reorder_delay,
+                n.duplicated
             );
         }
         for e in self.failure_examples.iter().take(10) {

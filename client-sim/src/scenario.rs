@@ -37,12 +37,33 @@ pub struct Faults {
     /// in order).
     #[serde(with = "humantime_serde")]
     pub jitter: Duration,
+    /// Fraction of datagrams, each way, held back `reorder_delay` out of
+    /// order, so that the next ones overtake them.
+    pub reorder: f64,
+    /// How long a reordered datagram is held back.
+    #[serde(with = "humantime_serde")]
+    pub reorder_delay: Duration,
+    /// Fraction of datagrams, each way, delivered twice.
+    pub duplicate: f64,
     /// Connection drops per client per minute. A listener drops at random
     /// times; a talker drops in the middle of a clip with the probability
     /// that this rate gives over the clip's length.
     pub churn: f64,
+    /// Network switches per client socket per minute while talking: the
+    /// socket's quinn endpoint is rebound to a new UDP socket on a new
+    /// port (Wi-Fi to cellular), and every connection on it migrates
+    /// (QUIC connection migration) without reconnecting.
+    pub rebinds: f64,
     /// Fraction of listeners that read their events slowly.
     pub slow_receivers: f64,
+    /// Members of each group (right after the talkers) that join and then
+    /// never read their events: a phone whose app hangs. They are left
+    /// out of the delivery check and of the frame latency.
+    pub stalled_per_group: usize,
+    /// Members of each group (after the stalled ones) that read every
+    /// event `slow_delay` late; their frame latency is reported apart
+    /// (`slow_frame`), the others' stays `frame`.
+    pub slow_per_group: usize,
     /// How long a slow receiver takes per event.
     #[serde(with = "humantime_serde")]
     pub slow_delay: Duration,
@@ -56,8 +77,14 @@ impl Default for Faults {
             loss: 0.0,
             delay: Duration::ZERO,
             jitter: Duration::ZERO,
+            reorder: 0.0,
+            reorder_delay: Duration::from_millis(10),
+            duplicate: 0.0,
             churn: 0.0,
+            rebinds: 0.0,
             slow_receivers: 0.0,
+            stalled_per_group: 0,
+            slow_per_group: 0,
             slow_delay: Duration::from_millis(30),
             seed: 1,
         }
@@ -67,7 +94,23 @@ impl Default for Faults {
 impl Faults {
     /// Whether the client sockets need the lossy wrapper.
     pub fn needs_lossy_socket(&self) -> bool {
-        self.loss > 0.0 || !self.delay.is_zero() || !self.jitter.is_zero()
+        self.loss > 0.0
+            || !self.delay.is_zero()
+            || !self.jitter.is_zero()
+            || self.reorder > 0.0
+            || self.duplicate > 0.0
+    }
+
+    /// What the lossy socket does to each direction.
+    pub fn network(&self) -> crate::lossy::NetworkFaults {
+        crate::lossy::NetworkFaults {
+            loss: self.loss,
+            delay: self.delay,
+            jitter: self.jitter,
+            reorder: self.reorder,
+            reorder_delay: self.reorder_delay,
+            duplicate: self.duplicate,
+        }
     }
 }
 
@@ -192,6 +235,13 @@ pub const NAMED: &[(&str, &str)] = &[
     ("load", include_str!("../scenarios/load.toml")),
     ("idle", include_str!("../scenarios/idle.toml")),
     ("live", include_str!("../scenarios/live.toml")),
+    ("netfaults", include_str!("../scenarios/netfaults.toml")),
+    ("churn", include_str!("../scenarios/churn.toml")),
+    ("soak", include_str!("../scenarios/soak.toml")),
+    (
+        "slow-consumers",
+        include_str!("../scenarios/slow-consumers.toml"),
+    ),
 ];
 
 impl Scenario {
@@ -230,8 +280,13 @@ impl Scenario {
         anyhow::ensure!(self.clients >= 2, "clients must be at least 2");
         anyhow::ensure!(self.group_size >= 2, "group_size must be at least 2");
         anyhow::ensure!(
-            self.talkers_per_group + self.offline_per_group <= self.group_size,
-            "talkers_per_group + offline_per_group exceed group_size"
+            self.talkers_per_group
+                + self.offline_per_group
+                + self.faults.stalled_per_group
+                + self.faults.slow_per_group
+                <= self.group_size,
+            "talkers_per_group + offline_per_group + stalled_per_group + slow_per_group \
+             exceed group_size"
         );
         anyhow::ensure!(
             self.clip_min >= Duration::from_millis(20) && self.clip_min <= self.clip_max,
@@ -245,7 +300,16 @@ impl Scenario {
             (0.0..1.0).contains(&self.faults.loss),
             "loss must be in [0, 1)"
         );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.faults.reorder),
+            "reorder must be in [0, 1]"
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.faults.duplicate),
+            "duplicate must be in [0, 1]"
+        );
         anyhow::ensure!(self.faults.churn >= 0.0, "churn must be >= 0");
+        anyhow::ensure!(self.faults.rebinds >= 0.0, "rebinds must be >= 0");
         anyhow::ensure!(
             (0.0..=1.0).contains(&self.faults.slow_receivers),
             "slow_receivers must be in [0, 1]"

@@ -123,6 +123,7 @@ struct Counters {
     disconnects: AtomicU64,
     reconnects: AtomicU64,
     churn_drops: AtomicU64,
+    rebinds: AtomicU64,
     gaps: AtomicU64,
     rejoin_failed: AtomicU64,
     orphan_frames: AtomicU64,
@@ -212,6 +213,34 @@ impl Sim {
         pos >= g.members.len() - offline
     }
 
+    /// How a member reads: the members right after the talkers are the
+    /// stalled ones, then the slow ones (`stalled_per_group`,
+    /// `slow_per_group`); never an offline member.
+    fn reading(&self, user: UserIdx) -> Reading {
+        if self.is_offline(user) {
+            return Reading::Normal;
+        }
+        let g = &self.groups[self.user_group[user as usize] as usize];
+        let pos = g.members.iter().position(|&m| m == user).unwrap_or(0);
+        let talkers = self.talkers_in(g);
+        let f = &self.scenario.faults;
+        match pos.checked_sub(talkers) {
+            Some(k) if k < f.stalled_per_group => Reading::Stalled,
+            Some(k) if k < f.stalled_per_group + f.slow_per_group => Reading::Slow,
+            _ => Reading::Normal,
+        }
+    }
+
+    /// Members of group `g` whose deliveries are checked (all but the
+    /// stalled).
+    fn checked_members(&self, g: &GroupDef) -> Vec<UserIdx> {
+        g.members
+            .iter()
+            .copied()
+            .filter(|&m| self.reading(m) != Reading::Stalled)
+            .collect()
+    }
+
     fn client_config(&self, user: UserIdx) -> ClientConfig {
         let token = self.issuer.issue(
             &self.users[user as usize],
@@ -240,6 +269,17 @@ impl Sim {
     }
 }
 
+/// How a simulated member reads its events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// As they come.
+    Normal,
+    /// Each `slow_delay` late (`slow_per_group`).
+    Slow,
+    /// Never (`stalled_per_group`).
+    Stalled,
+}
+
 /// What one client task hands back.
 #[derive(Debug, Default)]
 struct ClientResult {
@@ -265,12 +305,10 @@ fn endpoints(
         let runtime = Arc::new(quinn::TokioRuntime);
         let endpoint = if scenario.faults.needs_lossy_socket() {
             let f = &scenario.faults;
-            let lossy = LossySocket::wrap(
+            let lossy = LossySocket::wrap_with(
                 socket,
                 f.seed.wrapping_mul(1_000_003).wrapping_add(k as u64),
-                f.loss,
-                f.delay,
-                f.jitter,
+                f.network(),
             )?;
             counters.push(lossy.counters());
             quinn::Endpoint::new_with_abstract_socket(
@@ -285,6 +323,57 @@ fn endpoints(
         out.push(endpoint);
     }
     Ok((out, counters))
+}
+
+/// Switches the client sockets to new ports at random while the clients
+/// talk (`faults.rebinds` per socket per minute): each switch rebinds one
+/// endpoint, and every connection on it migrates. Returns the lossy
+/// sockets' counters of the new sockets.
+async fn rebind_loop(sim: Arc<Sim>, endpoints: Vec<quinn::Endpoint>) -> Vec<Arc<LossCounters>> {
+    let f = &sim.scenario.faults;
+    let mut added = Vec::new();
+    if f.rebinds <= 0.0 || endpoints.is_empty() {
+        return added;
+    }
+    let mut rng = SmallRng::seed_from_u64(f.seed ^ 0x4eb1_d5c0_ffee);
+    let per_s = f.rebinds * endpoints.len() as f64 / 60.0;
+    let deadline = sim.talk_deadline();
+    loop {
+        let gap = -(1.0 - rng.random::<f64>()).ln() / per_s;
+        let at = Instant::now() + Duration::from_secs_f64(gap.min(3600.0));
+        if at >= deadline {
+            return added;
+        }
+        tokio::time::sleep_until(at.into()).await;
+        let k = rng.random_range(0..endpoints.len());
+        match rebind(&sim.scenario, &endpoints[k], rng.random()) {
+            Ok(counters) => {
+                added.extend(counters);
+                bump(&sim.counters.rebinds);
+            }
+            Err(e) => sim.error(format!("rebinding client socket {k}: {e:#}")),
+        }
+    }
+}
+
+/// Moves `endpoint` to a new UDP socket on a new port (wrapped like the
+/// first one); its connections migrate.
+fn rebind(
+    scenario: &Scenario,
+    endpoint: &quinn::Endpoint,
+    seed: u64,
+) -> anyhow::Result<Option<Arc<LossCounters>>> {
+    let socket = ptt_relay::net::udp_socket(([127, 0, 0, 1], 0).into())
+        .context("binding a new client socket")?;
+    if scenario.faults.needs_lossy_socket() {
+        let lossy = LossySocket::wrap_with(socket, seed, scenario.faults.network())?;
+        let counters = lossy.counters();
+        endpoint.rebind_abstract(lossy)?;
+        Ok(Some(counters))
+    } else {
+        endpoint.rebind(socket)?;
+        Ok(None)
+    }
 }
 
 /// Creates the groups: directly in an in-process store, or with admin
@@ -499,7 +588,7 @@ pub async fn run_once_with(
     }
 
     let before = sample_process(target.pid);
-    let (endpoints, loss_counters) = endpoints(scenario, scenario.clients)?;
+    let (endpoints, mut loss_counters) = endpoints(scenario, scenario.clients)?;
     let (go_tx, go_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -550,6 +639,7 @@ pub async fn run_once_with(
     let talk_start = Instant::now();
     *sim.talk_start.lock().unwrap_or_else(|p| p.into_inner()) = Some(talk_start);
     let _ = go_tx.send(true);
+    let rebinder = tokio::spawn(rebind_loop(sim.clone(), endpoints.clone()));
     for &u in &offline {
         let endpoint = endpoints[u as usize / scenario.clients_per_endpoint].clone();
         tasks.spawn(client_task(
@@ -605,6 +695,11 @@ pub async fn run_once_with(
         }
     }
     let talk_end = talk_end.unwrap_or_else(Instant::now);
+    // It stops by itself at the end of the talking.
+    match rebinder.await {
+        Ok(counters) => loss_counters.extend(counters),
+        Err(e) => sim.error(format!("the rebinding task failed: {e}")),
+    }
 
     // Settle: wait until every stored clip reached every member.
     progress.phase("settling", scenario.settle.as_secs().max(1));
@@ -683,7 +778,8 @@ pub async fn run_once_with(
     }
 
     // Verify.
-    let members: Vec<Vec<UserIdx>> = sim.groups.iter().map(|g| g.members.clone()).collect();
+    // Stalled members never read: their deliveries are not checked.
+    let members: Vec<Vec<UserIdx>> = sim.groups.iter().map(|g| sim.checked_members(g)).collect();
     let sent = std::mem::take(&mut *sim.sent.lock().unwrap_or_else(|p| p.into_inner()));
     let verdict = verify::verify(&members, &sent, &received);
 
@@ -692,6 +788,7 @@ pub async fn run_once_with(
     client_stats.disconnects = get(&c.disconnects);
     client_stats.reconnect_events = get(&c.reconnects);
     client_stats.churn_drops = get(&c.churn_drops);
+    client_stats.rebinds = get(&c.rebinds);
     client_stats.gaps = get(&c.gaps);
     client_stats.rejoin_failed = get(&c.rejoin_failed);
     client_stats.orphan_frames = get(&c.orphan_frames);
@@ -719,6 +816,9 @@ pub async fn run_once_with(
             n.sent_dropped += sd;
             n.received += r;
             n.received_dropped += rd;
+            let (reordered, duplicated) = c.reordered_duplicated();
+            n.reordered += reordered;
+            n.duplicated += duplicated;
         }
         n
     });
@@ -855,7 +955,7 @@ async fn talk_loop(sim: &Sim, client: &Client, user: UserIdx, group_idx: GroupId
     let group = &sim.groups[group_idx as usize];
     let mut rng = SmallRng::seed_from_u64(s.faults.seed ^ (u64::from(user) << 20) ^ 0x7a1c);
     let deadline = sim.talk_deadline();
-    let recipients = group.members.len() as u64 - 1;
+    let recipients = sim.checked_members(group).len() as u64 - 1;
     let frame = Duration::from_millis(u64::from(sim.audio.frame_ms));
     // Start at a random point of the first think time so talkers do not
     // all press at once.
@@ -1083,6 +1183,14 @@ impl Receiver {
         let f = self.sim.scenario.faults.clone();
         let mut rng = SmallRng::seed_from_u64(f.seed ^ u64::from(self.user).wrapping_mul(0x9e37));
         let slow = f.slow_receivers > 0.0 && !self.talker && rng.random::<f64>() < f.slow_receivers;
+        let reading = self.sim.reading(self.user);
+        let slow = slow || reading == Reading::Slow;
+        if reading == Reading::Stalled {
+            // Holds `events` without reading it until the run ends.
+            set(&mut stop).await;
+            drop(events);
+            return Vec::new();
+        }
         // Listeners drop their connection at random (exponential gaps)
         // until the talking ends; talkers drop mid-clip (see talk_one).
         let churn = (f.churn > 0.0 && !self.talker).then_some(f.churn);
@@ -1142,7 +1250,11 @@ impl Receiver {
             .counters
             .frames_received
             .fetch_add(self.batch.received, Ordering::Relaxed);
-        self.sim.recorder.record_frames(&mut self.batch);
+        let metric = match self.sim.reading(self.user) {
+            Reading::Slow => Metric::SlowFrame,
+            _ => Metric::Frame,
+        };
+        self.sim.recorder.record_frames_as(metric, &mut self.batch);
         self.last_flush = Instant::now();
     }
 

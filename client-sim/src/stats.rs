@@ -28,11 +28,14 @@ pub enum Metric {
     StoredAck,
     /// How late the talker's pacing timer fired (the simulator's own lag).
     PacingLag,
+    /// Every live frame at the members that read slowly on purpose
+    /// (`slow_per_group`), kept out of [`Metric::Frame`].
+    SlowFrame,
 }
 
 impl Metric {
     /// Every metric, in report order.
-    pub const ALL: [Metric; 8] = [
+    pub const ALL: [Metric; 9] = [
         Metric::Connect,
         Metric::FloorGrant,
         Metric::FirstFrame,
@@ -41,6 +44,7 @@ impl Metric {
         Metric::ClipComplete,
         Metric::StoredAck,
         Metric::PacingLag,
+        Metric::SlowFrame,
     ];
 
     /// The key in the JSON report.
@@ -54,6 +58,7 @@ impl Metric {
             Metric::ClipComplete => "clip_complete",
             Metric::StoredAck => "stored_ack",
             Metric::PacingLag => "sim_pacing_lag",
+            Metric::SlowFrame => "slow_frame",
         }
     }
 }
@@ -70,6 +75,8 @@ pub struct Summary {
     pub count: u64,
     /// Median.
     pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
     /// 95th percentile.
     pub p95: f64,
     /// 99th percentile.
@@ -88,6 +95,7 @@ impl Summary {
         Summary {
             count: h.len(),
             p50: ms(h.value_at_quantile(0.50)),
+            p90: ms(h.value_at_quantile(0.90)),
             p95: ms(h.value_at_quantile(0.95)),
             p99: ms(h.value_at_quantile(0.99)),
             max: ms(h.max()),
@@ -163,14 +171,23 @@ impl Recorder {
 
     /// Records a batch of frame latencies (µs) and received-frame counts.
     pub fn record_frames(&self, batch: &mut FrameBatch) {
+        self.record_frames_as(Metric::Frame, batch);
+    }
+
+    /// Records a batch of frame latencies (µs) as `metric`, and
+    /// received-frame counts; only [`Metric::Frame`] goes into the
+    /// per-second series.
+    pub fn record_frames_as(&self, metric: Metric, batch: &mut FrameBatch) {
         if batch.latencies.is_empty() && batch.received == 0 {
             return;
         }
         let mut g = self.lock();
         for &v in &batch.latencies {
             let v = u64::from(v).max(1);
-            let _ = g.hist[Metric::Frame as usize].record(v);
-            let _ = g.interval.record(v);
+            let _ = g.hist[metric as usize].record(v);
+            if metric == Metric::Frame {
+                let _ = g.interval.record(v);
+            }
         }
         g.interval_frames += batch.received;
         batch.latencies.clear();

@@ -88,6 +88,9 @@ pub struct Metrics {
     pub control_rate_limited: Counter,
     /// Sessions closed because their control-event queue overflowed.
     pub overflow_closed: Counter,
+    /// Tasks alive in the relay's async runtime, read at each scrape (a
+    /// leak shows as growth under steady load: `scripts/soak.sh`).
+    pub runtime_tasks: Gauge,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -119,6 +122,7 @@ impl Metrics {
             floor_denials: counter!("ptt_floor_denials_total"),
             control_rate_limited: counter!("ptt_control_rate_limited_total"),
             overflow_closed: counter!("ptt_sessions_overflow_closed_total"),
+            runtime_tasks: gauge!("ptt_runtime_alive_tasks"),
         }
     }
 }
@@ -284,7 +288,14 @@ fn route(
     ready: &Readiness,
 ) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match request.uri().path() {
-        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", handle.render()),
+        "/metrics" => {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                Metrics::get()
+                    .runtime_tasks
+                    .set(runtime.metrics().num_alive_tasks() as f64);
+            }
+            (StatusCode::OK, "text/plain; version=0.0.4", handle.render())
+        }
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         "/readyz" if ready() => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
         "/readyz" => (

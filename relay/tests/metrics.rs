@@ -118,6 +118,11 @@ async fn counters_move_by_what_a_real_exchange_did() {
     let d = |series: &str| delta(&before, &after, series);
     assert_eq!(d("ptt_connections_accepted_total"), 4.0);
     assert_eq!(after["ptt_connections"], 3.0, "three clients connected");
+    assert!(
+        after["ptt_runtime_alive_tasks"] >= 3.0,
+        "a task per connection at least: {}",
+        after["ptt_runtime_alive_tasks"]
+    );
     assert_eq!(d("ptt_auth_failures_total{reason=\"invalid_token\"}"), 1.0);
     assert_eq!(d("ptt_floor_grants_total"), 2.0, "the request and the clip");
     assert_eq!(d("ptt_floor_denials_total"), 2.0);

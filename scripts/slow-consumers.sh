@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Slow consumers (issue #12): the `slow-consumers` scenario (4 groups of
+# 10, one talker each; in every group one member never reads and one reads
+# at half rate) against the same run without them, ROUNDS times
+# alternating, each against a fresh `relay serve` process (release
+# build). Prints the other members' frame latency for each run and the
+# difference of the p99s (the issue's bound: within 2 ms).
+#
+#   scripts/slow-consumers.sh            # 3 rounds
+#   ROUNDS=1 DURATION=20s scripts/slow-consumers.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-40s}
+target=${CARGO_TARGET_DIR:-target}
+out=${OUT:-$(mktemp -d -t slow-consumers-XXXXXX)}
+mkdir -p "$out"
+cargo build --release --locked -p ptt-relay --bin relay -p client-sim --bin client-sim
+
+run() {
+    local label=$1 n=$2
+    shift 2
+    local data="$out/$label-$n" log="$out/$label-$n.relay.log"
+    "$target/release/relay" serve --data-dir "$data" --listen 127.0.0.1:0 2>"$log" &
+    local pid=$!
+    local addr="" fp=""
+    for _ in $(seq 1 200); do
+        addr=$(sed -n 's/^relay listening on \([^ ]*\).*/\1/p' "$log" | head -1)
+        fp=$(sed -n 's/.*certificate sha-256: *\([0-9a-f]*\).*/\1/p' "$log" | head -1)
+        [ -n "$addr" ] && [ -n "$fp" ] && break
+        sleep 0.1
+    done
+    "$target/release/client-sim" --relay "$addr" --fingerprint "$fp" \
+        --token-key "$data/token.key" --relay-pid "$pid" --scenario slow-consumers \
+        --duration "$DURATION" --quiet --report "$out/$label-$n.json" "$@" \
+        >"$out/$label-$n.out" 2>&1 || echo "$label run $n FAILED (see $out/$label-$n.out)" >&2
+    kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+}
+
+for n in $(seq 1 "$ROUNDS"); do
+    run without "$n" --stalled-per-group 0 --slow-per-group 0
+    run with "$n"
+done
+python3 - "$out" "$ROUNDS" <<'PY'
+import json, sys
+out, rounds = sys.argv[1], int(sys.argv[2])
+print("| run | others' frame p50 | p90 | p99 | slow member p99 | deliveries whole & once | live cuts |")
+print("|---|---|---|---|---|---|---|")
+diffs = []
+for n in range(1, rounds + 1):
+    p99 = {}
+    for label in ("without", "with"):
+        r = json.load(open(f"{out}/{label}-{n}.json"))
+        f, s = r["latency_ms"]["frame"], r["latency_ms"].get("slow_frame", {})
+        p99[label] = f["p99"]
+        bad = r["deliveries_missing"] + r["deliveries_corrupt"] + r["deliveries_duplicate"] + r["misdelivered"]
+        slow = f"{s['p99']:.1f} ms" if s.get("count") else "-"
+        print(f"| {label} {n} | {f['p50']:.2f} ms | {f['p90']:.2f} ms | {f['p99']:.2f} ms | {slow} "
+              f"| {r['deliveries_ok']} of {r['deliveries_expected']}{'' if bad == 0 else f' ({bad} FAILED)'} "
+              f"| {r['client']['clips_aborted']} |")
+    diffs.append(p99["with"] - p99["without"])
+print()
+print("p99 with minus without, per round: " + ", ".join(f"{d:+.2f} ms" for d in diffs)
+      + f"; mean {sum(diffs)/len(diffs):+.2f} ms")
+PY

@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# The soak (issue #12): a `relay serve` process (release build) under the
+# `soak` scenario's steady load for MINUTES (30 by default): 100 clients
+# in 10 groups talking, with churn (connection drops, talkers mid-clip),
+# socket switches (QUIC migration), 2% loss, jitter, reordering and
+# duplication, and late members. Every SAMPLE seconds (10) it records the
+# relay's resident memory, threads and open file descriptors (/proc) and
+# its async runtime's live tasks and connections (the relay's /metrics:
+# ptt_runtime_alive_tasks, ptt_connections).
+#
+# It fails (exit 1) if the simulator reports any lost, damaged or
+# duplicated delivery, or if after the warm-up (WARMUP minutes, default a
+# fifth of the run, at least 2) a resource grows: the mean of the last
+# fifth of the samples against the mean of the first fifth after the
+# warm-up may grow by at most 10% + 8 MiB (RSS), 20% + 20 (tasks),
+# 10% + 10 (fds), 2 (threads).
+#
+#   scripts/soak.sh                      # 30 minutes
+#   MINUTES=3 scripts/soak.sh            # a short one
+#   OUT=soak-out scripts/soak.sh         # keep samples.csv, the report and logs there
+#   PROFILE=debug scripts/soak.sh        # debug binaries (no release build)
+#
+# Traffic stays on loopback. CPU-light: about a tenth of a core.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MINUTES=${MINUTES:-30}
+SAMPLE=${SAMPLE:-10}
+WARMUP=${WARMUP:-$(( MINUTES / 5 > 2 ? MINUTES / 5 : 2 ))}
+target=${CARGO_TARGET_DIR:-target}
+out=${OUT:-$(mktemp -d -t soak-XXXXXX)}
+mkdir -p "$out"
+echo "soak: ${MINUTES} min, sample every ${SAMPLE} s, warm-up ${WARMUP} min; output in $out" >&2
+
+PROFILE=${PROFILE:-release}
+profile_flag=--release
+[ "$PROFILE" = debug ] && profile_flag=""
+cargo build $profile_flag --locked -p ptt-relay --bin relay -p client-sim --bin client-sim
+bin="$target/$PROFILE"
+
+data="$out/data"
+metrics_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$bin/relay" serve --data-dir "$data" --listen 127.0.0.1:0 \
+    --metrics "127.0.0.1:$metrics_port" 2>"$out/relay.log" &
+relay=$!
+sim=""
+sampler=""
+cleanup() {
+    [ -n "$sampler" ] && kill "$sampler" 2>/dev/null || true
+    [ -n "$sim" ] && kill "$sim" 2>/dev/null || true
+    kill -TERM "$relay" 2>/dev/null || true
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+addr="" fp=""
+for _ in $(seq 1 200); do
+    addr=$(sed -n 's/^relay listening on \([^ ]*\).*/\1/p' "$out/relay.log" | head -1)
+    fp=$(sed -n 's/.*certificate sha-256: *\([0-9a-f]*\).*/\1/p' "$out/relay.log" | head -1)
+    [ -n "$addr" ] && [ -n "$fp" ] && break
+    sleep 0.1
+done
+[ -n "$addr" ] || { cat "$out/relay.log" >&2; echo "soak: the relay did not start" >&2; exit 1; }
+
+# Samples: seconds since start, RSS KiB, threads, fds, tasks, connections.
+sample_loop() {
+    local t0=$SECONDS
+    echo "t_s,rss_kib,threads,fds,tasks,connections"
+    while kill -0 "$relay" 2>/dev/null; do
+        local rss threads fds page tasks conns
+        rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$relay/status" 2>/dev/null || echo "")
+        threads=$(awk '/^Threads:/ {print $2}' "/proc/$relay/status" 2>/dev/null || echo "")
+        fds=$(ls "/proc/$relay/fd" 2>/dev/null | wc -l)
+        page=$(python3 -c 'import sys, urllib.request
+print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' \
+            "http://127.0.0.1:$metrics_port/metrics" 2>/dev/null || echo "")
+        tasks=$(echo "$page" | awk '$1 == "ptt_runtime_alive_tasks" {print $2}')
+        conns=$(echo "$page" | awk '$1 == "ptt_connections" {print $2}')
+        [ -n "$rss" ] && echo "$(( SECONDS - t0 )),$rss,$threads,$fds,${tasks:-},${conns:-}"
+        sleep "$SAMPLE"
+    done
+}
+sample_loop >"$out/samples.csv" &
+sampler=$!
+
+sim_status=0
+"$bin/client-sim" --relay "$addr" --fingerprint "$fp" \
+    --token-key "$data/token.key" --relay-pid "$relay" \
+    --scenario soak --duration "${MINUTES}m" --quiet \
+    --report "$out/report.json" >"$out/client-sim.out" 2>"$out/client-sim.err" &
+sim=$!
+wait "$sim" || sim_status=$?
+sim=""
+# One more sample with the clients gone.
+sleep "$SAMPLE"
+kill "$sampler" 2>/dev/null || true
+wait "$sampler" 2>/dev/null || true
+sampler=""
+cat "$out/client-sim.out"
+
+python3 - "$out/samples.csv" "$WARMUP" "$sim_status" "$out/report.json" <<'PY'
+import csv, json, sys
+path, warmup_min, sim_status, report = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+rows = [r for r in csv.DictReader(open(path)) if r["rss_kib"]]
+def col(rows, k):
+    return [float(r[k]) for r in rows if r.get(k) not in (None, "")]
+warm = [r for r in rows if float(r["t_s"]) >= warmup_min * 60]
+failed = []
+if sim_status != 0:
+    failed.append(f"client-sim exited with {sim_status}")
+try:
+    r = json.load(open(report))
+    bad = r["deliveries_missing"] + r["deliveries_corrupt"] + r["deliveries_duplicate"] + r["misdelivered"] + r["seq_inconsistent"]
+    print(f"deliveries: {r['deliveries_ok']} of {r['deliveries_expected']} whole and once; "
+          f"{bad} failures; {r['client']['errors']} client errors; "
+          f"{r['client']['churn_drops']} churn drops, {r['client']['rebinds']} socket switches, "
+          f"{r['client']['reconnects']} reconnects")
+    if bad:
+        failed.append(f"{bad} failed deliveries")
+except (OSError, ValueError, KeyError) as e:
+    failed.append(f"no report: {e}")
+rss = col(rows, "rss_kib")
+if rss:
+    print(f"relay RSS: start {rss[0]/1024:.1f} MiB, peak {max(rss)/1024:.1f} MiB, end {rss[-1]/1024:.1f} MiB "
+          f"({len(rows)} samples over {float(rows[-1]['t_s'])/60:.1f} min)")
+if len(warm) < 10:
+    failed.append(f"only {len(warm)} samples after the warm-up: run longer")
+else:
+    # The clients close at the end: leave the final (idle) sample out.
+    body = warm[:-1]
+    fifth = max(len(body) // 5, 1)
+    first, last = body[:fifth], body[-fifth:]
+    limits = {"rss_kib": (0.10, 8192), "tasks": (0.20, 20), "fds": (0.10, 10), "threads": (0.0, 2)}
+    for k, (rel, absolute) in limits.items():
+        a, b = col(first, k), col(last, k)
+        if not a or not b:
+            failed.append(f"no {k} samples")
+            continue
+        ma, mb = sum(a) / len(a), sum(b) / len(b)
+        bound = ma * (1 + rel) + absolute
+        peak = max(col(body, k))
+        print(f"{k}: after warm-up {ma:.0f}, at the end {mb:.0f} (bound {bound:.0f}), peak {peak:.0f}")
+        if mb > bound:
+            failed.append(f"{k} grew from {ma:.0f} to {mb:.0f} (bound {bound:.0f})")
+    idle = rows[-1]
+    print(f"after the clients left: tasks {idle['tasks']}, connections {idle['connections']}, fds {idle['fds']}")
+if failed:
+    print("SOAK FAILED: " + "; ".join(failed))
+    sys.exit(1)
+print("SOAK PASSED")
+PY
