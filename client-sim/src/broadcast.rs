@@ -1,10 +1,13 @@
 //! The `broadcast` scenario (issue #14): one publisher, many followers of
 //! a public channel, some online, some joining and leaving during the run.
 //!
-//! It runs against a relay started in this process (so CPU and memory are
-//! the relay's and the simulated clients' together). Offline followers are
-//! follower records written straight into the relay's store (what Follow
-//! writes); online ones connect, Follow over QUIC and Join. The publisher
+//! It runs against a relay started in this process (CPU and memory are
+//! then the relay's and the simulated clients' together; offline
+//! followers are follower records written straight into its store, what
+//! Follow writes), or against a separate `relay serve` process (`--relay`,
+//! `--relay-pid`: CPU and memory are read from that process in /proc;
+//! offline followers connect, Follow and close). Online followers
+//! connect, Follow over QUIC and Join. The publisher
 //! speaks a clip every `clip_interval`, frame by frame in real time. During
 //! the run `churn` online followers leave (close) and as many offline
 //! followers connect, Join and catch up from their cursor.
@@ -26,6 +29,7 @@ use ptt_client::{ChannelLimits, Client, ClientConfig, ClipParams, Event, Events,
 use ptt_relay::store::FollowChange;
 use serde::Serialize;
 
+use crate::RelayChoice;
 use crate::stats::{Summary, new_histogram, sample_process};
 
 /// The channel's id.
@@ -91,12 +95,14 @@ pub struct BroadcastReport {
     pub end_to_last_follower_ms: Summary,
     /// End of a clip to each live follower, per delivery, ms.
     pub end_to_follower_ms: Summary,
-    /// CPU time (relay and clients) per delivered clip, µs.
+    /// CPU time per delivered clip, µs (of [`BroadcastReport::measured`]).
     pub cpu_us_per_delivered_clip: f64,
-    /// Resident memory added per online follower (relay and client), KiB.
+    /// Resident memory added per online follower, KiB.
     pub rss_kib_per_online_follower: f64,
     /// Resident memory added per offline follower record, bytes.
     pub rss_bytes_per_offline_follower: f64,
+    /// Whose CPU time and memory the figures are.
+    pub measured: String,
     /// Whether a delivery failed.
     pub failed: bool,
 }
@@ -111,8 +117,8 @@ impl BroadcastReport {
              deliveries           {} expected, {} missing, {} duplicate ({} in all)\n\
              end → last follower  p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (per clip)\n\
              end → follower       p50 {:.1} ms, p99 {:.1} ms (per delivery)\n\
-             cpu                  {:.1} µs per delivered clip (relay + clients)\n\
-             memory               {:.1} KiB per online follower (relay + client), {:.0} B per offline follower\n",
+             cpu                  {:.1} µs per delivered clip ({})\n\
+             memory               {:.1} KiB per online follower, {:.0} B per offline follower ({})\n",
             self.followers,
             self.online,
             self.clips,
@@ -126,8 +132,10 @@ impl BroadcastReport {
             d.p50,
             d.p99,
             self.cpu_us_per_delivered_clip,
+            self.measured,
             self.rss_kib_per_online_follower,
             self.rss_bytes_per_offline_follower,
+            self.measured,
         )
     }
 }
@@ -149,38 +157,93 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Runs the scenario against an embedded relay.
-pub async fn run(opts: &BroadcastOptions) -> anyhow::Result<BroadcastReport> {
-    let dir = tempfile::Builder::new()
-        .prefix("client-sim-broadcast-")
-        .tempdir()
-        .context("creating the relay's data directory")?;
-    let mut config = ptt_relay::RelayConfig::for_tests(dir.path());
-    config.max_connections = opts.followers + 100;
-    config.channel_max_clips_per_day = u32::MAX;
-    let relay = ptt_relay::start(config)
-        .await
-        .context("starting the relay")?;
-    let result = drive(opts, &relay).await;
-    relay.shutdown().await;
-    result
+/// Runs the scenario against an embedded relay, or a separate one
+/// ([`RelayChoice::External`]: its CPU and memory are then read from its
+/// process alone, and offline followers Follow over QUIC instead of being
+/// written into the store). A separate relay must allow the followers'
+/// connections (`max_connections`) and the clips (`channel_max_clips_per_day`).
+pub async fn run(opts: &BroadcastOptions, relay: &RelayChoice) -> anyhow::Result<BroadcastReport> {
+    match relay {
+        RelayChoice::Embedded => {
+            let dir = tempfile::Builder::new()
+                .prefix("client-sim-broadcast-")
+                .tempdir()
+                .context("creating the relay's data directory")?;
+            let mut config = ptt_relay::RelayConfig::for_tests(dir.path());
+            config.max_connections = opts.followers + 100;
+            config.channel_max_clips_per_day = u32::MAX;
+            let relay = ptt_relay::start(config)
+                .await
+                .context("starting the relay")?;
+            let issuer =
+                ptt_relay::auth::TokenIssuer::load_or_create(&dir.path().join("token.key"))
+                    .context("loading the embedded relay's token key")?;
+            let target = Relay {
+                addr: relay.addr(),
+                trust: Trust::fingerprint_from_hex(relay.cert_fingerprint())?,
+                issuer,
+                store: Some(relay.store().clone()),
+                pid: None,
+            };
+            let result = drive(opts, &target).await;
+            relay.shutdown().await;
+            result
+        }
+        RelayChoice::External {
+            addr,
+            fingerprint,
+            token_key,
+            pid,
+        } => {
+            anyhow::ensure!(
+                addr.ip().is_loopback(),
+                "the simulator only drives relays on this machine (loopback), not {addr}"
+            );
+            anyhow::ensure!(
+                token_key.is_file(),
+                "{} does not exist: pass the token.key of the relay's data directory",
+                token_key.display()
+            );
+            let issuer = ptt_relay::auth::TokenIssuer::load_or_create(token_key)
+                .with_context(|| format!("loading {}", token_key.display()))?;
+            let target = Relay {
+                addr: *addr,
+                trust: Trust::fingerprint_from_hex(fingerprint)?,
+                issuer,
+                store: None,
+                pid: *pid,
+            };
+            drive(opts, &target).await
+        }
+    }
 }
 
-async fn drive(
-    opts: &BroadcastOptions,
-    relay: &ptt_relay::RelayHandle,
-) -> anyhow::Result<BroadcastReport> {
+/// The relay a run drives.
+struct Relay {
+    addr: std::net::SocketAddr,
+    trust: Trust,
+    issuer: ptt_relay::auth::TokenIssuer,
+    /// Its store when it runs in this process (offline followers are
+    /// written there); `None`: they Follow over QUIC.
+    store: Option<Arc<dyn ptt_relay::store::ClipStore>>,
+    /// The process measured: `None` for this one (embedded relay).
+    pid: Option<u32>,
+}
+
+/// Follows over QUIC at most this many at once (a separate relay).
+const CONCURRENT_FOLLOWS: usize = 64;
+
+async fn drive(opts: &BroadcastOptions, relay: &Relay) -> anyhow::Result<BroadcastReport> {
     let online = ((opts.followers as f64) * opts.online_fraction).round() as usize;
     let offline = opts.followers - online;
-    let trust = Trust::fingerprint_from_hex(relay.cert_fingerprint())?;
     let config = |user: &str| -> anyhow::Result<ClientConfig> {
         let token = relay
-            .issue_token(user, Duration::from_secs(3600), false, false)
-            .context("the embedded relay signs tokens")?;
+            .issuer
+            .issue(user, Duration::from_secs(3600), false, false);
         Ok(ClientConfig::new(
-            relay.addr(),
+            relay.addr,
             "localhost",
-            trust.clone(),
+            relay.trust.clone(),
             token,
         ))
     };
@@ -196,6 +259,7 @@ async fn drive(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let endpoint = |i: usize| endpoints[i / opts.clients_per_endpoint.max(1)].clone();
+    let sample = || sample_process(relay.pid);
 
     let (publisher, _publisher_events) =
         Client::connect_with_endpoint(endpoints[endpoints.len() - 1].clone(), config("owner")?)
@@ -211,22 +275,43 @@ async fn drive(
         )
         .await?;
 
-    // Offline followers: records only. Users online..followers.
-    let store = relay.store().clone();
-    let rss0 = sample_process(None).map_or(0, |s| s.rss_kib);
+    // Offline followers: records only (embedded), or a Follow each over
+    // QUIC (a separate relay). Users online..followers.
+    let rss0 = sample().map_or(0, |s| s.rss_kib);
     let mut set = tokio::task::JoinSet::new();
     for i in online..opts.followers {
-        let store = store.clone();
-        set.spawn(async move {
-            store
-                .change_follower(CHANNEL, &format!("f{i}"), FollowChange::Follow { start: 0 })
-                .await
-        });
+        if set.len() >= CONCURRENT_FOLLOWS
+            && let Some(done) = set.join_next().await
+        {
+            done??;
+        }
+        let user = format!("f{i}");
+        match &relay.store {
+            Some(store) => {
+                let store = store.clone();
+                set.spawn(async move {
+                    store
+                        .change_follower(CHANNEL, &user, FollowChange::Follow { start: 0 })
+                        .await
+                        .map(|_| ())
+                        .map_err(anyhow::Error::from)
+                });
+            }
+            None => {
+                let (endpoint, config) = (endpoint(i), config(&user)?);
+                set.spawn(async move {
+                    let (client, _events) = Client::connect_with_endpoint(endpoint, config).await?;
+                    client.follow(CHANNEL, "").await?;
+                    client.close().await;
+                    anyhow::Ok(())
+                });
+            }
+        }
     }
     while let Some(done) = set.join_next().await {
         done??;
     }
-    let rss1 = sample_process(None).map_or(0, |s| s.rss_kib);
+    let rss1 = sample().map_or(0, |s| s.rss_kib);
 
     // Online followers: connect, Follow, Join.
     let inboxes: Inboxes = Arc::default();
@@ -241,10 +326,10 @@ async fn drive(
         readers.spawn(read(i, events, inboxes.clone()));
         clients.insert(i, client);
     }
-    let rss2 = sample_process(None).map_or(0, |s| s.rss_kib);
+    let rss2 = sample().map_or(0, |s| s.rss_kib);
 
     // Publish, with churn spread over the run.
-    let cpu0 = sample_process(None).map_or(0.0, |s| s.cpu_s);
+    let cpu0 = sample().map_or(0.0, |s| s.cpu_s);
     let mut ends: BTreeMap<u64, Instant> = BTreeMap::new();
     let churn_every = opts.clips.max(1) as f64 / opts.churn.max(1) as f64;
     let mut churned = 0usize;
@@ -298,7 +383,7 @@ async fn drive(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let cpu1 = sample_process(None).map_or(0.0, |s| s.cpu_s);
+    let cpu1 = sample().map_or(0.0, |s| s.cpu_s);
 
     for client in clients.values() {
         client.close().await;
@@ -354,6 +439,11 @@ async fn drive(
         rss_kib_per_online_follower: rss2.saturating_sub(rss1) as f64 / online.max(1) as f64,
         rss_bytes_per_offline_follower: rss1.saturating_sub(rss0) as f64 * 1024.0
             / offline.max(1) as f64,
+        measured: match (relay.pid, relay.store.is_some()) {
+            (Some(pid), _) => format!("relay process {pid}"),
+            (None, true) => "relay and clients, one process".to_owned(),
+            (None, false) => "the simulator alone: no --relay-pid".to_owned(),
+        },
         failed: missing > 0 || duplicate > 0,
     })
 }

@@ -352,12 +352,22 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// `--scenario broadcast` (issue #14): one publisher and `--clients`
-/// followers of a channel (default 10,000), on an embedded relay.
+/// followers of a channel (default 10,000), on an embedded relay or a
+/// separate one (`--relay`, `--fingerprint`, `--token-key`,
+/// `--relay-pid`).
 fn broadcast(cli: &Cli) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        cli.relay.is_none(),
-        "the broadcast scenario runs on an embedded relay only"
-    );
+    let relay = match cli.relay {
+        Some(addr) => RelayChoice::External {
+            addr,
+            fingerprint: cli
+                .fingerprint
+                .clone()
+                .context("--fingerprint is required")?,
+            token_key: cli.token_key.clone().context("--token-key is required")?,
+            pid: cli.relay_pid,
+        },
+        None => RelayChoice::Embedded,
+    };
     let mut opts = client_sim::broadcast::BroadcastOptions::full();
     if let Some(n) = cli.clients {
         opts.followers = n;
@@ -376,7 +386,7 @@ fn broadcast(cli: &Cli) -> anyhow::Result<()> {
         .worker_threads(cli.workers.max(1))
         .enable_all()
         .build()?;
-    let report = runtime.block_on(client_sim::broadcast::run(&opts))?;
+    let report = runtime.block_on(client_sim::broadcast::run(&opts, &relay))?;
     println!("{}", report.table());
     if let Some(path) = &cli.report {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use client_sim::RelayChoice;
 use client_sim::broadcast::{BroadcastOptions, run};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -18,7 +19,9 @@ async fn every_follower_gets_every_clip_once_while_followers_come_and_go() {
         clients_per_endpoint: 50,
         settle: Duration::from_secs(20),
     };
-    let report = run(&opts).await.expect("the scenario runs");
+    let report = run(&opts, &RelayChoice::Embedded)
+        .await
+        .expect("the scenario runs");
     println!("{}", report.table());
     assert_eq!(report.online, 90);
     // 80 stayed the whole run and saw 5 clips; 10 joined from cursor 0.

@@ -37,6 +37,15 @@ pub enum SessionCommand {
         /// `NotMember` or `NoSuchGroup`.
         code: ErrorCode,
     },
+    /// The user muted or unmuted `group` (a channel it follows) on
+    /// another connection: this connection's deliveries of it that start
+    /// from now on are flagged accordingly.
+    Mute {
+        /// The channel.
+        group: Arc<str>,
+        /// Muted (or unmuted).
+        muted: bool,
+    },
 }
 
 impl SessionCommand {

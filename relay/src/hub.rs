@@ -61,8 +61,13 @@ pub struct JoinSnapshot {
     pub live_budget_ms: Option<u32>,
 }
 
-/// A channel's tallies on this node since the relay started (one per
-/// channel, nothing per follower).
+/// How often the hub writes what its channels' followers acknowledged and
+/// played to the store (one write per channel per period, whatever the
+/// number of acknowledgements; a crash loses at most one period's).
+pub const TALLY_FLUSH: Duration = Duration::from_secs(5);
+
+/// What a channel's followers on this node acknowledged and played and
+/// the store does not hold yet (one per channel, nothing per follower).
 #[derive(Debug, Default)]
 struct ChannelTally {
     delivered: AtomicU64,
@@ -106,8 +111,11 @@ impl std::fmt::Debug for Hub {
 
 impl Hub {
     /// A hub reading clips from `log` and group records from `directory`.
+    /// Starts the task that writes the channels' tallies to `directory`
+    /// every [`TALLY_FLUSH`] and once more at [`Hub::close`] (so it must
+    /// be called inside a tokio runtime).
     pub fn new(log: Arc<dyn GroupLog>, directory: Arc<dyn ClipStore>) -> Arc<Hub> {
-        Arc::new(Hub {
+        let hub = Arc::new(Hub {
             log,
             directory,
             groups: DashMap::new(),
@@ -116,7 +124,10 @@ impl Hub {
             tallies: DashMap::new(),
             tasks: TaskTracker::new(),
             closed: CancellationToken::new(),
-        })
+        });
+        hub.tasks
+            .spawn(flush_tallies_loop(Arc::downgrade(&hub), hub.closed.clone()));
+        hub
     }
 
     /// Stops every feed and waits until their tasks have ended.
@@ -170,6 +181,30 @@ impl Hub {
         } else {
             Err(ErrorCode::NotMember)
         }
+    }
+
+    /// The group's record, if `user` may listen to it: a member, or a
+    /// follower of a channel (one point read of its record).
+    pub async fn listener_group(
+        self: &Arc<Self>,
+        group: &str,
+        user: &str,
+    ) -> Result<GroupInfo, ErrorCode> {
+        let (_, info) = self.locked(group, |g| Ok(g.info.clone())).await?;
+        if info.members.contains(user) {
+            return Ok(info);
+        }
+        if info.channel.is_some()
+            && self
+                .directory
+                .follower(group, user)
+                .await
+                .map_err(|e| e.code())?
+                .is_some()
+        {
+            return Ok(info);
+        }
+        Err(ErrorCode::NotMember)
     }
 
     /// Subscribes a session to a group's live clips; says where catch-up
@@ -249,9 +284,31 @@ impl Hub {
         self.retire_if_idle(group);
     }
 
-    /// A channel's followers joined on this node now, and the clips
-    /// followers acknowledged and played since the relay started.
-    pub fn channel_tally(&self, group: &str) -> (u64, u64, u64) {
+    /// Tells every session of `user` on this node that joined `group`
+    /// that the user muted (or unmuted) it: their deliveries that start
+    /// after they read the command carry the flag (or not).
+    pub fn mute_user(&self, group: &str, user: &str, muted: bool) {
+        let Some(cell) = self.groups.get(group).map(|c| c.clone()) else {
+            return;
+        };
+        let sessions: Vec<SessionHandle> = lock(&cell)
+            .subscribers
+            .values()
+            .filter(|s| &*s.user == user)
+            .cloned()
+            .collect();
+        for s in sessions {
+            s.offer(SessionCommand::Mute {
+                group: group.into(),
+                muted,
+            });
+        }
+    }
+
+    /// A channel's followers joined on this node now, and the clips its
+    /// followers acknowledged and played since it was created (what the
+    /// store holds plus what this node has not written yet).
+    pub async fn channel_tally(&self, group: &str) -> Result<(u64, u64, u64), ErrorCode> {
         let online = self.groups.get(group).map_or(0, |cell| {
             let g = lock(&cell);
             g.subscribers
@@ -259,13 +316,64 @@ impl Hub {
                 .filter(|s| !g.info.members.contains(&*s.user))
                 .count() as u64
         });
+        let (stored_delivered, stored_played) = self
+            .directory
+            .channel_counts(group)
+            .await
+            .map_err(|e| e.code())?;
         let (delivered, played) = self.tallies.get(group).map_or((0, 0), |t| {
             (
                 t.delivered.load(Ordering::Relaxed),
                 t.played.load(Ordering::Relaxed),
             )
         });
-        (online, delivered, played)
+        Ok((
+            online,
+            stored_delivered.saturating_add(delivered),
+            stored_played.saturating_add(played),
+        ))
+    }
+
+    /// Writes the channels' tallies to the store: one write per channel
+    /// with anything new. What a failed write held stays for the next.
+    pub async fn flush_tallies(&self) {
+        let pending: Vec<(String, u64, u64)> = self
+            .tallies
+            .iter()
+            .map(|t| {
+                (
+                    t.key().clone(),
+                    t.delivered.load(Ordering::Relaxed),
+                    t.played.load(Ordering::Relaxed),
+                )
+            })
+            .filter(|&(_, d, p)| d > 0 || p > 0)
+            .collect();
+        for (group, delivered, played) in pending {
+            match self
+                .directory
+                .add_channel_counts(&group, delivered, played)
+                .await
+            {
+                Ok(()) => {
+                    if let Some(t) = self.tallies.get(&group) {
+                        t.delivered.fetch_sub(delivered, Ordering::Relaxed);
+                        t.played.fetch_sub(played, Ordering::Relaxed);
+                    }
+                    self.tallies.remove_if(&group, |_, t| {
+                        t.delivered.load(Ordering::Relaxed) == 0
+                            && t.played.load(Ordering::Relaxed) == 0
+                    });
+                }
+                // A deleted channel's tally has nowhere to go.
+                Err(crate::store::StoreError::NoSuchGroup(_)) => {
+                    self.tallies.remove(&group);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, %group, "writing a channel's counts failed");
+                }
+            }
+        }
     }
 
     /// Unsubscribes a session from a group.
@@ -438,10 +546,15 @@ impl Hub {
             FeedEvent::Stored(clip) => publish(&mut g, clip),
             FeedEvent::Live(live) => apply_live(&mut g, live),
             FeedEvent::Group(Some(info)) => {
+                // A channel's followers are not in its record: only those
+                // who were members (staff) and are no more are dropped
+                // (an Unfollow drops followers, [`Hub::remove_user`]).
+                let was_member =
+                    |user: &str| info.channel.is_none() || g.info.members.contains(user);
                 let left: Vec<SessionHandle> = g
                     .subscribers
                     .values()
-                    .filter(|s| !info.members.contains(&*s.user))
+                    .filter(|s| !info.members.contains(&*s.user) && was_member(&s.user))
                     .cloned()
                     .collect();
                 for s in &left {
@@ -572,6 +685,27 @@ async fn feed_group(hub: Arc<Hub>, group: String, after: u64, stop: Cancellation
 }
 
 /// Whether `user` may talk in the group `info` describes.
+/// Writes the hub's channel tallies every [`TALLY_FLUSH`], and a last
+/// time when the hub closes.
+async fn flush_tallies_loop(hub: std::sync::Weak<Hub>, closed: CancellationToken) {
+    let mut tick = tokio::time::interval(TALLY_FLUSH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        let last = tokio::select! {
+            _ = closed.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        let Some(hub) = hub.upgrade() else {
+            return;
+        };
+        hub.flush_tallies().await;
+        if last {
+            return;
+        }
+    }
+}
+
 fn talk_check(info: &GroupInfo, user: &str) -> Result<(), ErrorCode> {
     match info.role(user) {
         Some(role) if role.talks() => Ok(()),

@@ -315,3 +315,134 @@ async fn publishing_to_many_followers_costs_one_write() {
     assert_eq!((joined.cursor, joined.last_seq), (0, 1));
     assert_eq!(next_end(&mut late_events).await, 1);
 }
+
+/// A follower's Mute on one connection flags the clips its other joined
+/// connection receives from then on, without a new Join; Unmute clears it.
+#[tokio::test]
+async fn mute_reaches_the_followers_other_connections_at_once() {
+    let relay = TestRelay::start().await;
+    let (owner, _oe) = relay.client("bank").await;
+    owner.create_channel("news-daily", true).await.unwrap();
+    let (phone, _pe) = relay.client("carol").await;
+    phone.follow("news-daily", "").await.unwrap();
+    phone.join("news-daily").await.unwrap();
+    let (laptop, mut laptop_events) = relay.client("carol").await;
+    laptop.join("news-daily").await.unwrap();
+
+    let mut flags_of_next = async |i: u8| {
+        owner
+            .send_clip("news-daily", params(), frames(i, 2), Bytes::new())
+            .await
+            .unwrap();
+        next_start(&mut laptop_events).await.2 & ClipHeader::FLAG_MUTED
+    };
+    assert_eq!(flags_of_next(1).await, 0);
+    phone.mute("news-daily", true).await.unwrap();
+    assert_ne!(flags_of_next(2).await, 0, "muted on the other connection");
+    phone.mute("news-daily", false).await.unwrap();
+    assert_eq!(flags_of_next(3).await, 0, "unmuted on the other connection");
+    // A change of the channel's record (its limits) keeps its followers.
+    owner
+        .set_channel_limits("news-daily", ChannelLimits::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(flags_of_next(4).await, 0, "still receiving");
+}
+
+/// The owner's delivered and played counts survive a restart of the relay,
+/// and followers' acknowledgements reach the store in batches (one write
+/// per channel every few seconds), not one write each.
+#[tokio::test]
+async fn delivered_and_played_counts_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = async |dir: &std::path::Path| TestRelay {
+        handle: ptt_relay::start(ptt_relay::RelayConfig::for_tests(dir))
+            .await
+            .unwrap(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let started = std::time::Instant::now();
+    let relay = start(dir.path()).await;
+    let (owner, _oe) = relay.client("bank").await;
+    owner.create_channel("news-daily", true).await.unwrap();
+    let mut followers = Vec::new();
+    for user in ["carol", "dave"] {
+        let (client, events) = relay.client(user).await;
+        client.follow("news-daily", "").await.unwrap();
+        client.join("news-daily").await.unwrap();
+        followers.push((client, events));
+    }
+    for i in 0..3u8 {
+        owner
+            .send_clip("news-daily", params(), frames(i, 2), Bytes::new())
+            .await
+            .unwrap();
+    }
+    for (_, events) in &mut followers {
+        for _ in 0..3 {
+            next_end(events).await;
+        }
+    }
+    followers[0].0.played("news-daily", 1).await.unwrap();
+    followers[0].0.played("news-daily", 2).await.unwrap();
+    eventually(async || {
+        let c = owner.channel_stats("news-daily").await.unwrap();
+        (c.delivered, c.played) == (6, 2)
+    })
+    .await;
+    // 8 acknowledgements and Played; at most one write per flush period.
+    let periods = started.elapsed().as_secs() / ptt_relay::hub::TALLY_FLUSH.as_secs() + 1;
+    assert!(relay.handle.store().counters().count_writes <= periods);
+
+    for (client, _) in followers {
+        client.close().await;
+    }
+    owner.close().await;
+    relay.handle.shutdown().await;
+    let relay = start(dir.path()).await;
+    let (owner, _oe) = relay.client("bank").await;
+    let c = owner.channel_stats("news-daily").await.unwrap();
+    assert_eq!(
+        (c.followers, c.online, c.delivered, c.played),
+        (2, 0, 6, 2),
+        "counted before the restart"
+    );
+    relay.handle.shutdown().await;
+}
+
+/// A follower fetches a channel's newest clips as a member fetches a
+/// group's, with the same bounds; someone who does not follow it cannot.
+#[tokio::test]
+async fn a_follower_fetches_the_channels_recent_clips() {
+    let relay = TestRelay::start().await;
+    let (owner, _oe) = relay.client("bank").await;
+    owner.create_channel("news-daily", true).await.unwrap();
+    for i in 0..3u8 {
+        owner
+            .send_clip("news-daily", params(), frames(i, 2), Bytes::new())
+            .await
+            .unwrap();
+    }
+    let (carol, mut events) = relay.client("carol").await;
+    let refused = carol.fetch_recent("news-daily", 2).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::NotMember));
+    carol.follow("news-daily", "").await.unwrap();
+    // Without a Join: the newest two, flagged fetched.
+    assert_eq!(carol.fetch_recent("news-daily", 2).await.unwrap(), 2);
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let (seq, flags) = wait_for(&mut events, |e| match e {
+            Event::ClipStarted { seq, header, .. } => Some((*seq, header.flags)),
+            _ => None,
+        })
+        .await;
+        assert_ne!(flags & ClipHeader::FLAG_FETCHED, 0);
+        got.push(seq);
+    }
+    got.sort();
+    assert_eq!(got, [2, 3]);
+    carol.unfollow("news-daily").await.unwrap();
+    let refused = carol.fetch_recent("news-daily", 1).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::NotMember));
+}

@@ -14,7 +14,8 @@
 //!   lease; every node watches the bucket and announces the changes.
 //! - [`store::NatsStore`] ([`crate::store::ClipStore`]): groups and
 //!   members in `<prefix>_groups` (watched by each feed), cursors in
-//!   `<prefix>_cursors`.
+//!   `<prefix>_cursors`, channels' followers, invite codes and counts in
+//!   `<prefix>_channels`.
 //!
 //! [`Nats`] is the connection and the handles they share. A failing NATS
 //! (down, unreachable, a timeout) turns into [`StoreError::Backend`], which
@@ -57,6 +58,9 @@ pub struct Nats {
     last: kv::Store,
     /// `<group>` → its deleted clips (JSON), kept as long as clips are.
     tombstones: kv::Store,
+    /// Channels' followers, follower counts, invite codes and counts
+    /// (`store/channels.rs`).
+    channels: kv::Store,
     /// This process's id among the nodes (random).
     node: u64,
     prefix: String,
@@ -133,6 +137,7 @@ impl Nats {
         let index = key_value(&js, bucket("clips", index_age)).await?;
         let last = key_value(&js, bucket("last", Duration::ZERO)).await?;
         let tombstones = key_value(&js, bucket("tombstones", index_age)).await?;
+        let channels = key_value(&js, bucket("channels", Duration::ZERO)).await?;
         let max_payload = client.server_info().max_payload;
         let mut id = [0u8; 8];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
@@ -147,6 +152,7 @@ impl Nats {
             index,
             last,
             tombstones,
+            channels,
             node: u64::from_be_bytes(id),
             prefix: config.prefix.clone(),
             max_payload,

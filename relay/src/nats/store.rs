@@ -7,7 +7,8 @@
 //! `<prefix>_cursors`, moved forward only, also by compare-and-set (and
 //! beside it `seen.<group>.<member>`, when the member last joined). Clips
 //! are the log's ([`super::NatsLog`]): the store's clip methods answer from
-//! it.
+//! it. Roles and a channel's settings sit in its group record; followers,
+//! invite codes and counts in `<prefix>_channels` (`channels.rs`).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -22,6 +23,8 @@ use crate::store::{
     StoreFuture, StoredClip,
 };
 
+mod channels;
+
 /// Compare-and-set attempts before an update gives up.
 const MAX_ATTEMPTS: usize = 64;
 
@@ -30,9 +33,11 @@ const MAX_ATTEMPTS: usize = 64;
 pub struct NatsStore {
     nats: Arc<Nats>,
     log: NatsLog,
+    writes: Arc<channels::Writes>,
 }
 
-/// A group's record as stored (JSON).
+/// A group's record as stored (JSON). Records written before roles and
+/// channels existed have neither field: everyone a member, not a channel.
 #[derive(Debug, Serialize, Deserialize)]
 struct GroupRecord {
     mode: u8,
@@ -41,12 +46,22 @@ struct GroupRecord {
     /// The group's own live latency budget, ms (absent: the relay's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     live_budget_ms: Option<u32>,
+    /// Members whose role is not Member (the role's wire byte).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    roles: std::collections::BTreeMap<String, u8>,
+    /// Set for a channel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    channel: Option<channels::ChannelRecord>,
 }
 
 impl NatsStore {
     /// A store over `nats`, answering clip questions from `log`.
     pub fn new(nats: Arc<Nats>, log: NatsLog) -> NatsStore {
-        NatsStore { nats, log }
+        NatsStore {
+            nats,
+            log,
+            writes: Arc::default(),
+        }
     }
 
     /// Changes `group`'s record with `change` by compare-and-set.
@@ -87,6 +102,7 @@ impl NatsStore {
     }
 
     async fn advance(&self, group: &str, user: &str, seq: u64) -> Result<(), StoreError> {
+        self.writes.cursor();
         let key = format!("{}.{}", token(group), token(user));
         let value = Bytes::from(seq.to_string());
         for _ in 0..MAX_ATTEMPTS {
@@ -140,9 +156,15 @@ fn info(group: &str, record: GroupRecord) -> Result<GroupInfo, StoreError> {
         table: "groups",
         detail: format!("group {group}: bad mode {}", record.mode),
     })?;
-    // Roles and channels are kept by the embedded store only (issue #14):
-    // on NATS every member is a plain member.
     let mut info = GroupInfo::plain(group, mode, record.max_clip_ms, record.members);
+    for (user, role) in record.roles {
+        let role = ptt_protocol::Role::from_u8(role).ok_or_else(|| StoreError::Corrupt {
+            table: "groups",
+            detail: format!("group {group}: {user} has role {role}"),
+        })?;
+        info.roles.insert(user, role);
+    }
+    info.channel = record.channel.map(|c| c.info(record.max_clip_ms));
     info.live_budget_ms = record.live_budget_ms;
     Ok(info)
 }
@@ -181,6 +203,8 @@ impl ClipStore for NatsStore {
                 max_clip_ms,
                 members: BTreeSet::new(),
                 live_budget_ms: None,
+                roles: Default::default(),
+                channel: None,
             };
             match self
                 .nats
@@ -222,6 +246,7 @@ impl ClipStore for NatsStore {
         Box::pin(async move {
             self.modify(&group, |r| {
                 r.members.remove(&user);
+                r.roles.remove(&user);
             })
             .await
         })
@@ -399,6 +424,102 @@ impl ClipStore for NatsStore {
     fn flush(&self) -> StoreFuture<'_, ()> {
         // Every write was acknowledged by JetStream before it returned.
         Box::pin(async { Ok(()) })
+    }
+
+    // Roles and channels: `channels.rs`.
+
+    fn create_channel(
+        &self,
+        channel: &str,
+        owner: &str,
+        public: bool,
+        limits: ptt_protocol::ChannelLimits,
+    ) -> StoreFuture<'_, ()> {
+        let (channel, owner) = (channel.to_owned(), owner.to_owned());
+        Box::pin(async move {
+            self.create_channel_impl(&channel, &owner, public, limits)
+                .await
+        })
+    }
+
+    fn set_role(&self, group: &str, user: &str, role: ptt_protocol::Role) -> StoreFuture<'_, ()> {
+        let (group, user) = (group.to_owned(), user.to_owned());
+        Box::pin(async move { self.set_role_impl(&group, &user, role).await })
+    }
+
+    fn set_channel_limits(
+        &self,
+        channel: &str,
+        limits: ptt_protocol::ChannelLimits,
+    ) -> StoreFuture<'_, ()> {
+        let channel = channel.to_owned();
+        Box::pin(async move { self.set_channel_limits_impl(&channel, limits).await })
+    }
+
+    fn change_follower(
+        &self,
+        channel: &str,
+        user: &str,
+        change: crate::store::FollowChange,
+    ) -> StoreFuture<'_, bool> {
+        let (channel, user) = (channel.to_owned(), user.to_owned());
+        Box::pin(async move { self.change_follower_impl(&channel, &user, change).await })
+    }
+
+    fn follower(
+        &self,
+        channel: &str,
+        user: &str,
+    ) -> StoreFuture<'_, Option<crate::store::Follower>> {
+        let (channel, user) = (channel.to_owned(), user.to_owned());
+        Box::pin(async move { self.follower_impl(&channel, &user).await })
+    }
+
+    fn follower_count(&self, channel: &str) -> StoreFuture<'_, u64> {
+        let channel = channel.to_owned();
+        Box::pin(async move { self.follower_count_impl(&channel).await })
+    }
+
+    fn public_channels(&self, prefix: &str, limit: usize) -> StoreFuture<'_, Vec<String>> {
+        let prefix = prefix.to_owned();
+        Box::pin(async move { self.public_channels_impl(&prefix, limit).await })
+    }
+
+    fn create_invite(&self, channel: &str, code: &str) -> StoreFuture<'_, ()> {
+        let (channel, code) = (channel.to_owned(), code.to_owned());
+        Box::pin(async move { self.create_invite_impl(&channel, &code).await })
+    }
+
+    fn revoke_invite(&self, channel: &str, code: &str) -> StoreFuture<'_, bool> {
+        let (channel, code) = (channel.to_owned(), code.to_owned());
+        Box::pin(async move { self.revoke_invite_impl(&channel, &code).await })
+    }
+
+    fn invite(&self, code: &str) -> StoreFuture<'_, Option<String>> {
+        let code = code.to_owned();
+        Box::pin(async move { self.invite_impl(&code).await })
+    }
+
+    fn add_channel_counts(
+        &self,
+        channel: &str,
+        delivered: u64,
+        played: u64,
+    ) -> StoreFuture<'_, ()> {
+        let channel = channel.to_owned();
+        Box::pin(async move {
+            self.add_channel_counts_impl(&channel, delivered, played)
+                .await
+        })
+    }
+
+    fn channel_counts(&self, channel: &str) -> StoreFuture<'_, (u64, u64)> {
+        let channel = channel.to_owned();
+        Box::pin(async move { self.channel_counts_impl(&channel).await })
+    }
+
+    fn counters(&self) -> crate::store::StoreCounters {
+        self.channel_counters()
     }
 }
 

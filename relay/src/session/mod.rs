@@ -560,6 +560,13 @@ impl Session {
                     .await;
                 }
             }
+            SessionCommand::Mute { group, muted } => {
+                if let Some(joined) = self.joined.get(&group) {
+                    joined
+                        .sink
+                        .set_header_flag(ptt_protocol::ClipHeader::FLAG_MUTED, muted);
+                }
+            }
         }
     }
 

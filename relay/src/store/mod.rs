@@ -209,6 +209,8 @@ pub struct StoreCounters {
     pub cursor_writes: u64,
     /// Follower record changes (follow, unfollow, mute).
     pub follower_writes: u64,
+    /// Batches of a channel's counts ([`ClipStore::add_channel_counts`]).
+    pub count_writes: u64,
 }
 
 /// Why a store operation failed.
@@ -428,6 +430,25 @@ pub trait ClipStore: Send + Sync + 'static {
     /// The channel an invite code opens.
     fn invite(&self, code: &str) -> StoreFuture<'_, Option<String>> {
         let _ = code;
+        no_channels()
+    }
+    /// Adds a batch of a channel's followers' acknowledgements
+    /// (`delivered`) and Played (`played`) to its stored counts: the hub
+    /// writes one such batch per channel every few seconds and at
+    /// shutdown, not one per acknowledgement.
+    fn add_channel_counts(
+        &self,
+        channel: &str,
+        delivered: u64,
+        played: u64,
+    ) -> StoreFuture<'_, ()> {
+        let _ = (channel, delivered, played);
+        no_channels()
+    }
+    /// A channel's stored counts: (delivered, played) since it was
+    /// created.
+    fn channel_counts(&self, channel: &str) -> StoreFuture<'_, (u64, u64)> {
+        let _ = channel;
         no_channels()
     }
     /// The writes asked for so far.

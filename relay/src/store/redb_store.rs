@@ -156,6 +156,10 @@ const ROLES: TableDefinition<'static, (&str, &str), u8> = TableDefinition::new("
 const FOLLOWERS: TableDefinition<'static, (&str, &str), u8> = TableDefinition::new("followers");
 const FOLLOWER_COUNT: TableDefinition<'static, &str, u64> = TableDefinition::new("follower_count");
 const INVITES: TableDefinition<'static, &str, &str> = TableDefinition::new("invites");
+/// A channel's followers' acknowledgements and Played, (delivered,
+/// played), added to in batches by the hub.
+const CHANNEL_COUNTS: TableDefinition<'static, &str, (u64, u64)> =
+    TableDefinition::new("channel_counts");
 
 mod channels;
 /// When each member's progress was last recorded (a cursor write or a
@@ -256,6 +260,7 @@ pub struct RedbStore {
     appends: std::sync::atomic::AtomicU64,
     cursor_writes: std::sync::atomic::AtomicU64,
     follower_writes: std::sync::atomic::AtomicU64,
+    count_writes: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -322,6 +327,8 @@ impl RedbStore {
             txn.open_table(FOLLOWER_COUNT)
                 .ctx("creating follower_count")?;
             txn.open_table(INVITES).ctx("creating invites")?;
+            txn.open_table(CHANNEL_COUNTS)
+                .ctx("creating channel_counts")?;
             txn.open_table(LAST_SEEN).ctx("creating last_seen")?;
             txn.open_table(TOMBSTONES).ctx("creating tombstones")?;
             txn.open_table(LIVE_BUDGETS).ctx("creating live_budgets")?;
@@ -344,6 +351,7 @@ impl RedbStore {
             appends: Default::default(),
             cursor_writes: Default::default(),
             follower_writes: Default::default(),
+            count_writes: Default::default(),
         })
     }
 
@@ -1638,12 +1646,26 @@ impl ClipStore for RedbStore {
         self.invite_impl(code)
     }
 
+    fn add_channel_counts(
+        &self,
+        channel: &str,
+        delivered: u64,
+        played: u64,
+    ) -> StoreFuture<'_, ()> {
+        self.add_channel_counts_impl(channel, delivered, played)
+    }
+
+    fn channel_counts(&self, channel: &str) -> StoreFuture<'_, (u64, u64)> {
+        self.channel_counts_impl(channel)
+    }
+
     fn counters(&self) -> StoreCounters {
         use std::sync::atomic::Ordering::Relaxed;
         StoreCounters {
             appends: self.appends.load(Relaxed),
             cursor_writes: self.cursor_writes.load(Relaxed),
             follower_writes: self.follower_writes.load(Relaxed),
+            count_writes: self.count_writes.load(Relaxed),
         }
     }
 }

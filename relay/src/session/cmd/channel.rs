@@ -228,7 +228,7 @@ impl Session {
                     return Err(ErrorCode::Forbidden);
                 }
                 let followers = store.follower_count(&channel).await.map_err(|e| e.code())?;
-                let (online, delivered, played) = self.ctx.hub.channel_tally(&channel);
+                let (online, delivered, played) = self.ctx.hub.channel_tally(&channel).await?;
                 Ok(ControlMessage::Channel(C::ChannelCounts {
                     request_id,
                     channel,
@@ -285,8 +285,10 @@ impl Session {
         }
     }
 
-    /// Mute or Unmute: the follower record, and this connection's
-    /// deliveries of the channel from now on.
+    /// Mute or Unmute: the follower record, this connection's deliveries
+    /// of the channel from now on, and those of the user's other
+    /// connections on this node from when they read the hub's command
+    /// (before any clip published after this answer).
     async fn mute(&mut self, channel: &str, muted: bool) -> Result<(), ErrorCode> {
         self.ctx
             .store
@@ -296,6 +298,7 @@ impl Session {
         if let Some(joined) = self.joined.get(channel) {
             joined.sink.set_header_flag(ClipHeader::FLAG_MUTED, muted);
         }
+        self.ctx.hub.mute_user(channel, &self.handle.user, muted);
         Ok(())
     }
 }

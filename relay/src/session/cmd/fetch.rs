@@ -1,6 +1,6 @@
-//! FetchRecent: a group's newest stored clips again; FetchClip: one
-//! stored clip again (members and admins: the command line exports clips
-//! with it).
+//! FetchRecent: a group's (or a followed channel's) newest stored clips
+//! again; FetchClip: one stored clip again (members and admins: the
+//! command line exports clips with it).
 
 use std::sync::Arc;
 
@@ -19,10 +19,11 @@ pub(in crate::session) const MAX_FETCHES: usize = 2;
 
 impl Session {
     /// FetchRecent: the newest `count` clips (at most 100), flagged
-    /// FETCHED, then FetchDone. A third fetch while two are under way is
-    /// refused with `RateLimited`.
+    /// FETCHED, then FetchDone; for the group's members and a channel's
+    /// followers alike. A third fetch while two are under way is refused
+    /// with `RateLimited`.
     pub(super) async fn fetch(&mut self, request_id: u64, group: String, count: u32) {
-        if let Err(code_) = self.ctx.hub.member_group(&group, &self.handle.user).await {
+        if let Err(code_) = self.ctx.hub.listener_group(&group, &self.handle.user).await {
             self.reply_result(request_id, Err(code_)).await;
             return;
         }

@@ -13,8 +13,8 @@ use redb::{ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::{
-    Command, Context, FOLLOWER_COUNT, FOLLOWERS, GROUPS, GroupRecord, INVITES, MEMBERS, ROLES,
-    RedbStore, decode_group, encode_group, require_group, writer_gone,
+    CHANNEL_COUNTS, Command, Context, FOLLOWER_COUNT, FOLLOWERS, GROUPS, GroupRecord, INVITES,
+    MEMBERS, ROLES, RedbStore, decode_group, encode_group, require_group, writer_gone,
 };
 use crate::store::{ChannelInfo, FollowChange, Follower, StoreError, StoreFuture};
 
@@ -326,6 +326,48 @@ impl RedbStore {
                 invites.remove(code.as_str()).ctx("writing invites")?;
             }
             Ok(matches)
+        })
+    }
+
+    pub(super) fn add_channel_counts_impl(
+        &self,
+        channel: &str,
+        delivered: u64,
+        played: u64,
+    ) -> StoreFuture<'_, ()> {
+        self.count_writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let channel = channel.to_owned();
+        self.write(move |txn| {
+            require_channel(&txn.open_table(GROUPS).ctx("opening groups")?, &channel)?;
+            let mut counts = txn
+                .open_table(CHANNEL_COUNTS)
+                .ctx("opening channel_counts")?;
+            let (d, p) = counts
+                .get(channel.as_str())
+                .ctx("reading channel_counts")?
+                .map_or((0, 0), |v| v.value());
+            counts
+                .insert(
+                    channel.as_str(),
+                    (d.saturating_add(delivered), p.saturating_add(played)),
+                )
+                .ctx("writing channel_counts")?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn channel_counts_impl(&self, channel: &str) -> StoreFuture<'_, (u64, u64)> {
+        let channel = channel.to_owned();
+        self.read(move |txn| {
+            require_group(txn, &channel)?;
+            let counts = txn
+                .open_table(CHANNEL_COUNTS)
+                .ctx("opening channel_counts")?;
+            Ok(counts
+                .get(channel.as_str())
+                .ctx("reading channel_counts")?
+                .map_or((0, 0), |v| v.value()))
         })
     }
 
