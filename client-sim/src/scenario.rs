@@ -232,6 +232,10 @@ pub const NAMED: &[(&str, &str)] = &[
         include_str!("../scenarios/lossy-mobile.toml"),
     ),
     ("capacity", include_str!("../scenarios/capacity.toml")),
+    (
+        "capacity-notes",
+        include_str!("../scenarios/capacity-notes.toml"),
+    ),
     ("load", include_str!("../scenarios/load.toml")),
     ("idle", include_str!("../scenarios/idle.toml")),
     ("live", include_str!("../scenarios/live.toml")),

@@ -24,7 +24,7 @@ use crate::live::LiveClip;
 use crate::log::LiveEvent;
 use crate::metrics::Metrics;
 use crate::store::{AppendOutcome, ClipMeta, NewClip};
-use crate::transport::RecvStream;
+use crate::transport::{Connection, RecvStream};
 
 /// Longest the talker's `Stored` waits for the clip's publication.
 const PUBLISH_WAIT: Duration = Duration::from_secs(2);
@@ -41,6 +41,12 @@ pub struct Uploader {
     pub emergency: bool,
     /// The session's rate and concurrency limits.
     pub state: Arc<Mutex<SessionState>>,
+    /// The connection, closed when refused uploads exhaust the session's
+    /// control-message budget.
+    pub conn: Connection,
+    /// Whether refused uploads are charged to that budget (admins' are
+    /// not, as their control messages are not).
+    pub charged: bool,
 }
 
 /// A refusal of an upload: the code and a message for the talker.
@@ -90,6 +96,27 @@ pub async fn run(recv: RecvStream, ctx: Arc<RelayContext>, who: Uploader) {
         return;
     };
     tracing::debug!(code = %code_, %message, "clip refused");
+    // A refused upload costs the relay a task, a header read and a
+    // ClipRejected, as a control message does: it is charged to the same
+    // budget, so a client that opens stream after stream only to have
+    // them refused is closed like one that floods control messages. The
+    // relay's own refusals (draining, store trouble, pre-emption) and
+    // duplicates (a re-send after a reconnect) are not the client's doing.
+    let relays_doing = matches!(
+        code_,
+        ErrorCode::Duplicate
+            | ErrorCode::ShuttingDown
+            | ErrorCode::Internal
+            | ErrorCode::Preempted
+            | ErrorCode::ClipAborted
+    );
+    if who.charged && !relays_doing && lock(&who.state).handle_control(Instant::now()).is_err() {
+        Metrics::get().control_rate_limited.increment(1);
+        tracing::info!("closing: too many refused uploads");
+        who.conn
+            .close(ErrorCode::RateLimited.code(), b"too many refused uploads");
+        return;
+    }
     if !upload.finished {
         // STOP_SENDING only where the talker still writes.
         reader.get_mut().stop(code_).ok();

@@ -699,6 +699,49 @@ async fn claims_about_clips_never_delivered_cost_nothing_and_floods_are_cut() {
     assert_eq!(clips[0].seq, stored.seq);
 }
 
+/// Uploads refused for the client's own doing cost control-message
+/// tokens: a client that opens clip stream after clip stream for a group
+/// it is not in is closed with RateLimited (burst 256), and only it.
+#[tokio::test]
+async fn a_flood_of_refused_uploads_is_cut() {
+    let relay = TestRelay::start().await;
+    relay
+        .group("team", GroupMode::Notes, &["alice", "carol", "mallory"])
+        .await;
+    relay.group("other", GroupMode::Notes, &["alice"]).await;
+    let (alice, _ae) = relay.member("alice", "team").await;
+    let (_carol, mut carol_events) = relay.member("carol", "team").await;
+    let (raw, _send, _control) = Raw::member(&relay, "mallory", "team").await;
+    let mut opened = 0u32;
+    let flood = async {
+        for _ in 0..2_000u32 {
+            let Ok(mut stream) = raw.conn.open_uni().await else {
+                break;
+            };
+            let bytes = ClipMessage::Header(header("other")).to_bytes();
+            if stream.write_all(&bytes).await.is_err() || stream.finish().is_err() {
+                break;
+            }
+            opened += 1;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), flood)
+        .await
+        .expect("the flood ends within 20 s");
+    assert_eq!(raw.closed_with().await, n(ErrorCode::RateLimited));
+    assert!(
+        (200..2_000).contains(&opened),
+        "closed after {opened} refused uploads (burst 256)"
+    );
+    // Everyone else carries on.
+    let stored = alice
+        .send_clip("team", params(), frames(9, 3), Bytes::new())
+        .await
+        .unwrap();
+    let clips = collect_clips(&mut carol_events, 1).await;
+    assert_eq!(clips[0].seq, stored.seq);
+}
+
 /// Cursor writes coalesce per (member, group): 300 acks in one burst are
 /// a handful of store writes, ending at the last.
 #[tokio::test]

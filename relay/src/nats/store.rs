@@ -70,6 +70,19 @@ impl NatsStore {
         group: &str,
         change: impl Fn(&mut GroupRecord),
     ) -> Result<(), StoreError> {
+        self.modify_checked(group, |record| {
+            change(record);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Changes `group`'s record by compare-and-set; `change` may refuse.
+    async fn modify_checked(
+        &self,
+        group: &str,
+        change: impl Fn(&mut GroupRecord) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let key = token(group);
         for _ in 0..MAX_ATTEMPTS {
             let entry = self
@@ -84,12 +97,11 @@ impl NatsStore {
                 return Err(StoreError::NoSuchGroup(group.to_owned()));
             };
             let mut record = decode(group, &entry.value)?;
-            change(&mut record);
-            let value = encode(&record);
+            change(&mut record)?;
             if self
                 .nats
                 .groups
-                .update(&key, value, entry.revision)
+                .update(&key, encode(&record), entry.revision)
                 .await
                 .is_ok()
             {

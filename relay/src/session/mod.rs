@@ -476,6 +476,8 @@ impl Session {
             handle: self.handle.clone(),
             emergency: self.claims.emg,
             state: self.state.clone(),
+            conn: self.conn.clone(),
+            charged: !self.claims.adm,
         };
         let ctx = self.ctx.clone();
         // The session's span (its parent) names the user; the group and

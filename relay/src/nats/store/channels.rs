@@ -22,7 +22,7 @@ use bytes::Bytes;
 use ptt_protocol::{ChannelLimits, GroupMode, Role};
 use serde::{Deserialize, Serialize};
 
-use super::{GroupRecord, MAX_ATTEMPTS, NatsStore, backend, decode, encode, read_group};
+use super::{GroupRecord, MAX_ATTEMPTS, NatsStore, backend, encode, read_group};
 use crate::nats::{parse_u64, token};
 use crate::store::{ChannelInfo, FollowChange, Follower, StoreCounters, StoreError};
 
@@ -110,42 +110,6 @@ impl NatsStore {
         }
     }
 
-    /// Changes `group`'s record by compare-and-set; `change` may refuse.
-    async fn modify_checked(
-        &self,
-        group: &str,
-        change: impl Fn(&mut GroupRecord) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        let key = token(group);
-        for _ in 0..MAX_ATTEMPTS {
-            let entry = self
-                .nats
-                .groups
-                .entry(key.clone())
-                .await
-                .map_err(|e| backend("reading a group", e))?;
-            let Some(entry) =
-                entry.filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
-            else {
-                return Err(StoreError::NoSuchGroup(group.to_owned()));
-            };
-            let mut record = decode(group, &entry.value)?;
-            change(&mut record)?;
-            if self
-                .nats
-                .groups
-                .update(&key, encode(&record), entry.revision)
-                .await
-                .is_ok()
-            {
-                return Ok(());
-            }
-        }
-        Err(StoreError::Backend(format!(
-            "NATS: group {group} kept changing"
-        )))
-    }
-
     /// Sets `key` of the channels bucket to what `change` makes of its
     /// value (`None`: absent or deleted), by compare-and-set; `change`
     /// answering `None` writes nothing. Returns whether it wrote.
@@ -209,6 +173,7 @@ impl NatsStore {
             max_clip_ms: limits.max_clip_ms,
             members: [owner.to_owned()].into(),
             roles: [(owner.to_owned(), Role::Owner as u8)].into(),
+            live_budget_ms: None,
             channel: Some(ChannelRecord::new(public, limits)),
         };
         match self
