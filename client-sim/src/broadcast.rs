@@ -195,17 +195,7 @@ pub async fn run(opts: &BroadcastOptions, relay: &RelayChoice) -> anyhow::Result
             token_key,
             pid,
         } => {
-            anyhow::ensure!(
-                addr.ip().is_loopback(),
-                "the simulator only drives relays on this machine (loopback), not {addr}"
-            );
-            anyhow::ensure!(
-                token_key.is_file(),
-                "{} does not exist: pass the token.key of the relay's data directory",
-                token_key.display()
-            );
-            let issuer = ptt_relay::auth::TokenIssuer::load_or_create(token_key)
-                .with_context(|| format!("loading {}", token_key.display()))?;
+            let issuer = crate::external_issuer(addr, token_key)?;
             let target = Relay {
                 addr: *addr,
                 trust: Trust::fingerprint_from_hex(fingerprint)?,

@@ -40,6 +40,26 @@ use crate::report::{CapacityReport, CapacityStep, Report};
 use crate::scenario::Scenario;
 use crate::sim::{Progress, Target};
 
+/// Checks a separate relay's address (loopback only) and loads the token
+/// key of its data directory, which must exist: `load_or_create` would
+/// make a new key the relay does not know.
+pub(crate) fn external_issuer(
+    addr: &SocketAddr,
+    token_key: &std::path::Path,
+) -> anyhow::Result<TokenIssuer> {
+    anyhow::ensure!(
+        addr.ip().is_loopback(),
+        "the simulator only drives relays on this machine (loopback), not {addr}"
+    );
+    anyhow::ensure!(
+        token_key.is_file(),
+        "{} does not exist: pass the token.key of the relay's data directory",
+        token_key.display()
+    );
+    TokenIssuer::load_or_create(token_key)
+        .with_context(|| format!("loading {}", token_key.display()))
+}
+
 /// Which relay to drive.
 #[derive(Debug, Clone)]
 pub enum RelayChoice {
@@ -184,18 +204,7 @@ pub async fn run(options: &Options, progress: &dyn Progress) -> anyhow::Result<O
             token_key,
             pid,
         } => {
-            anyhow::ensure!(
-                addr.ip().is_loopback(),
-                "the simulator only drives relays on this machine (loopback), not {addr}"
-            );
-            // load_or_create would make a new key the relay does not know.
-            anyhow::ensure!(
-                token_key.is_file(),
-                "{} does not exist: pass the token.key of the relay's data directory",
-                token_key.display()
-            );
-            let issuer = TokenIssuer::load_or_create(token_key)
-                .with_context(|| format!("loading {}", token_key.display()))?;
+            let issuer = external_issuer(addr, token_key)?;
             Target {
                 addr: *addr,
                 fingerprint: ptt_client::parse_fingerprint(fingerprint)?,

@@ -263,18 +263,7 @@ fn main() -> anyhow::Result<()> {
         return broadcast(&cli);
     }
     let scenario = cli.scenario()?;
-    let relay = match cli.relay {
-        Some(addr) => RelayChoice::External {
-            addr,
-            fingerprint: cli
-                .fingerprint
-                .clone()
-                .context("--fingerprint is required")?,
-            token_key: cli.token_key.clone().context("--token-key is required")?,
-            pid: cli.relay_pid,
-        },
-        None => RelayChoice::Embedded,
-    };
+    let relay = cli.relay_choice()?;
     let options = Options {
         scenario,
         relay,
@@ -351,23 +340,31 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+impl Cli {
+    /// A separate relay (`--relay` with its `--fingerprint` and
+    /// `--token-key`) or one in this process.
+    fn relay_choice(&self) -> anyhow::Result<RelayChoice> {
+        Ok(match self.relay {
+            Some(addr) => RelayChoice::External {
+                addr,
+                fingerprint: self
+                    .fingerprint
+                    .clone()
+                    .context("--fingerprint is required")?,
+                token_key: self.token_key.clone().context("--token-key is required")?,
+                pid: self.relay_pid,
+            },
+            None => RelayChoice::Embedded,
+        })
+    }
+}
+
 /// `--scenario broadcast` (issue #14): one publisher and `--clients`
 /// followers of a channel (default 10,000), on an embedded relay or a
 /// separate one (`--relay`, `--fingerprint`, `--token-key`,
 /// `--relay-pid`).
 fn broadcast(cli: &Cli) -> anyhow::Result<()> {
-    let relay = match cli.relay {
-        Some(addr) => RelayChoice::External {
-            addr,
-            fingerprint: cli
-                .fingerprint
-                .clone()
-                .context("--fingerprint is required")?,
-            token_key: cli.token_key.clone().context("--token-key is required")?,
-            pid: cli.relay_pid,
-        },
-        None => RelayChoice::Embedded,
-    };
+    let relay = cli.relay_choice()?;
     let mut opts = client_sim::broadcast::BroadcastOptions::full();
     if let Some(n) = cli.clients {
         opts.followers = n;
