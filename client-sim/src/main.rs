@@ -81,6 +81,10 @@ struct Cli {
     /// Random extra delay each way, 0 to this.
     #[arg(long, value_parser = humantime::parse_duration)]
     jitter: Option<Duration>,
+    /// Live frames on `streams` (default) or on the UDP media path (`udp`,
+    /// with --loss/--delay/--jitter applied to the media socket too).
+    #[arg(long, value_enum)]
+    media: Option<client_sim::scenario::MediaMode>,
     /// Connection drops per client per minute.
     #[arg(long)]
     churn: Option<f64>,
@@ -154,6 +158,7 @@ impl Cli {
             settle => settle,
             connect_rate => connect_rate,
             clients_per_endpoint => clients_per_endpoint,
+            media => media,
         );
         if let Some(n) = self.clients {
             match &mut s.capacity {

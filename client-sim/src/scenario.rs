@@ -22,6 +22,18 @@ pub enum Mode {
     Mixed,
 }
 
+/// How live frames reach the simulated clients.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaMode {
+    /// On the clips' QUIC streams (the client's media path off).
+    #[default]
+    Streams,
+    /// On the UDP media path (PROTOCOL.md §14), with the scenario's loss
+    /// and delay applied to the media socket too.
+    Udp,
+}
+
 /// Network faults and misbehaving clients.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -148,6 +160,8 @@ pub struct Scenario {
     pub faults: Faults,
     /// A capacity search instead of one run.
     pub capacity: Option<Capacity>,
+    /// Live frames on streams or on the UDP media path.
+    pub media: MediaMode,
 }
 
 impl Default for Scenario {
@@ -171,6 +185,7 @@ impl Default for Scenario {
             clients_per_endpoint: 500,
             faults: Faults::default(),
             capacity: None,
+            media: MediaMode::Streams,
         }
     }
 }
