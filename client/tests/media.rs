@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ptt_client::{
     Client, ClientConfig, ClipHeader, ClipParams, Event, Events, GroupMode, MediaLink, ReceiptKind,
-    Trust,
+    ReconnectPolicy, Trust,
 };
 use ptt_relay::{RelayConfig, RelayHandle};
 
@@ -232,5 +232,45 @@ async fn with_every_third_datagram_lost_the_clip_is_fetched_whole_then_acknowled
     let stats = bob.stats();
     assert_eq!(stats.media_clips_fetched, 1, "{stats:?}");
     assert_eq!(stats.clips_received, 1, "{stats:?}");
+    h.relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn after_a_reconnect_the_client_binds_a_new_path() {
+    let h = Harness::start().await;
+    let policy = ReconnectPolicy {
+        initial_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(200),
+        ..ReconnectPolicy::default()
+    };
+    let config = h.config("bob", false).with_reconnect(policy);
+    let (alice, _alice_events, bob, mut bob_events) = h.team(config).await;
+    bob.connection()
+        .unwrap()
+        .close(0u32.into(), b"network switch");
+    collect(&mut bob_events, |e| matches!(e, Event::Reconnected { .. })).await;
+    tokio::time::timeout(WAIT, async {
+        while bob.stats().media_binds_acked < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("a Bind on the new connection's path");
+    let sent = frames(10);
+    talk(&alice, &sent).await;
+    let events = collect(&mut bob_events, |e| matches!(e, Event::ClipEnded { .. })).await;
+    let got: Vec<Bytes> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Frame { data, .. } => Some(data.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, sent);
+    assert_eq!(
+        bob.stats().media_frames_received,
+        10,
+        "by UDP on the new path"
+    );
     h.relay.shutdown().await;
 }
