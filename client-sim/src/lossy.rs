@@ -567,6 +567,45 @@ impl AsyncUdpSocket for LossySocket {
     }
 }
 
+/// The lossy model for the client's UDP media socket
+/// ([`ptt_client::MediaLink`]): drops the same fraction of media datagrams
+/// each way, and delays the received ones as [`LossySocket`] does (the
+/// client's Binds are only dropped, not delayed).
+#[derive(Debug)]
+pub struct LossyMediaLink {
+    send: Mutex<LossModel>,
+    recv: Mutex<LossModel>,
+}
+
+impl LossyMediaLink {
+    /// A link with its own seeded randomness.
+    pub fn new(seed: u64, loss: f64, delay: Duration, jitter: Duration) -> LossyMediaLink {
+        LossyMediaLink {
+            send: Mutex::new(LossModel::new(seed, loss, delay, jitter)),
+            recv: Mutex::new(LossModel::new(
+                seed ^ 0x5bd1_e995_7f4a_7c15,
+                loss,
+                delay,
+                jitter,
+            )),
+        }
+    }
+}
+
+impl ptt_client::MediaLink for LossyMediaLink {
+    fn pass(&self, outgoing: bool) -> Option<Duration> {
+        if outgoing {
+            return (!lock(&self.send).drop_next()).then_some(Duration::ZERO);
+        }
+        let mut model = lock(&self.recv);
+        if model.drop_next() {
+            return None;
+        }
+        let now = Instant::now();
+        Some(model.deadline(now).saturating_duration_since(now))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

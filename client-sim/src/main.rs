@@ -90,6 +90,10 @@ struct Cli {
     /// Fraction of datagrams delivered twice, each way.
     #[arg(long)]
     duplicate: Option<f64>,
+    /// Live frames on `streams` (default) or on the UDP media path (`udp`,
+    /// with --loss/--delay/--jitter applied to the media socket too).
+    #[arg(long, value_enum)]
+    media: Option<client_sim::scenario::MediaMode>,
     /// Connection drops per client per minute.
     #[arg(long)]
     churn: Option<f64>,
@@ -194,6 +198,7 @@ impl Cli {
             settle => settle,
             connect_rate => connect_rate,
             clients_per_endpoint => clients_per_endpoint,
+            media => media,
         );
         if self.no_upload_ack_frequency {
             s.upload_ack_frequency = false;

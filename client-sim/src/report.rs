@@ -144,6 +144,11 @@ pub struct ClientCounters {
     pub overlapping_streams: u64,
     /// Errors the simulated users ran into (see `errors`).
     pub errors: u64,
+    /// Live frames received on the UDP media path (`--media udp`).
+    pub media_frames: u64,
+    /// Live clips on the media path that lost frames and were fetched
+    /// whole (counted in `partial_deliveries` too).
+    pub media_clips_fetched: u64,
 }
 
 impl ClientCounters {
@@ -153,6 +158,8 @@ impl ClientCounters {
         self.clips_resent += s.clips_resent;
         self.duplicates_dropped += s.duplicates_dropped;
         self.clips_aborted += s.clips_aborted;
+        self.media_frames += s.media_frames_received;
+        self.media_clips_fetched += s.media_clips_fetched;
     }
 }
 
@@ -306,6 +313,8 @@ impl Report {
             ("SEQ INCONSISTENT", self.verdict.seq_inconsistent),
             ("caught up from the store", self.verdict.catch_up_deliveries),
             ("cut/aborted, then resent", self.partial_deliveries),
+            ("of them: media, fetched", self.client.media_clips_fetched),
+            ("frames by UDP media", self.client.media_frames),
             ("reordered arrivals", self.verdict.reordered),
             ("own clip echoed to talker", self.verdict.self_deliveries),
         ] {

@@ -22,6 +22,18 @@ pub enum Mode {
     Mixed,
 }
 
+/// How live frames reach the simulated clients.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaMode {
+    /// On the clips' QUIC streams (the client's media path off).
+    #[default]
+    Streams,
+    /// On the UDP media path (PROTOCOL.md §14), with the scenario's loss
+    /// and delay applied to the media socket too.
+    Udp,
+}
+
 /// Network faults and misbehaving clients.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -194,6 +206,8 @@ pub struct Scenario {
     /// Clients ask the relay for fewer ACKs of their uploads (the client
     /// library's default); off to measure what that saves (issue #15).
     pub upload_ack_frequency: bool,
+    /// Live frames on streams or on the UDP media path.
+    pub media: MediaMode,
 }
 
 impl Default for Scenario {
@@ -218,6 +232,7 @@ impl Default for Scenario {
             faults: Faults::default(),
             capacity: None,
             upload_ack_frequency: true,
+            media: MediaMode::Streams,
         }
     }
 }

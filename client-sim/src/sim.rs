@@ -33,8 +33,9 @@ use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
 use crate::audio::Audio;
-use crate::lossy::{LossCounters, LossySocket};
+use crate::lossy::{LossCounters, LossyMediaLink, LossySocket};
 use crate::report::{ClientCounters, HostStats, NetworkCounters, RelayStats, Report};
+use crate::scenario::MediaMode;
 use crate::scenario::{Mode, Scenario};
 use crate::stats::{FrameBatch, Metric, Recorder, Tick, sample_host, sample_process};
 use crate::verify::{self, Digest, GroupIdx, Outcome, Received, SentClip, UNKNOWN_GROUP, UserIdx};
@@ -265,6 +266,16 @@ impl Sim {
         c.connect_timeout = Duration::from_secs(15);
         c.request_timeout = Duration::from_secs(15);
         c.transport.ask_fewer_acks = self.scenario.upload_ack_frequency;
+        c.media = self.scenario.media == MediaMode::Udp;
+        let f = &self.scenario.faults;
+        if c.media && f.needs_lossy_socket() {
+            c.media_link = Some(Arc::new(LossyMediaLink::new(
+                f.seed.wrapping_mul(7_000_003).wrapping_add(u64::from(user)),
+                f.loss,
+                f.delay,
+                f.jitter,
+            )));
+        }
         c
     }
 }
@@ -1399,7 +1410,9 @@ impl Receiver {
                 }
                 self.flush();
             }
-            Event::ClipAborted { clip_id, .. } => {
+            // A live copy on the media path lost frames: the client
+            // fetches the clip whole, which ends as a history copy.
+            Event::ClipIncomplete { clip_id, .. } | Event::ClipAborted { clip_id, .. } => {
                 if self.intruded.remove(&clip_id) {
                     return;
                 }

@@ -6,6 +6,24 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn the_smoke_scenario_delivers_every_clip_exactly_once() {
+    let json = smoke(&[]);
+    assert_eq!(json["client"]["media_frames"], 0, "streams by default");
+}
+
+/// The same with live frames on the UDP media path (PROTOCOL.md §14).
+#[test]
+fn the_smoke_scenario_delivers_every_clip_exactly_once_on_the_media_path() {
+    let json = smoke(&["--media", "udp"]);
+    let media = json["client"]["media_frames"].as_u64().unwrap();
+    assert!(
+        media > json["frames_delivered"].as_u64().unwrap() / 2,
+        "most frames by UDP: {json}"
+    );
+}
+
+/// Runs the smoke scenario with `extra` arguments, checks its report, and
+/// returns it.
+fn smoke(extra: &[&str]) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("smoke.json");
     let plot = dir.path().join("smoke.svg");
@@ -15,6 +33,7 @@ fn the_smoke_scenario_delivers_every_clip_exactly_once() {
         .arg(&report)
         .arg("--plot")
         .arg(&plot)
+        .args(extra)
         .output()
         .expect("client-sim runs");
     let elapsed = started.elapsed();
@@ -77,4 +96,5 @@ fn the_smoke_scenario_delivers_every_clip_exactly_once() {
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("frame latency"));
     assert!(stdout.contains("RESULT: every stored clip reached every member"));
+    json
 }

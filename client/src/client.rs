@@ -118,6 +118,7 @@ impl Client {
             internal: internal_tx,
             stats: Default::default(),
             closed: AtomicBool::new(false),
+            media_inbox: Mutex::new(None),
         });
         let session = establish(&inner, 1).await?;
         let driver = Driver::new(inner.clone(), commands_rx, internal_rx, 2);

@@ -168,11 +168,20 @@ pub struct ClientConfig {
     pub dedup_capacity: usize,
     /// QUIC transport settings.
     pub transport: TransportTuning,
+    /// Ask for the UDP media path after each Welcome (PROTOCOL.md, section
+    /// 14): live frames then come in sealed UDP datagrams, and a clip that
+    /// lost some is fetched whole before it is acknowledged. On by default;
+    /// a relay without one answers `MediaUnavailable` and frames stay on
+    /// streams.
+    pub media: bool,
+    /// A simulated network between the media socket and the client (tests,
+    /// client-sim's lossy model); `None`: the real one only.
+    pub media_link: Option<std::sync::Arc<dyn crate::media::MediaLink>>,
 }
 
 impl ClientConfig {
     /// A configuration with the defaults: no reconnection, auto-ack on,
-    /// 10 s connect timeout, 10 s request timeout.
+    /// the media path on, 10 s connect timeout, 10 s request timeout.
     pub fn new(
         addr: SocketAddr,
         server_name: impl Into<String>,
@@ -192,6 +201,8 @@ impl ClientConfig {
             event_capacity: 1024,
             dedup_capacity: 4096,
             transport: TransportTuning::default(),
+            media: true,
+            media_link: None,
         }
     }
 
@@ -204,6 +215,12 @@ impl ClientConfig {
     /// Sets the client name.
     pub fn with_client_name(mut self, name: impl Into<String>) -> ClientConfig {
         self.client_name = name.into();
+        self
+    }
+
+    /// Turns the UDP media path on or off.
+    pub fn with_media(mut self, media: bool) -> ClientConfig {
+        self.media = media;
         self
     }
 

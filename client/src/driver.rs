@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use ptt_protocol::message::MAX_PAYLOAD_LEN;
-use ptt_protocol::{ControlMessage, ErrorCode, FramedReader, PROTOCOL_VERSION, ReadError, Welcome};
+use ptt_protocol::{
+    ControlMessage, ErrorCode, FramedReader, MediaMessage, PROTOCOL_VERSION, ReadError, Welcome,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::backoff::Backoff;
@@ -38,6 +40,9 @@ pub(crate) enum PendingKind {
     Join(String),
     Leave(String),
     Fetch(String),
+    /// MediaOpen: the offer starts the path; an error leaves frames on
+    /// streams.
+    Media,
 }
 
 struct Pending {
@@ -246,6 +251,8 @@ pub(crate) struct Driver {
     /// The relay's GoAway on this connection: when (and where, if not
     /// empty) to reconnect after the close.
     go_away: Option<(Duration, String)>,
+    /// The current connection's UDP media path, once offered.
+    media: Option<crate::media::MediaPath>,
 }
 
 enum Step {
@@ -272,6 +279,7 @@ impl Driver {
             outbox: Vec::new(),
             relay_error: None,
             go_away: None,
+            media: None,
         }
     }
 
@@ -281,6 +289,8 @@ impl Driver {
         let mut session = first;
         loop {
             let step = self.serve(&mut session).await;
+            self.media = None;
+            *lock(&self.inner.media_inbox) = None;
             *lock(&self.inner.conn) = None;
             self.fail_pending();
             match step {
@@ -326,6 +336,10 @@ impl Driver {
     async fn serve(&mut self, session: &mut Session) -> Step {
         self.relay_error = None;
         self.go_away = None;
+        let step = self.open_media(session).await;
+        if !matches!(step, Step::Continue) {
+            return step;
+        }
         loop {
             let step = tokio::select! {
                 cmd = self.commands.recv() => match cmd {
@@ -339,6 +353,63 @@ impl Driver {
             if !matches!(step, Step::Continue) {
                 return step;
             }
+        }
+    }
+
+    /// Asks for the UDP media path (PROTOCOL.md, section 14) when the
+    /// configuration wants it; the offer arrives on the control stream.
+    async fn open_media(&mut self, session: &mut Session) -> Step {
+        if !self.inner.config.media {
+            return Step::Continue;
+        }
+        let id = self.next_request;
+        self.next_request += 1;
+        self.pending.insert(
+            id,
+            Pending {
+                kind: PendingKind::Media,
+                reply: None,
+            },
+        );
+        let open = ControlMessage::Media(MediaMessage::Open { request_id: id });
+        self.write(session, &open).await
+    }
+
+    /// The relay offered the media path: start it.
+    async fn media_offered(
+        &mut self,
+        session: &Session,
+        request_id: u64,
+        port: u16,
+        conn_id: u64,
+        epoch: u32,
+    ) {
+        if !matches!(
+            self.pending.get(&request_id).map(|p| &p.kind),
+            Some(PendingKind::Media)
+        ) || self.media.is_some()
+        {
+            tracing::debug!(request_id, "unexpected media offer");
+            return;
+        }
+        self.pending.remove(&request_id);
+        let inbox = Arc::new(crate::media::MediaInbox::default());
+        match crate::media::start(
+            self.inner.clone(),
+            &session.conn,
+            port,
+            conn_id,
+            epoch,
+            inbox.clone(),
+        )
+        .await
+        {
+            Ok(path) => {
+                tracing::debug!(port, "media path open");
+                *lock(&self.inner.media_inbox) = Some((session.conn.stable_id(), inbox));
+                self.media = Some(path);
+            }
+            Err(e) => tracing::warn!(error = %e, "media path not started; frames stay on streams"),
         }
     }
 
@@ -386,6 +457,24 @@ impl Driver {
                 self.write(session, &ControlMessage::DeliveryAck { group, seq })
                     .await
             }
+            Internal::Fetch { group, seq } => {
+                let id = self.next_request;
+                self.next_request += 1;
+                self.inner.fetch_started(&group);
+                self.pending.insert(
+                    id,
+                    Pending {
+                        kind: PendingKind::Fetch(group.clone()),
+                        reply: None,
+                    },
+                );
+                let fetch = ControlMessage::FetchClip {
+                    request_id: id,
+                    group,
+                    seq,
+                };
+                self.write(session, &fetch).await
+            }
             Internal::Control { epoch, msg } if epoch == session.epoch => {
                 self.control(session, msg).await
             }
@@ -417,9 +506,19 @@ impl Driver {
     }
 
     /// Handles a message from the relay.
-    async fn control(&mut self, _session: &mut Session, msg: ControlMessage) -> Step {
+    async fn control(&mut self, session: &mut Session, msg: ControlMessage) -> Step {
         use ControlMessage as M;
         let event = match msg {
+            M::Media(MediaMessage::Offer {
+                request_id,
+                port,
+                conn_id,
+                epoch,
+            }) => {
+                self.media_offered(session, request_id, port, conn_id, epoch)
+                    .await;
+                None
+            }
             M::Channel(ref answer) if answer.request_id() != 0 => {
                 let request_id = answer.request_id();
                 self.reply(request_id, msg).await;
@@ -570,6 +669,11 @@ impl Driver {
         let ok = !matches!(msg, ControlMessage::Error { .. });
         match &pending.kind {
             PendingKind::Plain => {}
+            PendingKind::Media => {
+                if let ControlMessage::Error { code, .. } = &msg {
+                    tracing::debug!(%code, "no media path; frames stay on streams");
+                }
+            }
             PendingKind::Join(group) => {
                 if ok {
                     self.joined.insert(group.clone());
@@ -748,8 +852,15 @@ impl Driver {
     /// dropped (see [`Driver::offline_command`]); control messages of the
     /// lost connection are stale.
     fn offline_internal(&mut self, msg: Internal) {
-        if let Internal::Ack { group, seq } = msg {
-            tracing::debug!(%group, seq, "acknowledgement dropped while disconnected");
+        match msg {
+            Internal::Ack { group, seq } => {
+                tracing::debug!(%group, seq, "acknowledgement dropped while disconnected");
+            }
+            // Catch-up after the reconnect delivers the clip again.
+            Internal::Fetch { group, seq } => {
+                tracing::debug!(%group, seq, "fetch dropped while disconnected");
+            }
+            Internal::Control { .. } | Internal::ControlEnded { .. } => {}
         }
     }
 

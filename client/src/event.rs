@@ -55,6 +55,26 @@ pub enum Event {
         /// A waveform preview, one byte (0 to 31) per bucket.
         waveform: Bytes,
     },
+    /// A live clip received on the UDP media path (PROTOCOL.md, section 14)
+    /// ended with `missing` of its `frame_count` frames lost on the way
+    /// (those that arrived came as [`Event::Frame`]s). It takes the place
+    /// of [`Event::ClipEnded`] for this copy: the client fetches the clip
+    /// whole at once, so the same clip follows from the store as
+    /// [`Event::ClipStarted`] (`history`, flag FETCHED), every frame, and
+    /// [`Event::ClipEnded`], after which it is acknowledged. Fill the holes
+    /// (or replace the live copy) by `clip_id` and frame index.
+    ClipIncomplete {
+        /// The group.
+        group: String,
+        /// The clip.
+        clip_id: ClipId,
+        /// Its sequence number in the group.
+        seq: u64,
+        /// How many frames it has.
+        frame_count: u32,
+        /// How many of them did not arrive.
+        missing: u32,
+    },
     /// A clip stopped before its end.
     ///
     /// `code` is the relay's reset code: [`ErrorCode::SlowReceiver`] (the

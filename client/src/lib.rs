@@ -39,6 +39,7 @@ mod dedup;
 mod driver;
 mod error;
 mod event;
+mod media;
 mod pcm;
 mod receive;
 mod shared;
@@ -52,6 +53,7 @@ pub use config::{ClientConfig, ReconnectPolicy, TransportTuning, Trust, parse_fi
 pub use dedup::DedupCache;
 pub use error::ClientError;
 pub use event::{Event, Events};
+pub use media::{EARLY_KEEP, EARLY_MAX, MediaLink};
 pub use pcm::PcmTalk;
 pub use ptt_codec::EncoderConfig;
 pub use shared::{ClientStats, StoredClip};

@@ -11,7 +11,11 @@ use ptt_protocol::{
     LiveRead, ReadError,
 };
 
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
 use crate::event::Event;
+use crate::media::{MAX_MEDIA_INDEX, MediaFrame, MediaInbox};
 use crate::shared::{Inner, Internal, Stats, lock};
 
 /// The clip a stream carries, once its header arrived.
@@ -21,8 +25,69 @@ struct Current {
     /// Received whole before: read silently, acknowledge, surface nothing.
     duplicate: bool,
     ended: bool,
-    /// Reports for a live clip (no HISTORY flag).
+    /// Reports for a live clip (no HISTORY flag) whose frames come on the
+    /// stream.
     report: Option<LiveReport>,
+    /// A live clip whose frames come by UDP (flag MEDIA).
+    media: Option<MediaClip>,
+}
+
+/// How long after a media clip's end frames still missing may arrive
+/// (UDP may lag the stream) before the clip is fetched.
+const MEDIA_END_GRACE: Duration = Duration::from_millis(200);
+
+/// The frames of a MEDIA clip (PROTOCOL.md, section 14.4), as they arrive
+/// by UDP in any order.
+struct MediaClip {
+    inbox: Arc<MediaInbox>,
+    stream: u64,
+    rx: mpsc::Receiver<MediaFrame>,
+    /// Bit `i`: frame `i` arrived (indices below [`MAX_MEDIA_INDEX`]).
+    seen: Vec<u64>,
+}
+
+impl MediaClip {
+    fn new(inbox: Arc<MediaInbox>, stream: u64) -> MediaClip {
+        let rx = inbox.register(stream);
+        MediaClip {
+            inbox,
+            stream,
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Records frame `index`; `false` if it had arrived before.
+    fn mark(&mut self, index: u32) -> bool {
+        let (word, bit) = ((index / 64) as usize, index % 64);
+        if index >= MAX_MEDIA_INDEX {
+            return false;
+        }
+        if self.seen.len() <= word {
+            self.seen.resize(word + 1, 0);
+        }
+        let new = self.seen[word] & (1 << bit) == 0;
+        self.seen[word] |= 1 << bit;
+        new
+    }
+
+    /// How many of frames `0..frame_count` have not arrived.
+    fn missing(&self, frame_count: u32) -> u32 {
+        let have: u32 = (0..frame_count.min(MAX_MEDIA_INDEX))
+            .filter(|i| {
+                self.seen
+                    .get((i / 64) as usize)
+                    .is_some_and(|w| w & (1 << (i % 64)) != 0)
+            })
+            .count() as u32;
+        frame_count - have
+    }
+}
+
+impl Drop for MediaClip {
+    fn drop(&mut self) {
+        self.inbox.unregister(self.stream);
+    }
 }
 
 /// Tells the relay how far the application has read a live clip stream
@@ -71,13 +136,32 @@ pub(crate) async fn read_clip(inner: Arc<Inner>, conn: quinn::Connection, recv: 
     let mut reader = ClipReader::new(ClipLimits::unlimited());
     let mut current: Option<Current> = None;
     loop {
-        let next = match current.as_ref().is_some_and(|c| c.ended) {
+        let ended = current.as_ref().is_some_and(|c| c.ended);
+        let next = match current.as_mut().and_then(|c| c.media.as_mut()) {
             // After the end only the FIN is due; do not wait for it forever.
-            true => match tokio::time::timeout(Duration::from_secs(5), stream.next_clip()).await {
-                Ok(r) => r,
-                Err(_) => return,
-            },
-            false => stream.next_clip().await,
+            _ if ended => {
+                match tokio::time::timeout(Duration::from_secs(5), stream.next_clip()).await {
+                    Ok(r) => r,
+                    Err(_) => return,
+                }
+            }
+            Some(media) => {
+                let frame = tokio::select! {
+                    biased;
+                    Some(frame) = media.rx.recv() => Ok(frame),
+                    next = stream.next_clip() => Err(next),
+                };
+                match frame {
+                    Ok(frame) => {
+                        if let Some(c) = current.as_mut() {
+                            media_frame(&inner, c, frame).await;
+                        }
+                        continue;
+                    }
+                    Err(next) => next,
+                }
+            }
+            None => stream.next_clip().await,
         };
         let code = match next {
             Ok(Some((msg, _))) => {
@@ -150,7 +234,42 @@ async fn handle(
     recv: &mut quinn::RecvStream,
 ) -> Result<Flow, ErrorCode> {
     let now = Instant::now();
+    if let Some(c) = current.as_mut()
+        && c.media.is_some()
+    {
+        // A MEDIA clip's stream carries its header and end, no frame.
+        let ClipMessage::End {
+            frame_count,
+            seq,
+            waveform,
+        } = msg
+        else {
+            return Err(ErrorCode::OutOfOrder);
+        };
+        media_end(inner, c, frame_count, seq, waveform).await;
+        return Ok(Flow::Continue);
+    }
     match reader.handle_message(msg, now).map_err(|e| e.code())? {
+        ClipEvent::Started(header) if header.flags & ClipHeader::FLAG_MEDIA != 0 => {
+            let stream = u64::from(recv.id());
+            // A MEDIA clip without a path (it ended with the connection):
+            // no frame will come, the clip is fetched at its end.
+            let inbox = inner.media_inbox(conn).unwrap_or_default();
+            let duplicate = is_duplicate(inner, &header);
+            if duplicate {
+                Stats::bump(&inner.stats.duplicates_dropped);
+            } else {
+                emit_started(inner, &header).await;
+            }
+            *current = Some(Current {
+                group: header.group,
+                clip_id: header.clip_id,
+                duplicate,
+                ended: false,
+                report: None,
+                media: Some(MediaClip::new(inbox, stream)),
+            });
+        }
         ClipEvent::Started(header) => {
             let duplicate = is_duplicate(inner, &header);
             if duplicate {
@@ -163,16 +282,7 @@ async fn handle(
                     return Ok(Flow::Done);
                 }
             } else {
-                inner
-                    .emit(Event::ClipStarted {
-                        group: header.group.clone(),
-                        clip_id: header.clip_id,
-                        talker: header.talker.clone(),
-                        seq: header.seq,
-                        history: header.flags & ClipHeader::FLAG_HISTORY != 0,
-                        header: header.clone(),
-                    })
-                    .await;
+                emit_started(inner, &header).await;
             }
             // A live clip is reported even when it is a duplicate: we
             // still read it, and the relay cuts a live stream whose reports
@@ -188,6 +298,7 @@ async fn handle(
                 duplicate,
                 ended: false,
                 report,
+                media: None,
             });
         }
         ClipEvent::Frame { index, data } => {
@@ -239,6 +350,100 @@ async fn handle(
         }
     }
     Ok(Flow::Continue)
+}
+
+async fn emit_started(inner: &Inner, header: &ClipHeader) {
+    inner
+        .emit(Event::ClipStarted {
+            group: header.group.clone(),
+            clip_id: header.clip_id,
+            talker: header.talker.clone(),
+            seq: header.seq,
+            history: header.flags & ClipHeader::FLAG_HISTORY != 0,
+            header: header.clone(),
+        })
+        .await;
+}
+
+/// A frame of a MEDIA clip arrived by UDP: surfaced once per index.
+async fn media_frame(inner: &Inner, c: &mut Current, frame: MediaFrame) {
+    let Some(media) = c.media.as_mut() else {
+        return;
+    };
+    if !media.mark(frame.index) || c.duplicate {
+        return;
+    }
+    Stats::bump(&inner.stats.frames_received);
+    inner
+        .emit(Event::Frame {
+            group: c.group.clone(),
+            clip_id: c.clip_id,
+            index: frame.index,
+            data: frame.data,
+            received_at: frame.received_at,
+        })
+        .await;
+}
+
+/// A MEDIA clip's end (PROTOCOL.md, section 14.4): complete, it ends as
+/// any clip; with holes (after [`MEDIA_END_GRACE`] for stragglers), the app
+/// gets [`Event::ClipIncomplete`] and the clip is fetched whole, to be
+/// acknowledged after the fetched copy's end.
+async fn media_end(inner: &Inner, c: &mut Current, frame_count: u32, seq: u64, waveform: Bytes) {
+    c.ended = true;
+    let deadline = tokio::time::Instant::now() + MEDIA_END_GRACE;
+    while c.media.as_ref().is_some_and(|m| m.missing(frame_count) > 0) {
+        let Some(media) = c.media.as_mut() else {
+            break;
+        };
+        match tokio::time::timeout_at(deadline, media.rx.recv()).await {
+            Ok(Some(frame)) => media_frame(inner, c, frame).await,
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let missing = c.media.as_ref().map_or(0, |m| m.missing(frame_count));
+    c.media = None;
+    if c.duplicate {
+        // The app had it whole before; acknowledge again.
+        ack(inner, &c.group, seq).await;
+        return;
+    }
+    if missing == 0 {
+        let new = lock(&inner.dedup).insert(&c.group, c.clip_id);
+        Stats::bump(&inner.stats.clips_received);
+        inner
+            .emit(Event::ClipEnded {
+                group: c.group.clone(),
+                clip_id: c.clip_id,
+                seq,
+                frame_count,
+                waveform,
+            })
+            .await;
+        if new && inner.config.auto_ack {
+            ack(inner, &c.group, seq).await;
+        }
+        return;
+    }
+    Stats::bump(&inner.stats.media_clips_fetched);
+    inner
+        .emit(Event::ClipIncomplete {
+            group: c.group.clone(),
+            clip_id: c.clip_id,
+            seq,
+            frame_count,
+            missing,
+        })
+        .await;
+    if seq != 0 {
+        let _ = inner
+            .internal
+            .send(Internal::Fetch {
+                group: c.group.clone(),
+                seq,
+            })
+            .await;
+    }
 }
 
 /// Whether a clip starting with `header` was received whole before and is

@@ -55,6 +55,14 @@ pub struct ClientStats {
     /// were read, after each header and every second of audio (PROTOCOL.md,
     /// section 9.7).
     pub live_reads_sent: u64,
+    /// Live frames received in UDP media packets (PROTOCOL.md, section 14).
+    pub media_frames_received: u64,
+    /// `BindAck`s accepted on the media path: non-zero once the path is
+    /// bound (PROTOCOL.md, section 14.3).
+    pub media_binds_acked: u64,
+    /// Clips received on the media path with frames missing, fetched whole
+    /// before they were acknowledged.
+    pub media_clips_fetched: u64,
 }
 
 #[derive(Debug, Default)]
@@ -67,6 +75,9 @@ pub(crate) struct Stats {
     pub clips_resent: AtomicU64,
     pub reconnects: AtomicU64,
     pub live_reads_sent: AtomicU64,
+    pub media_frames_received: AtomicU64,
+    pub media_binds_acked: AtomicU64,
+    pub media_clips_fetched: AtomicU64,
 }
 
 impl Stats {
@@ -85,6 +96,9 @@ impl Stats {
             clips_resent: g(&self.clips_resent),
             reconnects: g(&self.reconnects),
             live_reads_sent: g(&self.live_reads_sent),
+            media_frames_received: g(&self.media_frames_received),
+            media_binds_acked: g(&self.media_binds_acked),
+            media_clips_fetched: g(&self.media_clips_fetched),
         }
     }
 }
@@ -170,6 +184,8 @@ pub(crate) enum Internal {
     },
     /// A clip was received whole: acknowledge it.
     Ack { group: String, seq: u64 },
+    /// A live clip lost frames on the media path: fetch it whole.
+    Fetch { group: String, seq: u64 },
 }
 
 pub(crate) struct Inner {
@@ -189,12 +205,23 @@ pub(crate) struct Inner {
     pub internal: mpsc::Sender<Internal>,
     pub stats: Stats,
     pub closed: AtomicBool,
+    /// The media path's frame router, with the `stable_id` of the
+    /// connection it belongs to.
+    pub media_inbox: Mutex<Option<(usize, Arc<crate::media::MediaInbox>)>>,
 }
 
 impl Inner {
     /// The current connection, if any.
     pub fn current(&self) -> Option<ConnSlot> {
         lock(&self.conn).clone()
+    }
+
+    /// The media frame router of connection `conn`, if its path is open.
+    pub fn media_inbox(&self, conn: &quinn::Connection) -> Option<Arc<crate::media::MediaInbox>> {
+        lock(&self.media_inbox)
+            .as_ref()
+            .filter(|(id, _)| *id == conn.stable_id())
+            .map(|(_, inbox)| inbox.clone())
     }
 
     /// Whether losing the connection is survivable.

@@ -57,7 +57,13 @@ fn delta(before: &HashMap<String, f64>, after: &HashMap<String, f64>, series: &s
 
 #[tokio::test]
 async fn counters_move_by_what_a_real_exchange_did() {
-    let relay = TestRelay::start_with(|c| c.metrics = Some("127.0.0.1:0".parse().unwrap())).await;
+    // Frames on streams: the byte counters below are stream bytes (the
+    // clients would otherwise take the UDP media path).
+    let relay = TestRelay::start_with(|c| {
+        c.metrics = Some("127.0.0.1:0".parse().unwrap());
+        c.media = false;
+    })
+    .await;
     let addr = relay.handle.metrics_addr().expect("a metrics listener");
     assert_eq!(get(addr, "/healthz").await.0, 200);
     assert_eq!(get(addr, "/readyz").await.0, 200);

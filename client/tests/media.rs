@@ -1,0 +1,276 @@
+//! The client on the UDP media path (PROTOCOL.md §14) against the real
+//! relay in-process, over real QUIC and UDP on loopback: a live clip's
+//! frames arrive by UDP byte-identical; with every third media datagram
+//! lost, the client reports the clip incomplete, fetches it whole, and
+//! acknowledges it only then.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ptt_client::{
+    Client, ClientConfig, ClipHeader, ClipParams, Event, Events, GroupMode, MediaLink, ReceiptKind,
+    ReconnectPolicy, Trust,
+};
+use ptt_relay::{RelayConfig, RelayHandle};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Loses every third datagram the client receives on its media socket.
+#[derive(Debug, Default)]
+struct DropEveryThird {
+    received: AtomicU64,
+}
+
+impl MediaLink for DropEveryThird {
+    fn pass(&self, outgoing: bool) -> Option<Duration> {
+        if outgoing {
+            return Some(Duration::ZERO);
+        }
+        let n = self.received.fetch_add(1, Ordering::Relaxed);
+        (n % 3 != 2).then_some(Duration::ZERO)
+    }
+}
+
+struct Harness {
+    relay: RelayHandle,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = ptt_relay::start(RelayConfig::for_tests(dir.path()))
+            .await
+            .unwrap();
+        Harness { relay, _dir: dir }
+    }
+
+    fn config(&self, user: &str, admin: bool) -> ClientConfig {
+        let token = self
+            .relay
+            .issue_token(user, Duration::from_secs(3600), admin, false)
+            .expect("own key");
+        let trust = Trust::fingerprint_from_hex(self.relay.cert_fingerprint()).unwrap();
+        ClientConfig::new(self.relay.addr(), "localhost", trust, token)
+    }
+
+    /// A team of alice (talking, media off) and bob (`bob`'s config),
+    /// both joined, bob's media path bound.
+    async fn team(&self, bob: ClientConfig) -> (Client, Events, Client, Events) {
+        let (admin, _events) = Client::connect(self.config("root", true)).await.unwrap();
+        admin.create_group("team", GroupMode::Notes).await.unwrap();
+        for m in ["alice", "bob"] {
+            admin.add_member("team", m).await.unwrap();
+        }
+        admin.close().await;
+        let (alice, alice_events) = Client::connect(self.config("alice", false).with_media(false))
+            .await
+            .unwrap();
+        alice.join("team").await.unwrap();
+        let (bob, bob_events) = Client::connect(bob).await.unwrap();
+        bob.join("team").await.unwrap();
+        tokio::time::timeout(WAIT, async {
+            while bob.stats().media_binds_acked == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("bob's media path binds");
+        (alice, alice_events, bob, bob_events)
+    }
+}
+
+fn frames(n: usize) -> Vec<Bytes> {
+    (0..n)
+        .map(|i| Bytes::from(vec![0xf8, i as u8, 0xaa, 0x55, (i * 7) as u8]))
+        .collect()
+}
+
+/// Talks a clip of `frames`, paced so they are live: 5 ms apart.
+async fn talk(alice: &Client, frames: &[Bytes]) -> u64 {
+    let mut talk = alice.talk("team", ClipParams::default()).await.unwrap();
+    for f in frames {
+        talk.send_frame(f.clone()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    talk.finish(Vec::new()).await.unwrap().seq
+}
+
+/// Bob's events until `done` says stop, with a deadline.
+async fn collect(events: &mut Events, mut done: impl FnMut(&Event) -> bool) -> Vec<Event> {
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let event = events.next().await.expect("events ended");
+            let stop = done(&event);
+            out.push(event);
+            if stop {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out; events so far: {out:#?}"));
+    out
+}
+
+#[tokio::test]
+async fn live_frames_arrive_by_udp_byte_identical() {
+    let h = Harness::start().await;
+    let (alice, _alice_events, bob, mut bob_events) = h.team(h.config("bob", false)).await;
+    let sent = frames(30);
+    let seq = talk(&alice, &sent).await;
+    let events = collect(&mut bob_events, |e| matches!(e, Event::ClipEnded { .. })).await;
+    let Some(Event::ClipStarted { header, .. }) = events
+        .iter()
+        .find(|e| matches!(e, Event::ClipStarted { .. }))
+    else {
+        panic!("no start: {events:#?}");
+    };
+    assert_ne!(header.flags & ClipHeader::FLAG_MEDIA, 0, "a MEDIA delivery");
+    let got: Vec<(u32, Bytes)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Frame { index, data, .. } => Some((*index, data.clone())),
+            _ => None,
+        })
+        .collect();
+    let want: Vec<(u32, Bytes)> = sent
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, f)| (i as u32, f))
+        .collect();
+    assert_eq!(got, want, "every frame once, byte-identical");
+    assert!(
+        matches!(events.last(), Some(Event::ClipEnded { seq: s, frame_count: 30, .. }) if *s == seq)
+    );
+    let stats = bob.stats();
+    assert_eq!(stats.media_frames_received, 30, "{stats:?}");
+    assert_eq!(stats.media_clips_fetched, 0);
+    h.relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_every_third_datagram_lost_the_clip_is_fetched_whole_then_acknowledged() {
+    let h = Harness::start().await;
+    let mut config = h.config("bob", false);
+    config.media_link = Some(Arc::new(DropEveryThird::default()));
+    let (alice, mut alice_events, bob, mut bob_events) = h.team(config).await;
+    let sent = frames(30);
+    let seq = talk(&alice, &sent).await;
+
+    // The live copy: the frames that got through, then ClipIncomplete; then
+    // the fetched copy, whole, and its end.
+    let mut ends = 0;
+    let events = collect(&mut bob_events, |e| {
+        ends += matches!(e, Event::ClipEnded { .. } | Event::ClipIncomplete { .. }) as u32;
+        ends == 2
+    })
+    .await;
+    let incomplete = events
+        .iter()
+        .position(|e| matches!(e, Event::ClipIncomplete { .. }));
+    let Some(at) = incomplete else {
+        panic!("the live copy is incomplete: {events:#?}");
+    };
+    let Event::ClipIncomplete {
+        seq: s,
+        frame_count,
+        missing,
+        ..
+    } = &events[at]
+    else {
+        unreachable!()
+    };
+    assert_eq!((*s, *frame_count), (seq, 30));
+    let live: Vec<u32> = events[..at]
+        .iter()
+        .filter_map(|e| match e {
+            Event::Frame { index, .. } => Some(*index),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        *missing > 0 && live.len() as u32 + missing == 30,
+        "{live:?}, {missing} missing"
+    );
+    let fetched: Vec<Bytes> = events[at..]
+        .iter()
+        .filter_map(|e| match e {
+            Event::Frame { data, .. } => Some(data.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fetched, sent, "the fetched copy has every frame");
+    assert!(
+        events[at..]
+            .iter()
+            .any(|e| matches!(e, Event::ClipStarted { history: true, .. })),
+        "the fetched copy comes from the store"
+    );
+    assert!(matches!(events.last(), Some(Event::ClipEnded { seq: s, .. }) if *s == seq));
+
+    // Acknowledged after the fetch: alice gets bob's delivery receipt.
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match alice_events.next().await.expect("events") {
+                Event::Receipt {
+                    seq: s,
+                    user,
+                    kind: ReceiptKind::Delivered,
+                    ..
+                } if s == seq && user == "bob" => return,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("bob acknowledged the clip");
+    let stats = bob.stats();
+    assert_eq!(stats.media_clips_fetched, 1, "{stats:?}");
+    assert_eq!(stats.clips_received, 1, "{stats:?}");
+    h.relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn after_a_reconnect_the_client_binds_a_new_path() {
+    let h = Harness::start().await;
+    let policy = ReconnectPolicy {
+        initial_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(200),
+        ..ReconnectPolicy::default()
+    };
+    let config = h.config("bob", false).with_reconnect(policy);
+    let (alice, _alice_events, bob, mut bob_events) = h.team(config).await;
+    bob.connection()
+        .unwrap()
+        .close(0u32.into(), b"network switch");
+    collect(&mut bob_events, |e| matches!(e, Event::Reconnected { .. })).await;
+    tokio::time::timeout(WAIT, async {
+        while bob.stats().media_binds_acked < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("a Bind on the new connection's path");
+    let sent = frames(10);
+    talk(&alice, &sent).await;
+    let events = collect(&mut bob_events, |e| matches!(e, Event::ClipEnded { .. })).await;
+    let got: Vec<Bytes> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Frame { data, .. } => Some(data.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, sent);
+    assert_eq!(
+        bob.stats().media_frames_received,
+        10,
+        "by UDP on the new path"
+    );
+    h.relay.shutdown().await;
+}
