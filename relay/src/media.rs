@@ -339,11 +339,7 @@ pub async fn deliver_live_media(
         peer: peer.clone(),
         stream: stream.quic_id().into(),
     };
-    let (registration, backlog) = clip.add_media_target(target.clone());
-    for (index, data) in backlog.iter().enumerate() {
-        send_frame(std::slice::from_ref(&target), index as u32, data);
-    }
-    drop(backlog);
+    let registration = clip.add_media_target(target);
     let state = clip.finished().await;
     drop(registration);
     match state {
