@@ -258,15 +258,33 @@ pub struct MediaTarget {
 }
 
 /// Sends frame `index` of a clip to each target whose path is bound, one
-/// sealed datagram each, fire-and-forget: a datagram the socket cannot
-/// take at once is dropped (the member fetches the clip). Counts the
-/// frames and bytes sent in the metrics, once per call.
+/// sealed datagram each, fire-and-forget: all of them handed to the kernel
+/// together ([`crate::net::send_batch`], one `sendmmsg` per 64), and a
+/// datagram the socket cannot take at once is dropped (the member fetches
+/// the clip). Counts the frames and bytes sent in the metrics, once per
+/// call.
 pub fn send_frame(targets: &[MediaTarget], index: u32, data: &[u8]) {
     let now = Instant::now();
     let mut plain = Vec::with_capacity(data.len() + 16);
-    let mut packet = Vec::with_capacity(MAX_PACKET_LEN);
+    let mut batch = crate::net::Batch::default();
+    batch
+        .bytes
+        .reserve(targets.len().min(crate::net::SEND_BATCH) * (data.len() + 48));
     let (mut frames, mut bytes) = (0u64, 0u64);
+    let mut socket: Option<&Arc<UdpSocket>> = None;
     for target in targets {
+        // Every peer of a node shares its plane's socket; should one not,
+        // what is batched goes out on its own socket first.
+        if socket.is_some_and(|s| !Arc::ptr_eq(s, &target.peer.socket))
+            || batch.len() == crate::net::SEND_BATCH
+        {
+            if let Some(s) = socket {
+                let (f, b) = crate::net::send_batch(s, &batch);
+                frames += f;
+                bytes += b;
+            }
+            batch.clear();
+        }
         plain.clear();
         FramePayload {
             stream: target.stream,
@@ -274,28 +292,29 @@ pub fn send_frame(targets: &[MediaTarget], index: u32, data: &[u8]) {
             data,
         }
         .encode(&mut plain);
-        let addr = {
-            let mut s = target.peer.lock();
-            let bound = !s.closed
-                && s.last_bind
-                    .is_some_and(|at| now.saturating_duration_since(at) < BIND_TIMEOUT);
-            let Some(addr) = s.addr.filter(|_| bound) else {
-                continue;
-            };
-            packet.clear();
-            if target
-                .peer
-                .seal(&mut s, PacketType::Frame, &plain, &mut packet)
-                .is_err()
-            {
-                continue;
-            }
-            addr
+        let mut s = target.peer.lock();
+        let bound = !s.closed
+            && s.last_bind
+                .is_some_and(|at| now.saturating_duration_since(at) < BIND_TIMEOUT);
+        let Some(addr) = s.addr.filter(|_| bound) else {
+            continue;
         };
-        if target.peer.socket.try_send_to(&packet, addr).is_ok() {
-            frames += 1;
-            bytes += packet.len() as u64;
+        let start = batch.bytes.len();
+        if target
+            .peer
+            .seal(&mut s, PacketType::Frame, &plain, &mut batch.bytes)
+            .is_err()
+        {
+            batch.bytes.truncate(start);
+            continue;
         }
+        batch.push(addr);
+        socket = Some(&target.peer.socket);
+    }
+    if let Some(s) = socket {
+        let (f, b) = crate::net::send_batch(s, &batch);
+        frames += f;
+        bytes += b;
     }
     if frames > 0 {
         let m = crate::metrics::Metrics::get();
