@@ -247,9 +247,10 @@ async fn a_listener_whose_socket_switches_mid_clip_hears_it_live_and_whole() {
     relay.handle.shutdown().await;
 }
 
-/// Like [`connect_on`], with a connection that is declared lost after a
-/// second without packets (a phone's client would wait longer; the test
-/// wants the loss seen quickly).
+/// Like [`connect_on`], with a connection that is declared lost after 2 s
+/// without packets (a phone's client would wait longer; the test wants
+/// the loss seen quickly, and keep-alives every 400 ms keep a busy
+/// machine from losing it before the switch).
 async fn connect_quick_on(
     relay: &TestRelay,
     endpoint: quinn::Endpoint,
@@ -258,8 +259,8 @@ async fn connect_quick_on(
     let mut config = relay
         .config(relay.token(user))
         .with_reconnect(fast_reconnect());
-    config.transport.idle_timeout = Duration::from_secs(1);
-    config.transport.keep_alive = Duration::from_millis(250);
+    config.transport.idle_timeout = Duration::from_secs(2);
+    config.transport.keep_alive = Duration::from_millis(400);
     tokio::time::timeout(WAIT, Client::connect_with_endpoint(endpoint, config))
         .await
         .expect("connect in time")
