@@ -20,6 +20,7 @@
 #   OUT=soak-out scripts/soak.sh         # keep samples.csv, the report and logs there
 #   PROFILE=debug scripts/soak.sh        # debug binaries (no release build)
 #   PROFILE=debug MINUTES=2 scripts/soak.sh   # a quick check (samples every 3 s)
+#   BIN=/some/dir scripts/soak.sh        # binaries copied aside, no build
 #
 # Wall time: MINUTES plus about a minute (build, connect, settle).
 #
@@ -45,8 +46,14 @@ echo "soak: ${MINUTES} min, sample every ${SAMPLE} s, warm-up ${WARMUP} min; out
 PROFILE=${PROFILE:-release}
 profile_flag=--release
 [ "$PROFILE" = debug ] && profile_flag=""
-cargo build $profile_flag --locked -p ptt-relay --bin relay -p client-sim --bin client-sim
-bin="$target/$PROFILE"
+# BIN=DIR runs the relay and client-sim binaries in DIR as they are (no
+# build): a soak that outlives later builds of the same tree.
+if [ -n "${BIN:-}" ]; then
+    bin=$BIN
+else
+    cargo build $profile_flag --locked -p ptt-relay --bin relay -p client-sim --bin client-sim
+    bin="$target/$PROFILE"
+fi
 
 data="$out/data"
 metrics_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
