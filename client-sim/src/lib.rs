@@ -109,8 +109,9 @@ pub enum RelayChoice {
     },
     /// Several relay nodes of one cluster (issue #10: they share a NATS
     /// backbone and a token signing key), started separately. Clients are
-    /// spread over them round-robin by user; a client whose connection
-    /// attempt fails tries the next node.
+    /// spread over them round-robin (member k of group j on node
+    /// (j + k) mod n); a client whose connection attempt fails tries the
+    /// next node.
     Cluster {
         /// The nodes, in order.
         nodes: Vec<ExternalNode>,

@@ -31,8 +31,9 @@ struct Cli {
     embedded: bool,
     /// Drive a separately started relay at this address (loopback only);
     /// several, comma-separated (`--relay A,B`), are the nodes of one
-    /// cluster: clients are spread over them round-robin by user, and a
-    /// client whose connection attempt fails tries the next node.
+    /// cluster: clients are spread over them round-robin (member k of
+    /// group j on node (j + k) mod n), and a client whose connection
+    /// attempt fails tries the next node.
     #[arg(long, value_delimiter = ',', requires_all = ["fingerprint", "token_key"])]
     relay: Vec<SocketAddr>,
     /// The relay's certificate SHA-256 fingerprint (printed at its start);

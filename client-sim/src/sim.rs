@@ -284,9 +284,18 @@ impl Sim {
     }
 
     /// The node user `user` connects to at its `attempt`th try (1, 2, …):
-    /// round-robin by user, and the next node after a failed attempt.
+    /// round-robin over the members of a group, starting one node further
+    /// with each group (member `k` of group `j` on node `(j + k) mod n`, so
+    /// that talkers, the first members, are spread too), and the next node
+    /// after a failed attempt.
     fn node_for(&self, user: UserIdx, attempt: u64) -> usize {
-        (user as usize + attempt.saturating_sub(1) as usize) % self.nodes.len()
+        let j = self.user_group[user as usize];
+        let k = self.groups[j as usize]
+            .members
+            .iter()
+            .position(|&m| m == user)
+            .unwrap_or(0);
+        (j as usize + k + attempt.saturating_sub(1) as usize) % self.nodes.len()
     }
 
     fn client_config(&self, user: UserIdx, node: usize) -> ClientConfig {
