@@ -9,7 +9,9 @@
 # client-sim measures it with --relay-pid, ÷ the frames that node delivered
 # to its clients), the clip store latency (the relay's
 # ptt_store_commit_seconds histogram from /metrics: JetStream's publish
-# acknowledgement and the index writes) and failed deliveries (must be 0).
+# acknowledgement and the index writes; p50/p99 are bucket bounds), the
+# time from a clip's last frame to its talker's `Stored` (client-sim's
+# stored_ack, all talkers) and failed deliveries (must be 0).
 #
 #   scripts/cluster-figures.sh [client-sim args...]
 #   PROFILE=debug scripts/cluster-figures.sh --clients 100 --duration 10s
@@ -63,7 +65,7 @@ if [ "${PIN:-1}" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null;
 fi
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-work=$(mktemp -d)
+work=$(mktemp -d -t cluster-figures.XXXXXX)
 pids=()
 cleanup() {
     local p
@@ -183,6 +185,8 @@ def commit(prom):
         return float("inf")
     return (total / count * 1000, q(0.5), q(0.99), count)
 
+ack = r["latency_ms"].get("stored_ack")
+acked = f"{ack['p50']:.1f} / {ack['p99']:.1f}" if ack else "n/a"
 nodes = r.get("nodes") or [{"addr": r["relay_addr"], "clients_connected": r["clients_connected"],
                             "frames_delivered": r["frames_delivered"], "relay": r["relay"]}]
 for k, n in enumerate(nodes):
@@ -193,13 +197,13 @@ for k, n in enumerate(nodes):
           f"{n['clients_connected']} | {n['frames_delivered']} | "
           f"{'n/a' if cpu is None else f'{cpu:.1f}'} | "
           f"{lat.get('p50', float('nan')):.2f} / {lat.get('p99', float('nan')):.2f} | "
-          f"{store} | {failed} of {r['deliveries_expected']} |")
+          f"{store} | {acked} | {failed} of {r['deliveries_expected']} |")
 PY
 done
 
 echo
-echo "| run | node | clients | frames delivered | relay CPU per delivered frame (µs) | frame p50 / p99, all clients (ms) | store commit mean / p50 / p99 (ms, clips) | failed deliveries |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+echo "| run | node | clients | frames delivered | relay CPU per delivered frame (µs) | frame p50 / p99, all clients (ms) | store commit mean / p50 / p99 (ms, clips) | Stored after the last frame p50 / p99 (ms) | failed deliveries |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 cat "$rows"
 echo
 echo "client-sim ${args[*]}; $nats_version, sync_interval ${NATS_SYNC:-default}; $profile build; load average $(cut -d' ' -f1-3 /proc/loadavg)"
