@@ -24,6 +24,7 @@
 # NATS_SYNC   a JetStream sync_interval for the server (`always`: fsync
 #             before every acknowledgement; NATS 2.10 or later).
 # RUNS        which runs: "1 2" (default), "1" or "2".
+# KEEP        set: keep the relays' logs and client-sim's reports.
 # PIN         1 (default on 2+ cores): relays on CPU 0, NATS and the
 #             simulator on CPU 1, in both runs, so the relay work has the
 #             same one core whether one node or two do it and the simulator
@@ -71,7 +72,7 @@ cleanup() {
     local p
     for p in ${pids[@]+"${pids[@]}"}; do kill -TERM "$p" 2>/dev/null || true; done
     for p in ${pids[@]+"${pids[@]}"}; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$work"
+    if [ -n "${KEEP:-}" ]; then echo "logs and reports kept in $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
@@ -100,6 +101,7 @@ start_node() {
     local name=$1 keys_from=${2:-}
     local data="$work/$name" log="$work/$name.log"
     mkdir -p "$data"
+    : >"$log"
     [ -n "$keys_from" ] && cp "$work/$keys_from/token.key" "$data/token.key"
     metrics=127.0.0.1:$(free_port)
     pin 0 "$bin/relay" serve --data-dir "$data" --listen 127.0.0.1:0 \
@@ -110,8 +112,8 @@ start_node() {
     pids+=("$pid")
     addr="" fp=""
     for _ in $(seq 1 300); do
-        addr=$(sed -n 's/^relay listening on \([^ ]*\).*/\1/p' "$log" | head -1)
-        fp=$(sed -n 's/.*certificate sha-256: *\([0-9a-f]*\).*/\1/p' "$log" | head -1)
+        addr=$(sed -n 's/^relay listening on \([^ ]*\).*/\1/p' "$log" | head -1) || true
+        fp=$(sed -n 's/.*certificate sha-256: *\([0-9a-f]*\).*/\1/p' "$log" | head -1) || true
         [ -n "$addr" ] && [ -n "$fp" ] && return 0
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
