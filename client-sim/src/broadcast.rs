@@ -205,6 +205,9 @@ pub async fn run(opts: &BroadcastOptions, relay: &RelayChoice) -> anyhow::Result
             };
             drive(opts, &target).await
         }
+        RelayChoice::Cluster { .. } => {
+            anyhow::bail!("the broadcast scenario drives one relay: give --relay a single address")
+        }
     }
 }
 

@@ -38,7 +38,7 @@ use ptt_relay::auth::TokenIssuer;
 use crate::audio::Audio;
 use crate::report::{CapacityReport, CapacityStep, Report};
 use crate::scenario::Scenario;
-use crate::sim::{Progress, Target};
+use crate::sim::{Node, Progress, Target};
 
 /// Checks a separate relay's address (loopback only) and loads the token
 /// key of its data directory, which must exist: `load_or_create` would
@@ -60,6 +60,37 @@ pub(crate) fn external_issuer(
         .with_context(|| format!("loading {}", token_key.display()))
 }
 
+/// The target of a [`RelayChoice::Cluster`]: set-up and the flood go to
+/// the first node, the clients to all of them.
+fn cluster_target(nodes: &[ExternalNode], token_key: &std::path::Path) -> anyhow::Result<Target> {
+    let first = nodes.first().context("a cluster needs at least one node")?;
+    let issuer = external_issuer(&first.addr, token_key)?;
+    let mut parsed = Vec::with_capacity(nodes.len());
+    for n in nodes {
+        anyhow::ensure!(
+            n.addr.ip().is_loopback(),
+            "the simulator only drives relays on this machine (loopback), not {}",
+            n.addr
+        );
+        parsed.push(Node {
+            addr: n.addr,
+            fingerprint: ptt_client::parse_fingerprint(&n.fingerprint)
+                .with_context(|| format!("the fingerprint of {}", n.addr))?,
+            pid: n.pid,
+        });
+    }
+    Ok(Target {
+        addr: parsed[0].addr,
+        fingerprint: parsed[0].fingerprint,
+        issuer: Arc::new(issuer),
+        store: None,
+        // Measured per node (the report's `nodes`), not as one relay.
+        pid: None,
+        embedded: false,
+        nodes: parsed,
+    })
+}
+
 /// Which relay to drive.
 #[derive(Debug, Clone)]
 pub enum RelayChoice {
@@ -76,6 +107,29 @@ pub enum RelayChoice {
         /// Its process id, to measure CPU and memory.
         pid: Option<u32>,
     },
+    /// Several relay nodes of one cluster (issue #10: they share a NATS
+    /// backbone and a token signing key), started separately. Clients are
+    /// spread over them round-robin (member k of group j on node
+    /// (j + k) mod n); a client whose connection attempt fails tries the
+    /// next node.
+    Cluster {
+        /// The nodes, in order.
+        nodes: Vec<ExternalNode>,
+        /// The token signing key every node accepts (`token.key` of one
+        /// node's data directory, copied to the others).
+        token_key: PathBuf,
+    },
+}
+
+/// One node of [`RelayChoice::Cluster`].
+#[derive(Debug, Clone)]
+pub struct ExternalNode {
+    /// Its address (loopback only).
+    pub addr: SocketAddr,
+    /// SHA-256 of its certificate, hex.
+    pub fingerprint: String,
+    /// Its process id, to measure CPU and memory.
+    pub pid: Option<u32>,
 }
 
 /// Everything a run needs.
@@ -187,13 +241,19 @@ pub async fn run(options: &Options, progress: &dyn Progress) -> anyhow::Result<O
                 .context("starting the embedded relay")?;
             let issuer = TokenIssuer::load_or_create(&dir.path().join("token.key"))
                 .context("loading the embedded relay's token key")?;
+            let fingerprint = ptt_client::parse_fingerprint(handle.cert_fingerprint())?;
             let target = Target {
                 addr: handle.addr(),
-                fingerprint: ptt_client::parse_fingerprint(handle.cert_fingerprint())?,
+                fingerprint,
                 issuer: Arc::new(issuer),
                 store: Some(handle.store().clone()),
                 pid: None,
                 embedded: true,
+                nodes: vec![Node {
+                    addr: handle.addr(),
+                    fingerprint,
+                    pid: None,
+                }],
             };
             embedded = Some((handle, dir));
             target
@@ -205,15 +265,22 @@ pub async fn run(options: &Options, progress: &dyn Progress) -> anyhow::Result<O
             pid,
         } => {
             let issuer = external_issuer(addr, token_key)?;
+            let fingerprint = ptt_client::parse_fingerprint(fingerprint)?;
             Target {
                 addr: *addr,
-                fingerprint: ptt_client::parse_fingerprint(fingerprint)?,
+                fingerprint,
                 issuer: Arc::new(issuer),
                 store: None,
                 pid: *pid,
                 embedded: false,
+                nodes: vec![Node {
+                    addr: *addr,
+                    fingerprint,
+                    pid: *pid,
+                }],
             }
         }
+        RelayChoice::Cluster { nodes, token_key } => cluster_target(nodes, token_key)?,
     };
 
     let result = match &options.scenario.capacity {

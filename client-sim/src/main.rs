@@ -29,19 +29,26 @@ struct Cli {
     /// simulator's and the relay's together.
     #[arg(long, conflicts_with = "relay")]
     embedded: bool,
-    /// Drive a separately started relay at this address (loopback only).
-    #[arg(long, requires_all = ["fingerprint", "token_key"])]
-    relay: Option<SocketAddr>,
-    /// The relay's certificate SHA-256 fingerprint (printed at its start).
-    #[arg(long)]
-    fingerprint: Option<String>,
-    /// The relay's token signing key: DATA_DIR/token.key.
+    /// Drive a separately started relay at this address (loopback only);
+    /// several, comma-separated (`--relay A,B`), are the nodes of one
+    /// cluster: clients are spread over them round-robin (member k of
+    /// group j on node (j + k) mod n), and a client whose connection
+    /// attempt fails tries the next node.
+    #[arg(long, value_delimiter = ',', requires_all = ["fingerprint", "token_key"])]
+    relay: Vec<SocketAddr>,
+    /// The relay's certificate SHA-256 fingerprint (printed at its start);
+    /// for several nodes, one per node in the order of --relay (or one
+    /// that all share).
+    #[arg(long, value_delimiter = ',')]
+    fingerprint: Vec<String>,
+    /// The relay's token signing key: DATA_DIR/token.key (the nodes of a
+    /// cluster share it).
     #[arg(long)]
     token_key: Option<PathBuf>,
     /// The separate relay's process id, to measure its CPU time and memory
-    /// from /proc.
-    #[arg(long)]
-    relay_pid: Option<u32>,
+    /// from /proc; for several nodes, one per node in the order of --relay.
+    #[arg(long, value_delimiter = ',')]
+    relay_pid: Vec<u32>,
     /// A named scenario (see --list-scenarios) or a TOML file.
     #[arg(long, default_value = "smoke")]
     scenario: String,
@@ -297,6 +304,15 @@ fn main() -> anyhow::Result<()> {
             match &options.relay {
                 RelayChoice::Embedded => "embedded (in this process)".to_owned(),
                 RelayChoice::External { addr, .. } => format!("at {addr}"),
+                RelayChoice::Cluster { nodes, .. } => format!(
+                    "{} cluster nodes at {}",
+                    nodes.len(),
+                    nodes
+                        .iter()
+                        .map(|n| n.addr.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             }
         );
     }
@@ -347,20 +363,42 @@ fn main() -> anyhow::Result<()> {
 
 impl Cli {
     /// A separate relay (`--relay` with its `--fingerprint` and
-    /// `--token-key`) or one in this process.
+    /// `--token-key`), the nodes of a cluster (`--relay A,B`), or one in
+    /// this process.
     fn relay_choice(&self) -> anyhow::Result<RelayChoice> {
-        Ok(match self.relay {
-            Some(addr) => RelayChoice::External {
+        let n = self.relay.len();
+        if n == 0 {
+            return Ok(RelayChoice::Embedded);
+        }
+        let token_key = self.token_key.clone().context("--token-key is required")?;
+        anyhow::ensure!(
+            self.fingerprint.len() == 1 || self.fingerprint.len() == n,
+            "--fingerprint: give one per --relay address ({n}), or one they all share"
+        );
+        anyhow::ensure!(
+            self.relay_pid.is_empty() || self.relay_pid.len() == n,
+            "--relay-pid: give one per --relay address ({n})"
+        );
+        let fingerprint = |k: usize| self.fingerprint[k.min(self.fingerprint.len() - 1)].clone();
+        if n == 1 {
+            return Ok(RelayChoice::External {
+                addr: self.relay[0],
+                fingerprint: fingerprint(0),
+                token_key,
+                pid: self.relay_pid.first().copied(),
+            });
+        }
+        let nodes = self
+            .relay
+            .iter()
+            .enumerate()
+            .map(|(k, &addr)| client_sim::ExternalNode {
                 addr,
-                fingerprint: self
-                    .fingerprint
-                    .clone()
-                    .context("--fingerprint is required")?,
-                token_key: self.token_key.clone().context("--token-key is required")?,
-                pid: self.relay_pid,
-            },
-            None => RelayChoice::Embedded,
-        })
+                fingerprint: fingerprint(k),
+                pid: self.relay_pid.get(k).copied(),
+            })
+            .collect();
+        Ok(RelayChoice::Cluster { nodes, token_key })
     }
 }
 

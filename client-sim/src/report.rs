@@ -78,6 +78,21 @@ impl RelayStats {
     }
 }
 
+/// One node of a cluster run (`--relay A,B`): the clients connected to
+/// it, the frames it delivered to them, and its process's CPU and memory.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct NodeReport {
+    /// The node's address.
+    pub addr: String,
+    /// Clients whose connection went to this node.
+    pub clients_connected: u64,
+    /// Frames those clients received (live and from the store).
+    pub frames_delivered: u64,
+    /// The node's CPU and memory (from `--relay-pid`), per frame it
+    /// delivered.
+    pub relay: RelayStats,
+}
+
 /// What else ran on the machine during the measured window: other
 /// processes (builds, other tests) compete for the same cores and inflate
 /// latencies.
@@ -170,8 +185,11 @@ pub struct Report {
     pub scenario: String,
     /// `embedded` or `external`.
     pub relay_mode: String,
-    /// The relay's address.
+    /// The relay's address (the nodes', comma-separated, for a cluster).
     pub relay_addr: String,
+    /// Per node, for a cluster (`--relay A,B`); empty for one relay.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeReport>,
     /// Simulated clients.
     pub clients: usize,
     /// Clients that connected.
@@ -351,6 +369,23 @@ impl Report {
                 );
             }
         }
+        for (k, n) in self.nodes.iter().enumerate() {
+            let r = &n.relay;
+            let _ = writeln!(
+                t,
+                "{}node {k} {} (pid {}): {} clients, {} frames delivered; CPU {} s = {} µs per \
+                 delivered frame; RSS {} MiB",
+                if k == 0 { "\n" } else { "" },
+                n.addr,
+                r.pid
+                    .map_or_else(|| "not given".to_owned(), |p| p.to_string()),
+                n.clients_connected,
+                n.frames_delivered,
+                opt(r.cpu_s, 2),
+                opt(r.cpu_us_per_frame, 2),
+                opt(r.rss_mib, 1),
+            );
+        }
         let r = &self.relay;
         let who = if r.includes_simulator {
             "simulator + embedded relay (one process)".to_owned()
@@ -359,17 +394,19 @@ impl Report {
         } else {
             "relay (pass --relay-pid to measure)".to_owned()
         };
-        let _ = writeln!(
-            t,
-            "\n{who}: CPU {} s = {} µs per delivered frame; RSS {} MiB \
+        if self.nodes.is_empty() {
+            let _ = writeln!(
+                t,
+                "\n{who}: CPU {} s = {} µs per delivered frame; RSS {} MiB \
              (before {} MiB, connected {} MiB) = {} KiB per client",
-            opt(r.cpu_s, 2),
-            opt(r.cpu_us_per_frame, 2),
-            opt(r.rss_mib, 1),
-            opt(r.rss_before_mib, 1),
-            opt(r.rss_connected_mib, 1),
-            opt(r.rss_kib_per_client, 1),
-        );
+                opt(r.cpu_s, 2),
+                opt(r.cpu_us_per_frame, 2),
+                opt(r.rss_mib, 1),
+                opt(r.rss_before_mib, 1),
+                opt(r.rss_connected_mib, 1),
+                opt(r.rss_kib_per_client, 1),
+            );
+        }
         if !r.includes_simulator {
             let _ = writeln!(
                 t,

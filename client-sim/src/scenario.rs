@@ -254,6 +254,7 @@ pub const NAMED: &[(&str, &str)] = &[
     ("load", include_str!("../scenarios/load.toml")),
     ("idle", include_str!("../scenarios/idle.toml")),
     ("live", include_str!("../scenarios/live.toml")),
+    ("cluster", include_str!("../scenarios/cluster.toml")),
     ("netfaults", include_str!("../scenarios/netfaults.toml")),
     ("churn", include_str!("../scenarios/churn.toml")),
     ("soak", include_str!("../scenarios/soak.toml")),

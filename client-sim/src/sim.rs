@@ -34,7 +34,7 @@ use tokio::time::MissedTickBehavior;
 
 use crate::audio::Audio;
 use crate::lossy::{LossCounters, LossyMediaLink, LossySocket};
-use crate::report::{ClientCounters, HostStats, NetworkCounters, RelayStats, Report};
+use crate::report::{ClientCounters, HostStats, NetworkCounters, NodeReport, RelayStats, Report};
 use crate::scenario::MediaMode;
 use crate::scenario::{Mode, Scenario};
 use crate::stats::{FrameBatch, Metric, Recorder, Tick, sample_host, sample_process};
@@ -56,6 +56,45 @@ pub struct Target {
     pub pid: Option<u32>,
     /// Whether the relay runs in this process.
     pub embedded: bool,
+    /// Every node clients connect to (the first is `addr`): one for a
+    /// single relay, several for a cluster (`--relay A,B`).
+    pub nodes: Vec<Node>,
+}
+
+/// One relay node clients connect to.
+#[derive(Debug, Clone, Copy)]
+pub struct Node {
+    /// Its UDP address.
+    pub addr: SocketAddr,
+    /// SHA-256 of its certificate.
+    pub fingerprint: [u8; 32],
+    /// Its process, to measure (a separate relay's).
+    pub pid: Option<u32>,
+}
+
+impl Target {
+    /// The nodes clients connect to: [`Target::nodes`], or the one at
+    /// `addr` if that list is empty.
+    fn client_nodes(&self) -> Vec<Node> {
+        if self.nodes.is_empty() {
+            vec![Node {
+                addr: self.addr,
+                fingerprint: self.fingerprint,
+                pid: self.pid,
+            }]
+        } else {
+            self.nodes.clone()
+        }
+    }
+}
+
+/// What the clients of one node did.
+#[derive(Debug, Default)]
+struct NodeCounters {
+    /// Clients whose (last) connection went to this node.
+    connected: AtomicU64,
+    /// Frames those clients received.
+    frames: AtomicU64,
 }
 
 impl std::fmt::Debug for Target {
@@ -64,6 +103,7 @@ impl std::fmt::Debug for Target {
             .field("addr", &self.addr)
             .field("embedded", &self.embedded)
             .field("pid", &self.pid)
+            .field("nodes", &self.nodes.len())
             .finish_non_exhaustive()
     }
 }
@@ -145,8 +185,9 @@ struct Sim {
     scenario: Scenario,
     audio: Audio,
     base: Instant,
-    addr: SocketAddr,
-    fingerprint: [u8; 32],
+    /// The relay nodes; user `u` connects first to node `u % len`.
+    nodes: Vec<Node>,
+    by_node: Vec<NodeCounters>,
     issuer: Arc<TokenIssuer>,
     users: Vec<String>,
     user_group: Vec<GroupIdx>,
@@ -242,17 +283,33 @@ impl Sim {
             .collect()
     }
 
-    fn client_config(&self, user: UserIdx) -> ClientConfig {
+    /// The node user `user` connects to at its `attempt`th try (1, 2, …):
+    /// round-robin over the members of a group, starting one node further
+    /// with each group (member `k` of group `j` on node `(j + k) mod n`, so
+    /// that talkers, the first members, are spread too), and the next node
+    /// after a failed attempt.
+    fn node_for(&self, user: UserIdx, attempt: u64) -> usize {
+        let j = self.user_group[user as usize];
+        let k = self.groups[j as usize]
+            .members
+            .iter()
+            .position(|&m| m == user)
+            .unwrap_or(0);
+        (j as usize + k + attempt.saturating_sub(1) as usize) % self.nodes.len()
+    }
+
+    fn client_config(&self, user: UserIdx, node: usize) -> ClientConfig {
         let token = self.issuer.issue(
             &self.users[user as usize],
             Duration::from_secs(24 * 3600),
             false,
             false,
         );
+        let node = self.nodes[node];
         let mut c = ClientConfig::new(
-            self.addr,
+            node.addr,
             "localhost",
-            Trust::Fingerprint(self.fingerprint),
+            Trust::Fingerprint(node.fingerprint),
             token,
         )
         .with_client_name("client-sim")
@@ -571,12 +628,13 @@ pub async fn run_once_with(
         .enumerate()
         .map(|(j, g)| (g.name.clone(), j as GroupIdx))
         .collect();
+    let nodes = target.client_nodes();
     let sim = Arc::new(Sim {
         scenario: scenario.clone(),
         audio: audio.clone(),
         base: Instant::now(),
-        addr: target.addr,
-        fingerprint: target.fingerprint,
+        by_node: nodes.iter().map(|_| NodeCounters::default()).collect(),
+        nodes,
         issuer: target.issuer.clone(),
         users,
         user_group,
@@ -599,6 +657,7 @@ pub async fn run_once_with(
     }
 
     let before = sample_process(target.pid);
+    let nodes_before: Vec<_> = sim.nodes.iter().map(|n| sample_process(n.pid)).collect();
     let (endpoints, mut loss_counters) = endpoints(scenario, scenario.clients)?;
     let (go_tx, go_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -642,6 +701,7 @@ pub async fn run_once_with(
     // Let the joins settle before measuring the relay's memory.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let connected = sample_process(target.pid);
+    let nodes_connected: Vec<_> = sim.nodes.iter().map(|n| sample_process(n.pid)).collect();
     let sim_cpu_start = sample_process(None);
     let host_start = sample_host();
     let connected_clients = get(&sim.counters.connected);
@@ -735,6 +795,7 @@ pub async fn run_once_with(
         .take_tick(talk_start.elapsed().as_secs_f64().round());
     timeline.push(tk);
     let after = sample_process(target.pid);
+    let nodes_after: Vec<_> = sim.nodes.iter().map(|n| sample_process(n.pid)).collect();
     let sim_cpu = sim_cpu_start
         .zip(sample_process(None))
         .map(|(a, b)| b.cpu_s - a.cpu_s);
@@ -746,6 +807,15 @@ pub async fn run_once_with(
         let busy = (b.busy_s - a.busy_s) / wall;
         let ours = if target.embedded {
             sim_cpu
+        } else if sim.nodes.len() > 1 {
+            // A cluster: every node's CPU and the simulator's.
+            let mut total = sim_cpu;
+            for (c, a) in nodes_connected.iter().zip(&nodes_after) {
+                total = total
+                    .zip(c.zip(*a))
+                    .map(|(t, (c, a))| t + a.cpu_s - c.cpu_s);
+            }
+            total
         } else {
             connected
                 .zip(after)
@@ -819,6 +889,35 @@ pub async fn run_once_with(
         connected_clients,
         frames_delivered,
     );
+    // Per node, for a cluster: the clients it held, the frames it
+    // delivered to them, its CPU per delivered frame.
+    let nodes = if sim.nodes.len() > 1 {
+        sim.nodes
+            .iter()
+            .zip(&sim.by_node)
+            .enumerate()
+            .map(|(k, (node, counters))| {
+                let clients = get(&counters.connected);
+                let frames = get(&counters.frames);
+                NodeReport {
+                    addr: node.addr.to_string(),
+                    clients_connected: clients,
+                    frames_delivered: frames,
+                    relay: RelayStats::from_samples(
+                        node.pid,
+                        false,
+                        nodes_before[k],
+                        nodes_connected[k],
+                        nodes_after[k],
+                        clients,
+                        frames,
+                    ),
+                }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let network = (!loss_counters.is_empty()).then(|| {
         let mut n = NetworkCounters::default();
         for c in &loss_counters {
@@ -849,7 +948,13 @@ pub async fn run_once_with(
             "external"
         }
         .into(),
-        relay_addr: target.addr.to_string(),
+        relay_addr: sim
+            .nodes
+            .iter()
+            .map(|n| n.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        nodes,
         clients: scenario.clients,
         clients_connected: get(&c.connected),
         connect_failures: get(&c.connect_failures),
@@ -906,14 +1011,16 @@ async fn client_task(
     let group_idx = sim.user_group[user as usize];
     let group_name = sim.groups[group_idx as usize].name.clone();
     let mut attempt = 0;
-    let (client, events) = loop {
+    let (client, events, node) = loop {
         attempt += 1;
         let t0 = Instant::now();
-        match Client::connect_with_endpoint(endpoint.clone(), sim.client_config(user)).await {
-            Ok(pair) => {
+        let node = sim.node_for(user, attempt);
+        match Client::connect_with_endpoint(endpoint.clone(), sim.client_config(user, node)).await {
+            Ok((client, events)) => {
                 sim.recorder.record(Metric::Connect, t0.elapsed());
                 bump(&sim.counters.connected);
-                break pair;
+                bump(&sim.by_node[node].connected);
+                break (client, events, node);
             }
             Err(e) if attempt < 3 => {
                 bump(&sim.counters.connect_retries);
@@ -931,7 +1038,7 @@ async fn client_task(
     };
     sim.counters.online_now.fetch_add(1, Ordering::Relaxed);
     let joined_at = Instant::now();
-    let rx = Receiver::new(sim.clone(), user, group_idx, joined_at);
+    let rx = Receiver::new(sim.clone(), user, group_idx, joined_at, node);
     let rx_task = tokio::spawn(rx.run(client.clone(), events, stop.clone()));
     if let Err(e) = client.join(&group_name).await {
         sim.error(format!("user {user}: join {group_name} failed: {e}"));
@@ -1163,10 +1270,18 @@ struct Receiver {
     stopping: bool,
     /// Clips of the intruder under way, left out.
     intruded: HashSet<ClipId>,
+    /// The relay node this member is connected to.
+    node: usize,
 }
 
 impl Receiver {
-    fn new(sim: Arc<Sim>, user: UserIdx, group: GroupIdx, joined_at: Instant) -> Receiver {
+    fn new(
+        sim: Arc<Sim>,
+        user: UserIdx,
+        group: GroupIdx,
+        joined_at: Instant,
+        node: usize,
+    ) -> Receiver {
         let talker = sim.is_talker(user);
         Receiver {
             sim,
@@ -1182,6 +1297,7 @@ impl Receiver {
             joined_at,
             late_pending: true,
             stopping: false,
+            node,
         }
     }
 
@@ -1260,6 +1376,9 @@ impl Receiver {
         self.sim
             .counters
             .frames_received
+            .fetch_add(self.batch.received, Ordering::Relaxed);
+        self.sim.by_node[self.node]
+            .frames
             .fetch_add(self.batch.received, Ordering::Relaxed);
         let metric = match self.sim.reading(self.user) {
             Reading::Slow => Metric::SlowFrame,

@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 use crate::command::{SessionCommand, SessionHandle};
 use crate::floor::{FloorEvent, FloorListener};
 use crate::live::LiveClip;
-use crate::log::{FeedEvent, GroupFeed, GroupLog, LiveEvent};
+use crate::log::{FeedEvent, FollowerChange, GroupFeed, GroupLog, LiveEvent};
 use crate::store::{ClipStore, Follower, GroupInfo, StoredClip};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -266,21 +266,7 @@ impl Hub {
         let Some(cell) = self.groups.get(group).map(|c| c.clone()) else {
             return;
         };
-        let mut g = lock(&cell);
-        let gone: Vec<SessionHandle> = g
-            .subscribers
-            .values()
-            .filter(|s| &*s.user == user)
-            .cloned()
-            .collect();
-        for s in gone {
-            g.subscribers.remove(&s.id);
-            s.offer(SessionCommand::Left {
-                group: group.into(),
-                code,
-            });
-        }
-        drop(g);
+        remove_sessions(&mut lock(&cell), group, user, code);
         self.retire_if_idle(group);
     }
 
@@ -291,18 +277,7 @@ impl Hub {
         let Some(cell) = self.groups.get(group).map(|c| c.clone()) else {
             return;
         };
-        let sessions: Vec<SessionHandle> = lock(&cell)
-            .subscribers
-            .values()
-            .filter(|s| &*s.user == user)
-            .cloned()
-            .collect();
-        for s in sessions {
-            s.offer(SessionCommand::Mute {
-                group: group.into(),
-                muted,
-            });
-        }
+        mute_sessions(&lock(&cell), group, user, muted);
     }
 
     /// A channel's followers joined on this node now, and the clips its
@@ -576,6 +551,14 @@ impl Hub {
                     s.send(message.clone());
                 }
             }
+            // Another node's follower notice (issue #14 on a cluster).
+            FeedEvent::Follower { user, change } => match change {
+                FollowerChange::Muted => mute_sessions(&g, group, &user, true),
+                FollowerChange::Unmuted => mute_sessions(&g, group, &user, false),
+                FollowerChange::Unfollowed => {
+                    remove_sessions(&mut g, group, &user, ErrorCode::NotMember);
+                }
+            },
             FeedEvent::Group(None) => {
                 for s in g.subscribers.drain().map(|(_, s)| s) {
                     s.offer(SessionCommand::Left {
@@ -736,6 +719,35 @@ pub async fn channel_day_full(
     };
     let meta = log.meta(group, oldest).await.map_err(|e| e.code())?;
     Ok(meta.is_some_and(|m| m.created_ms + 24 * 3600 * 1000 > now_ms))
+}
+
+/// Stops every session of `user` in `g` receiving the group, with `code`
+/// in their `GroupLeft`.
+fn remove_sessions(g: &mut GroupState, group: &str, user: &str, code: ErrorCode) {
+    let gone: Vec<SessionHandle> = g
+        .subscribers
+        .values()
+        .filter(|s| &*s.user == user)
+        .cloned()
+        .collect();
+    for s in gone {
+        g.subscribers.remove(&s.id);
+        s.offer(SessionCommand::Left {
+            group: group.into(),
+            code,
+        });
+    }
+}
+
+/// Tells every session of `user` in `g` that the user muted (or unmuted)
+/// the group.
+fn mute_sessions(g: &GroupState, group: &str, user: &str, muted: bool) {
+    for s in g.subscribers.values().filter(|s| &*s.user == user) {
+        s.offer(SessionCommand::Mute {
+            group: group.into(),
+            muted,
+        });
+    }
 }
 
 fn lock(cell: &GroupCell) -> MutexGuard<'_, GroupState> {

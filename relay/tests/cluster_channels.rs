@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::nats::NatsServer;
 use common::*;
-use ptt_client::{ErrorCode, Event, Events};
+use ptt_client::{ClipHeader, ErrorCode, Event, Events};
 use ptt_relay::RelayConfig;
 
 /// A relay node on `nats`; with `keys_of`, it accepts that node's tokens.
@@ -126,4 +126,82 @@ async fn follow_on_one_node_publish_on_the_other() {
     .await;
     let c = owner.channel_stats("news-daily").await.unwrap();
     assert_eq!(c.followers, 1);
+}
+
+/// The header flags of the next clip to start.
+async fn next_flags(events: &mut Events) -> u8 {
+    wait_for(events, |e| match e {
+        Event::ClipStarted { header, .. } => Some(header.flags),
+        _ => None,
+    })
+    .await
+}
+
+/// A follower joined on both nodes mutes the channel on A: the clips its
+/// connection on B receives from then on are flagged muted, without a new
+/// Join, and Unmute on A clears the flag (the other node is told on the
+/// channel's live subject, ahead of the next clip A publishes). Unfollow on
+/// A: the connection on B is told it left and receives nothing more, while
+/// another follower on B still does.
+#[tokio::test]
+async fn mute_and_unfollow_on_one_node_reach_the_followers_connection_on_the_other() {
+    let nats = NatsServer::start();
+    let a = node(&nats, None).await;
+    let b = node(&nats, Some(&a)).await;
+    let (owner, _oe) = a.client("bank").await;
+    owner.create_channel("news-daily", true).await.unwrap();
+    let (phone, _pe) = a.client("carol").await;
+    phone.follow("news-daily", "").await.unwrap();
+    phone.join("news-daily").await.unwrap();
+    let (laptop, mut laptop_events) = b.client("carol").await;
+    laptop.join("news-daily").await.unwrap();
+    let (dave, mut dave_events) = b.client("dave").await;
+    dave.follow("news-daily", "").await.unwrap();
+    dave.join("news-daily").await.unwrap();
+
+    let publish = async |i: u8| {
+        owner
+            .send_clip("news-daily", params(), frames(i, 2), Bytes::new())
+            .await
+            .unwrap();
+    };
+    publish(1).await;
+    assert_eq!(
+        next_flags(&mut laptop_events).await & ClipHeader::FLAG_MUTED,
+        0
+    );
+    phone.mute("news-daily", true).await.unwrap();
+    publish(2).await;
+    assert_ne!(
+        next_flags(&mut laptop_events).await & ClipHeader::FLAG_MUTED,
+        0,
+        "muted on the other node"
+    );
+    phone.mute("news-daily", false).await.unwrap();
+    publish(3).await;
+    assert_eq!(
+        next_flags(&mut laptop_events).await & ClipHeader::FLAG_MUTED,
+        0,
+        "unmuted on the other node"
+    );
+
+    phone.unfollow("news-daily").await.unwrap();
+    let code = wait_for(&mut laptop_events, |e| match e {
+        Event::GroupLeft { code, .. } => Some(*code),
+        _ => None,
+    })
+    .await;
+    assert_eq!(code, ErrorCode::NotMember);
+    publish(4).await;
+    // Dave, on B too, has clips 1 to 4: by then B's feed had clip 4.
+    for _ in 0..4 {
+        next_flags(&mut dave_events).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while let Some(event) = laptop_events.try_next() {
+        assert!(
+            !matches!(event, Event::ClipStarted { .. } | Event::Frame { .. }),
+            "the unfollowed connection on B still receives: {event:?}"
+        );
+    }
 }

@@ -62,6 +62,26 @@ pub enum FeedEvent {
         /// The clip's id.
         clip_id: ClipId,
     },
+    /// A follower of the channel muted, unmuted or unfollowed it on
+    /// another node (issue #14): its connections on this node follow.
+    Follower {
+        /// The follower.
+        user: String,
+        /// What it did.
+        change: FollowerChange,
+    },
+}
+
+/// What a follower did to a channel, as one node tells the others
+/// ([`GroupLog::publish_follower`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FollowerChange {
+    /// Muted: clips still arrive, flagged muted.
+    Muted,
+    /// Unmuted.
+    Unmuted,
+    /// Unfollowed (and holds no role): its connections stop receiving.
+    Unfollowed,
 }
 
 /// A live clip's progress, as one node tells the others.
@@ -136,6 +156,20 @@ pub trait GroupLog: Send + Sync + std::fmt::Debug + 'static {
     fn publishes_live(&self) -> bool;
     /// Tells the other nodes about a live clip of this node's talkers.
     fn publish_live(&self, event: LiveEvent);
+    /// Tells the other nodes that `user` muted, unmuted or unfollowed
+    /// `channel` here, so that the user's connections there follow (their
+    /// feeds of the channel yield [`FeedEvent::Follower`]). Returns once
+    /// the notice is on its way ahead of any live clip this node
+    /// publishes after it. A single node has no one to tell.
+    fn publish_follower(
+        &self,
+        channel: &str,
+        user: &str,
+        change: FollowerChange,
+    ) -> LogFuture<'_, ()> {
+        let _ = (channel, user, change);
+        Box::pin(async { Ok(()) })
+    }
     /// Makes everything appended so far durable and stops: called once,
     /// when the relay has stopped using the log.
     fn close(&self) -> LogFuture<'_, ()>;

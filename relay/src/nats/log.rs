@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{Nats, backend, parse_u64, token};
-use crate::log::{FeedEvent, GroupFeed, GroupLog, LiveEvent, LogFuture};
+use crate::log::{FeedEvent, FollowerChange, GroupFeed, GroupLog, LiveEvent, LogFuture};
 use crate::store::redb_store::{decode_clip, encode_clip};
 use crate::store::{AppendOutcome, ClipMeta, NewClip, SeqRange, StoreError, StoredClip};
 
@@ -72,6 +72,11 @@ const KIND_FRAME: u8 = 2;
 const KIND_ABORTED: u8 = 3;
 const KIND_STORED: u8 = 4;
 const KIND_DELETED: u8 = 5;
+/// A follower muted, unmuted or unfollowed a channel on a node: `kind,
+/// node, change (1 muted, 2 unmuted, 3 unfollowed), user id`.
+const KIND_FOLLOWER: u8 = 6;
+/// How long a follower notice may take to reach the NATS server.
+const FOLLOWER_FLUSH: Duration = Duration::from_secs(2);
 /// Tombstones kept per group (the oldest go first).
 const MAX_TOMBSTONES: usize = 1024;
 
@@ -670,6 +675,35 @@ impl GroupLog for NatsLog {
         }
     }
 
+    fn publish_follower(
+        &self,
+        channel: &str,
+        user: &str,
+        change: FollowerChange,
+    ) -> LogFuture<'_, ()> {
+        let nats = self.nats();
+        let subject = nats.live_subject(channel);
+        let payload = encode_follower(nats.node, user, change);
+        Box::pin(async move {
+            // Straight to the connection, not through the live queue: the
+            // answer to the follower waits until the server has it. The
+            // connection keeps the order of what it is given, so a clip
+            // this node starts after the answer reaches every feed after
+            // the notice.
+            nats.client
+                .publish(subject, payload)
+                .await
+                .map_err(|e| backend("publishing a follower notice", e))?;
+            match tokio::time::timeout(FOLLOWER_FLUSH, nats.client.flush()).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(backend("flushing a follower notice", e)),
+                Err(_) => Err(StoreError::Backend(
+                    "NATS: a follower notice was not flushed within 2 s".into(),
+                )),
+            }
+        })
+    }
+
     fn close(&self) -> LogFuture<'_, ()> {
         Box::pin(async move {
             self.inner.closed.cancel();
@@ -804,6 +838,11 @@ impl NatsFeed {
                 Wake::Live(Some(payload)) => {
                     if let Some((seq, clip_id)) = self.deleted_message(&payload) {
                         return Ok(Some(FeedEvent::Deleted { seq, clip_id }));
+                    }
+                    if let Some((user, change)) =
+                        decode_follower(&payload, self.log.inner.nats.node)
+                    {
+                        return Ok(Some(FeedEvent::Follower { user, change }));
                     }
                     if let Some(event) = self.live_message(&payload) {
                         return Ok(Some(FeedEvent::Live(event)));
@@ -971,6 +1010,37 @@ fn header_seq(headers: &HeaderMap) -> Option<u64> {
     headers.get("Ptt-Seq")?.as_str().parse().ok()
 }
 
+/// A follower notice: see [`KIND_FOLLOWER`].
+fn encode_follower(node: u64, user: &str, change: FollowerChange) -> Bytes {
+    let mut buf = BytesMut::with_capacity(10 + user.len());
+    buf.put_u8(KIND_FOLLOWER);
+    buf.put_u64(node);
+    buf.put_u8(match change {
+        FollowerChange::Muted => 1,
+        FollowerChange::Unmuted => 2,
+        FollowerChange::Unfollowed => 3,
+    });
+    buf.put_slice(user.as_bytes());
+    buf.freeze()
+}
+
+/// Another node's follower notice (`None` for this node's own, which its
+/// members had at once, for anything else, and for a malformed one).
+fn decode_follower(payload: &Bytes, this_node: u64) -> Option<(String, FollowerChange)> {
+    let mut buf = payload.clone();
+    if buf.remaining() < 10 || buf.get_u8() != KIND_FOLLOWER || buf.get_u64() == this_node {
+        return None;
+    }
+    let change = match buf.get_u8() {
+        1 => FollowerChange::Muted,
+        2 => FollowerChange::Unmuted,
+        3 => FollowerChange::Unfollowed,
+        _ => return None,
+    };
+    let user = std::str::from_utf8(&buf).ok()?;
+    ptt_protocol::is_valid_id(user).then(|| (user.to_owned(), change))
+}
+
 /// `kind, node, body`: see [`decode_live`].
 fn encode_live(node: u64, event: &LiveEvent) -> Bytes {
     let mut buf = BytesMut::new();
@@ -1052,6 +1122,36 @@ fn decode_live(group: &str, kind: u8, mut buf: Bytes) -> Option<LiveEvent> {
 mod tests {
     use super::*;
     use ptt_protocol::ClipFormat;
+
+    #[test]
+    fn follower_notices_round_trip_and_skip_this_node_and_garbage() {
+        for change in [
+            FollowerChange::Muted,
+            FollowerChange::Unmuted,
+            FollowerChange::Unfollowed,
+        ] {
+            let payload = encode_follower(1, "carol@x.org", change);
+            assert_eq!(
+                decode_follower(&payload, 2),
+                Some(("carol@x.org".to_owned(), change))
+            );
+            assert_eq!(decode_follower(&payload, 1), None, "this node's own");
+        }
+        let mut bad = BytesMut::from(&encode_follower(1, "carol", FollowerChange::Muted)[..]);
+        bad[9] = 9;
+        assert_eq!(decode_follower(&bad.freeze(), 2), None, "unknown change");
+        let bad = encode_follower(1, "no spaces", FollowerChange::Muted);
+        assert_eq!(decode_follower(&bad, 2), None, "not a valid id");
+        let other = encode_live(
+            1,
+            &LiveEvent::Aborted {
+                group: "team".into(),
+                clip_id: ClipId::from_bytes([7; 16]),
+                code: ErrorCode::ClipAborted,
+            },
+        );
+        assert_eq!(decode_follower(&other, 2), None, "another kind");
+    }
 
     fn meta() -> ClipMeta {
         ClipMeta {

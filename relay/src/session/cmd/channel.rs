@@ -20,7 +20,7 @@ use ptt_protocol::{
     ChannelCounts, ChannelLimits, ClipHeader, ControlMessage, ErrorCode, Role, is_valid_id,
 };
 
-use crate::log::GroupLog;
+use crate::log::{FollowerChange, GroupLog};
 use crate::session::Session;
 use crate::session::cmd::Fatal;
 use crate::store::{ChannelInfo, FollowChange, GroupInfo};
@@ -106,13 +106,16 @@ impl Session {
                     .change_follower(&channel, &user, FollowChange::Unfollow)
                     .await
                     .map_err(|e| e.code())?;
-                // Its connections on this node stop receiving the channel
-                // (a publisher's stay: it is a member).
+                // Its connections on this node, and on the other nodes of
+                // a cluster, stop receiving the channel (a publisher's
+                // stay: it is a member).
                 let info = self.channel_info(&channel).await?.0;
                 if info.role(&user).is_none() {
                     self.ctx
                         .hub
                         .remove_user(&channel, &user, ErrorCode::NotMember);
+                    self.tell_other_nodes(&channel, FollowerChange::Unfollowed)
+                        .await;
                 }
                 ok(request_id)
             }
@@ -299,7 +302,33 @@ impl Session {
             joined.sink.set_header_flag(ClipHeader::FLAG_MUTED, muted);
         }
         self.ctx.hub.mute_user(channel, &self.handle.user, muted);
+        let change = if muted {
+            FollowerChange::Muted
+        } else {
+            FollowerChange::Unmuted
+        };
+        self.tell_other_nodes(channel, change).await;
         Ok(())
+    }
+
+    /// Tells the other nodes of a cluster that this user muted, unmuted
+    /// or unfollowed `channel`, for the user's connections there. A
+    /// failure is logged, not answered: the follower record has changed,
+    /// and those connections read it when they join again.
+    async fn tell_other_nodes(&self, channel: &str, change: FollowerChange) {
+        if let Err(e) = self
+            .ctx
+            .log
+            .publish_follower(channel, &self.handle.user, change)
+            .await
+        {
+            tracing::warn!(
+                %channel,
+                ?change,
+                error = %e,
+                "the other nodes were not told; the user's connections there follow at their next join"
+            );
+        }
     }
 }
 
