@@ -357,7 +357,9 @@ pub(crate) struct Uplink {
 
 impl std::fmt::Debug for Uplink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Uplink").field("relay", &self.relay).finish()
+        f.debug_struct("Uplink")
+            .field("relay", &self.relay)
+            .finish()
     }
 }
 
@@ -377,7 +379,15 @@ impl Uplink {
         }
         .encode(&mut plain);
         let mut packet = Vec::with_capacity(plain.len() + 40);
-        if seal(&self.conn, &mut lock(&self.crypto), PacketType::Uplink, &plain, &mut packet).is_err() {
+        if seal(
+            &self.conn,
+            &mut lock(&self.crypto),
+            PacketType::Uplink,
+            &plain,
+            &mut packet,
+        )
+        .is_err()
+        {
             return;
         }
         match self.inner.config.media_link.as_ref().map(|l| l.pass(true)) {
@@ -540,7 +550,13 @@ impl Runner {
     }
 
     fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), MediaError> {
-        seal(&self.conn, &mut lock(&self.crypto), PacketType::Bind, plaintext, out)
+        seal(
+            &self.conn,
+            &mut lock(&self.crypto),
+            PacketType::Bind,
+            plaintext,
+            out,
+        )
     }
 
     /// Opens a datagram from the relay and routes a frame; its type if it
@@ -566,7 +582,12 @@ impl Runner {
                 }
                 PacketType::HeadedFrame => {
                     let f = HeadedFramePayload::decode(plaintext).ok()?;
-                    Some((f.stream, f.index, Some(f.header), Bytes::copy_from_slice(f.data)))
+                    Some((
+                        f.stream,
+                        f.index,
+                        Some(f.header),
+                        Bytes::copy_from_slice(f.data),
+                    ))
                 }
                 _ => None,
             };

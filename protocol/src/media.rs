@@ -665,7 +665,13 @@ impl<'a> HeadedFramePayload<'a> {
 
     /// Appends a payload whose header is given already framed
     /// ([`encode_header`](Self::encode_header)).
-    pub fn encode_with(stream: u64, index: u32, framed_header: &[u8], data: &[u8], out: &mut Vec<u8>) {
+    pub fn encode_with(
+        stream: u64,
+        index: u32,
+        framed_header: &[u8],
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) {
         put_varint(out, stream);
         put_varint(out, u64::from(index));
         out.extend_from_slice(framed_header);

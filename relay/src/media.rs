@@ -35,11 +35,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use dashmap::DashMap;
 use bytes::Bytes;
+use dashmap::DashMap;
 use ptt_protocol::media::{
     BIND_TIMEOUT, EXPORTER_LABEL, FramePayload, HEADED_FRAMES, HeadedFramePayload,
-    KEY_MATERIAL_LEN, MAX_PACKET_LEN, MAX_PLAINTEXT_LEN, MediaCrypto, MediaError, MediaKeys, PacketType, Side,
+    KEY_MATERIAL_LEN, MAX_PACKET_LEN, MAX_PLAINTEXT_LEN, MediaCrypto, MediaError, MediaKeys,
+    PacketType, Side,
 };
 use ptt_protocol::{ClipHeader, ClipMessage};
 use tokio::net::UdpSocket;
@@ -265,7 +266,9 @@ impl MediaPeer {
             return None;
         }
         if packet.first() == Some(&(PacketType::Uplink as u8)) {
-            let elapsed = now.saturating_duration_since(s.uplink_refilled).as_secs_f64();
+            let elapsed = now
+                .saturating_duration_since(s.uplink_refilled)
+                .as_secs_f64();
             s.uplink_refilled = now;
             s.uplink_tokens = (s.uplink_tokens + elapsed * UPLINK_RATE).min(UPLINK_BURST);
             if s.uplink_tokens < 1.0 || s.uploads.is_empty() {
@@ -390,11 +393,7 @@ pub fn send_frame(targets: &[MediaTarget], index: u32, data: &[u8]) {
                 continue;
             };
             packet.clear();
-            if target
-                .peer
-                .seal(&mut s, kind, &plain, &mut packet)
-                .is_err()
-            {
+            if target.peer.seal(&mut s, kind, &plain, &mut packet).is_err() {
                 continue;
             }
             addr

@@ -17,8 +17,8 @@ use bytes::Bytes;
 use common::raw::{Raw, header};
 use common::{TestRelay, WAIT};
 use ptt_protocol::media::{
-    EXPORTER_LABEL, FramePayload, HEADED_FRAMES, HeadedFramePayload, KEY_MATERIAL_LEN,
-    MediaCrypto, MediaKeys, PacketType, Side, UPLINK_AHEAD,
+    EXPORTER_LABEL, FramePayload, HEADED_FRAMES, HeadedFramePayload, KEY_MATERIAL_LEN, MediaCrypto,
+    MediaKeys, PacketType, Side, UPLINK_AHEAD,
 };
 use ptt_protocol::{ClipHeader, ClipMessage, ControlMessage, ErrorCode, GroupMode, MediaMessage};
 use tokio::net::UdpSocket;
@@ -392,7 +392,11 @@ async fn uplink_frames_beat_a_held_upload_stream_once_each_and_the_store_keeps_t
     live8.push(0xee);
     let mut captured = Vec::new();
     for i in 3..10u32 {
-        let data = if i == 8 { &live8[..] } else { &frames[i as usize][..] };
+        let data = if i == 8 {
+            &live8[..]
+        } else {
+            &frames[i as usize][..]
+        };
         let packet = alice_media.uplink_packet(upload, i, data);
         alice_media.send(&packet).await;
         captured.push(packet);
@@ -466,7 +470,13 @@ async fn uplink_frames_beat_a_held_upload_stream_once_each_and_the_store_keeps_t
 
     // The stored clip is the stream's, byte for byte (frame 8 included).
     let (_, messages) = next_stream(&bob).await;
-    assert!(matches!(messages.last(), Some(ClipMessage::End { frame_count: 20, .. })));
+    assert!(matches!(
+        messages.last(),
+        Some(ClipMessage::End {
+            frame_count: 20,
+            ..
+        })
+    ));
     let fetch = ControlMessage::FetchClip {
         request_id: 9,
         group: "team".into(),
