@@ -14,8 +14,8 @@
 //!   application at once, and the stream's reader takes over when the
 //!   header arrives (the stream stays the authority for the clip's end).
 //! - [`Uplink`]: the talker's side of the uplink: each frame of a live
-//!   upload also goes to the relay in a sealed `Uplink` packet, beside its
-//!   copy on the upload stream.
+//!   upload also goes to the relay in a sealed `Uplink` packet (with the
+//!   two frames before it), beside its copy on the upload stream.
 //! - [`MediaLink`]: a seam for a simulated network (client-sim's lossy
 //!   model, tests) between the socket and the decryption.
 
@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ptt_protocol::media::{
     BIND_INTERVAL, EXPORTER_LABEL, FramePayload, HeadedFramePayload, KEY_MATERIAL_LEN,
-    MAX_PACKET_LEN, MediaCrypto, MediaError, MediaKeys, PacketType, Side,
+    MAX_PACKET_LEN, MAX_PLAINTEXT_LEN, MediaCrypto, MediaError, MediaKeys, PacketType, Side,
+    UPLINK_REDUNDANCY, UplinkPayload,
 };
 use ptt_protocol::{ClipHeader, ClipId};
 use tokio::net::UdpSocket;
@@ -369,13 +370,26 @@ impl Uplink {
         self.conn.stable_id() == conn.stable_id()
     }
 
-    /// Sends frame `index` of the upload on stream `stream`.
-    pub fn send(&self, stream: u64, index: u32, data: &[u8]) {
-        let mut plain = Vec::with_capacity(data.len() + 12);
-        FramePayload {
+    /// Sends the newest frames of the upload on stream `stream`
+    /// (`(index, data)`, the newest first; as many as fit, up to
+    /// [`UPLINK_REDUNDANCY`]).
+    pub fn send(&self, stream: u64, frames: &[(u32, Bytes)]) {
+        let mut fit = Vec::with_capacity(UPLINK_REDUNDANCY);
+        let mut len = 16;
+        for (index, data) in frames.iter().take(UPLINK_REDUNDANCY) {
+            len += data.len() + 10;
+            if len > MAX_PLAINTEXT_LEN {
+                break;
+            }
+            fit.push((*index, &data[..]));
+        }
+        if fit.is_empty() {
+            return;
+        }
+        let mut plain = Vec::with_capacity(len);
+        UplinkPayload {
             stream,
-            index,
-            data,
+            frames: fit,
         }
         .encode(&mut plain);
         let mut packet = Vec::with_capacity(plain.len() + 40);
@@ -635,19 +649,19 @@ mod tests {
         assert!(inbox.deliver(3, frame(0, t0)));
         assert!(inbox.deliver(7, frame(0, t0)));
         assert!(inbox.deliver(3, frame(1, t0)));
-        let mut rx = inbox.register(3);
+        let mut rx = inbox.register(3).rx;
         assert_eq!(rx.try_recv().unwrap().index, 0);
         assert_eq!(rx.try_recv().unwrap().index, 1);
         assert!(inbox.deliver(3, frame(2, t0)));
         assert_eq!(rx.try_recv().unwrap().index, 2);
         // Stream 7's frame expires after EARLY_KEEP.
         inbox.deliver(9, frame(0, t0 + EARLY_KEEP + Duration::from_millis(1)));
-        assert!(inbox.register(7).try_recv().is_err());
+        assert!(inbox.register(7).rx.try_recv().is_err());
         // At most EARLY_MAX kept: the oldest go.
         for i in 0..EARLY_MAX as u32 + 10 {
             inbox.deliver(11, frame(i, t0 + EARLY_KEEP * 2));
         }
-        let mut rx = inbox.register(11);
+        let mut rx = inbox.register(11).rx;
         assert_eq!(rx.try_recv().unwrap().index, 10);
         inbox.unregister(11);
         assert!(

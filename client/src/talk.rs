@@ -217,15 +217,15 @@ impl Talk {
             encode_frame(&mut buf, index, &data);
             (index, buf.freeze())
         };
-        self.uplink(index, &data);
+        self.uplink(index);
         self.deliver(wire).await
     }
 
-    /// Sends frame `index` by the media path's uplink too (PROTOCOL.md
-    /// §14.3), if the path is bound and the upload stream is on the
+    /// Sends frame `index` (with the two before it) by the media path's
+    /// uplink too (PROTOCOL.md §14.3), if the path is bound and the upload stream is on the
     /// current connection: the relay forwards whichever copy comes first;
     /// the stream's stays the one stored.
-    fn uplink(&self, index: u32, data: &[u8]) {
+    fn uplink(&self, index: u32) {
         if self.already_stored {
             return;
         }
@@ -241,7 +241,17 @@ impl Talk {
             .and_then(|inbox| inbox.uplink())
             .filter(|u| u.is_of(&slot.conn))
         {
-            uplink.send(u64::from(stream.id()), index, data);
+            // This frame and the two before it: one lost packet loses no
+            // frame.
+            let newest: Vec<(u32, Bytes)> = {
+                let clip = lock(&self.clip);
+                (0..=index)
+                    .rev()
+                    .take(ptt_protocol::media::UPLINK_REDUNDANCY)
+                    .filter_map(|i| clip.frames.get(i as usize).map(|d| (i, d.clone())))
+                    .collect()
+            };
+            uplink.send(u64::from(stream.id()), &newest);
         }
     }
 

@@ -19,7 +19,9 @@
 //! - [`ReplayWindow`]: the 64-packet sliding window of RFC 4303 / RFC 6479.
 //! - [`MediaCrypto`]: one end's keys by epoch, send counter and replay
 //!   windows, as both the relay and the client keep them.
-//! - [`FramePayload`]: what a `Frame` and an `Uplink` packet carry.
+//! - [`FramePayload`]: what a `Frame` packet carries.
+//! - [`UplinkPayload`]: what an `Uplink` packet carries: the newest frame
+//!   of an upload and up to two before it (redundancy against loss).
 //! - [`HeadedFramePayload`]: a `HeadedFrame`, a frame with its clip's
 //!   header, playable before the clip stream's `ClipHeader` arrives.
 //!
@@ -85,6 +87,10 @@ pub const REPLAY_WINDOW: u64 = 64;
 /// [`PacketType::HeadedFrame`] (with the clip's header) before plain
 /// `Frame`s: at 15 % loss the chance that all 16 are lost is 10⁻¹³.
 pub const HEADED_FRAMES: u32 = 16;
+/// Most frames one `Uplink` packet carries: the newest and the two before
+/// it, so a frame is lost on the uplink only when three packets in a row
+/// are (0.3 % at 15 % loss, against 15 % without).
+pub const UPLINK_REDUNDANCY: usize = 3;
 /// How far ahead of the frames its upload stream has delivered an
 /// `Uplink` frame may be: further ahead, it is dropped unread (50 frames,
 /// one second of 20 ms frames).
@@ -191,9 +197,9 @@ pub enum PacketType {
     BindAck = 0x02,
     /// Relay → client: one live voice frame ([`FramePayload`]).
     Frame = 0x03,
-    /// Client → relay: one frame of the talker's upload, sent beside its
-    /// copy on the upload stream ([`FramePayload`], naming the upload
-    /// stream).
+    /// Client → relay: the newest frame of the talker's upload and up to
+    /// [`UPLINK_REDUNDANCY`]` - 1` before it, sent beside their copies on
+    /// the upload stream ([`UplinkPayload`]).
     Uplink = 0x04,
     /// Relay → client: a live frame with its clip's header
     /// ([`HeadedFramePayload`]), the first [`HEADED_FRAMES`] of each
@@ -632,6 +638,59 @@ impl<'a> FramePayload<'a> {
     }
 }
 
+/// What an `Uplink` packet carries: the upload stream it belongs to, then
+/// 1 to [`UPLINK_REDUNDANCY`] frames, the newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UplinkPayload<'a> {
+    /// The QUIC id of the client-initiated unidirectional stream that
+    /// uploads the clip.
+    pub stream: u64,
+    /// `(index, Opus packet)`, the newest first.
+    pub frames: Vec<(u32, &'a [u8])>,
+}
+
+impl<'a> UplinkPayload<'a> {
+    /// Appends `stream (varint) | count (u8) | count × (index (varint) |
+    /// length (varint) | data)`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        put_varint(out, self.stream);
+        out.push(self.frames.len() as u8);
+        for (index, data) in &self.frames {
+            put_varint(out, u64::from(*index));
+            put_varint(out, data.len() as u64);
+            out.extend_from_slice(data);
+        }
+    }
+
+    /// Reads an uplink payload: 1 to [`UPLINK_REDUNDANCY`] frames, nothing
+    /// after the last.
+    pub fn decode(mut plaintext: &'a [u8]) -> Result<UplinkPayload<'a>, MediaError> {
+        let bad = |_| MediaError::BadPayload;
+        let stream = get_varint(&mut plaintext).map_err(bad)?;
+        let (&count, rest) = plaintext.split_first().ok_or(MediaError::BadPayload)?;
+        plaintext = rest;
+        if count == 0 || usize::from(count) > UPLINK_REDUNDANCY {
+            return Err(MediaError::BadPayload);
+        }
+        let mut frames = Vec::with_capacity(usize::from(count));
+        for _ in 0..count {
+            let index = get_varint(&mut plaintext).map_err(bad)?;
+            let index = u32::try_from(index).map_err(|_| MediaError::BadPayload)?;
+            let len = get_varint(&mut plaintext).map_err(bad)?;
+            if len > plaintext.len() as u64 {
+                return Err(MediaError::BadPayload);
+            }
+            let (data, rest) = plaintext.split_at(len as usize);
+            frames.push((index, data));
+            plaintext = rest;
+        }
+        if !plaintext.is_empty() {
+            return Err(MediaError::BadPayload);
+        }
+        Ok(UplinkPayload { stream, frames })
+    }
+}
+
 /// What a `HeadedFrame` packet carries: a [`FramePayload`]'s stream and
 /// index, the clip's `ClipHeader` message as the clip stream carries it
 /// (type, length, payload), then the Opus packet.
@@ -823,6 +882,28 @@ mod tests {
         assert_eq!(out, [0x07, 0x40, 0xc8, 0x48, 0x0b]);
         assert_eq!(FramePayload::decode(&out).unwrap(), f);
         assert!(FramePayload::decode(&[0x40]).is_err());
+    }
+
+    #[test]
+    fn uplink_payloads_round_trip_and_are_bounded() {
+        let u = UplinkPayload {
+            stream: 2,
+            frames: vec![(9, &b"\x48\x0b"[..]), (8, b"\x48"), (7, b"")],
+        };
+        let mut out = Vec::new();
+        u.encode(&mut out);
+        assert_eq!(
+            out,
+            [
+                0x02, 0x03, 0x09, 0x02, 0x48, 0x0b, 0x08, 0x01, 0x48, 0x07, 0x00
+            ]
+        );
+        assert_eq!(UplinkPayload::decode(&out).unwrap(), u);
+        // No frame, four frames, a length past the end, a byte left over.
+        assert!(UplinkPayload::decode(&[0x02, 0x00]).is_err());
+        assert!(UplinkPayload::decode(&[0x02, 0x04, 0, 0, 1, 0, 2, 0, 3, 0]).is_err());
+        assert!(UplinkPayload::decode(&[0x02, 0x01, 0x09, 0x03, 0x48]).is_err());
+        assert!(UplinkPayload::decode(&[0x02, 0x01, 0x09, 0x00, 0x48]).is_err());
     }
 
     #[test]

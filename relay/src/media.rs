@@ -40,7 +40,7 @@ use dashmap::DashMap;
 use ptt_protocol::media::{
     BIND_TIMEOUT, EXPORTER_LABEL, FramePayload, HEADED_FRAMES, HeadedFramePayload,
     KEY_MATERIAL_LEN, MAX_PACKET_LEN, MAX_PLAINTEXT_LEN, MediaCrypto, MediaError, MediaKeys,
-    PacketType, Side,
+    PacketType, Side, UplinkPayload,
 };
 use ptt_protocol::{ClipHeader, ClipMessage};
 use tokio::net::UdpSocket;
@@ -298,12 +298,17 @@ impl MediaPeer {
             }
         };
         if header.kind == PacketType::Uplink {
-            let frame = FramePayload::decode(plaintext).ok()?;
-            let upload = s.uploads.get(&frame.stream)?.clone();
-            let (index, data) = (frame.index, Bytes::copy_from_slice(frame.data));
+            let uplink = UplinkPayload::decode(plaintext).ok()?;
+            let upload = s.uploads.get(&uplink.stream)?.clone();
+            let frames: Vec<(u32, Bytes)> = uplink
+                .frames
+                .iter()
+                .map(|(index, data)| (*index, Bytes::copy_from_slice(data)))
+                .collect();
             // Not under this path's lock: the fan-out locks the members'.
             drop(s);
-            if data.len() <= ptt_protocol::message::MAX_FRAME_LEN {
+            // The oldest first: members get them in order where they can.
+            for (index, data) in frames.into_iter().rev() {
                 upload
                     .clip
                     .push_uplink(index, data, || upload.frames.frame(now).is_ok());

@@ -18,7 +18,7 @@ use common::raw::{Raw, header};
 use common::{TestRelay, WAIT};
 use ptt_protocol::media::{
     EXPORTER_LABEL, FramePayload, HEADED_FRAMES, HeadedFramePayload, KEY_MATERIAL_LEN, MediaCrypto,
-    MediaKeys, PacketType, Side, UPLINK_AHEAD,
+    MediaKeys, PacketType, Side, UPLINK_AHEAD, UplinkPayload,
 };
 use ptt_protocol::{ClipHeader, ClipMessage, ControlMessage, ErrorCode, GroupMode, MediaMessage};
 use tokio::net::UdpSocket;
@@ -134,10 +134,9 @@ impl MediaClient {
     /// A sealed Uplink packet for frame `index` of upload stream `stream`.
     fn uplink_packet(&mut self, stream: u64, index: u32, data: &[u8]) -> Vec<u8> {
         let mut plain = Vec::new();
-        FramePayload {
+        UplinkPayload {
             stream,
-            index,
-            data,
+            frames: vec![(index, data)],
         }
         .encode(&mut plain);
         let mut packet = Vec::new();
@@ -417,10 +416,9 @@ async fn uplink_frames_beat_a_held_upload_stream_once_each_and_the_store_keeps_t
     alice_media.send(&again).await;
     let mut forged = Vec::new();
     let mut plain = Vec::new();
-    FramePayload {
+    UplinkPayload {
         stream: upload,
-        index: 10,
-        data: &frames[10],
+        frames: vec![(10, &frames[10][..])],
     }
     .encode(&mut plain);
     MediaCrypto::new(
