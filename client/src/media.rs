@@ -3,7 +3,7 @@
 //! port and receives live frames in sealed datagrams.
 //!
 //! - [`MediaPath`]: one connection's path, owned by the connection task:
-//!   the task that sends `Bind` (at once, again after 1, 2, 4 s until a
+//!   the task that sends `Bind` (at once, again after 0.25, 0.5, 1 s… until a
 //!   `BindAck`, then every 15 s) and receives `Frame` packets; aborted when
 //!   the connection ends (a new connection opens a new path).
 //! - [`MediaInbox`]: hands each frame to the reader of its clip stream
@@ -48,6 +48,11 @@ const ROUTE_CAPACITY: usize = 512;
 /// at most; and how long such an announcement waits for its stream.
 const ANNOUNCED_MAX: usize = 64;
 const ANNOUNCED_KEEP: Duration = Duration::from_secs(30);
+/// The first wait for a BindAck before the Bind is sent again (then
+/// doubled each time): until the path is bound, a live clip that starts
+/// goes on streams for its whole length, so a lost Bind must not cost a
+/// second.
+const BIND_RETRY: Duration = Duration::from_millis(250);
 /// Uplink packets a [`MediaLink`] may delay at once.
 const UPLINK_QUEUE: usize = 256;
 /// Highest frame index accepted by UDP (21 minutes of 20 ms frames, far
@@ -469,7 +474,7 @@ const DELAYED_MAX: usize = 4096;
 async fn run(mut r: Runner) {
     let started = Instant::now();
     let mut bound = false;
-    let mut retry = Duration::from_secs(1);
+    let mut retry = BIND_RETRY;
     let mut next_bind = tokio::time::Instant::now();
     let mut buf = vec![0u8; MAX_PACKET_LEN + 1];
     loop {

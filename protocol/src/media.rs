@@ -92,9 +92,12 @@ pub const HEADED_FRAMES: u32 = 16;
 /// are (0.3 % at 15 % loss, against 15 % without).
 pub const UPLINK_REDUNDANCY: usize = 3;
 /// How far ahead of the frames its upload stream has delivered an
-/// `Uplink` frame may be: further ahead, it is dropped unread (50 frames,
-/// one second of 20 ms frames).
-pub const UPLINK_AHEAD: u32 = 50;
+/// `Uplink` frame may be: further ahead, it is dropped unread. 250 frames,
+/// five seconds of 20 ms frames: under 15 % loss a QUIC stream can be
+/// seconds behind the datagrams, and those are the frames the uplink is
+/// for. It bounds what the relay keeps per upload (at most 250 frames,
+/// until the stream's copies replace them).
+pub const UPLINK_AHEAD: u32 = 250;
 
 /// A control message of the media path.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -234,7 +234,7 @@ impl MediaPeer {
     /// Lets the frames of the live upload on stream `stream` (its QUIC id)
     /// come by the uplink too, counted against `frames` (the user's frame
     /// budget) once per index; until the registration is dropped. `None`
-    /// when the path already has [`MAX_UPLINKS`] uploads.
+    /// when the path already has 16 uploads registered.
     pub fn register_upload(
         self: &Arc<Self>,
         stream: u64,

@@ -492,3 +492,76 @@ async fn uplink_frames_beat_a_held_upload_stream_once_each_and_the_store_keeps_t
     assert_eq!(fetched, frames, "the stored clip is the upload stream's");
     relay.handle.shutdown().await;
 }
+
+#[tokio::test]
+async fn uplink_frames_count_once_against_the_users_frame_limit() {
+    // A budget of 10 frames (and 1 a second after): 3 by the stream and 7
+    // by the uplink spend it; the stream copies of those 7 cost nothing,
+    // so the clip of 10 frames is stored, and an 11th uplink frame over
+    // the budget is dropped.
+    let relay = TestRelay::start_with(|c| {
+        c.user_frames_per_second = 1;
+        c.user_frames_burst = 10;
+    })
+    .await;
+    relay
+        .group("team", GroupMode::Notes, &["alice", "bob"])
+        .await;
+    let (bob, mut bob_send, mut bob_control) = Raw::member(&relay, "bob", "team").await;
+    let mut bob_media = MediaClient::open(&bob, &mut bob_send, &mut bob_control).await;
+    bob_media.bind().await;
+    let (alice, mut alice_send, mut alice_control) = Raw::hello(&relay, "alice").await;
+    let mut alice_media = MediaClient::open(&alice, &mut alice_send, &mut alice_control).await;
+    alice_media.bind().await;
+
+    let frames = common::frames(4, 11);
+    let mut up = alice.conn.open_uni().await.unwrap();
+    let upload = u64::from(up.id());
+    up.write_all(&ClipMessage::Header(header("team")).to_bytes())
+        .await
+        .unwrap();
+    let on_stream = |i: usize| {
+        ClipMessage::Frame {
+            index: i as u32,
+            data: frames[i].clone(),
+        }
+        .to_bytes()
+    };
+    for i in 0..3 {
+        up.write_all(&on_stream(i)).await.unwrap();
+    }
+    assert_eq!(bob_media.frames(3).await.len(), 3);
+    for i in 3..11u32 {
+        let packet = alice_media.uplink_packet(upload, i, &frames[i as usize]);
+        alice_media.send(&packet).await;
+    }
+    let by_uplink: Vec<u32> = bob_media.frames(7).await.iter().map(|f| f.1).collect();
+    assert_eq!(by_uplink, (3..10).collect::<Vec<_>>());
+    assert!(
+        bob_media.quiet(Duration::from_millis(300)).await,
+        "the frame over the budget is dropped"
+    );
+    for i in 3..10 {
+        up.write_all(&on_stream(i)).await.unwrap();
+    }
+    let end = ClipMessage::End {
+        frame_count: 10,
+        seq: 0,
+        waveform: Bytes::new(),
+    };
+    up.write_all(&end.to_bytes()).await.unwrap();
+    up.finish().unwrap();
+    let (_, messages) = next_stream(&bob).await;
+    assert!(
+        matches!(
+            messages.last(),
+            Some(ClipMessage::End {
+                frame_count: 10,
+                seq: 1,
+                ..
+            })
+        ),
+        "stored, not refused: {messages:?}"
+    );
+    relay.handle.shutdown().await;
+}
