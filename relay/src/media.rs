@@ -436,7 +436,21 @@ pub async fn deliver_live_media(
     let mut header = clip.header();
     header.flags |= sink.header_flags() | ClipHeader::FLAG_MEDIA;
     let header = ClipMessage::Header(header).to_bytes();
-    match tokio::time::timeout(max_stall, stream.write_chunk(header.clone())).await {
+    // The frames go by UDP from now on, before the header is written: a
+    // connection whose send window is full (a fetch under loss) can hold
+    // the header for seconds, and the HeadedFrames carry it anyway.
+    let target = MediaTarget {
+        peer: peer.clone(),
+        stream: stream.quic_id().into(),
+        header: header.clone(),
+        sent: Arc::new(AtomicU32::new(0)),
+    };
+    let (registration, backlog) = clip.add_media_target(target.clone());
+    for (index, data) in &backlog {
+        send_frame(std::slice::from_ref(&target), *index, data);
+    }
+    drop(backlog);
+    match tokio::time::timeout(max_stall, stream.write_chunk(header)).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) => return Delivery::Failed,
         Err(_) => {
@@ -446,17 +460,6 @@ pub async fn deliver_live_media(
             return Delivery::Cut;
         }
     }
-    let target = MediaTarget {
-        peer: peer.clone(),
-        stream: stream.quic_id().into(),
-        header,
-        sent: Arc::new(AtomicU32::new(0)),
-    };
-    let (registration, backlog) = clip.add_media_target(target.clone());
-    for (index, data) in &backlog {
-        send_frame(std::slice::from_ref(&target), *index, data);
-    }
-    drop(backlog);
     let state = clip.finished().await;
     drop(registration);
     match state {
