@@ -181,7 +181,8 @@ impl MediaInbox {
         }
         // Events are sent under the inbox's lock, so that a reader that
         // registers later finds them all sent (ClipStarted first).
-        let Ok(mut permits) = inner.events.reserve_many(2).await else {
+        let wanted = inner.events.max_capacity().min(2);
+        let Ok(mut permits) = inner.events.reserve_many(wanted).await else {
             return;
         };
         let mut s = lock(&self.state);
@@ -229,8 +230,10 @@ impl MediaInbox {
         let Some(a) = s.announced.get_mut(&stream) else {
             return;
         };
-        if mark(&mut a.seen, frame.index)
-            && let Some(permit) = permits.next()
+        // Marked only when it goes out: a frame without a permit (an event
+        // queue of one) counts as missing, and the clip is fetched.
+        if let Some(permit) = permits.next()
+            && mark(&mut a.seen, frame.index)
         {
             Stats::bump(&inner.stats.frames_received);
             permit.send(Event::Frame {
