@@ -9,6 +9,9 @@
 #   scripts/net-faults.sh
 #   LEVELS="0.05" DURATION=20s scripts/net-faults.sh
 #   OUT=net-out scripts/net-faults.sh      # keep each level's JSON report
+#   PROFILE=debug DURATION=10s scripts/net-faults.sh   # a quick check (default: release, 40s)
+#
+# Wall time: about (DURATION + ~15 s of connect and settle) per level.
 #
 # The faults come from the simulator's lossy socket (client-sim/src/lossy.rs):
 # this machine's kernel has no netem qdisc. Exit status 1 if any level
@@ -21,17 +24,23 @@ DURATION=${DURATION:-40s}
 target=${CARGO_TARGET_DIR:-target}
 out=${OUT:-$(mktemp -d -t net-faults-XXXXXX)}
 mkdir -p "$out"
-cargo build --release --locked -p client-sim --bin client-sim
+PROFILE=${PROFILE:-release}
+profile_flag=--release
+[ "$PROFILE" = debug ] && profile_flag=""
+cargo build $profile_flag --locked -p client-sim --bin client-sim
+echo "net-faults: $PROFILE build, $DURATION per level, levels $LEVELS; output in $out" >&2
 
 status=0
 for loss in $LEVELS; do
-    "$target/release/client-sim" --embedded --scenario netfaults --loss "$loss" \
+    "$target/$PROFILE/client-sim" --embedded --scenario netfaults --loss "$loss" \
         --duration "$DURATION" --quiet --report "$out/loss-$loss.json" \
         >"$out/loss-$loss.out" 2>&1 || status=1
 done
-python3 - "$out" $LEVELS <<'PY'
+python3 - "$out" "$PROFILE" "$DURATION" $LEVELS <<'PY'
 import json, sys
-out, levels = sys.argv[1], sys.argv[2:]
+out, profile, duration, levels = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+print(f"netfaults scenario, {profile} build, {duration} per level:")
+print()
 print("| loss each way | datagrams dropped (out / in) | reordered | duplicated | deliveries whole & once | frame p50 | p90 | p99 | clip complete p99 |")
 print("|---|---|---|---|---|---|---|---|---|")
 for loss in levels:

@@ -70,6 +70,11 @@ failed = r["deliveries_missing"] + r["deliveries_corrupt"] + r["deliveries_dupli
 parts = []
 if relay.get("cpu_us_per_frame") is not None:
     parts.append(f"{relay['cpu_us_per_frame']:.1f} us relay CPU per delivered frame")
+if r.get("simulator_cpu_s") is not None and relay.get("cpu_s") and relay.get("cpu_us_per_frame"):
+    # Same window and frame count as the relay's figure (issue #15 item 6:
+    # the simulator must cost less per frame than the server it drives).
+    frames = relay["cpu_s"] * 1e6 / relay["cpu_us_per_frame"]
+    parts.append(f"simulator {r['simulator_cpu_s'] * 1e6 / frames:.1f} us per frame")
 parts.append(f"{r['frames_per_s']/1000:.1f} k frames/s")
 if "frame" in lat:
     parts.append(f"frame p50 {lat['frame']['p50']:.2f} ms p99 {lat['frame']['p99']:.2f} ms")

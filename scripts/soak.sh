@@ -19,14 +19,24 @@
 #   MINUTES=3 scripts/soak.sh            # a short one
 #   OUT=soak-out scripts/soak.sh         # keep samples.csv, the report and logs there
 #   PROFILE=debug scripts/soak.sh        # debug binaries (no release build)
+#   PROFILE=debug MINUTES=2 scripts/soak.sh   # a quick check (samples every 3 s)
+#
+# Wall time: MINUTES plus about a minute (build, connect, settle).
 #
 # Traffic stays on loopback. CPU-light: about a tenth of a core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MINUTES=${MINUTES:-30}
-SAMPLE=${SAMPLE:-10}
-WARMUP=${WARMUP:-$(( MINUTES / 5 > 2 ? MINUTES / 5 : 2 ))}
+if [ "$MINUTES" -ge 5 ]; then
+    SAMPLE=${SAMPLE:-10}
+    WARMUP=${WARMUP:-$(( MINUTES / 5 > 2 ? MINUTES / 5 : 2 ))}
+else
+    # A short check: samples every 3 s, and a warm-up past the late
+    # members' arrival (the scenario's offline_for, 60 s).
+    SAMPLE=${SAMPLE:-3}
+    WARMUP=${WARMUP:-1.1}
+fi
 target=${CARGO_TARGET_DIR:-target}
 out=${OUT:-$(mktemp -d -t soak-XXXXXX)}
 mkdir -p "$out"
@@ -98,9 +108,11 @@ wait "$sampler" 2>/dev/null || true
 sampler=""
 cat "$out/client-sim.out"
 
-python3 - "$out/samples.csv" "$WARMUP" "$sim_status" "$out/report.json" <<'PY'
+python3 - "$out/samples.csv" "$WARMUP" "$sim_status" "$out/report.json" "$PROFILE" "$MINUTES" <<'PY'
 import csv, json, sys
 path, warmup_min, sim_status, report = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+profile, minutes = sys.argv[5], sys.argv[6]
+row = {}
 rows = [r for r in csv.DictReader(open(path)) if r["rss_kib"]]
 def col(rows, k):
     return [float(r[k]) for r in rows if r.get(k) not in (None, "")]
@@ -115,6 +127,8 @@ try:
           f"{bad} failures; {r['client']['errors']} client errors; "
           f"{r['client']['churn_drops']} churn drops, {r['client']['rebinds']} socket switches, "
           f"{r['client']['reconnects']} reconnects")
+    row["deliveries"] = (f"{r['deliveries_ok']:,} of {r['deliveries_expected']:,} deliveries whole and once "
+                         f"through {r['client']['churn_drops']:,} connection drops and {r['client']['rebinds']:,} socket switches")
     if bad:
         failed.append(f"{bad} failed deliveries")
 except (OSError, ValueError, KeyError) as e:
@@ -123,6 +137,7 @@ rss = col(rows, "rss_kib")
 if rss:
     print(f"relay RSS: start {rss[0]/1024:.1f} MiB, peak {max(rss)/1024:.1f} MiB, end {rss[-1]/1024:.1f} MiB "
           f"({len(rows)} samples over {float(rows[-1]['t_s'])/60:.1f} min)")
+    row["rss"] = f"RSS start {rss[0]/1024:.1f} MiB, peak {max(rss)/1024:.1f}, end {rss[-1]/1024:.1f} MiB"
 if len(warm) < 10:
     failed.append(f"only {len(warm)} samples after the warm-up: run longer")
 else:
@@ -140,10 +155,18 @@ else:
         bound = ma * (1 + rel) + absolute
         peak = max(col(body, k))
         print(f"{k}: after warm-up {ma:.0f}, at the end {mb:.0f} (bound {bound:.0f}), peak {peak:.0f}")
+        row[k] = f"{k} {ma:.0f} → {mb:.0f}"
         if mb > bound:
             failed.append(f"{k} grew from {ma:.0f} to {mb:.0f} (bound {bound:.0f})")
     idle = rows[-1]
     print(f"after the clients left: tasks {idle['tasks']}, connections {idle['connections']}, fds {idle['fds']}")
+    row["idle"] = f"{idle['connections']} connections and {idle['tasks']} tasks once the clients left"
+verdict = "SOAK FAILED: " + "; ".join(failed) if failed else "passed its bounds"
+print()
+print(f"| soak: `relay serve` under the `soak` scenario ({profile} build) | **{minutes} minutes**: "
+      + "; ".join(v for v in (row.get("deliveries"), row.get("rss"), row.get("tasks"), row.get("fds"),
+                              row.get("threads"), row.get("idle"), verdict) if v)
+      + f" | `PROFILE={profile} MINUTES={minutes} scripts/soak.sh` |")
 if failed:
     print("SOAK FAILED: " + "; ".join(failed))
     sys.exit(1)

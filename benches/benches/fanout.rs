@@ -12,6 +12,12 @@
 //! Also compares runtime layouts: the same load on a current-thread
 //! runtime and on a 2-worker runtime, in one run.
 //!
+//! Frames go on QUIC streams, each written as it comes: the UDP media path
+//! (PROTOCOL.md §14) drops what a full socket cannot take, which a talker
+//! sending as fast as the relay takes frames would turn into losses, and
+//! coalescing would change what is measured. Both are measured paced, by
+//! the simulator (`scripts/relay-ab.sh`, issue #15).
+//!
 //! `cargo bench -p ptt-benches --bench fanout`
 
 use std::sync::Arc;
@@ -39,6 +45,10 @@ struct Setup {
     _endpoints: Vec<quinn::Endpoint>,
 }
 
+/// Sets a group's members up with live frames on QUIC streams, each
+/// written as it comes (no UDP media path, `live_budget_ms` 0), so the
+/// figures compare with builds from before either existed (issue #9's
+/// before/after).
 async fn setup(n: usize) -> Setup {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = RelayConfig {
@@ -46,6 +56,8 @@ async fn setup(n: usize) -> Setup {
         clips_per_minute: 100_000,
         max_concurrent_clips: 1000,
         live_lag_frames: 10_000,
+        live_budget_ms: 0,
+        media: false,
         ..RelayConfig::for_tests(dir.path())
     };
     let relay = ptt_relay::start(config).await.expect("relay starts");
@@ -63,14 +75,16 @@ async fn setup(n: usize) -> Setup {
     }
     let trust = Trust::fingerprint_from_hex(relay.cert_fingerprint()).expect("fingerprint");
     let config_for = |user: &str| {
-        ClientConfig::new(
+        let mut c = ClientConfig::new(
             relay.addr(),
             "localhost",
             trust.clone(),
             relay
                 .issue_token(user, Duration::from_secs(3600), false, false)
                 .expect("the relay signs with its own key"),
-        )
+        );
+        c.media = false;
+        c
     };
     // A hundred receivers per socket, each socket with room for bursts
     // (as the simulator does; phones would each have their own).

@@ -187,6 +187,15 @@ pub struct RelayConfig {
     /// the next port (with port 0, any free port).
     #[arg(long)]
     pub media_listen: Option<SocketAddr>,
+    /// Let clients move to a new address on the same connection (QUIC
+    /// connection migration: a phone switching from Wi-Fi to cellular
+    /// carries on without reconnecting). Off, packets from a client's new
+    /// address are dropped: the client notices at its idle timeout and
+    /// reconnects (its clip in flight is re-sent or caught up from the
+    /// store). Off only where a NAT or load balancer in front of the relay
+    /// cannot follow a migrated connection.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub allow_migration: bool,
     /// Several relay nodes on NATS JetStream (`[cluster]` in the file);
     /// without NATS URLs the relay runs alone on its embedded store.
     #[command(flatten)]

@@ -186,31 +186,34 @@ impl LiveClip {
 
     /// Adds a media-path member: the frames appended from now on are sent
     /// to it by [`push_frame`](Self::push_frame) (or
-    /// [`push_uplink`](Self::push_uplink)); returns the frames before,
-    /// with their indices (its backlog, for the caller to send: the
-    /// appended ones and those the uplink brought ahead), and a guard that
+    /// [`push_uplink`](Self::push_uplink)), and the frames before (its
+    /// backlog: the appended ones, then those the uplink brought ahead)
+    /// are sent here, under the same lock as the append, so the member's
+    /// frames leave the relay in index order (UDP may still reorder them on
+    /// the way; clients place frames by index, PROTOCOL.md §14.4). Sending
+    /// the backlog after releasing the lock let a frame appended meanwhile
+    /// overtake it (seen as frame 8 before 4 when a cluster node filled in
+    /// frames from the store). Returns a guard that
     /// removes the member when dropped. Wakes no receiver.
     pub fn add_media_target(
         self: &Arc<Self>,
         target: crate::media::MediaTarget,
-    ) -> (MediaRegistration, Vec<(u32, Bytes)>) {
-        let mut backlog = Vec::new();
+    ) -> MediaRegistration {
         let key = (target.peer.conn_id(), target.stream);
         self.progress.send_if_modified(|p| {
-            backlog = (0u32..)
-                .zip(p.data.iter().cloned())
-                .chain(p.uplinked.iter().map(|(i, d)| (*i, d.clone())))
-                .collect();
+            for (index, data) in p.data.iter().enumerate() {
+                crate::media::send_frame(std::slice::from_ref(&target), index as u32, data);
+            }
+            for (index, data) in &p.uplinked {
+                crate::media::send_frame(std::slice::from_ref(&target), *index, data);
+            }
             p.media = p.media.iter().cloned().chain([target]).collect();
             false
         });
-        (
-            MediaRegistration {
-                clip: self.clone(),
-                key,
-            },
-            backlog,
-        )
+        MediaRegistration {
+            clip: self.clone(),
+            key,
+        }
     }
 
     /// Frames appended so far.

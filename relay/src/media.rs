@@ -365,15 +365,33 @@ pub struct MediaTarget {
 }
 
 /// Sends frame `index` of a clip to each target whose path is bound, one
-/// sealed datagram each, fire-and-forget: a datagram the socket cannot
-/// take at once is dropped (the member fetches the clip). Counts the
-/// frames and bytes sent in the metrics, once per call.
+/// sealed datagram each, fire-and-forget: all of them handed to the kernel
+/// together ([`crate::net::send_batch`], one `sendmmsg` per 64), and a
+/// datagram the socket cannot take at once is dropped (the member fetches
+/// the clip). Counts the frames and bytes sent in the metrics, once per
+/// call.
 pub fn send_frame(targets: &[MediaTarget], index: u32, data: &[u8]) {
     let now = Instant::now();
     let mut plain = Vec::with_capacity(data.len() + 16);
-    let mut packet = Vec::with_capacity(MAX_PACKET_LEN);
+    let mut batch = crate::net::Batch::default();
+    batch
+        .bytes
+        .reserve(targets.len().min(crate::net::SEND_BATCH) * (data.len() + 48));
     let (mut frames, mut bytes) = (0u64, 0u64);
+    let mut socket: Option<&Arc<UdpSocket>> = None;
     for target in targets {
+        // Every peer of a node shares its plane's socket; should one not,
+        // what is batched goes out on its own socket first.
+        if socket.is_some_and(|s| !Arc::ptr_eq(s, &target.peer.socket))
+            || batch.len() == crate::net::SEND_BATCH
+        {
+            if let Some(s) = socket {
+                let (f, b) = crate::net::send_batch(s, &batch);
+                frames += f;
+                bytes += b;
+            }
+            batch.clear();
+        }
         plain.clear();
         let headed = target.sent.fetch_add(1, Ordering::Relaxed) < HEADED_FRAMES
             && target.header.len() + data.len() + 16 <= MAX_PLAINTEXT_LEN;
@@ -389,24 +407,29 @@ pub fn send_frame(targets: &[MediaTarget], index: u32, data: &[u8]) {
             .encode(&mut plain);
             PacketType::Frame
         };
-        let addr = {
-            let mut s = target.peer.lock();
-            let bound = !s.closed
-                && s.last_bind
-                    .is_some_and(|at| now.saturating_duration_since(at) < BIND_TIMEOUT);
-            let Some(addr) = s.addr.filter(|_| bound) else {
-                continue;
-            };
-            packet.clear();
-            if target.peer.seal(&mut s, kind, &plain, &mut packet).is_err() {
-                continue;
-            }
-            addr
+        let mut s = target.peer.lock();
+        let bound = !s.closed
+            && s.last_bind
+                .is_some_and(|at| now.saturating_duration_since(at) < BIND_TIMEOUT);
+        let Some(addr) = s.addr.filter(|_| bound) else {
+            continue;
         };
-        if target.peer.socket.try_send_to(&packet, addr).is_ok() {
-            frames += 1;
-            bytes += packet.len() as u64;
+        let start = batch.bytes.len();
+        if target
+            .peer
+            .seal(&mut s, kind, &plain, &mut batch.bytes)
+            .is_err()
+        {
+            batch.bytes.truncate(start);
+            continue;
         }
+        batch.push(addr);
+        socket = Some(&target.peer.socket);
+    }
+    if let Some(s) = socket {
+        let (f, b) = crate::net::send_batch(s, &batch);
+        frames += f;
+        bytes += b;
     }
     if frames > 0 {
         let m = crate::metrics::Metrics::get();
@@ -445,11 +468,7 @@ pub async fn deliver_live_media(
         header: header.clone(),
         sent: Arc::new(AtomicU32::new(0)),
     };
-    let (registration, backlog) = clip.add_media_target(target.clone());
-    for (index, data) in &backlog {
-        send_frame(std::slice::from_ref(&target), *index, data);
-    }
-    drop(backlog);
+    let registration = clip.add_media_target(target);
     match tokio::time::timeout(max_stall, stream.write_chunk(header)).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) => return Delivery::Failed,

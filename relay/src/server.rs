@@ -205,13 +205,14 @@ pub async fn start(mut config: RelayConfig) -> Result<RelayHandle, StartError> {
         cert_files.is_none(),
         SystemTime::now(),
     )?);
-    let server_config = crate::tls::server_config(
+    let mut server_config = crate::tls::server_config(
         certs.clone(),
         &TransportTuning {
             idle_timeout: config.idle_timeout,
             max_uni_streams: config.max_streams_per_connection,
         },
     )?;
+    server_config.migration(config.allow_migration);
     let bind_error = |error| StartError::Bind {
         addr: config.listen,
         error,
