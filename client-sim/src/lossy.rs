@@ -569,8 +569,8 @@ impl AsyncUdpSocket for LossySocket {
 
 /// The lossy model for the client's UDP media socket
 /// ([`ptt_client::MediaLink`]): drops the same fraction of media datagrams
-/// each way, and delays the received ones as [`LossySocket`] does (the
-/// client's Binds are only dropped, not delayed).
+/// each way, and delays them as [`LossySocket`] does (the client sends its
+/// Binds at once, its uplink frames after the delay).
 #[derive(Debug)]
 pub struct LossyMediaLink {
     send: Mutex<LossModel>,
@@ -594,10 +594,7 @@ impl LossyMediaLink {
 
 impl ptt_client::MediaLink for LossyMediaLink {
     fn pass(&self, outgoing: bool) -> Option<Duration> {
-        if outgoing {
-            return (!lock(&self.send).drop_next()).then_some(Duration::ZERO);
-        }
-        let mut model = lock(&self.recv);
+        let mut model = lock(if outgoing { &self.send } else { &self.recv });
         if model.drop_next() {
             return None;
         }

@@ -164,6 +164,10 @@ pub struct ClientCounters {
     /// Live clips on the media path that lost frames and were fetched
     /// whole (counted in `partial_deliveries` too).
     pub media_clips_fetched: u64,
+    /// Frames of the users' uploads also sent by the UDP uplink.
+    pub media_uplinked: u64,
+    /// Live clips started from a `HeadedFrame`, before their header.
+    pub media_announced: u64,
 }
 
 impl ClientCounters {
@@ -175,6 +179,8 @@ impl ClientCounters {
         self.clips_aborted += s.clips_aborted;
         self.media_frames += s.media_frames_received;
         self.media_clips_fetched += s.media_clips_fetched;
+        self.media_uplinked += s.media_frames_uplinked;
+        self.media_announced += s.media_clips_announced;
     }
 }
 
@@ -333,6 +339,8 @@ impl Report {
             ("cut/aborted, then resent", self.partial_deliveries),
             ("of them: media, fetched", self.client.media_clips_fetched),
             ("frames by UDP media", self.client.media_frames),
+            ("frames sent by UDP uplink", self.client.media_uplinked),
+            ("clips started before header", self.client.media_announced),
             ("reordered arrivals", self.verdict.reordered),
             ("own clip echoed to talker", self.verdict.self_deliveries),
         ] {

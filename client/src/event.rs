@@ -29,7 +29,12 @@ pub enum Event {
         /// The whole header (format, sample rate, frame duration, flags…).
         header: ClipHeader,
     },
-    /// One frame (an Opus packet) of a clip.
+    /// One frame (an Opus packet) of a clip. On the UDP media path
+    /// (header flag MEDIA) frames come as they arrive: place them by
+    /// `index`, and conceal a missing one rather than wait for it (a
+    /// frame may come late, or only in the fetched copy after
+    /// [`Event::ClipIncomplete`]). Such a clip may start (and play) before
+    /// its stream's header arrives (PROTOCOL.md §14.4).
     Frame {
         /// The group.
         group: String,

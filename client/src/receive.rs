@@ -15,7 +15,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::event::Event;
-use crate::media::{MAX_MEDIA_INDEX, MediaFrame, MediaInbox};
+use crate::media::{MAX_MEDIA_INDEX, MediaFrame, MediaInbox, mark};
 use crate::shared::{Inner, Internal, Stats, lock};
 
 /// The clip a stream carries, once its header arrived.
@@ -44,31 +44,26 @@ struct MediaClip {
     rx: mpsc::Receiver<MediaFrame>,
     /// Bit `i`: frame `i` arrived (indices below [`MAX_MEDIA_INDEX`]).
     seen: Vec<u64>,
+    /// A `HeadedFrame` announced the clip before its header came: the
+    /// application has its `ClipStarted` (and the frames in `seen`).
+    announced: bool,
 }
 
 impl MediaClip {
     fn new(inbox: Arc<MediaInbox>, stream: u64) -> MediaClip {
-        let rx = inbox.register(stream);
+        let registration = inbox.register(stream);
         MediaClip {
             inbox,
             stream,
-            rx,
-            seen: Vec::new(),
+            rx: registration.rx,
+            announced: registration.announced.is_some(),
+            seen: registration.announced.unwrap_or_default(),
         }
     }
 
     /// Records frame `index`; `false` if it had arrived before.
     fn mark(&mut self, index: u32) -> bool {
-        let (word, bit) = ((index / 64) as usize, index % 64);
-        if index >= MAX_MEDIA_INDEX {
-            return false;
-        }
-        if self.seen.len() <= word {
-            self.seen.resize(word + 1, 0);
-        }
-        let new = self.seen[word] & (1 << bit) == 0;
-        self.seen[word] |= 1 << bit;
-        new
+        mark(&mut self.seen, index)
     }
 
     /// How many of frames `0..frame_count` have not arrived.
@@ -132,6 +127,7 @@ impl LiveReport {
 
 /// Reads the clip stream `recv` to its end, turning it into events.
 pub(crate) async fn read_clip(inner: Arc<Inner>, conn: quinn::Connection, recv: quinn::RecvStream) {
+    let stream_id = u64::from(recv.id());
     let mut stream = FramedReader::new(recv, MAX_PAYLOAD_LEN);
     let mut reader = ClipReader::new(ClipLimits::unlimited());
     let mut current: Option<Current> = None;
@@ -202,6 +198,21 @@ pub(crate) async fn read_clip(inner: Arc<Inner>, conn: quinn::Connection, recv: 
             }
             Err(ReadError::Stream(_)) => ErrorCode::None,
         };
+        if current.is_none()
+            && let Some((group, clip_id)) = inner
+                .media_inbox(&conn)
+                .and_then(|inbox| inbox.take_announced(stream_id))
+        {
+            // Announced by a HeadedFrame, reset before its header came.
+            Stats::bump(&inner.stats.clips_aborted);
+            inner
+                .emit(Event::ClipAborted {
+                    group,
+                    clip_id,
+                    code,
+                })
+                .await;
+        }
         if let Some(c) = current
             && !c.ended
             && !c.duplicate
@@ -255,10 +266,12 @@ async fn handle(
             // A MEDIA clip without a path (it ended with the connection):
             // no frame will come, the clip is fetched at its end.
             let inbox = inner.media_inbox(conn).unwrap_or_default();
-            let duplicate = is_duplicate(inner, &header);
+            let media = MediaClip::new(inbox, stream);
+            // Announced by a HeadedFrame: ClipStarted went out then.
+            let duplicate = !media.announced && is_duplicate(inner, &header);
             if duplicate {
                 Stats::bump(&inner.stats.duplicates_dropped);
-            } else {
+            } else if !media.announced {
                 emit_started(inner, &header).await;
             }
             *current = Some(Current {
@@ -267,7 +280,7 @@ async fn handle(
                 duplicate,
                 ended: false,
                 report: None,
-                media: Some(MediaClip::new(inbox, stream)),
+                media: Some(media),
             });
         }
         ClipEvent::Started(header) => {

@@ -60,6 +60,11 @@ pub struct ClientStats {
     /// `BindAck`s accepted on the media path: non-zero once the path is
     /// bound (PROTOCOL.md, section 14.3).
     pub media_binds_acked: u64,
+    /// Frames of our uploads sent in `Uplink` packets (PROTOCOL.md §14.3).
+    pub media_frames_uplinked: u64,
+    /// Live clips whose `ClipStarted` came from a `HeadedFrame`, before
+    /// their stream's header (PROTOCOL.md §14.4).
+    pub media_clips_announced: u64,
     /// Clips received on the media path with frames missing, fetched whole
     /// before they were acknowledged.
     pub media_clips_fetched: u64,
@@ -78,6 +83,8 @@ pub(crate) struct Stats {
     pub media_frames_received: AtomicU64,
     pub media_binds_acked: AtomicU64,
     pub media_clips_fetched: AtomicU64,
+    pub media_frames_uplinked: AtomicU64,
+    pub media_clips_announced: AtomicU64,
 }
 
 impl Stats {
@@ -99,6 +106,8 @@ impl Stats {
             media_frames_received: g(&self.media_frames_received),
             media_binds_acked: g(&self.media_binds_acked),
             media_clips_fetched: g(&self.media_clips_fetched),
+            media_frames_uplinked: g(&self.media_frames_uplinked),
+            media_clips_announced: g(&self.media_clips_announced),
         }
     }
 }

@@ -206,7 +206,7 @@ impl Talk {
                 max: self.max_frame,
             });
         }
-        let wire = {
+        let (index, wire) = {
             let mut clip = lock(&self.clip);
             if let Some(err) = &clip.failed {
                 return Err(err.clone());
@@ -215,9 +215,44 @@ impl Talk {
             clip.frames.push(data.clone());
             let mut buf = BytesMut::with_capacity(data.len() + 8);
             encode_frame(&mut buf, index, &data);
-            buf.freeze()
+            (index, buf.freeze())
         };
+        self.uplink(index);
         self.deliver(wire).await
+    }
+
+    /// Sends frame `index` (with the two before it) by the media path's
+    /// uplink too (PROTOCOL.md §14.3), if the path is bound and the upload stream is on the
+    /// current connection: the relay forwards whichever copy comes first;
+    /// the stream's stays the one stored.
+    fn uplink(&self, index: u32) {
+        if self.already_stored {
+            return;
+        }
+        let (Some((epoch, stream)), Some(slot)) = (&self.stream, self.inner.current()) else {
+            return;
+        };
+        if *epoch != slot.epoch {
+            return;
+        }
+        if let Some(uplink) = self
+            .inner
+            .media_inbox(&slot.conn)
+            .and_then(|inbox| inbox.uplink())
+            .filter(|u| u.is_of(&slot.conn))
+        {
+            // This frame and the two before it: one lost packet loses no
+            // frame.
+            let newest: Vec<(u32, Bytes)> = {
+                let clip = lock(&self.clip);
+                (0..=index)
+                    .rev()
+                    .take(ptt_protocol::media::UPLINK_REDUNDANCY)
+                    .filter_map(|i| clip.frames.get(i as usize).map(|d| (i, d.clone())))
+                    .collect()
+            };
+            uplink.send(u64::from(stream.id()), &newest);
+        }
     }
 
     /// Writes `wire` (the newest message) on this connection's stream, or

@@ -2,10 +2,15 @@
 //! relay in-process, over real QUIC and UDP on loopback: a live clip's
 //! frames arrive by UDP byte-identical; with every third media datagram
 //! lost, the client reports the clip incomplete, fetches it whole, and
-//! acknowledges it only then.
+//! acknowledges it only then. With the talker's QUIC path held back (a
+//! gated UDP proxy), its frames still reach the member by the uplink; with
+//! the member's QUIC path held back, the clip starts and plays from the
+//! `HeadedFrame`s before its stream's header arrives.
 
+use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,6 +35,66 @@ impl MediaLink for DropEveryThird {
         }
         let n = self.received.fetch_add(1, Ordering::Relaxed);
         (n % 3 != 2).then_some(Duration::ZERO)
+    }
+}
+
+/// A UDP proxy in front of the relay's QUIC port whose two directions can
+/// be held: datagrams wait (in order) until released. The media path goes
+/// around it (to the relay's media port directly).
+struct GatedProxy {
+    addr: SocketAddr,
+    /// Holds client → relay datagrams.
+    hold_up: Arc<AtomicBool>,
+    /// Holds relay → client datagrams.
+    hold_down: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for GatedProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl GatedProxy {
+    async fn start(relay: SocketAddr) -> GatedProxy {
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let hold_up = Arc::new(AtomicBool::new(false));
+        let hold_down = Arc::new(AtomicBool::new(false));
+        let (up, down) = (hold_up.clone(), hold_down.clone());
+        let task = tokio::spawn(async move {
+            let mut client = None;
+            let (mut to_relay, mut to_client) = (VecDeque::new(), VecDeque::new());
+            let (mut a, mut b) = (vec![0u8; 2048], vec![0u8; 2048]);
+            loop {
+                tokio::select! {
+                    Ok((n, from)) = front.recv_from(&mut a) => {
+                        client = Some(from);
+                        to_relay.push_back(a[..n].to_vec());
+                    }
+                    Ok((n, _)) = back.recv_from(&mut b) => to_client.push_back(b[..n].to_vec()),
+                    () = tokio::time::sleep(Duration::from_millis(2)) => {}
+                }
+                if !up.load(Ordering::Acquire) {
+                    for d in to_relay.drain(..) {
+                        let _ = back.send_to(&d, relay).await;
+                    }
+                }
+                if let (false, Some(client)) = (down.load(Ordering::Acquire), client) {
+                    for d in to_client.drain(..) {
+                        let _ = front.send_to(&d, client).await;
+                    }
+                }
+            }
+        });
+        GatedProxy {
+            addr,
+            hold_up,
+            hold_down,
+            task,
+        }
     }
 }
 
@@ -59,25 +124,37 @@ impl Harness {
     /// A team of alice (talking, media off) and bob (`bob`'s config),
     /// both joined, bob's media path bound.
     async fn team(&self, bob: ClientConfig) -> (Client, Events, Client, Events) {
+        self.team_with(self.config("alice", false).with_media(false), bob)
+            .await
+    }
+
+    /// A team of alice and bob with their configs, both joined, the media
+    /// paths of those that have one bound.
+    async fn team_with(
+        &self,
+        alice: ClientConfig,
+        bob: ClientConfig,
+    ) -> (Client, Events, Client, Events) {
         let (admin, _events) = Client::connect(self.config("root", true)).await.unwrap();
         admin.create_group("team", GroupMode::Notes).await.unwrap();
         for m in ["alice", "bob"] {
             admin.add_member("team", m).await.unwrap();
         }
         admin.close().await;
-        let (alice, alice_events) = Client::connect(self.config("alice", false).with_media(false))
-            .await
-            .unwrap();
+        let alice_media = alice.media;
+        let (alice, alice_events) = Client::connect(alice).await.unwrap();
         alice.join("team").await.unwrap();
         let (bob, bob_events) = Client::connect(bob).await.unwrap();
         bob.join("team").await.unwrap();
         tokio::time::timeout(WAIT, async {
-            while bob.stats().media_binds_acked == 0 {
+            while bob.stats().media_binds_acked == 0
+                || (alice_media && alice.stats().media_binds_acked == 0)
+            {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
         .await
-        .expect("bob's media path binds");
+        .expect("the media paths bind");
         (alice, alice_events, bob, bob_events)
     }
 }
@@ -272,5 +349,144 @@ async fn after_a_reconnect_the_client_binds_a_new_path() {
         10,
         "by UDP on the new path"
     );
+    h.relay.shutdown().await;
+}
+
+/// The indices and bytes of the frame events in `events`.
+fn frame_events(events: &[Event]) -> Vec<(u32, Bytes)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Frame { index, data, .. } => Some((*index, data.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn indexed(frames: &[Bytes], range: std::ops::Range<usize>) -> Vec<(u32, Bytes)> {
+    range.map(|i| (i as u32, frames[i].clone())).collect()
+}
+
+#[tokio::test]
+async fn with_the_talkers_quic_path_held_its_frames_arrive_by_the_uplink() {
+    let h = Harness::start().await;
+    let proxy = GatedProxy::start(h.relay.addr()).await;
+    let mut alice = h.config("alice", false);
+    alice.addr = proxy.addr;
+    let (alice, _alice_events, _bob, mut bob_events) =
+        h.team_with(alice, h.config("bob", false)).await;
+    let sent = frames(20);
+    let mut talk = alice.talk("team", ClipParams::default()).await.unwrap();
+    for f in &sent[..3] {
+        talk.send_frame(f.clone()).await.unwrap();
+    }
+    let mut seen = 0;
+    let mut events = collect(&mut bob_events, |e| {
+        seen += matches!(e, Event::Frame { .. }) as u32;
+        seen == 3
+    })
+    .await;
+
+    // Alice's QUIC datagrams are held: frames 3-9 can only come by UDP.
+    proxy.hold_up.store(true, Ordering::Release);
+    for f in &sent[3..10] {
+        talk.send_frame(f.clone()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut seen = 0;
+    events.extend(
+        collect(&mut bob_events, |e| {
+            seen += matches!(e, Event::Frame { .. }) as u32;
+            seen == 7
+        })
+        .await,
+    );
+    assert_eq!(frame_events(&events), indexed(&sent, 0..10));
+    assert!(proxy.hold_up.load(Ordering::Acquire), "still held");
+
+    // Released: the stream brings the clip whole, no frame comes twice,
+    // nothing is missing, the stored copy is complete.
+    proxy.hold_up.store(false, Ordering::Release);
+    for f in &sent[10..] {
+        talk.send_frame(f.clone()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let seq = talk.finish(Vec::new()).await.unwrap().seq;
+    events.extend(collect(&mut bob_events, |e| matches!(e, Event::ClipEnded { .. })).await);
+    assert_eq!(frame_events(&events), indexed(&sent, 0..20));
+    assert!(
+        matches!(events.last(), Some(Event::ClipEnded { seq: s, frame_count: 20, .. }) if *s == seq)
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::ClipIncomplete { .. }))
+    );
+    assert_eq!(alice.stats().media_frames_uplinked, 20);
+    h.relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_the_members_quic_path_held_the_clip_starts_from_headed_frames() {
+    let h = Harness::start().await;
+    let proxy = GatedProxy::start(h.relay.addr()).await;
+    let mut bob = h.config("bob", false);
+    bob.addr = proxy.addr;
+    let (alice, _alice_events, bob, mut bob_events) = h.team(bob).await;
+    // Bob's QUIC datagrams are held: the clip's header cannot come.
+    proxy.hold_down.store(true, Ordering::Release);
+    let sent = frames(20);
+    let mut talk = alice.talk("team", ClipParams::default()).await.unwrap();
+    for f in &sent[..10] {
+        talk.send_frame(f.clone()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut seen = 0;
+    let mut events = collect(&mut bob_events, |e| {
+        seen += matches!(e, Event::Frame { .. }) as u32;
+        seen == 10
+    })
+    .await;
+    let clip_events: Vec<&Event> = events
+        .iter()
+        .filter(|e| !matches!(e, Event::CaughtUp { .. }))
+        .collect();
+    let Some(Event::ClipStarted {
+        header, history, ..
+    }) = clip_events.first()
+    else {
+        panic!("the clip starts first: {events:#?}");
+    };
+    assert_eq!(
+        (
+            header.flags & ClipHeader::FLAG_MEDIA,
+            *history,
+            header.clip_id
+        ),
+        (ClipHeader::FLAG_MEDIA, false, talk.clip_id())
+    );
+    assert_eq!(frame_events(&events), indexed(&sent, 0..10));
+    assert_eq!(bob.stats().media_clips_announced, 1);
+    assert!(proxy.hold_down.load(Ordering::Acquire), "still held");
+
+    // Released: the header and end come on the stream, the clip is not
+    // started twice, every frame comes once, the clip ends complete.
+    proxy.hold_down.store(false, Ordering::Release);
+    for f in &sent[10..] {
+        talk.send_frame(f.clone()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let seq = talk.finish(Vec::new()).await.unwrap().seq;
+    events.extend(collect(&mut bob_events, |e| matches!(e, Event::ClipEnded { .. })).await);
+    let starts = events
+        .iter()
+        .filter(|e| matches!(e, Event::ClipStarted { .. }))
+        .count();
+    assert_eq!(starts, 1, "{events:#?}");
+    assert_eq!(frame_events(&events), indexed(&sent, 0..20));
+    assert!(
+        matches!(events.last(), Some(Event::ClipEnded { seq: s, frame_count: 20, .. }) if *s == seq)
+    );
+    assert_eq!(bob.stats().media_clips_fetched, 0);
     h.relay.shutdown().await;
 }

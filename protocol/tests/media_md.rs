@@ -8,8 +8,10 @@
 //! `cargo test -p ptt-protocol --test media_md -- --ignored --nocapture`.
 
 use ptt_protocol::media::{
-    FramePayload, KEY_MATERIAL_LEN, MediaCrypto, PacketHeader, PacketType, Side,
+    FramePayload, HeadedFramePayload, KEY_MATERIAL_LEN, MediaCrypto, PacketHeader, PacketType,
+    Side, UplinkPayload,
 };
+use ptt_protocol::{ClipFormat, ClipHeader, ClipId};
 
 /// The section's stand-in for `export_keying_material(56,
 /// "EXPORTER-ptt-media", 00 00 00 00)`: the bytes 0x00, 0x01, … 0x37.
@@ -19,6 +21,23 @@ fn material() -> [u8; KEY_MATERIAL_LEN] {
 
 const CONN_ID: u64 = 0x0123_4567_89ab_cdef;
 const OPUS: [u8; 8] = [0x48, 0x0b, 0xe4, 0xc1, 0x36, 0xec, 0xc5, 0x80];
+const OPUS_2: [u8; 4] = [0x48, 0x0b, 0x01, 0x02];
+
+/// The header of the clip in the HeadedFrame vector.
+fn clip_header() -> ClipHeader {
+    ClipHeader {
+        group: "ops".into(),
+        clip_id: ClipId::from_bytes(std::array::from_fn(|i| i as u8)),
+        talker: "ana".into(),
+        seq: 0,
+        format: ClipFormat::Opus,
+        sample_rate: 48_000,
+        channels: 1,
+        frame_ms: 20,
+        created_ms: 1_767_225_600_123,
+        flags: ClipHeader::FLAG_MEDIA,
+    }
+}
 
 /// Every vector, by name, in document order.
 fn vectors() -> Vec<(&'static str, Vec<u8>)> {
@@ -35,6 +54,20 @@ fn vectors() -> Vec<(&'static str, Vec<u8>)> {
         )
         .expect("a small plaintext");
     out.push(("bind", bind));
+    // Client → relay: its second packet (counter 1), an Uplink of upload
+    // stream 2 with frame 1 and, again, frame 0.
+    let mut plain = Vec::new();
+    UplinkPayload {
+        stream: 2,
+        frames: vec![(1, &OPUS_2[..]), (0, &OPUS[..])],
+    }
+    .encode(&mut plain);
+    out.push(("uplink-plaintext", plain.clone()));
+    let mut uplink = Vec::new();
+    client
+        .seal(PacketType::Uplink, &plain, &mut uplink)
+        .expect("sealed");
+    out.push(("uplink", uplink));
     // Relay → client: frame index 0 of the clip on stream 3, as the relay's
     // third packet (counter 2).
     let mut relay = MediaCrypto::new(Side::Relay, CONN_ID, 0, &material());
@@ -57,6 +90,21 @@ fn vectors() -> Vec<(&'static str, Vec<u8>)> {
         .seal(PacketType::Frame, &plain, &mut frame)
         .expect("sealed");
     out.push(("frame", frame));
+    // Relay → client: the same frame as a HeadedFrame (counter 3).
+    let mut plain = Vec::new();
+    HeadedFramePayload {
+        stream: 3,
+        index: 0,
+        header: clip_header(),
+        data: &OPUS,
+    }
+    .encode(&mut plain);
+    out.push(("headed-frame-plaintext", plain.clone()));
+    let mut headed = Vec::new();
+    relay
+        .seal(PacketType::HeadedFrame, &plain, &mut headed)
+        .expect("sealed");
+    out.push(("headed-frame", headed));
     out
 }
 
@@ -149,6 +197,20 @@ fn the_vectors_open_on_the_other_side() {
     assert_eq!(
         (payload.stream, payload.index, payload.data),
         (3, 0, &OPUS[..])
+    );
+    let mut uplink = get("uplink");
+    let (header, plain) = relay.open(&mut uplink).expect("the relay opens the uplink");
+    assert_eq!((header.kind, header.counter), (PacketType::Uplink, 1));
+    let payload = UplinkPayload::decode(plain).unwrap();
+    assert_eq!(payload.stream, 2);
+    assert_eq!(payload.frames, vec![(1, &OPUS_2[..]), (0, &OPUS[..])]);
+    let mut headed = get("headed-frame");
+    let (header, plain) = client.open(&mut headed).expect("the client opens it");
+    assert_eq!((header.kind, header.counter), (PacketType::HeadedFrame, 3));
+    let payload = HeadedFramePayload::decode(plain).unwrap();
+    assert_eq!(
+        (payload.stream, payload.index, payload.header, payload.data),
+        (3, 0, clip_header(), &OPUS[..])
     );
 }
 

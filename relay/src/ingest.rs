@@ -47,6 +47,9 @@ pub struct Uploader {
     /// Whether refused uploads are charged to that budget (admins' are
     /// not, as their control messages are not).
     pub charged: bool,
+    /// The connection's UDP media path, if open: the upload's frames may
+    /// also come by its uplink (PROTOCOL.md §14.3).
+    pub media: Option<Arc<crate::media::MediaPeer>>,
 }
 
 /// A refusal of an upload: the code and a message for the talker.
@@ -60,7 +63,10 @@ impl<E: std::fmt::Display> From<(ErrorCode, E)> for Refusal {
 
 /// Receives one clip upload to its end.
 pub async fn run(recv: RecvStream, ctx: Arc<RelayContext>, who: Uploader) {
+    let stream_id = recv.quic_id();
     let mut upload = Upload {
+        stream_id,
+        uplink: None,
         ctx: &ctx,
         who: &who,
         reader: ClipReader::new(ctx.clip_limits(ClipFormat::Opus)),
@@ -144,6 +150,10 @@ pub async fn run(recv: RecvStream, ctx: Arc<RelayContext>, who: Uploader) {
 }
 
 struct Upload<'a> {
+    /// The upload stream's QUIC id, named by the talker's uplink packets.
+    stream_id: u64,
+    /// The upload's registration with the media path's uplink, while live.
+    uplink: Option<crate::media::UploadRegistration>,
     ctx: &'a Arc<RelayContext>,
     who: &'a Uploader,
     reader: ClipReader,
@@ -211,7 +221,10 @@ impl Upload<'_> {
             ClipEvent::Frame { index, data } => {
                 self.frames_in += 1;
                 self.bytes_in += raw.len() as u64;
+                // A frame the uplink brought first was counted then.
+                let uplinked = self.clip.as_ref().is_some_and(|c| c.was_uplinked(index));
                 if let Some(user_frames) = &self.user_frames
+                    && !uplinked
                     && user_frames.frame(now).is_err()
                 {
                     metrics::counter!("ptt_clips_rejected_total", "reason" => "user_frame_rate")
@@ -247,6 +260,8 @@ impl Upload<'_> {
                 Ok(false)
             }
             ClipEvent::Ended { waveform, .. } => {
+                // Every frame is in: nothing more to take from the uplink.
+                self.uplink = None;
                 self.end(waveform).await?;
                 Ok(true)
             }
@@ -375,6 +390,9 @@ impl Upload<'_> {
             self.ctx.log.publish_live(LiveEvent::Started {
                 meta: clip.meta.clone(),
             });
+        }
+        if let (Some(peer), Some(frames)) = (&who.media, &self.user_frames) {
+            self.uplink = peer.register_upload(self.stream_id, clip.clone(), frames.clone());
         }
         self.clip = Some(clip);
         Metrics::get().clips_started.increment(1);

@@ -47,6 +47,12 @@ pub struct Progress {
     /// Members on the UDP media path: each frame is sealed and sent to
     /// them as it is appended ([`crate::media::send_frame`]).
     pub media: Arc<[crate::media::MediaTarget]>,
+    /// Frames the talker's UDP uplink brought ahead of its upload stream
+    /// and that were sent to the media members then
+    /// ([`LiveClip::push_uplink`]), by index: when the stream's copy
+    /// arrives it is stored but not sent again. At most
+    /// [`UPLINK_AHEAD`](ptt_protocol::media::UPLINK_AHEAD) entries.
+    pub uplinked: std::collections::BTreeMap<u32, Bytes>,
 }
 
 /// A clip being spoken (or a complete clip on its way to members).
@@ -75,6 +81,7 @@ impl LiveClip {
             state: ClipState::Live,
             newest_at: std::time::Instant::now(),
             media: Arc::new([]),
+            uplinked: std::collections::BTreeMap::new(),
         });
         Arc::new(LiveClip {
             meta,
@@ -115,12 +122,18 @@ impl LiveClip {
     /// call ([`crate::media::send_frame`]), after the frame is in the
     /// buffer: a member registered before the append gets it here, one
     /// registered after gets it in its backlog, never both or neither.
+    ///
+    /// A frame the talker's UDP uplink brought first
+    /// ([`push_uplink`](Self::push_uplink)) went to the media members
+    /// then: it is appended, and not sent again.
     pub fn push_frame(&self, raw: Bytes, data: Bytes) {
         let now = std::time::Instant::now();
         let mut media = None;
         self.progress.send_modify(|p| {
-            if !p.media.is_empty() {
-                media = Some((p.media.clone(), p.data.len()));
+            let index = p.data.len();
+            let uplinked = !p.uplinked.is_empty() && p.uplinked.remove(&(index as u32)).is_some();
+            if !p.media.is_empty() && !uplinked {
+                media = Some((p.media.clone(), index));
             }
             p.raw.push(raw);
             p.data.push(data.clone());
@@ -131,14 +144,56 @@ impl LiveClip {
         }
     }
 
+    /// A frame of the talker's UDP uplink (PROTOCOL.md §14.3): sent to
+    /// the media members at once if it is new (not appended yet, not
+    /// uplinked before), at most
+    /// [`UPLINK_AHEAD`](ptt_protocol::media::UPLINK_AHEAD) frames ahead of
+    /// the upload stream, there are media members, the clip is live and
+    /// `charge` (the user's frame budget, asked only for a new frame)
+    /// allows it. The stored clip comes from the stream alone: the frame
+    /// is kept only until the stream's copy replaces it. Whether the
+    /// frame was sent.
+    pub fn push_uplink(&self, index: u32, data: Bytes, charge: impl FnOnce() -> bool) -> bool {
+        let mut media = None;
+        self.progress.send_if_modified(|p| {
+            let next = p.data.len() as u64;
+            let index64 = u64::from(index);
+            let new = index64 >= next
+                && index64 < next + u64::from(ptt_protocol::media::UPLINK_AHEAD)
+                && !p.uplinked.contains_key(&index)
+                && !p.media.is_empty()
+                && p.state == ClipState::Live;
+            if new && charge() {
+                p.uplinked.insert(index, data.clone());
+                media = Some(p.media.clone());
+            }
+            false
+        });
+        match media {
+            Some(targets) => {
+                crate::media::send_frame(&targets, index, &data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether frame `index` came by the talker's UDP uplink before its
+    /// stream copy (it was counted against the user's frame limit then).
+    pub fn was_uplinked(&self, index: u32) -> bool {
+        self.progress.borrow().uplinked.contains_key(&index)
+    }
+
     /// Adds a media-path member: the frames appended from now on are sent
-    /// to it by [`push_frame`](Self::push_frame), and the frames before
-    /// (its backlog) are sent here, under the same lock as the append, so
-    /// the member's frames leave the relay in index order (UDP may still
-    /// reorder them on the way; clients place frames by index, PROTOCOL.md
-    /// §14.4). Sending the backlog after releasing the lock let a frame
-    /// appended meanwhile overtake it (seen as frame 8 before 4 when a
-    /// cluster node filled in frames from the store). Returns a guard that
+    /// to it by [`push_frame`](Self::push_frame) (or
+    /// [`push_uplink`](Self::push_uplink)), and the frames before (its
+    /// backlog: the appended ones, then those the uplink brought ahead)
+    /// are sent here, under the same lock as the append, so the member's
+    /// frames leave the relay in index order (UDP may still reorder them on
+    /// the way; clients place frames by index, PROTOCOL.md §14.4). Sending
+    /// the backlog after releasing the lock let a frame appended meanwhile
+    /// overtake it (seen as frame 8 before 4 when a cluster node filled in
+    /// frames from the store). Returns a guard that
     /// removes the member when dropped. Wakes no receiver.
     pub fn add_media_target(
         self: &Arc<Self>,
@@ -148,6 +203,9 @@ impl LiveClip {
         self.progress.send_if_modified(|p| {
             for (index, data) in p.data.iter().enumerate() {
                 crate::media::send_frame(std::slice::from_ref(&target), index as u32, data);
+            }
+            for (index, data) in &p.uplinked {
+                crate::media::send_frame(std::slice::from_ref(&target), *index, data);
             }
             p.media = p.media.iter().cloned().chain([target]).collect();
             false

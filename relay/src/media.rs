@@ -19,16 +19,28 @@
 //!   live clip, called by the talker's task as it appends the frame
 //!   ([`LiveClip::push_frame`]): no task wake per member, nothing queued.
 //! - [`deliver_live_media`]: a media member's live delivery: header and end
-//!   on the stream, the frames the clip had before it joined by UDP.
+//!   on the stream, the frames the clip had before it joined by UDP. The
+//!   first [`HEADED_FRAMES`] frame packets of a delivery carry the clip's
+//!   header (`HeadedFrame`), so the member can play them before the
+//!   stream's header arrives.
+//! - The talker's uplink: each frame of an upload also comes as a sealed
+//!   `Uplink` packet naming the upload stream ([`MediaPeer::register_upload`]);
+//!   the receive task hands it to the clip ([`LiveClip::push_uplink`]),
+//!   which sends it to the media members if the stream has not brought it
+//!   yet. The stored clip comes from the stream alone.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use dashmap::DashMap;
 use ptt_protocol::media::{
-    BIND_TIMEOUT, EXPORTER_LABEL, FramePayload, KEY_MATERIAL_LEN, MAX_PACKET_LEN, MediaCrypto,
-    MediaError, MediaKeys, PacketType, Side,
+    BIND_TIMEOUT, EXPORTER_LABEL, FramePayload, HEADED_FRAMES, HeadedFramePayload,
+    KEY_MATERIAL_LEN, MAX_PACKET_LEN, MAX_PLAINTEXT_LEN, MediaCrypto, MediaError, MediaKeys,
+    PacketType, Side, UplinkPayload,
 };
 use ptt_protocol::{ClipHeader, ClipMessage};
 use tokio::net::UdpSocket;
@@ -43,6 +55,16 @@ const PEER_BURST: f64 = 8.0;
 /// Packets per second a peer may send once its burst is spent (a client
 /// sends a Bind every 15 s, and a few more when its address changes).
 const PEER_RATE: f64 = 2.0;
+/// `Uplink` packets a peer may send in a burst (one second of 20 ms
+/// frames); a budget of their own, apart from the Binds'.
+const UPLINK_BURST: f64 = 50.0;
+/// `Uplink` packets per second once the burst is spent: a talker in real
+/// time with 10 ms frames, the shortest Opus frames a client may send.
+/// The frames also count against the user's `user_frames_per_second`.
+const UPLINK_RATE: f64 = 100.0;
+/// Uploads one path may have registered for its uplink at once; more are
+/// not sped up (their frames still arrive on their streams).
+const MAX_UPLINKS: usize = 16;
 
 /// The node's media socket and the connections that opened a media path.
 #[derive(Debug)]
@@ -92,6 +114,9 @@ impl MediaPlane {
                 closed: false,
                 tokens: PEER_BURST,
                 refilled: Instant::now(),
+                uplink_tokens: UPLINK_BURST,
+                uplink_refilled: Instant::now(),
+                uploads: HashMap::new(),
             }),
         });
         self.peers.insert(crypto_conn_id, peer.clone());
@@ -157,6 +182,32 @@ struct PeerState {
     closed: bool,
     tokens: f64,
     refilled: Instant,
+    /// The budget of `Uplink` packets.
+    uplink_tokens: f64,
+    uplink_refilled: Instant,
+    /// The connection's live uploads by upload stream id.
+    uploads: HashMap<u64, Upload>,
+}
+
+/// A live upload whose frames may come by the uplink.
+#[derive(Debug, Clone)]
+struct Upload {
+    clip: Arc<LiveClip>,
+    frames: crate::limits::UserFrames,
+}
+
+/// An upload registered for the uplink; unregistered when dropped (the
+/// upload ended).
+#[derive(Debug)]
+pub struct UploadRegistration {
+    peer: Arc<MediaPeer>,
+    stream: u64,
+}
+
+impl Drop for UploadRegistration {
+    fn drop(&mut self) {
+        self.peer.lock().uploads.remove(&self.stream);
+    }
 }
 
 impl MediaPeer {
@@ -180,6 +231,27 @@ impl MediaPeer {
                 .is_some_and(|at| now.saturating_duration_since(at) < BIND_TIMEOUT)
     }
 
+    /// Lets the frames of the live upload on stream `stream` (its QUIC id)
+    /// come by the uplink too, counted against `frames` (the user's frame
+    /// budget) once per index; until the registration is dropped. `None`
+    /// when the path already has 16 uploads registered.
+    pub fn register_upload(
+        self: &Arc<Self>,
+        stream: u64,
+        clip: Arc<LiveClip>,
+        frames: crate::limits::UserFrames,
+    ) -> Option<UploadRegistration> {
+        let mut s = self.lock();
+        if s.closed || s.uploads.len() >= MAX_UPLINKS {
+            return None;
+        }
+        s.uploads.insert(stream, Upload { clip, frames });
+        Some(UploadRegistration {
+            peer: self.clone(),
+            stream,
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, PeerState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -193,13 +265,25 @@ impl MediaPeer {
         if s.closed {
             return None;
         }
-        let elapsed = now.saturating_duration_since(s.refilled).as_secs_f64();
-        s.refilled = now;
-        s.tokens = (s.tokens + elapsed * PEER_RATE).min(PEER_BURST);
-        if s.tokens < 1.0 {
-            return None;
+        if packet.first() == Some(&(PacketType::Uplink as u8)) {
+            let elapsed = now
+                .saturating_duration_since(s.uplink_refilled)
+                .as_secs_f64();
+            s.uplink_refilled = now;
+            s.uplink_tokens = (s.uplink_tokens + elapsed * UPLINK_RATE).min(UPLINK_BURST);
+            if s.uplink_tokens < 1.0 || s.uploads.is_empty() {
+                return None;
+            }
+            s.uplink_tokens -= 1.0;
+        } else {
+            let elapsed = now.saturating_duration_since(s.refilled).as_secs_f64();
+            s.refilled = now;
+            s.tokens = (s.tokens + elapsed * PEER_RATE).min(PEER_BURST);
+            if s.tokens < 1.0 {
+                return None;
+            }
+            s.tokens -= 1.0;
         }
-        s.tokens -= 1.0;
         if let Some(epoch) = s.crypto.wants_epoch(packet) {
             // The client moved to the next epoch: follow (the packet must
             // still authenticate under the new keys below).
@@ -213,6 +297,24 @@ impl MediaPeer {
                 return None;
             }
         };
+        if header.kind == PacketType::Uplink {
+            let uplink = UplinkPayload::decode(plaintext).ok()?;
+            let upload = s.uploads.get(&uplink.stream)?.clone();
+            let frames: Vec<(u32, Bytes)> = uplink
+                .frames
+                .iter()
+                .map(|(index, data)| (*index, Bytes::copy_from_slice(data)))
+                .collect();
+            // Not under this path's lock: the fan-out locks the members'.
+            drop(s);
+            // The oldest first: members get them in order where they can.
+            for (index, data) in frames.into_iter().rev() {
+                upload
+                    .clip
+                    .push_uplink(index, data, || upload.frames.frame(now).is_ok());
+            }
+            return None;
+        }
         if header.kind != PacketType::Bind {
             return None;
         }
@@ -255,6 +357,11 @@ pub struct MediaTarget {
     pub peer: Arc<MediaPeer>,
     /// The QUIC id of the member's live clip stream (named in every frame).
     pub stream: u64,
+    /// The clip's `ClipHeader` message as the member's stream carries it,
+    /// sent in the first [`HEADED_FRAMES`] frame packets.
+    pub header: Bytes,
+    /// Frame packets sealed for this delivery so far.
+    pub sent: Arc<AtomicU32>,
 }
 
 /// Sends frame `index` of a clip to each target whose path is bound, one
@@ -286,12 +393,20 @@ pub fn send_frame(targets: &[MediaTarget], index: u32, data: &[u8]) {
             batch.clear();
         }
         plain.clear();
-        FramePayload {
-            stream: target.stream,
-            index,
-            data,
-        }
-        .encode(&mut plain);
+        let headed = target.sent.fetch_add(1, Ordering::Relaxed) < HEADED_FRAMES
+            && target.header.len() + data.len() + 16 <= MAX_PLAINTEXT_LEN;
+        let kind = if headed {
+            HeadedFramePayload::encode_with(target.stream, index, &target.header, data, &mut plain);
+            PacketType::HeadedFrame
+        } else {
+            FramePayload {
+                stream: target.stream,
+                index,
+                data,
+            }
+            .encode(&mut plain);
+            PacketType::Frame
+        };
         let mut s = target.peer.lock();
         let bound = !s.closed
             && s.last_bind
@@ -302,7 +417,7 @@ pub fn send_frame(targets: &[MediaTarget], index: u32, data: &[u8]) {
         let start = batch.bytes.len();
         if target
             .peer
-            .seal(&mut s, PacketType::Frame, &plain, &mut batch.bytes)
+            .seal(&mut s, kind, &plain, &mut batch.bytes)
             .is_err()
         {
             batch.bytes.truncate(start);
@@ -344,6 +459,16 @@ pub async fn deliver_live_media(
     let mut header = clip.header();
     header.flags |= sink.header_flags() | ClipHeader::FLAG_MEDIA;
     let header = ClipMessage::Header(header).to_bytes();
+    // The frames go by UDP from now on, before the header is written: a
+    // connection whose send window is full (a fetch under loss) can hold
+    // the header for seconds, and the HeadedFrames carry it anyway.
+    let target = MediaTarget {
+        peer: peer.clone(),
+        stream: stream.quic_id().into(),
+        header: header.clone(),
+        sent: Arc::new(AtomicU32::new(0)),
+    };
+    let registration = clip.add_media_target(target);
     match tokio::time::timeout(max_stall, stream.write_chunk(header)).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) => return Delivery::Failed,
@@ -354,11 +479,6 @@ pub async fn deliver_live_media(
             return Delivery::Cut;
         }
     }
-    let target = MediaTarget {
-        peer: peer.clone(),
-        stream: stream.quic_id().into(),
-    };
-    let registration = clip.add_media_target(target);
     let state = clip.finished().await;
     drop(registration);
     match state {

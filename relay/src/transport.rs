@@ -44,6 +44,11 @@ const WEB_EXTRA_UNI_STREAMS: u32 = 3;
 pub struct RecvStream(web_transport_quinn::RecvStream);
 
 impl RecvStream {
+    /// The QUIC stream id (what a client's uplink packets name).
+    pub fn quic_id(&self) -> u64 {
+        self.0.quic_id().into()
+    }
+
     /// Asks the peer to stop sending (STOP_SENDING) with `code`.
     pub fn stop(&mut self, code: ErrorCode) -> Result<(), quinn::ClosedStream> {
         self.0.stop(code.code())

@@ -3,7 +3,11 @@
 //! sealed datagrams while the clip's header and end come on its stream; a
 //! member that lost frames gets the clip whole through FetchClip; spoofed,
 //! replayed and garbled Binds move nothing and get no answer; a member
-//! whose path never binds gets its frames on streams.
+//! whose path never binds gets its frames on streams. The talker's uplink:
+//! frames it sends by UDP reach media members while its upload stream is
+//! held back, each once whichever copy comes first, the store keeps the
+//! stream's copy, and forged, replayed, unknown or far-ahead uplink
+//! packets do nothing.
 
 mod common;
 
@@ -13,7 +17,8 @@ use bytes::Bytes;
 use common::raw::{Raw, header};
 use common::{TestRelay, WAIT};
 use ptt_protocol::media::{
-    EXPORTER_LABEL, FramePayload, KEY_MATERIAL_LEN, MediaCrypto, MediaKeys, PacketType, Side,
+    EXPORTER_LABEL, FramePayload, HEADED_FRAMES, HeadedFramePayload, KEY_MATERIAL_LEN, MediaCrypto,
+    MediaKeys, PacketType, Side, UPLINK_AHEAD, UplinkPayload,
 };
 use ptt_protocol::{ClipHeader, ClipMessage, ControlMessage, ErrorCode, GroupMode, MediaMessage};
 use tokio::net::UdpSocket;
@@ -92,14 +97,57 @@ impl MediaClient {
 
     /// `n` Frame packets: (stream, index, data) each.
     async fn frames(&mut self, n: usize) -> Vec<(u64, u32, Bytes)> {
+        self.frames_headed(n)
+            .await
+            .into_iter()
+            .map(|(s, i, d, _)| (s, i, d))
+            .collect()
+    }
+
+    /// `n` Frame or HeadedFrame packets: (stream, index, data, the header
+    /// of a HeadedFrame) each.
+    async fn frames_headed(&mut self, n: usize) -> Vec<(u64, u32, Bytes, Option<ClipHeader>)> {
         let mut out = Vec::new();
         while out.len() < n {
             let (kind, plain) = self.next_packet(WAIT).await.expect("a frame in time");
-            assert_eq!(kind, PacketType::Frame);
-            let f = FramePayload::decode(&plain).unwrap();
-            out.push((f.stream, f.index, Bytes::copy_from_slice(f.data)));
+            match kind {
+                PacketType::Frame => {
+                    let f = FramePayload::decode(&plain).unwrap();
+                    out.push((f.stream, f.index, Bytes::copy_from_slice(f.data), None));
+                }
+                PacketType::HeadedFrame => {
+                    let f = HeadedFramePayload::decode(&plain).unwrap();
+                    let data = Bytes::copy_from_slice(f.data);
+                    out.push((f.stream, f.index, data, Some(f.header)));
+                }
+                other => panic!("a frame, not {other:?}"),
+            }
         }
         out
+    }
+
+    /// Whether any packet opens within `wait`.
+    async fn quiet(&mut self, wait: Duration) -> bool {
+        self.next_packet(wait).await.is_none()
+    }
+
+    /// A sealed Uplink packet for frame `index` of upload stream `stream`.
+    fn uplink_packet(&mut self, stream: u64, index: u32, data: &[u8]) -> Vec<u8> {
+        let mut plain = Vec::new();
+        UplinkPayload {
+            stream,
+            frames: vec![(index, data)],
+        }
+        .encode(&mut plain);
+        let mut packet = Vec::new();
+        self.crypto
+            .seal(PacketType::Uplink, &plain, &mut packet)
+            .unwrap();
+        packet
+    }
+
+    async fn send(&self, packet: &[u8]) {
+        self.socket.send_to(packet, self.relay).await.unwrap();
     }
 }
 
@@ -163,7 +211,7 @@ async fn frames_go_by_udp_byte_identical_and_a_lossy_member_fetches_the_clip_who
     let frames = common::frames(7, 30);
     let talking = talk(&alice, "team", &frames, 10);
     let (_, (stream, messages), received) =
-        tokio::join!(talking, next_stream(&bob), media.frames(30));
+        tokio::join!(talking, next_stream(&bob), media.frames_headed(30));
     // The stream: the header (flag MEDIA) and the end, no frame.
     let [
         ClipMessage::Header(h),
@@ -176,10 +224,16 @@ async fn frames_go_by_udp_byte_identical_and_a_lossy_member_fetches_the_clip_who
     };
     assert_eq!(h.flags & ClipHeader::FLAG_MEDIA, ClipHeader::FLAG_MEDIA);
     assert_eq!((*frame_count, *seq), (30, 1));
-    // The datagrams: every frame, byte for byte, naming the stream.
-    for (i, (s, index, data)) in received.iter().enumerate() {
+    // The datagrams: every frame, byte for byte, naming the stream; the
+    // first HEADED_FRAMES with the stream's header, the rest without.
+    for (i, (s, index, data, headed)) in received.iter().enumerate() {
         assert_eq!((*s, *index as usize), (stream, i));
         assert_eq!(data, &frames[i], "frame {i}");
+        if i < HEADED_FRAMES as usize {
+            assert_eq!(headed.as_ref(), Some(h), "frame {i} names its clip");
+        } else {
+            assert_eq!(headed, &None, "frame {i} is a plain Frame");
+        }
     }
 
     // Say bob's phone lost frames 3 and 17: it fetches the clip whole.
@@ -295,5 +349,219 @@ async fn without_a_bind_or_a_media_socket_frames_stay_on_streams() {
         })
         .await;
     assert_eq!(code, ErrorCode::MediaUnavailable);
+    relay.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn uplink_frames_beat_a_held_upload_stream_once_each_and_the_store_keeps_the_stream_copy() {
+    let relay = TestRelay::start().await;
+    relay
+        .group("team", GroupMode::Notes, &["alice", "bob"])
+        .await;
+    let (bob, mut bob_send, mut bob_control) = Raw::member(&relay, "bob", "team").await;
+    let mut bob_media = MediaClient::open(&bob, &mut bob_send, &mut bob_control).await;
+    bob_media.bind().await;
+    let (alice, mut alice_send, mut alice_control) = Raw::hello(&relay, "alice").await;
+    let mut alice_media = MediaClient::open(&alice, &mut alice_send, &mut alice_control).await;
+    alice_media.bind().await;
+
+    // Frames 0-2 on the upload stream: bob's delivery is under way.
+    let frames = common::frames(9, 20);
+    let mut up = alice.conn.open_uni().await.unwrap();
+    let upload = u64::from(up.id());
+    up.write_all(&ClipMessage::Header(header("team")).to_bytes())
+        .await
+        .unwrap();
+    let on_stream = |i: usize, data: &Bytes| {
+        ClipMessage::Frame {
+            index: i as u32,
+            data: data.clone(),
+        }
+        .to_bytes()
+    };
+    for (i, data) in frames.iter().enumerate().take(3) {
+        up.write_all(&on_stream(i, data)).await.unwrap();
+    }
+    let first = bob_media.frames(3).await;
+    let bob_stream = first[0].0;
+
+    // Frames 3-9 by the uplink alone, the stream held back: they reach bob
+    // at once (a different copy of frame 8 than the stream will carry).
+    let mut live8 = frames[8].to_vec();
+    live8.push(0xee);
+    let mut captured = Vec::new();
+    for i in 3..10u32 {
+        let data = if i == 8 {
+            &live8[..]
+        } else {
+            &frames[i as usize][..]
+        };
+        let packet = alice_media.uplink_packet(upload, i, data);
+        alice_media.send(&packet).await;
+        captured.push(packet);
+    }
+    let early = bob_media.frames(7).await;
+    let indices: Vec<u32> = early.iter().map(|f| f.1).collect();
+    assert_eq!(indices, (3..10).collect::<Vec<_>>());
+    assert!(early.iter().all(|f| f.0 == bob_stream));
+    assert_eq!(early[5].2, Bytes::from(live8.clone()), "the uplink's copy");
+
+    // Nothing moves bob's frames now: the same packets replayed, a frame
+    // of the uplink again under a new counter, one sealed with other keys,
+    // an unknown upload stream, an index UPLINK_AHEAD past the stream.
+    for packet in &captured {
+        alice_media.send(packet).await;
+    }
+    let again = alice_media.uplink_packet(upload, 5, &frames[5]);
+    alice_media.send(&again).await;
+    let mut forged = Vec::new();
+    let mut plain = Vec::new();
+    UplinkPayload {
+        stream: upload,
+        frames: vec![(10, &frames[10][..])],
+    }
+    .encode(&mut plain);
+    MediaCrypto::new(
+        Side::Client,
+        alice_media.crypto.conn_id(),
+        0,
+        &[7; KEY_MATERIAL_LEN],
+    )
+    .seal(PacketType::Uplink, &plain, &mut forged)
+    .unwrap();
+    alice_media.send(&forged).await;
+    let unknown = alice_media.uplink_packet(upload + 4, 10, &frames[10]);
+    alice_media.send(&unknown).await;
+    let ahead = alice_media.uplink_packet(upload, 3 + UPLINK_AHEAD, &frames[10]);
+    alice_media.send(&ahead).await;
+    assert!(
+        bob_media.quiet(Duration::from_millis(300)).await,
+        "replayed, repeated, forged, unknown and far-ahead uplink packets send nothing"
+    );
+
+    // The stream catches up (frames 3-19 and the end), the uplink brings
+    // frame 10 again: bob gets 10-19 once each, nothing twice.
+    for (i, data) in frames.iter().enumerate().skip(3) {
+        up.write_all(&on_stream(i, data)).await.unwrap();
+        if i == 9 {
+            let late = alice_media.uplink_packet(upload, 10, &frames[10]);
+            alice_media.send(&late).await;
+        }
+    }
+    let end = ClipMessage::End {
+        frame_count: frames.len() as u32,
+        seq: 0,
+        waveform: Bytes::new(),
+    };
+    up.write_all(&end.to_bytes()).await.unwrap();
+    up.finish().unwrap();
+    let rest = bob_media.frames(10).await;
+    let indices: Vec<u32> = rest.iter().map(|f| f.1).collect();
+    assert_eq!(indices, (10..20).collect::<Vec<_>>());
+    for f in &rest {
+        assert_eq!(f.2, frames[f.1 as usize], "frame {}", f.1);
+    }
+    assert!(
+        bob_media.quiet(Duration::from_millis(300)).await,
+        "no frame twice"
+    );
+
+    // The stored clip is the stream's, byte for byte (frame 8 included).
+    let (_, messages) = next_stream(&bob).await;
+    assert!(matches!(
+        messages.last(),
+        Some(ClipMessage::End {
+            frame_count: 20,
+            ..
+        })
+    ));
+    let fetch = ControlMessage::FetchClip {
+        request_id: 9,
+        group: "team".into(),
+        seq: 1,
+    };
+    bob_send.write_all(&fetch.to_bytes()).await.unwrap();
+    let (_, fetched) = next_stream(&bob).await;
+    let fetched: Vec<Bytes> = fetched
+        .into_iter()
+        .filter_map(|m| match m {
+            ClipMessage::Frame { data, .. } => Some(data),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fetched, frames, "the stored clip is the upload stream's");
+    relay.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn uplink_frames_count_once_against_the_users_frame_limit() {
+    // A budget of 10 frames (and 1 a second after): 3 by the stream and 7
+    // by the uplink spend it; the stream copies of those 7 cost nothing,
+    // so the clip of 10 frames is stored, and an 11th uplink frame over
+    // the budget is dropped.
+    let relay = TestRelay::start_with(|c| {
+        c.user_frames_per_second = 1;
+        c.user_frames_burst = 10;
+    })
+    .await;
+    relay
+        .group("team", GroupMode::Notes, &["alice", "bob"])
+        .await;
+    let (bob, mut bob_send, mut bob_control) = Raw::member(&relay, "bob", "team").await;
+    let mut bob_media = MediaClient::open(&bob, &mut bob_send, &mut bob_control).await;
+    bob_media.bind().await;
+    let (alice, mut alice_send, mut alice_control) = Raw::hello(&relay, "alice").await;
+    let mut alice_media = MediaClient::open(&alice, &mut alice_send, &mut alice_control).await;
+    alice_media.bind().await;
+
+    let frames = common::frames(4, 11);
+    let mut up = alice.conn.open_uni().await.unwrap();
+    let upload = u64::from(up.id());
+    up.write_all(&ClipMessage::Header(header("team")).to_bytes())
+        .await
+        .unwrap();
+    let on_stream = |i: usize| {
+        ClipMessage::Frame {
+            index: i as u32,
+            data: frames[i].clone(),
+        }
+        .to_bytes()
+    };
+    for i in 0..3 {
+        up.write_all(&on_stream(i)).await.unwrap();
+    }
+    assert_eq!(bob_media.frames(3).await.len(), 3);
+    for i in 3..11u32 {
+        let packet = alice_media.uplink_packet(upload, i, &frames[i as usize]);
+        alice_media.send(&packet).await;
+    }
+    let by_uplink: Vec<u32> = bob_media.frames(7).await.iter().map(|f| f.1).collect();
+    assert_eq!(by_uplink, (3..10).collect::<Vec<_>>());
+    assert!(
+        bob_media.quiet(Duration::from_millis(300)).await,
+        "the frame over the budget is dropped"
+    );
+    for i in 3..10 {
+        up.write_all(&on_stream(i)).await.unwrap();
+    }
+    let end = ClipMessage::End {
+        frame_count: 10,
+        seq: 0,
+        waveform: Bytes::new(),
+    };
+    up.write_all(&end.to_bytes()).await.unwrap();
+    up.finish().unwrap();
+    let (_, messages) = next_stream(&bob).await;
+    assert!(
+        matches!(
+            messages.last(),
+            Some(ClipMessage::End {
+                frame_count: 10,
+                seq: 1,
+                ..
+            })
+        ),
+        "stored, not refused: {messages:?}"
+    );
     relay.handle.shutdown().await;
 }

@@ -478,6 +478,7 @@ impl Session {
             state: self.state.clone(),
             conn: self.conn.clone(),
             charged: !self.claims.adm,
+            media: self.media.clone(),
         };
         let ctx = self.ctx.clone();
         // The session's span (its parent) names the user; the group and

@@ -156,11 +156,24 @@ pub async fn collect_clips(events: &mut Events, n: usize) -> Vec<Received> {
                         },
                     );
                 }
-                Event::Frame { clip_id, data, .. } => {
-                    open.get_mut(&clip_id)
+                Event::Frame {
+                    clip_id,
+                    index,
+                    data,
+                    ..
+                } => {
+                    // Placed by index: media-path frames come as they
+                    // arrive (PROTOCOL.md §14.4), the uplink's ahead of
+                    // the stream's.
+                    let frames = &mut open
+                        .get_mut(&clip_id)
                         .expect("frame of a started clip")
-                        .frames
-                        .push(data);
+                        .frames;
+                    let index = index as usize;
+                    if frames.len() <= index {
+                        frames.resize(index + 1, Bytes::new());
+                    }
+                    frames[index] = data;
                 }
                 Event::ClipEnded { clip_id, seq, .. } => {
                     let mut clip = open.remove(&clip_id).expect("end of a started clip");
