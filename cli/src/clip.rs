@@ -30,9 +30,12 @@ pub struct ClipInProgress {
     pub header: ClipHeader,
     /// The talker.
     pub talker: String,
-    /// The Opus packets so far.
+    /// The Opus packets so far, in index order from 0, without holes.
     pub frames: Vec<Bytes>,
-    /// Their total size.
+    /// Packets that came ahead of a missing one (the UDP media path may
+    /// reorder them, PROTOCOL.md §14.4), by index.
+    ahead: std::collections::BTreeMap<u32, Bytes>,
+    /// The total size of both.
     pub bytes: usize,
 }
 
@@ -43,14 +46,30 @@ impl ClipInProgress {
             header,
             talker,
             frames: Vec::new(),
+            ahead: std::collections::BTreeMap::new(),
             bytes: 0,
         }
     }
 
-    /// Adds a frame; false if the clip grew past [`MAX_CLIP_BYTES`].
-    pub fn push(&mut self, data: Bytes) -> bool {
+    /// Adds frame `index`, placed by its index (a frame that came twice is
+    /// kept once); false if the clip grew past [`MAX_CLIP_BYTES`].
+    pub fn push(&mut self, index: u32, data: Bytes) -> bool {
+        let next = self.frames.len();
+        if (index as usize) < next || self.ahead.contains_key(&index) {
+            return true;
+        }
         self.bytes += data.len();
-        self.frames.push(data);
+        if index as usize == next {
+            self.frames.push(data);
+            while let Some(d) = u32::try_from(self.frames.len())
+                .ok()
+                .and_then(|i| self.ahead.remove(&i))
+            {
+                self.frames.push(d);
+            }
+        } else {
+            self.ahead.insert(index, data);
+        }
         self.bytes <= MAX_CLIP_BYTES
     }
 
@@ -156,9 +175,15 @@ mod tests {
         enc.push_i16(&tone).unwrap();
         let finished = enc.finish().unwrap();
         let mut clip = ClipInProgress::new(header(16_000), "alice".into());
-        for p in &finished.packets {
-            assert!(clip.push(Bytes::from(p.data.clone())));
+        // Out of order, one twice: placed by index.
+        let n = finished.packets.len() as u32;
+        for i in (0..n).step_by(2).chain((1..n).step_by(2)).chain([0]) {
+            let p = &finished.packets[i as usize];
+            assert!(clip.push(i, Bytes::from(p.data.clone())));
         }
+        let data: Vec<&[u8]> = clip.frames.iter().map(|f| &f[..]).collect();
+        let want: Vec<&[u8]> = finished.packets.iter().map(|p| &p.data[..]).collect();
+        assert_eq!(data, want);
         assert_eq!(clip.duration_ms(), finished.packets.len() as u64 * 20);
         let dir = tempfile::tempdir().unwrap();
         let path = file_name(dir.path(), "team", 3);

@@ -257,9 +257,14 @@ impl<'a> Receiver<'a> {
                 self.clips
                     .insert(clip_id, ClipInProgress::new(header, talker));
             }
-            Event::Frame { clip_id, data, .. } => {
+            Event::Frame {
+                clip_id,
+                index,
+                data,
+                ..
+            } => {
                 if let Some(clip) = self.clips.get_mut(&clip_id)
-                    && !clip.push(data)
+                    && !clip.push(index, data)
                 {
                     let talker = self.clips.remove(&clip_id).map(|c| c.talker);
                     self.ui.status(&format!(
