@@ -75,7 +75,12 @@ async fn ended_clips(
     expect: &[u64],
     quiet: Duration,
 ) -> Vec<(u64, Vec<Bytes>)> {
-    let mut open: HashMap<ptt_client::ClipId, Vec<Bytes>> = HashMap::new();
+    // Frames by index: on the UDP media path a frame comes from whichever
+    // of the talker's two copies (uplink datagram, upload stream) reaches
+    // the relay first, so they may arrive out of order (PROTOCOL.md §14.4:
+    // clients place them by index). A frame that came twice stays twice
+    // and fails the comparison.
+    let mut open: HashMap<ptt_client::ClipId, Vec<(u32, Bytes)>> = HashMap::new();
     let mut done = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -95,11 +100,18 @@ async fn ended_clips(
             Event::ClipStarted { clip_id, .. } => {
                 open.insert(clip_id, Vec::new());
             }
-            Event::Frame { clip_id, data, .. } => {
-                open.entry(clip_id).or_default().push(data);
+            Event::Frame {
+                clip_id,
+                index,
+                data,
+                ..
+            } => {
+                open.entry(clip_id).or_default().push((index, data));
             }
             Event::ClipEnded { clip_id, seq, .. } => {
-                done.push((seq, open.remove(&clip_id).unwrap_or_default()));
+                let mut frames = open.remove(&clip_id).unwrap_or_default();
+                frames.sort_by_key(|(index, _)| *index);
+                done.push((seq, frames.into_iter().map(|(_, data)| data).collect()));
             }
             Event::ClipAborted { clip_id, .. } => {
                 open.remove(&clip_id);

@@ -266,7 +266,13 @@ async fn key_value(js: &jetstream::Context, bucket: Bucket) -> Result<kv::Store,
         num_replicas: bucket.replicas,
         allow_rollup: true,
         deny_delete: true,
-        allow_direct: true,
+        // Reads go through the stream's leader, not "direct gets" that any
+        // replica may answer: with replicas 3 a follower can lag behind a
+        // write just acknowledged, and a group created, then read to add a
+        // member, came back missing (`NoSuchGroup`, seen in cluster3). A
+        // compare-and-set loop survives a stale revision, not a stale
+        // absence; the leader costs a little read throughput.
+        allow_direct: false,
         discard: stream::DiscardPolicy::New,
         ..Default::default()
     };
