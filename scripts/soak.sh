@@ -57,8 +57,10 @@ fi
 
 data="$out/data"
 metrics_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# RELAY_ARGS: more `relay serve` flags (split on spaces).
+read -r -a relay_args <<<"${RELAY_ARGS:-}"
 "$bin/relay" serve --data-dir "$data" --listen 127.0.0.1:0 \
-    --metrics "127.0.0.1:$metrics_port" 2>"$out/relay.log" &
+    --metrics "127.0.0.1:$metrics_port" ${relay_args[@]+"${relay_args[@]}"} 2>"$out/relay.log" &
 relay=$!
 sim=""
 sampler=""

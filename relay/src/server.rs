@@ -393,7 +393,9 @@ impl Backend {
     /// (with a warning) if the servers' `max_payload` is smaller.
     async fn open(config: &mut RelayConfig) -> Result<Backend, StartError> {
         if !config.cluster.enabled() {
-            let store = Arc::new(RedbStore::open(&config.data_dir)?);
+            let cache = usize::try_from(config.store_cache_mib.saturating_mul(1 << 20))
+                .unwrap_or(usize::MAX);
+            let store = Arc::new(RedbStore::open_with_cache(&config.data_dir, cache)?);
             let log = Arc::new(LocalLog::new(store.clone()));
             return Ok(Backend::Local { store, log });
         }

@@ -125,6 +125,9 @@ use super::{
 
 /// The database file's name inside the data directory.
 pub const DB_FILE_NAME: &str = "relay.redb";
+/// The page cache of [`RedbStore::open`]: 64 MiB (redb's own default,
+/// 1 GiB, let the process grow with the store).
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
 /// The most commands the writer thread takes into one batch.
 pub const MAX_BATCH: usize = 1024;
@@ -278,9 +281,18 @@ impl RedbStore {
     /// Fails with [`StoreError::Locked`] if the database is open elsewhere
     /// (another relay process, or another `RedbStore` in this process).
     pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
+        RedbStore::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// As [`open`](Self::open), with a page cache of at most `cache_bytes`
+    /// (the relay's `store_cache_mib`).
+    pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<RedbStore, StoreError> {
         std::fs::create_dir_all(dir).ctx(&format!("creating {}", dir.display()))?;
         let path = dir.join(DB_FILE_NAME);
-        let db = match Database::create(&path) {
+        let db = match Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(&path)
+        {
             Ok(db) => db,
             Err(DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(StoreError::Locked {
