@@ -371,7 +371,12 @@ impl Driver {
                 reply: None,
             },
         );
-        let open = ControlMessage::Media(MediaMessage::Open { request_id: id });
+        // Frames packets (several frames in one datagram, PROTOCOL.md
+        // §14.3): the media path below reads them.
+        let open = ControlMessage::Media(MediaMessage::Open {
+            request_id: id,
+            features: ptt_protocol::media::FEATURE_FRAMES,
+        });
         self.write(session, &open).await
     }
 
@@ -514,6 +519,7 @@ impl Driver {
                 port,
                 conn_id,
                 epoch,
+                ..
             }) => {
                 self.media_offered(session, request_id, port, conn_id, epoch)
                     .await;

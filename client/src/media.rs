@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ptt_protocol::media::{
-    BIND_INTERVAL, EXPORTER_LABEL, FramePayload, HeadedFramePayload, KEY_MATERIAL_LEN,
-    MAX_PACKET_LEN, MAX_PLAINTEXT_LEN, MediaCrypto, MediaError, MediaKeys, PacketType, Side,
-    UPLINK_REDUNDANCY, UplinkPayload,
+    BIND_INTERVAL, EXPORTER_LABEL, FramePayload, FramesPayload, HeadedFramePayload,
+    KEY_MATERIAL_LEN, MAX_PACKET_LEN, MAX_PLAINTEXT_LEN, MediaCrypto, MediaError, MediaKeys,
+    PacketType, Side, UPLINK_REDUNDANCY, UplinkPayload,
 };
 use ptt_protocol::{ClipHeader, ClipId};
 use tokio::net::UdpSocket;
@@ -584,7 +584,7 @@ impl Runner {
     /// Opens a datagram from the relay and routes a frame; its type if it
     /// was accepted.
     async fn receive(&mut self, packet: &mut [u8]) -> Option<PacketType> {
-        let (kind, frame) = {
+        let (kind, frames) = {
             let mut crypto = lock(&self.crypto);
             if let Some(epoch) = crypto.wants_epoch(packet) {
                 let material = export(&self.conn, epoch).ok()?;
@@ -597,42 +597,65 @@ impl Runner {
                     return None;
                 }
             };
-            let frame = match header.kind {
+            let frames = match header.kind {
                 PacketType::Frame => {
                     let f = FramePayload::decode(plaintext).ok()?;
-                    Some((f.stream, f.index, None, Bytes::copy_from_slice(f.data)))
+                    Some((
+                        f.stream,
+                        None,
+                        vec![(f.index, Bytes::copy_from_slice(f.data))],
+                    ))
                 }
                 PacketType::HeadedFrame => {
                     let f = HeadedFramePayload::decode(plaintext).ok()?;
                     Some((
                         f.stream,
-                        f.index,
                         Some(f.header),
-                        Bytes::copy_from_slice(f.data),
+                        vec![(f.index, Bytes::copy_from_slice(f.data))],
                     ))
+                }
+                PacketType::Frames => {
+                    let f = FramesPayload::decode(plaintext).ok()?;
+                    // One allocation for the packet; each frame a slice of it.
+                    let whole = Bytes::copy_from_slice(plaintext);
+                    let base = plaintext.as_ptr() as usize;
+                    let frames = f
+                        .frames
+                        .iter()
+                        .map(|(index, data)| {
+                            let at = data.as_ptr() as usize - base;
+                            (*index, whole.slice(at..at + data.len()))
+                        })
+                        .collect();
+                    Some((f.stream, f.header, frames))
                 }
                 _ => None,
             };
-            (header.kind, frame)
+            (header.kind, frames)
         };
         if kind == PacketType::BindAck {
             Stats::bump(&self.inner.stats.media_binds_acked);
         }
-        if let Some((stream, index, header, data)) = frame {
-            if index >= MAX_MEDIA_INDEX {
-                return None;
-            }
-            Stats::bump(&self.inner.stats.media_frames_received);
-            let frame = MediaFrame {
-                index,
-                data,
-                received_at: Instant::now(),
-            };
+        if let Some((stream, header, frames)) = frames {
             // Only a live delivery's header announces a clip.
-            let header = header.filter(|h| h.flags & ClipHeader::FLAG_MEDIA != 0);
-            self.inbox
-                .deliver_live(&self.inner, stream, header, frame)
-                .await;
+            let mut header = header.filter(|h| h.flags & ClipHeader::FLAG_MEDIA != 0);
+            let received_at = Instant::now();
+            for (index, data) in frames {
+                if index >= MAX_MEDIA_INDEX {
+                    continue;
+                }
+                Stats::bump(&self.inner.stats.media_frames_received);
+                let frame = MediaFrame {
+                    index,
+                    data,
+                    received_at,
+                };
+                // The header announces the clip with its first frame; the
+                // rest follow it.
+                self.inbox
+                    .deliver_live(&self.inner, stream, header.take(), frame)
+                    .await;
+            }
         }
         Some(kind)
     }

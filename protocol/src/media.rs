@@ -24,6 +24,10 @@
 //!   of an upload and up to two before it (redundancy against loss).
 //! - [`HeadedFramePayload`]: a `HeadedFrame`, a frame with its clip's
 //!   header, playable before the clip stream's `ClipHeader` arrives.
+//! - [`FramesPayload`]: a `Frames` packet, several frames of one delivery
+//!   together (and, for its first packets, the clip's header): how the
+//!   relay coalesces a notes group's live frames by its latency budget,
+//!   for clients that announced [`FEATURE_FRAMES`].
 //!
 //! No cryptography is ours: the AEAD is `ring`'s, the keys come from the
 //! TLS 1.3 exporter (RFC 8446, section 7.5), the nonce is built as TLS 1.3
@@ -98,6 +102,14 @@ pub const UPLINK_REDUNDANCY: usize = 3;
 /// for. It bounds what the relay keeps per upload (at most 250 frames,
 /// until the stream's copies replace them).
 pub const UPLINK_AHEAD: u32 = 250;
+/// Most frames one `Frames` packet carries (and no more than fit in
+/// [`MAX_PLAINTEXT_LEN`]).
+pub const MAX_FRAMES_PER_PACKET: usize = 16;
+/// `MediaOpen`'s and `MediaOffer`'s `features` bit: the client accepts
+/// [`PacketType::Frames`] packets; the relay will send them.
+pub const FEATURE_FRAMES: u64 = 0x01;
+/// Every `features` bit this version knows.
+pub const FEATURES: u64 = FEATURE_FRAMES;
 
 /// A control message of the media path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +118,10 @@ pub enum MediaMessage {
     Open {
         /// Echoed in the answer.
         request_id: u64,
+        /// What the client's media path understands beyond PROTOCOL.md
+        /// §14's first version ([`FEATURE_FRAMES`]); a `MediaOpen` without
+        /// the field has none (0).
+        features: u64,
     },
     /// Stop using the media path: live frames come on streams again.
     /// Answered `Ok`.
@@ -124,6 +140,9 @@ pub enum MediaMessage {
         conn_id: u64,
         /// The first key epoch (the exporter's context).
         epoch: u32,
+        /// The features of the `Open` the relay will use (a subset of
+        /// them).
+        features: u64,
     },
 }
 
@@ -145,19 +164,26 @@ impl MediaMessage {
     /// Appends the payload (without type and length).
     pub(crate) fn encode_payload(&self, p: &mut BytesMut) {
         match self {
-            MediaMessage::Open { request_id } | MediaMessage::Close { request_id } => {
-                put_varint(p, *request_id)
+            MediaMessage::Open {
+                request_id,
+                features,
+            } => {
+                put_varint(p, *request_id);
+                put_varint(p, *features);
             }
+            MediaMessage::Close { request_id } => put_varint(p, *request_id),
             MediaMessage::Offer {
                 request_id,
                 port,
                 conn_id,
                 epoch,
+                features,
             } => {
                 put_varint(p, *request_id);
                 put_varint(p, u64::from(*port));
                 p.put_u64(*conn_id);
                 put_varint(p, u64::from(*epoch));
+                put_varint(p, *features);
             }
         }
     }
@@ -168,6 +194,7 @@ impl MediaMessage {
         Ok(Some(match k {
             kind::MEDIA_OPEN => MediaMessage::Open {
                 request_id: get_varint(p)?,
+                features: optional_varint(p)?,
             },
             kind::MEDIA_CLOSE => MediaMessage::Close {
                 request_id: get_varint(p)?,
@@ -183,10 +210,21 @@ impl MediaMessage {
                     port,
                     conn_id: u64::from_be_bytes(get_array(p)?),
                     epoch: get_varint_u32(p, "epoch")?,
+                    features: optional_varint(p)?,
                 })
             })?,
             _ => return Ok(None),
         }))
+    }
+}
+
+/// A field added after the first version of section 14: absent (the
+/// payload ends before it, as a peer of that version sends it) reads as 0.
+fn optional_varint(p: &mut Bytes) -> Result<u64, DecodeError> {
+    if p.has_remaining() {
+        get_varint(p)
+    } else {
+        Ok(0)
     }
 }
 
@@ -208,6 +246,9 @@ pub enum PacketType {
     /// ([`HeadedFramePayload`]), the first [`HEADED_FRAMES`] of each
     /// delivery.
     HeadedFrame = 0x05,
+    /// Relay → client, to clients that announced [`FEATURE_FRAMES`]:
+    /// several live frames of one delivery ([`FramesPayload`]).
+    Frames = 0x06,
 }
 
 impl PacketType {
@@ -219,6 +260,7 @@ impl PacketType {
             0x03 => Some(PacketType::Frame),
             0x04 => Some(PacketType::Uplink),
             0x05 => Some(PacketType::HeadedFrame),
+            0x06 => Some(PacketType::Frames),
             _ => None,
         }
     }
@@ -670,27 +712,53 @@ impl<'a> UplinkPayload<'a> {
     pub fn decode(mut plaintext: &'a [u8]) -> Result<UplinkPayload<'a>, MediaError> {
         let bad = |_| MediaError::BadPayload;
         let stream = get_varint(&mut plaintext).map_err(bad)?;
-        let (&count, rest) = plaintext.split_first().ok_or(MediaError::BadPayload)?;
-        plaintext = rest;
-        if count == 0 || usize::from(count) > UPLINK_REDUNDANCY {
-            return Err(MediaError::BadPayload);
-        }
-        let mut frames = Vec::with_capacity(usize::from(count));
-        for _ in 0..count {
-            let index = get_varint(&mut plaintext).map_err(bad)?;
-            let index = u32::try_from(index).map_err(|_| MediaError::BadPayload)?;
-            let len = get_varint(&mut plaintext).map_err(bad)?;
-            if len > plaintext.len() as u64 {
-                return Err(MediaError::BadPayload);
-            }
-            let (data, rest) = plaintext.split_at(len as usize);
-            frames.push((index, data));
-            plaintext = rest;
-        }
-        if !plaintext.is_empty() {
-            return Err(MediaError::BadPayload);
-        }
+        let frames = read_frames(plaintext, UPLINK_REDUNDANCY)?;
         Ok(UplinkPayload { stream, frames })
+    }
+}
+
+/// `count (u8) | count × (index (varint) | length (varint) | data)`, with
+/// 1 to `max` frames and nothing after the last: the frame list of `Uplink`
+/// and `Frames` packets.
+fn read_frames(mut plaintext: &[u8], max: usize) -> Result<Vec<(u32, &[u8])>, MediaError> {
+    let bad = |_| MediaError::BadPayload;
+    let (&count, rest) = plaintext.split_first().ok_or(MediaError::BadPayload)?;
+    plaintext = rest;
+    if count == 0 || usize::from(count) > max {
+        return Err(MediaError::BadPayload);
+    }
+    let mut frames = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let index = get_varint(&mut plaintext).map_err(bad)?;
+        let index = u32::try_from(index).map_err(|_| MediaError::BadPayload)?;
+        let len = get_varint(&mut plaintext).map_err(bad)?;
+        if len > plaintext.len() as u64 {
+            return Err(MediaError::BadPayload);
+        }
+        let (data, rest) = plaintext.split_at(len as usize);
+        frames.push((index, data));
+        plaintext = rest;
+    }
+    if !plaintext.is_empty() {
+        return Err(MediaError::BadPayload);
+    }
+    Ok(frames)
+}
+
+/// A framed `ClipHeader` message (type, length, payload) at the start of
+/// `plaintext`, which moves past it.
+fn read_header(plaintext: &mut &[u8]) -> Result<ClipHeader, MediaError> {
+    let bad = |_| MediaError::BadPayload;
+    let kind = get_varint(plaintext).map_err(bad)?;
+    let len = get_varint(plaintext).map_err(bad)?;
+    if kind != crate::message::kind::CLIP_HEADER || len > plaintext.len() as u64 {
+        return Err(MediaError::BadPayload);
+    }
+    let (payload, rest) = plaintext.split_at(len as usize);
+    *plaintext = rest;
+    match ClipMessage::decode(kind, Bytes::copy_from_slice(payload)) {
+        Ok(ClipMessage::Header(header)) => Ok(header),
+        _ => Err(MediaError::BadPayload),
     }
 }
 
@@ -747,21 +815,111 @@ impl<'a> HeadedFramePayload<'a> {
         let stream = get_varint(&mut plaintext).map_err(bad)?;
         let index = get_varint(&mut plaintext).map_err(bad)?;
         let index = u32::try_from(index).map_err(|_| MediaError::BadPayload)?;
-        let kind = get_varint(&mut plaintext).map_err(bad)?;
-        let len = get_varint(&mut plaintext).map_err(bad)?;
-        if kind != crate::message::kind::CLIP_HEADER || len > plaintext.len() as u64 {
-            return Err(MediaError::BadPayload);
-        }
-        let (payload, data) = plaintext.split_at(len as usize);
-        let header = match ClipMessage::decode(kind, Bytes::copy_from_slice(payload)) {
-            Ok(ClipMessage::Header(header)) => header,
-            _ => return Err(MediaError::BadPayload),
-        };
+        let header = read_header(&mut plaintext)?;
         Ok(HeadedFramePayload {
             stream,
             index,
             header,
-            data,
+            data: plaintext,
+        })
+    }
+}
+
+/// What a `Frames` packet carries: the member's live clip stream (as in
+/// `Frame`), optionally the clip's `ClipHeader` message (as in
+/// `HeadedFrame`), and 1 to [`MAX_FRAMES_PER_PACKET`] frames in index
+/// order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FramesPayload<'a> {
+    /// The QUIC id of the member's live clip stream.
+    pub stream: u64,
+    /// The clip's header (the first [`HEADED_FRAMES`] packets of a
+    /// delivery carry it).
+    pub header: Option<ClipHeader>,
+    /// `(index, Opus packet)`, in index order.
+    pub frames: Vec<(u32, &'a [u8])>,
+}
+
+impl<'a> FramesPayload<'a> {
+    /// `flags` bit: a framed `ClipHeader` message follows the flags.
+    pub const FLAG_HEADER: u8 = 0x01;
+
+    /// Appends `stream (varint) | flags (u8) | [ClipHeader message] | count
+    /// (u8) | count × (index (varint) | length (varint) | data)`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let framed = self
+            .header
+            .as_ref()
+            .map(|h| ClipMessage::Header(h.clone()).to_bytes());
+        Self::encode_with(
+            self.stream,
+            framed.as_deref(),
+            self.frames.iter().map(|(i, d)| (*i, *d)),
+            out,
+        );
+    }
+
+    /// The bytes [`encode_with`](Self::encode_with) appends for these
+    /// frames: to check a packet's size before sealing it.
+    pub fn encoded_len(stream: u64, framed_header: Option<&[u8]>, frame_lens: usize) -> usize {
+        crate::coding::varint_len(stream) + 2 + framed_header.map_or(0, <[u8]>::len) + frame_lens
+    }
+
+    /// One frame's share of [`encoded_len`](Self::encoded_len).
+    pub fn frame_len(index: u32, data: &[u8]) -> usize {
+        crate::coding::varint_len(u64::from(index))
+            + crate::coding::varint_len(data.len() as u64)
+            + data.len()
+    }
+
+    /// Appends a payload whose header, if any, is given already framed
+    /// ([`HeadedFramePayload::encode_header`]). At most
+    /// [`MAX_FRAMES_PER_PACKET`] frames (the caller's to check, as the
+    /// size).
+    pub fn encode_with<'d>(
+        stream: u64,
+        framed_header: Option<&[u8]>,
+        frames: impl ExactSizeIterator<Item = (u32, &'d [u8])>,
+        out: &mut Vec<u8>,
+    ) {
+        put_varint(out, stream);
+        match framed_header {
+            Some(header) => {
+                out.push(Self::FLAG_HEADER);
+                out.extend_from_slice(header);
+            }
+            None => out.push(0),
+        }
+        out.push(frames.len() as u8);
+        for (index, data) in frames {
+            put_varint(out, u64::from(index));
+            put_varint(out, data.len() as u64);
+            out.extend_from_slice(data);
+        }
+    }
+
+    /// Reads a `Frames` payload: unknown flags, a header that is not a
+    /// well-formed `ClipHeader` message, 0 or more than
+    /// [`MAX_FRAMES_PER_PACKET`] frames, or bytes after the last frame are
+    /// [`MediaError::BadPayload`].
+    pub fn decode(mut plaintext: &'a [u8]) -> Result<FramesPayload<'a>, MediaError> {
+        let bad = |_| MediaError::BadPayload;
+        let stream = get_varint(&mut plaintext).map_err(bad)?;
+        let (&flags, rest) = plaintext.split_first().ok_or(MediaError::BadPayload)?;
+        plaintext = rest;
+        if flags & !Self::FLAG_HEADER != 0 {
+            return Err(MediaError::BadPayload);
+        }
+        let header = if flags & Self::FLAG_HEADER != 0 {
+            Some(read_header(&mut plaintext)?)
+        } else {
+            None
+        };
+        let frames = read_frames(plaintext, MAX_FRAMES_PER_PACKET)?;
+        Ok(FramesPayload {
+            stream,
+            header,
+            frames,
         })
     }
 }
@@ -909,9 +1067,9 @@ mod tests {
         assert!(UplinkPayload::decode(&[0x02, 0x01, 0x09, 0x00, 0x48]).is_err());
     }
 
-    #[test]
-    fn headed_frames_round_trip_and_reject_a_bad_header() {
-        let header = ClipHeader {
+    /// A live delivery's header, as HeadedFrame and Frames carry it.
+    fn media_header() -> ClipHeader {
+        ClipHeader {
             group: "ops".into(),
             clip_id: crate::ClipId::from_bytes([7; 16]),
             talker: "ana".into(),
@@ -922,7 +1080,12 @@ mod tests {
             frame_ms: 20,
             created_ms: 1_767_225_600_123,
             flags: ClipHeader::FLAG_MEDIA,
-        };
+        }
+    }
+
+    #[test]
+    fn headed_frames_round_trip_and_reject_a_bad_header() {
+        let header = media_header();
         let f = HeadedFramePayload {
             stream: 3,
             index: 2,
@@ -945,5 +1108,76 @@ mod tests {
         long[3] = 0x3f;
         assert!(HeadedFramePayload::decode(&long).is_err());
         assert!(HeadedFramePayload::decode(&out[..10]).is_err());
+    }
+
+    #[test]
+    fn frames_payloads_round_trip_and_are_bounded() {
+        let header = media_header();
+        for header in [None, Some(header)] {
+            let f = FramesPayload {
+                stream: 7,
+                header,
+                frames: vec![(4, &b"\x48\x0b"[..]), (5, &b"\x48"[..]), (6, &b""[..])],
+            };
+            let mut out = Vec::new();
+            f.encode(&mut out);
+            assert_eq!(FramesPayload::decode(&out).unwrap(), f);
+            let framed = f
+                .header
+                .as_ref()
+                .map(|h| ClipMessage::Header(h.clone()).to_bytes());
+            let frame_lens: usize = f
+                .frames
+                .iter()
+                .map(|(i, d)| FramesPayload::frame_len(*i, d))
+                .sum();
+            assert_eq!(
+                FramesPayload::encoded_len(7, framed.as_deref(), frame_lens),
+                out.len()
+            );
+            // Cut anywhere: malformed; a byte more: malformed.
+            for end in 0..out.len() {
+                assert!(FramesPayload::decode(&out[..end]).is_err(), "cut at {end}");
+            }
+            let mut longer = out.clone();
+            longer.push(0);
+            assert!(FramesPayload::decode(&longer).is_err());
+        }
+        // Unknown flags, no frames, more than the maximum.
+        assert!(FramesPayload::decode(&[0x07, 0x02, 0x01, 0x00, 0x00]).is_err());
+        assert!(FramesPayload::decode(&[0x07, 0x00, 0x00]).is_err());
+        let mut many = vec![0x07, 0x00, MAX_FRAMES_PER_PACKET as u8 + 1];
+        for i in 0..=MAX_FRAMES_PER_PACKET as u8 {
+            many.extend_from_slice(&[i, 0]);
+        }
+        assert!(FramesPayload::decode(&many).is_err());
+    }
+
+    /// `features` came after the first version of section 14: a MediaOpen
+    /// or MediaOffer without it reads as features 0.
+    #[test]
+    fn media_open_and_offer_without_features_read_as_none() {
+        use crate::ControlMessage;
+        let open = ControlMessage::Media(MediaMessage::Open {
+            request_id: 40,
+            features: FEATURE_FRAMES,
+        });
+        let bytes = open.to_bytes();
+        // type 40 60, length 2, request id 40 (0x28), features 1.
+        assert_eq!(&bytes[..], &[0x40, 0x60, 0x02, 0x28, 0x01]);
+        let payload = Bytes::copy_from_slice(&bytes[3..]);
+        assert_eq!(
+            ControlMessage::decode(kind::MEDIA_OPEN, payload).unwrap(),
+            open
+        );
+        // The first version's: request id 40 alone.
+        let old = Bytes::from_static(&[0x28]);
+        assert_eq!(
+            ControlMessage::decode(kind::MEDIA_OPEN, old).unwrap(),
+            ControlMessage::Media(MediaMessage::Open {
+                request_id: 40,
+                features: 0
+            })
+        );
     }
 }

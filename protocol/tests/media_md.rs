@@ -8,8 +8,8 @@
 //! `cargo test -p ptt-protocol --test media_md -- --ignored --nocapture`.
 
 use ptt_protocol::media::{
-    FramePayload, HeadedFramePayload, KEY_MATERIAL_LEN, MediaCrypto, PacketHeader, PacketType,
-    Side, UplinkPayload,
+    FramePayload, FramesPayload, HeadedFramePayload, KEY_MATERIAL_LEN, MediaCrypto, PacketHeader,
+    PacketType, Side, UplinkPayload,
 };
 use ptt_protocol::{ClipFormat, ClipHeader, ClipId};
 
@@ -105,6 +105,21 @@ fn vectors() -> Vec<(&'static str, Vec<u8>)> {
         .seal(PacketType::HeadedFrame, &plain, &mut headed)
         .expect("sealed");
     out.push(("headed-frame", headed));
+    // Relay → client: frames 1 and 2 of the same clip together, a Frames
+    // packet (counter 4) as a notes group's member gets them.
+    let mut plain = Vec::new();
+    FramesPayload {
+        stream: 3,
+        header: None,
+        frames: vec![(1, &OPUS_2[..]), (2, &OPUS[..])],
+    }
+    .encode(&mut plain);
+    out.push(("frames-plaintext", plain.clone()));
+    let mut frames = Vec::new();
+    relay
+        .seal(PacketType::Frames, &plain, &mut frames)
+        .expect("sealed");
+    out.push(("frames", frames));
     out
 }
 

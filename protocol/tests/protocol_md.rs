@@ -496,7 +496,13 @@ fn media_examples() -> Vec<(&'static str, Example)> {
     use ptt_protocol::MediaMessage as M;
     let m = |m| Example::Control(ControlMessage::Media(m));
     vec![
-        ("media-open", m(M::Open { request_id: 40 })),
+        (
+            "media-open",
+            m(M::Open {
+                request_id: 40,
+                features: ptt_protocol::media::FEATURE_FRAMES,
+            }),
+        ),
         (
             "media-offer",
             m(M::Offer {
@@ -504,6 +510,7 @@ fn media_examples() -> Vec<(&'static str, Example)> {
                 port: 4434,
                 conn_id: 0x0123_4567_89ab_cdef,
                 epoch: 0,
+                features: ptt_protocol::media::FEATURE_FRAMES,
             }),
         ),
         (

@@ -175,7 +175,26 @@ struct Upload<'a> {
 impl Upload<'_> {
     async fn receive(&mut self, reader: &mut FramedReader<RecvStream>) -> Result<(), Refusal> {
         loop {
-            let (message, frame) = match reader.next_clip().await {
+            // Frames that media members hold for a `Frames` packet go when
+            // their budget is spent, even if the next frame is slow to come
+            // (PROTOCOL.md §14.3): this task wakes for them (the reader is
+            // cancel-safe).
+            let next = match &self.clip {
+                Some(clip) => {
+                    let due = clip.media_due();
+                    tokio::select! {
+                        biased;
+                        () = sleep_until_opt(due) => {
+                            clip.flush_media_due(Instant::now());
+                            continue;
+                        }
+                        () = clip.media_due_set(), if due.is_none() => continue,
+                        next = reader.next_clip() => next,
+                    }
+                }
+                None => reader.next_clip().await,
+            };
+            let (message, frame) = match next {
                 Ok(Some(next)) => next,
                 // FIN before ClipEnd, at a frame boundary or inside one.
                 Ok(None) | Err(ReadError::Truncated) => {
@@ -547,4 +566,12 @@ impl Upload<'_> {
 
 fn lock(state: &Mutex<SessionState>) -> std::sync::MutexGuard<'_, SessionState> {
     state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }

@@ -8,7 +8,7 @@
 //! slow receiver falls behind alone: the talker never waits for anyone. A
 //! transcoded WAV upload is delivered through the same type, filled at once.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use bytes::Bytes;
 use ptt_protocol::{ClipHeader, ClipMessage, ErrorCode};
@@ -66,6 +66,13 @@ pub struct LiveClip {
     /// Signalled when the clip ends or is aborted: media deliveries wait
     /// for this alone, not for every frame.
     finished: tokio::sync::Notify,
+    /// When frames that media members hold for a `Frames` packet are next
+    /// due ([`crate::media::fanout`]): the talker's task sleeps until then
+    /// ([`media_due`](Self::media_due)).
+    media_due: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Signalled when `media_due` is set from none (an uplink frame came
+    /// while the talker's task waited for its stream).
+    media_due_set: tokio::sync::Notify,
 }
 
 /// Frames reserved up front: 15 s of 20 ms frames, a typical voice note,
@@ -88,6 +95,8 @@ impl LiveClip {
             talker_session,
             progress,
             finished: tokio::sync::Notify::new(),
+            media_due: std::sync::Mutex::new(None),
+            media_due_set: tokio::sync::Notify::new(),
         })
     }
 
@@ -139,8 +148,50 @@ impl LiveClip {
             p.data.push(data.clone());
             p.newest_at = now;
         });
-        if let Some((targets, index)) = media {
-            crate::media::send_frame(&targets, index as u32, &data);
+        if let Some((targets, index)) = media
+            && let Some(due) = crate::media::send_frame(&targets, index as u32, &data)
+        {
+            self.set_media_due(due);
+        }
+    }
+
+    /// When frames held for media members' `Frames` packets are next due
+    /// (`None`: none held): the talker's task calls
+    /// [`flush_media_due`](Self::flush_media_due) then.
+    pub fn media_due(&self) -> Option<std::time::Instant> {
+        *self
+            .media_due
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until [`media_due`](Self::media_due) is set from none.
+    pub async fn media_due_set(&self) {
+        self.media_due_set.notified().await
+    }
+
+    /// Sends the held frames whose budget is spent at `now`.
+    pub fn flush_media_due(&self, now: std::time::Instant) {
+        let targets = self.progress.borrow().media.clone();
+        *self
+            .media_due
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+        if let Some(due) = crate::media::flush_due(&targets, now) {
+            self.set_media_due(due);
+        }
+    }
+
+    fn set_media_due(&self, due: std::time::Instant) {
+        let mut at = self
+            .media_due
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let was_none = at.is_none();
+        *at = Some(at.map_or(due, |at| at.min(due)));
+        drop(at);
+        if was_none {
+            self.media_due_set.notify_one();
         }
     }
 
@@ -171,7 +222,9 @@ impl LiveClip {
         });
         match media {
             Some(targets) => {
-                crate::media::send_frame(&targets, index, &data);
+                if let Some(due) = crate::media::send_frame(&targets, index, &data) {
+                    self.set_media_due(due);
+                }
                 true
             }
             None => false,
@@ -188,7 +241,8 @@ impl LiveClip {
     /// to it by [`push_frame`](Self::push_frame) (or
     /// [`push_uplink`](Self::push_uplink)), and the frames before (its
     /// backlog: the appended ones, then those the uplink brought ahead)
-    /// are sent here, under the same lock as the append, so the member's
+    /// are sent here (packed, for a client that takes `Frames` packets),
+    /// under the same lock as the append, so the member's
     /// frames leave the relay in index order (UDP may still reorder them on
     /// the way; clients place frames by index, PROTOCOL.md §14.4). Sending
     /// the backlog after releasing the lock let a frame appended meanwhile
@@ -201,11 +255,12 @@ impl LiveClip {
     ) -> MediaRegistration {
         let key = (target.peer.conn_id(), target.stream);
         self.progress.send_if_modified(|p| {
-            for (index, data) in p.data.iter().enumerate() {
-                crate::media::send_frame(std::slice::from_ref(&target), index as u32, data);
-            }
-            for (index, data) in &p.uplinked {
-                crate::media::send_frame(std::slice::from_ref(&target), *index, data);
+            if !p.data.is_empty() || !p.uplinked.is_empty() {
+                let backlog: Vec<(u32, Bytes)> = (0u32..)
+                    .zip(p.data.iter().cloned())
+                    .chain(p.uplinked.iter().map(|(i, d)| (*i, d.clone())))
+                    .collect();
+                crate::media::send_backlog(&target, &backlog);
             }
             p.media = p.media.iter().cloned().chain([target]).collect();
             false

@@ -17,8 +17,8 @@ use bytes::Bytes;
 use common::raw::{Raw, header};
 use common::{TestRelay, WAIT};
 use ptt_protocol::media::{
-    EXPORTER_LABEL, FramePayload, HEADED_FRAMES, HeadedFramePayload, KEY_MATERIAL_LEN, MediaCrypto,
-    MediaKeys, PacketType, Side, UPLINK_AHEAD, UplinkPayload,
+    EXPORTER_LABEL, FEATURE_FRAMES, FramePayload, FramesPayload, HEADED_FRAMES, HeadedFramePayload,
+    KEY_MATERIAL_LEN, MediaCrypto, MediaKeys, PacketType, Side, UPLINK_AHEAD, UplinkPayload,
 };
 use ptt_protocol::{ClipHeader, ClipMessage, ControlMessage, ErrorCode, GroupMode, MediaMessage};
 use tokio::net::UdpSocket;
@@ -32,22 +32,49 @@ struct MediaClient {
 }
 
 impl MediaClient {
-    /// MediaOpen, then the offer; keys exported from `raw`'s connection.
+    /// MediaOpen as section 14's first version sends it (no features),
+    /// then the offer; keys exported from `raw`'s connection.
     async fn open(
         raw: &Raw,
         send: &mut quinn::SendStream,
         control: &mut common::raw::Control,
     ) -> MediaClient {
-        let open = ControlMessage::Media(MediaMessage::Open { request_id: 40 });
+        // type 40 60, length 1, request id 40: without the features field.
+        send.write_all(&[0x40, 0x60, 0x01, 40]).await.unwrap();
+        let (client, features) = Self::offered(raw, control).await;
+        assert_eq!(
+            features, 0,
+            "nothing offered to a client that asked for nothing"
+        );
+        client
+    }
+
+    /// MediaOpen with `features`; the client and the offer's features.
+    async fn open_with(
+        raw: &Raw,
+        send: &mut quinn::SendStream,
+        control: &mut common::raw::Control,
+        features: u64,
+    ) -> (MediaClient, u64) {
+        let open = ControlMessage::Media(MediaMessage::Open {
+            request_id: 40,
+            features,
+        });
         send.write_all(&open.to_bytes()).await.unwrap();
-        let (port, conn_id, epoch) = control
+        Self::offered(raw, control).await
+    }
+
+    /// The answer to MediaOpen 40.
+    async fn offered(raw: &Raw, control: &mut common::raw::Control) -> (MediaClient, u64) {
+        let (port, conn_id, epoch, features) = control
             .until(|m| match m {
                 ControlMessage::Media(MediaMessage::Offer {
                     request_id: 40,
                     port,
                     conn_id,
                     epoch,
-                }) => Some((port, conn_id, epoch)),
+                    features,
+                }) => Some((port, conn_id, epoch, features)),
                 ControlMessage::Error {
                     request_id: 40,
                     code,
@@ -56,11 +83,12 @@ impl MediaClient {
                 _ => None,
             })
             .await;
-        MediaClient {
+        let client = MediaClient {
             crypto: MediaCrypto::new(Side::Client, conn_id, epoch, &export(&raw.conn, epoch)),
             socket: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
             relay: std::net::SocketAddr::new(raw.conn.remote_address().ip(), port),
-        }
+        };
+        (client, features)
     }
 
     /// A sealed Bind carrying `clock`.
@@ -126,6 +154,48 @@ impl MediaClient {
         out
     }
 
+    /// Frame packets of any type until `n` frames came: per packet its
+    /// type, stream, header (if it carried one) and `(index, data)`s.
+    #[allow(clippy::type_complexity)]
+    async fn packets(
+        &mut self,
+        n: usize,
+    ) -> Vec<(PacketType, u64, Option<ClipHeader>, Vec<(u32, Bytes)>)> {
+        let mut out = Vec::new();
+        let mut frames = 0;
+        while frames < n {
+            let (kind, plain) = self.next_packet(WAIT).await.expect("a frame in time");
+            let packet = match kind {
+                PacketType::Frame => {
+                    let f = FramePayload::decode(&plain).unwrap();
+                    (
+                        f.stream,
+                        None,
+                        vec![(f.index, Bytes::copy_from_slice(f.data))],
+                    )
+                }
+                PacketType::HeadedFrame => {
+                    let f = HeadedFramePayload::decode(&plain).unwrap();
+                    let data = Bytes::copy_from_slice(f.data);
+                    (f.stream, Some(f.header), vec![(f.index, data)])
+                }
+                PacketType::Frames => {
+                    let f = FramesPayload::decode(&plain).unwrap();
+                    let frames = f
+                        .frames
+                        .iter()
+                        .map(|(i, d)| (*i, Bytes::copy_from_slice(d)))
+                        .collect();
+                    (f.stream, f.header, frames)
+                }
+                other => panic!("a frame, not {other:?}"),
+            };
+            frames += packet.2.len();
+            out.push((kind, packet.0, packet.1, packet.2));
+        }
+        out
+    }
+
     /// Whether any packet opens within `wait`.
     async fn quiet(&mut self, wait: Duration) -> bool {
         self.next_packet(wait).await.is_none()
@@ -162,12 +232,17 @@ fn export(conn: &quinn::Connection, epoch: u32) -> [u8; KEY_MATERIAL_LEN] {
 /// they are live, not backlog, for members already on the clip), then the
 /// rest and the end.
 async fn talk(talker: &Raw, group: &str, frames: &[Bytes], first: usize) {
+    talk_paused(talker, group, frames, &[first]).await
+}
+
+/// As [`talk`], with a 200 ms pause before each frame in `pauses`.
+async fn talk_paused(talker: &Raw, group: &str, frames: &[Bytes], pauses: &[usize]) {
     let mut up = talker.conn.open_uni().await.unwrap();
     up.write_all(&ClipMessage::Header(header(group)).to_bytes())
         .await
         .unwrap();
     for (i, data) in frames.iter().enumerate() {
-        if i == first {
+        if pauses.contains(&i) {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let frame = ClipMessage::Frame {
@@ -336,7 +411,10 @@ async fn without_a_bind_or_a_media_socket_frames_stay_on_streams() {
     // A relay with the media path off answers MediaUnavailable.
     let relay = TestRelay::start_with(|c| c.media = false).await;
     let (_raw, mut send, mut control) = Raw::hello(&relay, "bob").await;
-    let open = ControlMessage::Media(MediaMessage::Open { request_id: 3 });
+    let open = ControlMessage::Media(MediaMessage::Open {
+        request_id: 3,
+        features: FEATURE_FRAMES,
+    });
     send.write_all(&open.to_bytes()).await.unwrap();
     let code = control
         .until(|m| match m {
@@ -562,6 +640,110 @@ async fn uplink_frames_count_once_against_the_users_frame_limit() {
             })
         ),
         "stored, not refused: {messages:?}"
+    );
+    relay.handle.shutdown().await;
+}
+
+/// Issue #15 item 3 on the media path (PROTOCOL.md §14.3, Frames): a
+/// client that announced FRAMES gets a notes group's live frames three to a
+/// packet (the default 60 ms budget, 20 ms frames), in order, each once,
+/// the first packets carrying the header, the last ones before the
+/// stream's ClipEnd. In a walkie group each frame comes alone.
+#[tokio::test]
+async fn frames_clients_get_a_notes_groups_frames_three_to_a_packet_and_walkie_ones_alone() {
+    let relay = TestRelay::start().await;
+    relay
+        .group("team", GroupMode::Notes, &["alice", "bob"])
+        .await;
+    relay
+        .group("radio", GroupMode::Walkie, &["alice", "bob"])
+        .await;
+    let (bob, mut bob_send, mut bob_control) = Raw::member(&relay, "bob", "team").await;
+    let (mut media, features) =
+        MediaClient::open_with(&bob, &mut bob_send, &mut bob_control, FEATURE_FRAMES | 0x80).await;
+    assert_eq!(
+        features, FEATURE_FRAMES,
+        "the known feature offered back, no other"
+    );
+    media.bind().await;
+    let (alice, _alice_send, _alice_control) = Raw::hello(&relay, "alice").await;
+
+    let frames = common::frames(7, 30);
+    // The pause before frame 0 lets bob's delivery start first: every
+    // frame is live for him (a backlog would come packed as many as fit).
+    let talking = talk(&alice, "team", &frames, 0);
+    let (_, (stream, messages), packets) =
+        tokio::join!(talking, next_stream(&bob), media.packets(30));
+    let Some(ClipMessage::Header(h)) = messages.first() else {
+        panic!("a header first: {messages:?}");
+    };
+    assert!(matches!(
+        messages[..],
+        [
+            _,
+            ClipMessage::End {
+                frame_count: 30,
+                ..
+            }
+        ]
+    ));
+    let mut got = Vec::new();
+    for (i, (kind, s, header, packet)) in packets.iter().enumerate() {
+        assert_eq!(*s, stream);
+        assert!(packet.len() <= 3, "packet {i}: {} frames", packet.len());
+        if packet.len() > 1 {
+            assert_eq!(*kind, PacketType::Frames);
+        }
+        if i < HEADED_FRAMES as usize {
+            assert_eq!(header.as_ref(), Some(h), "packet {i} names its clip");
+        }
+        got.extend(packet.iter().cloned());
+    }
+    let expected: Vec<(u32, Bytes)> = (0..).zip(frames.iter().cloned()).collect();
+    assert_eq!(got, expected, "every frame once, in order");
+    let full = packets.iter().filter(|p| p.3.len() == 3).count();
+    assert!(
+        full >= 8,
+        "most packets carry three frames: {full} of {}",
+        packets.len()
+    );
+    assert!(
+        packets.len() <= 12,
+        "{} packets for 30 frames",
+        packets.len()
+    );
+
+    // The talker pauses after frame 3 (held alone): it goes when its
+    // budget is spent, not with frame 4 after the pause.
+    let talking = talk_paused(&alice, "team", &frames[..7], &[0, 4]);
+    let (_, _, packets) = tokio::join!(talking, next_stream(&bob), media.packets(7));
+    let indexes: Vec<Vec<u32>> = packets
+        .iter()
+        .map(|p| p.3.iter().map(|(i, _)| *i).collect())
+        .collect();
+    assert_eq!(indexes, [vec![0, 1, 2], vec![3], vec![4, 5, 6]]);
+
+    // A walkie group: each frame alone, at once.
+    bob_send
+        .write_all(
+            &ControlMessage::Join {
+                request_id: 5,
+                group: "radio".into(),
+            }
+            .to_bytes(),
+        )
+        .await
+        .unwrap();
+    bob_control
+        .until(|m| matches!(m, ControlMessage::CaughtUp { .. }).then_some(()))
+        .await;
+    let talking = talk(&alice, "radio", &frames[..8], 0);
+    let (_, _, packets) = tokio::join!(talking, next_stream(&bob), media.packets(8));
+    assert!(
+        packets
+            .iter()
+            .all(|p| p.3.len() == 1 && p.0 != PacketType::Frames),
+        "one frame a packet in a walkie group"
     );
     relay.handle.shutdown().await;
 }

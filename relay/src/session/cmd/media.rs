@@ -14,8 +14,11 @@ impl Session {
     /// A media-path message from the client.
     pub(super) async fn media(&mut self, message: MediaMessage) -> Result<(), Fatal> {
         match message {
-            MediaMessage::Open { request_id } => {
-                let answer = self.open_media(request_id);
+            MediaMessage::Open {
+                request_id,
+                features,
+            } => {
+                let answer = self.open_media(request_id, features);
                 self.reply_result(request_id, answer).await;
             }
             MediaMessage::Close { request_id } => {
@@ -39,7 +42,11 @@ impl Session {
     /// `MediaUnavailable` when the relay has no media socket or the
     /// connection is a browser's (WebTransport has no keying material
     /// exporter in browsers' APIs).
-    fn open_media(&mut self, request_id: u64) -> Result<ControlMessage, ErrorCode> {
+    ///
+    /// `features`: what the client's path understands; the offer names the
+    /// subset this relay uses (those of the first MediaOpen, if the path
+    /// was open already).
+    fn open_media(&mut self, request_id: u64, features: u64) -> Result<ControlMessage, ErrorCode> {
         let plane = self.ctx.media.as_ref().ok_or(ErrorCode::MediaUnavailable)?;
         if crate::transport::is_web(&self.conn) {
             return Err(ErrorCode::MediaUnavailable);
@@ -47,7 +54,9 @@ impl Session {
         let peer = match &self.media {
             Some(peer) => peer.clone(),
             None => {
-                let peer = plane.open(&self.conn).ok_or(ErrorCode::MediaUnavailable)?;
+                let peer = plane
+                    .open(&self.conn, features)
+                    .ok_or(ErrorCode::MediaUnavailable)?;
                 self.media = Some(peer.clone());
                 peer
             }
@@ -57,6 +66,7 @@ impl Session {
             port: plane.port(),
             conn_id: peer.conn_id(),
             epoch: peer.epoch(),
+            features: peer.features(),
         }))
     }
 

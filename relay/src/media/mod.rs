@@ -15,12 +15,14 @@
 //!   reply) and the peers by connection id.
 //! - [`MediaPeer`]: one connection's media path: keys, counters, replay
 //!   windows ([`ptt_protocol::MediaCrypto`]), the bound address.
-//! - [`send_frame`]: the fan-out of one frame to every media member of a
-//!   live clip, called by the talker's task as it appends the frame
-//!   ([`LiveClip::push_frame`]): no task wake per member, nothing queued.
+//! - [`fanout`]: the fan-out of one frame to every media member of a live
+//!   clip ([`send_frame`]), called by the talker's task as it appends the
+//!   frame ([`LiveClip::push_frame`]): no task wake per member; in `Frames`
+//!   packets of several frames for notes groups' members whose clients
+//!   take them.
 //! - [`deliver_live_media`]: a media member's live delivery: header and end
 //!   on the stream, the frames the clip had before it joined by UDP. The
-//!   first [`HEADED_FRAMES`] frame packets of a delivery carry the clip's
+//!   first [`HEADED_FRAMES`](ptt_protocol::media::HEADED_FRAMES) frame packets of a delivery carry the clip's
 //!   header (`HeadedFrame`), so the member can play them before the
 //!   stream's header arrives.
 //! - The talker's uplink: each frame of an upload also comes as a sealed
@@ -31,16 +33,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dashmap::DashMap;
 use ptt_protocol::media::{
-    BIND_TIMEOUT, EXPORTER_LABEL, FramePayload, HEADED_FRAMES, HeadedFramePayload,
-    KEY_MATERIAL_LEN, MAX_PACKET_LEN, MAX_PLAINTEXT_LEN, MediaCrypto, MediaError, MediaKeys,
-    PacketType, Side, UplinkPayload,
+    BIND_TIMEOUT, EXPORTER_LABEL, FEATURE_FRAMES, KEY_MATERIAL_LEN, MAX_PACKET_LEN, MediaCrypto,
+    MediaError, MediaKeys, PacketType, Side, UplinkPayload,
 };
 use ptt_protocol::{ClipHeader, ClipMessage};
 use tokio::net::UdpSocket;
@@ -49,6 +49,10 @@ use tokio_util::sync::CancellationToken;
 use crate::delivery::{Delivery, Guarded, Sink};
 use crate::live::{ClipState, LiveClip, end_message};
 use crate::transport::Connection;
+
+pub mod fanout;
+
+pub use fanout::{MediaTarget, flush, flush_due, send_backlog, send_frame};
 
 /// Packets a peer may send in a burst before its rate applies.
 const PEER_BURST: f64 = 8.0;
@@ -93,9 +97,10 @@ impl MediaPlane {
         self.port
     }
 
-    /// Opens the media path of a connection: a random connection id, keys
-    /// of epoch 0 from its TLS exporter. `None` if the exporter fails.
-    pub fn open(&self, conn: &Connection) -> Option<Arc<MediaPeer>> {
+    /// Opens the media path of a connection whose client announced
+    /// `features` (`MediaOpen`): a random connection id, keys of epoch 0
+    /// from its TLS exporter. `None` if the exporter fails.
+    pub fn open(&self, conn: &Connection, features: u64) -> Option<Arc<MediaPeer>> {
         let crypto_conn_id = loop {
             let id = random_u64()?;
             if id != 0 && !self.peers.contains_key(&id) {
@@ -105,6 +110,7 @@ impl MediaPlane {
         let material = export(conn, 0)?;
         let peer = Arc::new(MediaPeer {
             conn_id: crypto_conn_id,
+            features: features & ptt_protocol::media::FEATURES,
             conn: conn.clone(),
             socket: self.socket.clone(),
             state: Mutex::new(PeerState {
@@ -167,6 +173,8 @@ impl MediaPlane {
 #[derive(Debug)]
 pub struct MediaPeer {
     conn_id: u64,
+    /// The `MediaOpen` features this relay uses (offered back).
+    features: u64,
     /// For the TLS exporter when the keys move to the next epoch.
     conn: Connection,
     socket: Arc<UdpSocket>,
@@ -214,6 +222,16 @@ impl MediaPeer {
     /// The id in every packet of this path.
     pub fn conn_id(&self) -> u64 {
         self.conn_id
+    }
+
+    /// The features of the client's `MediaOpen` this relay uses.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Whether the client takes `Frames` packets (several frames in one).
+    pub fn takes_frames(&self) -> bool {
+        self.features & FEATURE_FRAMES != 0
     }
 
     /// The current key epoch.
@@ -350,94 +368,6 @@ impl MediaPeer {
     }
 }
 
-/// A media member's live stream for one clip: where its frames go.
-#[derive(Debug, Clone)]
-pub struct MediaTarget {
-    /// The member's media path.
-    pub peer: Arc<MediaPeer>,
-    /// The QUIC id of the member's live clip stream (named in every frame).
-    pub stream: u64,
-    /// The clip's `ClipHeader` message as the member's stream carries it,
-    /// sent in the first [`HEADED_FRAMES`] frame packets.
-    pub header: Bytes,
-    /// Frame packets sealed for this delivery so far.
-    pub sent: Arc<AtomicU32>,
-}
-
-/// Sends frame `index` of a clip to each target whose path is bound, one
-/// sealed datagram each, fire-and-forget: all of them handed to the kernel
-/// together ([`crate::net::send_batch`], one `sendmmsg` per 64), and a
-/// datagram the socket cannot take at once is dropped (the member fetches
-/// the clip). Counts the frames and bytes sent in the metrics, once per
-/// call.
-pub fn send_frame(targets: &[MediaTarget], index: u32, data: &[u8]) {
-    let now = Instant::now();
-    let mut plain = Vec::with_capacity(data.len() + 16);
-    let mut batch = crate::net::Batch::default();
-    batch
-        .bytes
-        .reserve(targets.len().min(crate::net::SEND_BATCH) * (data.len() + 48));
-    let (mut frames, mut bytes) = (0u64, 0u64);
-    let mut socket: Option<&Arc<UdpSocket>> = None;
-    for target in targets {
-        // Every peer of a node shares its plane's socket; should one not,
-        // what is batched goes out on its own socket first.
-        if socket.is_some_and(|s| !Arc::ptr_eq(s, &target.peer.socket))
-            || batch.len() == crate::net::SEND_BATCH
-        {
-            if let Some(s) = socket {
-                let (f, b) = crate::net::send_batch(s, &batch);
-                frames += f;
-                bytes += b;
-            }
-            batch.clear();
-        }
-        plain.clear();
-        let headed = target.sent.fetch_add(1, Ordering::Relaxed) < HEADED_FRAMES
-            && target.header.len() + data.len() + 16 <= MAX_PLAINTEXT_LEN;
-        let kind = if headed {
-            HeadedFramePayload::encode_with(target.stream, index, &target.header, data, &mut plain);
-            PacketType::HeadedFrame
-        } else {
-            FramePayload {
-                stream: target.stream,
-                index,
-                data,
-            }
-            .encode(&mut plain);
-            PacketType::Frame
-        };
-        let mut s = target.peer.lock();
-        let bound = !s.closed
-            && s.last_bind
-                .is_some_and(|at| now.saturating_duration_since(at) < BIND_TIMEOUT);
-        let Some(addr) = s.addr.filter(|_| bound) else {
-            continue;
-        };
-        let start = batch.bytes.len();
-        if target
-            .peer
-            .seal(&mut s, kind, &plain, &mut batch.bytes)
-            .is_err()
-        {
-            batch.bytes.truncate(start);
-            continue;
-        }
-        batch.push(addr);
-        socket = Some(&target.peer.socket);
-    }
-    if let Some(s) = socket {
-        let (f, b) = crate::net::send_batch(s, &batch);
-        frames += f;
-        bytes += b;
-    }
-    if frames > 0 {
-        let m = crate::metrics::Metrics::get();
-        m.frames_out.increment(frames);
-        m.bytes_out.increment(bytes);
-    }
-}
-
 /// Delivers a live clip to a member on the media path: the header (flag
 /// MEDIA) on a new clip stream, the frames the clip already had by UDP,
 /// later frames by the talker's fan-out, and once the clip is stored its
@@ -462,13 +392,15 @@ pub async fn deliver_live_media(
     // The frames go by UDP from now on, before the header is written: a
     // connection whose send window is full (a fetch under loss) can hold
     // the header for seconds, and the HeadedFrames carry it anyway.
-    let target = MediaTarget {
-        peer: peer.clone(),
-        stream: stream.quic_id().into(),
-        header: header.clone(),
-        sent: Arc::new(AtomicU32::new(0)),
-    };
-    let registration = clip.add_media_target(target);
+    let frame = Duration::from_millis(u64::from(clip.meta.frame_ms.max(10)));
+    let target = MediaTarget::new(
+        peer.clone(),
+        stream.quic_id().into(),
+        header.clone(),
+        sink.live_budget(),
+        frame,
+    );
+    let registration = clip.add_media_target(target.clone());
     match tokio::time::timeout(max_stall, stream.write_chunk(header)).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) => return Delivery::Failed,
@@ -483,6 +415,8 @@ pub async fn deliver_live_media(
     drop(registration);
     match state {
         ClipState::Ended { seq, waveform } => {
+            // The frames the member's packet still held go before the end.
+            flush(&target);
             let end = end_message(clip.frame_count() as u32, seq, waveform);
             sink.record(seq, &clip.meta);
             match tokio::time::timeout(max_stall, stream.write_chunk(end)).await {
