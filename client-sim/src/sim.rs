@@ -1435,7 +1435,7 @@ impl Receiver {
                 received_at,
                 ..
             } => {
-                if self.intruded.contains(&clip_id) {
+                if !self.intruded.is_empty() && self.intruded.contains(&clip_id) {
                     return;
                 }
                 let Some(c) = self.clips.get_mut(&clip_id) else {
