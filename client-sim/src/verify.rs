@@ -413,6 +413,23 @@ mod tests {
     }
 
     /// Group 0 = users 0, 1, 2 (talker 0); group 1 = users 3, 4.
+    #[test]
+    fn frame_hash_sees_every_byte() {
+        // Lengths with and without a tail shorter than a word.
+        for len in [1usize, 8, 37, 160] {
+            let frame: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+            let hash = frame_hash(&frame);
+            for i in 0..len {
+                for flip in [1u8, 0x80, 0xff] {
+                    let mut bad = frame.clone();
+                    bad[i] ^= flip;
+                    assert_ne!(frame_hash(&bad), hash, "len {len} byte {i}");
+                }
+            }
+            assert_ne!(frame_hash(&frame[..len - 1]), hash, "len {len} cut");
+        }
+    }
+
     fn members() -> Vec<Vec<UserIdx>> {
         vec![vec![0, 1, 2], vec![3, 4]]
     }
