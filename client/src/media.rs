@@ -79,14 +79,18 @@ pub(crate) struct MediaFrame {
 
 /// What a stream's reader learns when it registers.
 pub(crate) struct Registration {
-    /// Its frames from now on (and those that came early).
+    /// The frames it must surface itself: those that came early, and
+    /// later ones the socket task could not put on the event channel.
     pub rx: mpsc::Receiver<MediaFrame>,
     /// The clip was announced by a `HeadedFrame`: `ClipStarted` went to
-    /// the application, and these frames (bit `i`: frame `i`) as well.
-    pub announced: Option<Vec<u64>>,
+    /// the application, and so did some of its frames; the rest go
+    /// straight to the application from now on, as after
+    /// [`MediaInbox::surface`].
+    pub announced: bool,
 }
 
-/// Routes frames to the readers of their clip streams.
+/// Routes frames to the application, or to the readers of their clip
+/// streams.
 #[derive(Debug, Default)]
 pub(crate) struct MediaInbox {
     state: Mutex<InboxState>,
@@ -96,9 +100,105 @@ pub(crate) struct MediaInbox {
 
 #[derive(Debug, Default)]
 struct InboxState {
-    routes: HashMap<u64, mpsc::Sender<MediaFrame>>,
+    routes: HashMap<u64, Route>,
     early: VecDeque<(u64, MediaFrame)>,
     announced: HashMap<u64, Announced>,
+}
+
+/// Where the frames of one clip stream go once its header arrived.
+#[derive(Debug)]
+struct Route {
+    /// The clip's reader, for frames that cannot go straight to the
+    /// application.
+    reader: mpsc::Sender<MediaFrame>,
+    /// The clip's group and id once its `ClipStarted` went out (and it is
+    /// not a duplicate): a frame then goes straight onto the client's
+    /// event channel from the socket task, unless frames wait for the
+    /// reader.
+    surface: Option<(String, ClipId)>,
+    /// Frames handed to the reader and not yet surfaced by it: while there
+    /// are any, the next frames queue behind them, so the application sees
+    /// frames in the order they arrived.
+    queued: usize,
+    /// Bit `i`: frame `i` was accepted (surfaced, or handed to the
+    /// reader), here or while the clip was announced.
+    seen: Vec<u64>,
+}
+
+impl Route {
+    /// Hands `frame` to the reader; `false` if its queue is full.
+    fn queue(&mut self, frame: MediaFrame) -> bool {
+        let index = frame.index;
+        if self.reader.try_send(frame).is_err() {
+            return false;
+        }
+        mark(&mut self.seen, index);
+        self.queued += 1;
+        true
+    }
+
+    /// Puts `frame` on `events` if nothing waits for the reader, else
+    /// hands it to the reader. Copies of accepted frames are dropped.
+    fn deliver(&mut self, frame: MediaFrame, events: &mpsc::Sender<Event>) -> Delivery {
+        if has(&self.seen, frame.index) {
+            return Delivery::Dropped;
+        }
+        if self.queued == 0
+            && let Some((group, clip_id)) = &self.surface
+        {
+            let index = frame.index;
+            let event = Event::Frame {
+                group: group.clone(),
+                clip_id: *clip_id,
+                index,
+                data: frame.data,
+                received_at: frame.received_at,
+            };
+            match events.try_send(event) {
+                // Closed: the application dropped its events, which
+                // `Inner::emit` ignores too.
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {
+                    mark(&mut self.seen, index);
+                    return Delivery::Surfaced;
+                }
+                // The application is behind: the reader waits for room.
+                Err(mpsc::error::TrySendError::Full(Event::Frame {
+                    index,
+                    data,
+                    received_at,
+                    ..
+                })) => {
+                    let frame = MediaFrame {
+                        index,
+                        data,
+                        received_at,
+                    };
+                    return self.queued_or_dropped(frame);
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => return Delivery::Dropped,
+            }
+        }
+        self.queued_or_dropped(frame)
+    }
+
+    fn queued_or_dropped(&mut self, frame: MediaFrame) -> Delivery {
+        if self.queue(frame) {
+            Delivery::Queued
+        } else {
+            Delivery::Dropped
+        }
+    }
+}
+
+/// What the inbox did with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// Put on the client's event channel as an [`Event::Frame`].
+    Surfaced,
+    /// Handed to its clip's reader, or kept until the clip's header comes.
+    Queued,
+    /// Dropped: a copy of a frame that came before, or queues full.
+    Dropped,
 }
 
 /// A clip announced by a `HeadedFrame` before its stream's header.
@@ -125,36 +225,72 @@ pub(crate) fn mark(seen: &mut Vec<u64>, index: u32) -> bool {
     new
 }
 
-impl MediaInbox {
-    /// Hands a frame of stream `stream` to its reader, or keeps it until
-    /// the stream's header arrives. `false`: dropped (queue full).
-    pub fn deliver(&self, stream: u64, frame: MediaFrame) -> bool {
-        let mut s = lock(&self.state);
-        let now = frame.received_at;
-        while s
+/// Whether bit `index` is set.
+fn has(seen: &[u64], index: u32) -> bool {
+    seen.get((index / 64) as usize)
+        .is_some_and(|w| w & (1 << (index % 64)) != 0)
+}
+
+/// How many of frames `0..frame_count` the bitmap `seen` lacks.
+fn missing_in(seen: &[u64], frame_count: u32) -> u32 {
+    let count = frame_count.min(MAX_MEDIA_INDEX);
+    let full = (count / 64) as usize;
+    let mut have: u32 = seen.iter().take(full).map(|w| w.count_ones()).sum();
+    let rest = count % 64;
+    if rest > 0 {
+        have += seen
+            .get(full)
+            .map_or(0, |w| (w & ((1u64 << rest) - 1)).count_ones());
+    }
+    frame_count - have
+}
+
+impl InboxState {
+    /// Drops early frames older than [`EARLY_KEEP`] at `now`.
+    fn expire_early(&mut self, now: Instant) {
+        while self
             .early
             .front()
             .is_some_and(|(_, f)| now.saturating_duration_since(f.received_at) > EARLY_KEEP)
         {
-            s.early.pop_front();
+            self.early.pop_front();
         }
-        match s.routes.get(&stream) {
-            Some(route) => match route.try_send(frame) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => false,
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    s.routes.remove(&stream);
-                    false
-                }
-            },
-            None => {
-                if s.early.len() >= EARLY_MAX {
-                    s.early.pop_front();
-                }
-                s.early.push_back((stream, frame));
-                true
-            }
+    }
+
+    /// A frame of a stream with a reader goes to the application or the
+    /// reader; one of a stream whose header has not come is kept.
+    fn deliver(
+        &mut self,
+        stream: u64,
+        frame: MediaFrame,
+        events: &mpsc::Sender<Event>,
+    ) -> Delivery {
+        self.expire_early(frame.received_at);
+        if let Some(route) = self.routes.get_mut(&stream) {
+            return route.deliver(frame, events);
         }
+        if self.early.len() >= EARLY_MAX {
+            self.early.pop_front();
+        }
+        self.early.push_back((stream, frame));
+        Delivery::Queued
+    }
+}
+
+impl MediaInbox {
+    /// Hands a frame of stream `stream` to the application (on `events`,
+    /// once its `ClipStarted` went out and nothing waits for the reader)
+    /// or to its reader, or keeps it until the stream's header arrives
+    /// (what [`deliver_live`](Self::deliver_live) does with a frame that
+    /// announces nothing).
+    #[cfg(test)]
+    pub fn deliver(
+        &self,
+        stream: u64,
+        frame: MediaFrame,
+        events: &mpsc::Sender<Event>,
+    ) -> Delivery {
+        lock(&self.state).deliver(stream, frame, events)
     }
 
     /// A frame that may start a clip the application has not heard of:
@@ -162,7 +298,7 @@ impl MediaInbox {
     /// arrived, the clip is announced (`ClipStarted`, then the frame, as
     /// events at once) unless it was received whole before; a frame of an
     /// announced stream goes to the application at once too. Otherwise as
-    /// [`deliver`](Self::deliver).
+    /// [`deliver`](Self::deliver). Counts the frames it surfaces.
     pub async fn deliver_live(
         &self,
         inner: &Inner,
@@ -171,11 +307,13 @@ impl MediaInbox {
         frame: MediaFrame,
     ) {
         {
-            let s = lock(&self.state);
-            let known = s.announced.contains_key(&stream);
-            if s.routes.contains_key(&stream) || (header.is_none() && !known) {
-                drop(s);
-                self.deliver(stream, frame);
+            let mut s = lock(&self.state);
+            if s.routes.contains_key(&stream)
+                || (header.is_none() && !s.announced.contains_key(&stream))
+            {
+                if s.deliver(stream, frame, &inner.events) == Delivery::Surfaced {
+                    Stats::bump(&inner.stats.frames_received);
+                }
                 return;
             }
         }
@@ -187,8 +325,11 @@ impl MediaInbox {
         };
         let mut s = lock(&self.state);
         if s.routes.contains_key(&stream) {
-            drop(s);
-            self.deliver(stream, frame);
+            // Released first: the frame may take a slot they hold.
+            drop(permits);
+            if s.deliver(stream, frame, &inner.events) == Delivery::Surfaced {
+                Stats::bump(&inner.stats.frames_received);
+            }
             return;
         }
         let now = frame.received_at;
@@ -196,14 +337,14 @@ impl MediaInbox {
             .retain(|_, a| now.saturating_duration_since(a.at) < ANNOUNCED_KEEP);
         if !s.announced.contains_key(&stream) {
             let Some(header) = header else {
-                drop(s);
-                self.deliver(stream, frame);
+                // Kept until the stream's header comes.
+                s.deliver(stream, frame, &inner.events);
                 return;
             };
             let duplicate = lock(&inner.dedup).contains(&header.group, header.clip_id);
             if duplicate || s.announced.len() >= ANNOUNCED_MAX || frame.index >= MAX_MEDIA_INDEX {
-                drop(s);
-                self.deliver(stream, frame);
+                // Kept until the stream's header comes.
+                s.deliver(stream, frame, &inner.events);
                 return;
             }
             s.announced.insert(
@@ -260,27 +401,76 @@ impl MediaInbox {
         lock(&self.uplink).clone()
     }
 
-    /// The frames of `stream` from now on (and those that came early), and
-    /// whether the clip was announced.
+    /// The frames of `stream` from now on (and those that came early, to
+    /// the returned receiver), and whether the clip was announced (its
+    /// later frames then go straight to the application). Frames of a clip
+    /// not announced go to the receiver until [`surface`](Self::surface).
     pub fn register(&self, stream: u64) -> Registration {
-        let (tx, rx) = mpsc::channel(ROUTE_CAPACITY);
+        let (reader, rx) = mpsc::channel(ROUTE_CAPACITY);
         let mut s = lock(&self.state);
-        let announced = s.announced.remove(&stream).map(|a| a.seen);
+        let announced = s.announced.remove(&stream);
+        let is_announced = announced.is_some();
+        let (surface, seen) = match announced {
+            Some(a) => (Some((a.group, a.clip_id)), a.seen),
+            None => (None, Vec::new()),
+        };
+        let mut route = Route {
+            reader,
+            surface,
+            queued: 0,
+            seen,
+        };
         let early = std::mem::take(&mut s.early);
         for (id, frame) in early {
-            if id == stream {
-                let _ = tx.try_send(frame);
-            } else {
+            if id != stream {
                 s.early.push_back((id, frame));
+            } else if !has(&route.seen, frame.index) {
+                route.queue(frame);
             }
         }
-        s.routes.insert(stream, tx);
-        Registration { rx, announced }
+        s.routes.insert(stream, route);
+        Registration {
+            rx,
+            announced: is_announced,
+        }
     }
 
-    /// The reader of `stream` is done.
-    pub fn unregister(&self, stream: u64) {
-        lock(&self.state).routes.remove(&stream);
+    /// The clip of `stream` (group and id) has its `ClipStarted` out: its
+    /// frames may go straight to the application from now on.
+    pub fn surface(&self, stream: u64, group: String, clip_id: ClipId) {
+        if let Some(route) = lock(&self.state).routes.get_mut(&stream) {
+            route.surface = Some((group, clip_id));
+        }
+    }
+
+    /// Every later frame of `stream` goes to its reader (which then waits
+    /// for the stragglers of an ended clip).
+    pub fn queue_all(&self, stream: u64) {
+        if let Some(route) = lock(&self.state).routes.get_mut(&stream) {
+            route.surface = None;
+        }
+    }
+
+    /// The reader of `stream` surfaced (or dropped, for a duplicate) a
+    /// frame it was handed.
+    pub fn surfaced(&self, stream: u64) {
+        if let Some(route) = lock(&self.state).routes.get_mut(&stream) {
+            route.queued = route.queued.saturating_sub(1);
+        }
+    }
+
+    /// How many of frames `0..frame_count` of `stream` were not accepted.
+    pub fn missing(&self, stream: u64, frame_count: u32) -> u32 {
+        let s = lock(&self.state);
+        let seen = s.routes.get(&stream).map_or(&[][..], |r| &r.seen[..]);
+        missing_in(seen, frame_count)
+    }
+
+    /// The reader of `stream` is done: no frame goes anywhere after this.
+    /// How many of frames `0..frame_count` were not accepted.
+    pub fn unregister(&self, stream: u64, frame_count: u32) -> u32 {
+        let route = lock(&self.state).routes.remove(&stream);
+        missing_in(route.as_ref().map_or(&[][..], |r| &r.seen[..]), frame_count)
     }
 }
 
@@ -480,9 +670,20 @@ async fn run(mut r: Runner) {
     let mut retry = BIND_RETRY;
     let mut next_bind = tokio::time::Instant::now();
     let mut buf = vec![0u8; MAX_PACKET_LEN + 1];
+    // One future for the whole run, not one per datagram.
+    let conn = r.conn.clone();
+    let closed = conn.closed();
+    tokio::pin!(closed);
+    // One timer, moved when the next Bind moves: a timer made per loop
+    // would be registered and cleared for every datagram.
+    let bind_timer = tokio::time::sleep_until(next_bind);
+    tokio::pin!(bind_timer);
     loop {
         let due = r.delayed.front().map(|(at, _)| (*at).into());
         let uplink_due = r.uplink_due.front().map(|(at, _)| (*at).into());
+        if bind_timer.deadline() != next_bind {
+            bind_timer.as_mut().reset(next_bind);
+        }
         tokio::select! {
             Some(delayed) = r.uplink_delayed.recv() => {
                 if r.uplink_due.len() < DELAYED_MAX {
@@ -496,7 +697,7 @@ async fn run(mut r: Runner) {
                     Stats::bump(&r.inner.stats.media_frames_uplinked);
                 }
             }
-            () = tokio::time::sleep_until(next_bind) => {
+            () = &mut bind_timer => {
                 r.send_bind(started);
                 if bound {
                     next_bind += BIND_INTERVAL;
@@ -520,25 +721,25 @@ async fn run(mut r: Runner) {
                 if from != r.relay {
                     continue;
                 }
-                let link = r.inner.config.media_link.clone();
-                let mut packet = buf[..len].to_vec();
-                match link.map(|l| l.pass(false)) {
+                // Opened in place; copied only when a MediaLink delays it.
+                let packet = &mut buf[..len];
+                match r.inner.config.media_link.as_ref().map(|l| l.pass(false)) {
                     None | Some(Some(Duration::ZERO)) => {}
                     Some(None) => continue,
                     Some(Some(delay)) => {
                         if r.delayed.len() < DELAYED_MAX {
-                            r.delayed.push_back((Instant::now() + delay, packet));
+                            r.delayed.push_back((Instant::now() + delay, packet.to_vec()));
                         }
                         continue;
                     }
                 }
-                if r.receive(&mut packet).await == Some(PacketType::BindAck) && !bound {
+                if r.receive(packet).await == Some(PacketType::BindAck) && !bound {
                     bound = true;
                     r.bound();
                     next_bind = tokio::time::Instant::now() + BIND_INTERVAL;
                 }
             }
-            _ = r.conn.closed() => return,
+            _ = &mut closed => return,
         }
     }
 }
@@ -581,83 +782,82 @@ impl Runner {
         )
     }
 
-    /// Opens a datagram from the relay and routes a frame; its type if it
-    /// was accepted.
+    /// Opens a datagram from the relay (in place) and routes its frames;
+    /// its type if it was accepted.
     async fn receive(&mut self, packet: &mut [u8]) -> Option<PacketType> {
-        let (kind, frames) = {
+        let (kind, plaintext) = {
             let mut crypto = lock(&self.crypto);
             if let Some(epoch) = crypto.wants_epoch(packet) {
                 let material = export(&self.conn, epoch).ok()?;
                 crypto.rekey(epoch, &material);
             }
-            let (header, plaintext) = match crypto.open(packet) {
-                Ok(opened) => opened,
+            match crypto.open(packet) {
+                Ok((header, plaintext)) => (header.kind, plaintext),
                 Err(e) => {
                     tracing::trace!(error = %e, "media packet dropped");
                     return None;
                 }
-            };
-            let frames = match header.kind {
-                PacketType::Frame => {
-                    let f = FramePayload::decode(plaintext).ok()?;
-                    Some((
-                        f.stream,
-                        None,
-                        vec![(f.index, Bytes::copy_from_slice(f.data))],
-                    ))
-                }
-                PacketType::HeadedFrame => {
-                    let f = HeadedFramePayload::decode(plaintext).ok()?;
-                    Some((
-                        f.stream,
-                        Some(f.header),
-                        vec![(f.index, Bytes::copy_from_slice(f.data))],
-                    ))
-                }
-                PacketType::Frames => {
-                    let f = FramesPayload::decode(plaintext).ok()?;
-                    // One allocation for the packet; each frame a slice of it.
-                    let whole = Bytes::copy_from_slice(plaintext);
-                    let base = plaintext.as_ptr() as usize;
-                    let frames = f
-                        .frames
-                        .iter()
-                        .map(|(index, data)| {
-                            let at = data.as_ptr() as usize - base;
-                            (*index, whole.slice(at..at + data.len()))
-                        })
-                        .collect();
-                    Some((f.stream, f.header, frames))
-                }
-                _ => None,
-            };
-            (header.kind, frames)
+            }
         };
-        if kind == PacketType::BindAck {
-            Stats::bump(&self.inner.stats.media_binds_acked);
-        }
-        if let Some((stream, header, frames)) = frames {
-            // Only a live delivery's header announces a clip.
-            let mut header = header.filter(|h| h.flags & ClipHeader::FLAG_MEDIA != 0);
-            let received_at = Instant::now();
-            for (index, data) in frames {
-                if index >= MAX_MEDIA_INDEX {
-                    continue;
-                }
-                Stats::bump(&self.inner.stats.media_frames_received);
-                let frame = MediaFrame {
-                    index,
-                    data,
-                    received_at,
-                };
-                // The header announces the clip with its first frame; the
-                // rest follow it.
-                self.inbox
-                    .deliver_live(&self.inner, stream, header.take(), frame)
+        let received_at = Instant::now();
+        match kind {
+            PacketType::BindAck => Stats::bump(&self.inner.stats.media_binds_acked),
+            PacketType::Frame => {
+                let f = FramePayload::decode(plaintext).ok()?;
+                let data = Bytes::copy_from_slice(f.data);
+                self.deliver(f.stream, None, f.index, data, received_at)
                     .await;
             }
+            PacketType::HeadedFrame => {
+                let f = HeadedFramePayload::decode(plaintext).ok()?;
+                let data = Bytes::copy_from_slice(f.data);
+                self.deliver(f.stream, Some(f.header), f.index, data, received_at)
+                    .await;
+            }
+            PacketType::Frames => {
+                let f = FramesPayload::decode(plaintext).ok()?;
+                // One allocation for the packet; each frame a slice of it.
+                let whole = Bytes::copy_from_slice(plaintext);
+                let base = plaintext.as_ptr() as usize;
+                // The header announces the clip with its first frame; the
+                // rest follow it.
+                let mut header = f.header;
+                for (index, data) in &f.frames {
+                    let at = data.as_ptr() as usize - base;
+                    let data = whole.slice(at..at + data.len());
+                    self.deliver(f.stream, header.take(), *index, data, received_at)
+                        .await;
+                }
+            }
+            _ => {}
         }
         Some(kind)
+    }
+
+    /// Routes frame `index` of `stream`; `header`: the clip's, if the
+    /// packet carries it.
+    async fn deliver(
+        &self,
+        stream: u64,
+        header: Option<ClipHeader>,
+        index: u32,
+        data: Bytes,
+        received_at: Instant,
+    ) {
+        if index >= MAX_MEDIA_INDEX {
+            return;
+        }
+        Stats::bump(&self.inner.stats.media_frames_received);
+        // Only a live delivery's header announces a clip.
+        let header = header.filter(|h| h.flags & ClipHeader::FLAG_MEDIA != 0);
+        let frame = MediaFrame {
+            index,
+            data,
+            received_at,
+        };
+        self.inbox
+            .deliver_live(&self.inner, stream, header, frame)
+            .await;
     }
 }
 
@@ -673,30 +873,148 @@ mod tests {
         }
     }
 
+    fn events(capacity: usize) -> (mpsc::Sender<Event>, mpsc::Receiver<Event>) {
+        mpsc::channel(capacity)
+    }
+
+    fn frame_index(event: Event) -> u32 {
+        match event {
+            Event::Frame { index, .. } => index,
+            other => panic!("not a frame: {other:?}"),
+        }
+    }
+
     #[test]
     fn early_frames_wait_for_their_stream_and_are_bounded() {
         let inbox = MediaInbox::default();
+        let (tx, _events) = events(8);
         let t0 = Instant::now();
-        assert!(inbox.deliver(3, frame(0, t0)));
-        assert!(inbox.deliver(7, frame(0, t0)));
-        assert!(inbox.deliver(3, frame(1, t0)));
-        let mut rx = inbox.register(3).rx;
+        assert_eq!(inbox.deliver(3, frame(0, t0), &tx), Delivery::Queued);
+        assert_eq!(inbox.deliver(7, frame(0, t0), &tx), Delivery::Queued);
+        assert_eq!(inbox.deliver(3, frame(1, t0), &tx), Delivery::Queued);
+        let registration = inbox.register(3);
+        assert!(!registration.announced);
+        let mut rx = registration.rx;
         assert_eq!(rx.try_recv().unwrap().index, 0);
         assert_eq!(rx.try_recv().unwrap().index, 1);
-        assert!(inbox.deliver(3, frame(2, t0)));
+        assert_eq!(inbox.deliver(3, frame(2, t0), &tx), Delivery::Queued);
         assert_eq!(rx.try_recv().unwrap().index, 2);
+        // A copy of an accepted frame is dropped.
+        assert_eq!(inbox.deliver(3, frame(2, t0), &tx), Delivery::Dropped);
+        assert_eq!(inbox.unregister(3, 4), 1);
         // Stream 7's frame expires after EARLY_KEEP.
-        inbox.deliver(9, frame(0, t0 + EARLY_KEEP + Duration::from_millis(1)));
+        inbox.deliver(9, frame(0, t0 + EARLY_KEEP + Duration::from_millis(1)), &tx);
         assert!(inbox.register(7).rx.try_recv().is_err());
         // At most EARLY_MAX kept: the oldest go.
         for i in 0..EARLY_MAX as u32 + 10 {
-            inbox.deliver(11, frame(i, t0 + EARLY_KEEP * 2));
+            inbox.deliver(11, frame(i, t0 + EARLY_KEEP * 2), &tx);
         }
         let mut rx = inbox.register(11).rx;
         assert_eq!(rx.try_recv().unwrap().index, 10);
-        inbox.unregister(11);
-        assert!(
-            lock(&inbox.state).routes.is_empty() || !lock(&inbox.state).routes.contains_key(&11)
+        inbox.unregister(11, 0);
+        assert!(!lock(&inbox.state).routes.contains_key(&11));
+    }
+
+    #[test]
+    fn frames_go_straight_to_the_events_in_arrival_order() {
+        let inbox = MediaInbox::default();
+        let (tx, mut events) = events(2);
+        let t0 = Instant::now();
+        let id = ClipId::from_bytes([5; 16]);
+        // One came before the header: it is the reader's, and so is every
+        // frame until the clip's ClipStarted is out.
+        inbox.deliver(4, frame(1, t0), &tx);
+        let mut rx = inbox.register(4).rx;
+        assert_eq!(inbox.deliver(4, frame(0, t0), &tx), Delivery::Queued);
+        inbox.surface(4, "g".into(), id);
+        // Frames wait for the reader: the next queue behind them.
+        assert_eq!(inbox.deliver(4, frame(9, t0), &tx), Delivery::Queued);
+        assert!(events.try_recv().is_err());
+        for index in [1, 0, 9] {
+            assert_eq!(rx.try_recv().unwrap().index, index);
+            inbox.surfaced(4);
+        }
+        // Nothing queued: straight onto the event channel, once.
+        assert_eq!(inbox.deliver(4, frame(2, t0), &tx), Delivery::Surfaced);
+        assert_eq!(inbox.deliver(4, frame(2, t0), &tx), Delivery::Dropped);
+        assert_eq!(inbox.deliver(4, frame(3, t0), &tx), Delivery::Surfaced);
+        // The application is behind (channel full): frames 4 and 5 wait
+        // for the reader, in order, even once there is room again.
+        assert_eq!(inbox.deliver(4, frame(4, t0), &tx), Delivery::Queued);
+        match events.try_recv().unwrap() {
+            Event::Frame {
+                group,
+                clip_id,
+                index,
+                ..
+            } => assert_eq!((group.as_str(), clip_id, index), ("g", id, 2)),
+            other => panic!("not a frame: {other:?}"),
+        }
+        assert_eq!(frame_index(events.try_recv().unwrap()), 3);
+        assert_eq!(inbox.deliver(4, frame(5, t0), &tx), Delivery::Queued);
+        assert!(events.try_recv().is_err());
+        assert_eq!(rx.try_recv().unwrap().index, 4);
+        assert_eq!(rx.try_recv().unwrap().index, 5);
+        inbox.surfaced(4);
+        inbox.surfaced(4);
+        assert_eq!(inbox.deliver(4, frame(6, t0), &tx), Delivery::Surfaced);
+        assert_eq!(frame_index(events.try_recv().unwrap()), 6);
+        // After `queue_all` (the clip ended) stragglers go to the reader.
+        inbox.queue_all(4);
+        assert_eq!(inbox.deliver(4, frame(8, t0), &tx), Delivery::Queued);
+        assert_eq!(inbox.missing(4, 10), 1);
+        // After unregistering nothing goes anywhere.
+        assert_eq!(inbox.unregister(4, 11), 2);
+        assert_eq!(inbox.deliver(4, frame(7, t0), &tx), Delivery::Queued);
+        assert!(events.try_recv().is_err());
+        assert_eq!(rx.try_recv().unwrap().index, 8);
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn an_announced_clip_goes_on_straight_without_its_frames_again() {
+        let inbox = MediaInbox::default();
+        let (tx, mut events) = events(8);
+        let t0 = Instant::now();
+        let id = ClipId::from_bytes([6; 16]);
+        let mut seen = Vec::new();
+        mark(&mut seen, 0);
+        mark(&mut seen, 2);
+        lock(&inbox.state).announced.insert(
+            5,
+            Announced {
+                group: "g".into(),
+                clip_id: id,
+                at: t0,
+                seen,
+            },
         );
+        // A plain Frame that overtook the HeadedFrames waits early.
+        inbox.deliver(5, frame(1, t0), &tx);
+        inbox.deliver(5, frame(2, t0), &tx);
+        let registration = inbox.register(5);
+        assert!(registration.announced);
+        assert!(inbox.take_announced(5).is_none());
+        let mut rx = registration.rx;
+        // The early frame the application has not seen goes to the reader
+        // (the one it had does not), and the next queue behind it.
+        assert_eq!(rx.try_recv().unwrap().index, 1);
+        assert!(rx.try_recv().is_err());
+        assert_eq!(inbox.deliver(5, frame(3, t0), &tx), Delivery::Queued);
+        assert_eq!(inbox.deliver(5, frame(0, t0), &tx), Delivery::Dropped);
+        assert_eq!(rx.try_recv().unwrap().index, 3);
+        inbox.surfaced(5);
+        inbox.surfaced(5);
+        assert_eq!(inbox.deliver(5, frame(4, t0), &tx), Delivery::Surfaced);
+        assert_eq!(frame_index(events.try_recv().unwrap()), 4);
+        assert_eq!(inbox.unregister(5, 5), 0);
+    }
+
+    #[test]
+    fn missing_counts_whole_words_and_the_rest() {
+        assert_eq!(missing_in(&[], 5), 5);
+        assert_eq!(missing_in(&[u64::MAX, 0b101], 70), 4);
+        assert_eq!(missing_in(&[u64::MAX, u64::MAX], 64), 0);
+        assert_eq!(missing_in(&[u64::MAX >> 1], 64), 1);
     }
 }

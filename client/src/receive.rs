@@ -15,7 +15,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::event::Event;
-use crate::media::{MAX_MEDIA_INDEX, MediaFrame, MediaInbox, mark};
+use crate::media::{MediaFrame, MediaInbox};
 use crate::shared::{Inner, Internal, Stats, lock};
 
 /// The clip a stream carries, once its header arrived.
@@ -37,15 +37,17 @@ struct Current {
 const MEDIA_END_GRACE: Duration = Duration::from_millis(200);
 
 /// The frames of a MEDIA clip (PROTOCOL.md, section 14.4), as they arrive
-/// by UDP in any order.
+/// by UDP in any order. Once the clip's `ClipStarted` is out and while the
+/// application keeps up, the media socket's task puts them on the event
+/// channel itself; the reader surfaces those queued for it (early ones,
+/// those that came while the application was behind or before the
+/// `ClipStarted`, all of a duplicate). The inbox keeps which arrived.
 struct MediaClip {
     inbox: Arc<MediaInbox>,
     stream: u64,
     rx: mpsc::Receiver<MediaFrame>,
-    /// Bit `i`: frame `i` arrived (indices below [`MAX_MEDIA_INDEX`]).
-    seen: Vec<u64>,
     /// A `HeadedFrame` announced the clip before its header came: the
-    /// application has its `ClipStarted` (and the frames in `seen`).
+    /// application has its `ClipStarted` (and some of its frames).
     announced: bool,
 }
 
@@ -56,32 +58,14 @@ impl MediaClip {
             inbox,
             stream,
             rx: registration.rx,
-            announced: registration.announced.is_some(),
-            seen: registration.announced.unwrap_or_default(),
+            announced: registration.announced,
         }
-    }
-
-    /// Records frame `index`; `false` if it had arrived before.
-    fn mark(&mut self, index: u32) -> bool {
-        mark(&mut self.seen, index)
-    }
-
-    /// How many of frames `0..frame_count` have not arrived.
-    fn missing(&self, frame_count: u32) -> u32 {
-        let have: u32 = (0..frame_count.min(MAX_MEDIA_INDEX))
-            .filter(|i| {
-                self.seen
-                    .get((i / 64) as usize)
-                    .is_some_and(|w| w & (1 << (i % 64)) != 0)
-            })
-            .count() as u32;
-        frame_count - have
     }
 }
 
 impl Drop for MediaClip {
     fn drop(&mut self) {
-        self.inbox.unregister(self.stream);
+        self.inbox.unregister(self.stream, 0);
     }
 }
 
@@ -132,32 +116,37 @@ pub(crate) async fn read_clip(inner: Arc<Inner>, conn: quinn::Connection, recv: 
     let mut reader = ClipReader::new(ClipLimits::unlimited());
     let mut current: Option<Current> = None;
     loop {
-        let ended = current.as_ref().is_some_and(|c| c.ended);
-        let next = match current.as_mut().and_then(|c| c.media.as_mut()) {
+        let next = match current.as_mut() {
             // After the end only the FIN is due; do not wait for it forever.
-            _ if ended => {
+            Some(c) if c.ended => {
                 match tokio::time::timeout(Duration::from_secs(5), stream.next_clip()).await {
                     Ok(r) => r,
                     Err(_) => return,
                 }
             }
-            Some(media) => {
-                let frame = tokio::select! {
-                    biased;
-                    Some(frame) = media.rx.recv() => Ok(frame),
-                    next = stream.next_clip() => Err(next),
-                };
-                match frame {
-                    Ok(frame) => {
-                        if let Some(c) = current.as_mut() {
-                            media_frame(&inner, c, frame).await;
+            Some(Current {
+                group,
+                clip_id,
+                duplicate,
+                media: Some(media),
+                ..
+            }) => {
+                // The stream's next message (the end) is read by one
+                // future that lives across the frames, so a frame costs
+                // no stream poll.
+                let read = stream.next_clip();
+                tokio::pin!(read);
+                loop {
+                    tokio::select! {
+                        biased;
+                        Some(frame) = media.rx.recv() => {
+                            media_frame(&inner, group, *clip_id, *duplicate, media, frame).await;
                         }
-                        continue;
+                        next = &mut read => break next,
                     }
-                    Err(next) => next,
                 }
             }
-            None => stream.next_clip().await,
+            _ => stream.next_clip().await,
         };
         let code = match next {
             Ok(Some((msg, _))) => {
@@ -198,6 +187,10 @@ pub(crate) async fn read_clip(inner: Arc<Inner>, conn: quinn::Connection, recv: 
             }
             Err(ReadError::Stream(_)) => ErrorCode::None,
         };
+        if let Some(c) = current.as_mut() {
+            // No frame may follow the abort.
+            c.media = None;
+        }
         if current.is_none()
             && let Some((group, clip_id)) = inner
                 .media_inbox(&conn)
@@ -273,6 +266,10 @@ async fn handle(
                 Stats::bump(&inner.stats.duplicates_dropped);
             } else if !media.announced {
                 emit_started(inner, &header).await;
+                // Its frames may overtake the reader from now on.
+                media
+                    .inbox
+                    .surface(stream, header.group.clone(), header.clip_id);
             }
             *current = Some(Current {
                 group: header.group,
@@ -378,24 +375,29 @@ async fn emit_started(inner: &Inner, header: &ClipHeader) {
         .await;
 }
 
-/// A frame of a MEDIA clip arrived by UDP: surfaced once per index.
-async fn media_frame(inner: &Inner, c: &mut Current, frame: MediaFrame) {
-    let Some(media) = c.media.as_mut() else {
-        return;
-    };
-    if !media.mark(frame.index) || c.duplicate {
-        return;
+/// A frame of a MEDIA clip, queued for the reader by the inbox (which
+/// drops copies), is surfaced.
+async fn media_frame(
+    inner: &Inner,
+    group: &str,
+    clip_id: ClipId,
+    duplicate: bool,
+    media: &mut MediaClip,
+    frame: MediaFrame,
+) {
+    if !duplicate {
+        Stats::bump(&inner.stats.frames_received);
+        inner
+            .emit(Event::Frame {
+                group: group.to_owned(),
+                clip_id,
+                index: frame.index,
+                data: frame.data,
+                received_at: frame.received_at,
+            })
+            .await;
     }
-    Stats::bump(&inner.stats.frames_received);
-    inner
-        .emit(Event::Frame {
-            group: c.group.clone(),
-            clip_id: c.clip_id,
-            index: frame.index,
-            data: frame.data,
-            received_at: frame.received_at,
-        })
-        .await;
+    media.inbox.surfaced(media.stream);
 }
 
 /// A MEDIA clip's end (PROTOCOL.md, section 14.4): complete, it ends as
@@ -405,17 +407,26 @@ async fn media_frame(inner: &Inner, c: &mut Current, frame: MediaFrame) {
 async fn media_end(inner: &Inner, c: &mut Current, frame_count: u32, seq: u64, waveform: Bytes) {
     c.ended = true;
     let deadline = tokio::time::Instant::now() + MEDIA_END_GRACE;
-    while c.media.as_ref().is_some_and(|m| m.missing(frame_count) > 0) {
-        let Some(media) = c.media.as_mut() else {
-            break;
-        };
-        match tokio::time::timeout_at(deadline, media.rx.recv()).await {
-            Ok(Some(frame)) => media_frame(inner, c, frame).await,
-            Ok(None) | Err(_) => break,
+    let mut missing = 0;
+    if let Some(mut media) = c.media.take() {
+        // Stragglers come to us from now on, so that we wake for them.
+        let inbox = media.inbox.clone();
+        inbox.queue_all(media.stream);
+        while inbox.missing(media.stream, frame_count) > 0 {
+            match tokio::time::timeout_at(deadline, media.rx.recv()).await {
+                Ok(Some(frame)) => {
+                    media_frame(inner, &c.group, c.clip_id, c.duplicate, &mut media, frame).await;
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        // No frame is accepted after this; those accepted before and
+        // still queued are surfaced before the end.
+        missing = inbox.unregister(media.stream, frame_count);
+        while let Ok(frame) = media.rx.try_recv() {
+            media_frame(inner, &c.group, c.clip_id, c.duplicate, &mut media, frame).await;
         }
     }
-    let missing = c.media.as_ref().map_or(0, |m| m.missing(frame_count));
-    c.media = None;
     if c.duplicate {
         // The app had it whole before; acknowledge again.
         ack(inner, &c.group, seq).await;
