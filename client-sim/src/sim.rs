@@ -1251,6 +1251,13 @@ struct RxClip {
     frames: u32,
     in_order: bool,
     history: bool,
+    /// A live clip on the UDP media path (flag MEDIA): its frames may
+    /// arrive in any order (UDP reorders, and the relay forwards whichever
+    /// of a talker's two copies comes first), to be placed by index
+    /// (PROTOCOL.md §14.4). Each frame's hash by index, folded into the
+    /// digest in index order at the end; an index that comes twice makes
+    /// the copy out of order.
+    by_index: Option<Vec<Option<u64>>>,
 }
 
 /// One member's receiving side.
@@ -1396,8 +1403,10 @@ impl Receiver {
                 clip_id,
                 history,
                 talker,
+                header,
                 ..
             } => {
+                let media = !history && header.flags & ptt_protocol::ClipHeader::FLAG_MEDIA != 0;
                 if sim.intruder.as_ref() == Some(&talker) {
                     self.intruded.insert(clip_id);
                     return;
@@ -1425,6 +1434,7 @@ impl Receiver {
                         frames: 0,
                         in_order: true,
                         history,
+                        by_index: media.then(Vec::new),
                     },
                 );
             }
@@ -1442,9 +1452,25 @@ impl Receiver {
                     bump(&sim.counters.orphan_frames);
                     return;
                 };
-                c.digest = c.digest.push(index, verify::frame_hash(&data));
-                if index != c.next {
-                    c.in_order = false;
+                let hash = verify::frame_hash(&data);
+                match &mut c.by_index {
+                    Some(by_index) => {
+                        let i = index as usize;
+                        if by_index.len() <= i {
+                            // Bounded by the clip's length (the sender's
+                            // frames), as the client library bounds indexes.
+                            by_index.resize(i + 1, None);
+                        }
+                        if by_index[i].replace(hash).is_some() {
+                            c.in_order = false;
+                        }
+                    }
+                    None => {
+                        c.digest = c.digest.push(index, hash);
+                        if index != c.next {
+                            c.in_order = false;
+                        }
+                    }
                 }
                 c.next = index.wrapping_add(1);
                 c.frames += 1;
@@ -1498,13 +1524,21 @@ impl Receiver {
                 if self.intruded.remove(&clip_id) {
                     return;
                 }
-                let Some(c) = self.clips.remove(&clip_id) else {
+                let Some(mut c) = self.clips.remove(&clip_id) else {
                     sim.error(format!(
                         "user {}: end of clip {clip_id} never started",
                         self.user
                     ));
                     return;
                 };
+                if let Some(by_index) = c.by_index.take() {
+                    // Placed by index: a hole leaves its frame out of the
+                    // digest (and `frames` short), so the copy is damaged.
+                    c.digest = (0u32..)
+                        .zip(by_index)
+                        .filter_map(|(i, h)| Some((i, h?)))
+                        .fold(Digest::EMPTY, |d, (i, h)| d.push(i, h));
+                }
                 if let (false, Some(rec)) = (c.history, &c.record) {
                     let fin = rec.finished_ns.load(Ordering::Acquire);
                     if fin > 0 && rec.started >= self.joined_at {
