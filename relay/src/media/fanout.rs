@@ -11,7 +11,7 @@
 //!
 //! A member whose client announced `FEATURE_FRAMES` (PROTOCOL.md §14.1) in
 //! a group with a live latency budget gets its frames in `Frames` packets,
-//! `budget ÷ frame` at a time ([`Held`]): three 20 ms frames a packet under
+//! `budget ÷ frame` at a time (`Held`): three 20 ms frames a packet under
 //! the default 60 ms, a third of the datagrams, the seals and the kernel's
 //! per-datagram work (issue #15 item 3 on the media path). Walkie groups
 //! (no budget) and older clients get each frame alone, at once.
