@@ -157,19 +157,44 @@ async fn nothing_more_of(events: &mut Events, clip: ClipId, quiet: Duration) {
     assert!(more.is_err(), "clip {clip} came again");
 }
 
-#[tokio::test]
-async fn a_talker_whose_socket_switches_mid_clip_carries_on_without_reconnecting() {
-    let relay = TestRelay::start().await;
+/// A clip being spoken when the network switches: Alice talks to Bob in
+/// "team" (a notes group), 20 of the clip's 60 frames (`frames(seed, 60)`)
+/// are spoken and 10 heard. `mover` ("alice" or "bob") is on its own
+/// endpoint, the one whose network switches; `quick`: its connection is
+/// declared lost after 2 s ([`connect_quick_on`]). The other joins first
+/// as a plain member.
+struct MidClip {
+    alice: Client,
+    bob: Client,
+    bob_events: Events,
+    /// The mover's endpoint.
+    endpoint: quinn::Endpoint,
+    talk: ptt_client::Talk,
+    clip: ClipId,
+    sent: Vec<Bytes>,
+    seen: Seen,
+    _alice_events: Events,
+}
+
+async fn mid_clip(relay: &TestRelay, mover: &str, quick: bool, seed: u8) -> MidClip {
     relay
         .group("team", GroupMode::Notes, &["alice", "bob"])
         .await;
-    let (_bob, mut bob_events) = relay.member("bob", "team").await;
-    let alice_endpoint = endpoint();
-    let (alice, _alice_events) = connect_on(&relay, alice_endpoint.clone(), "alice").await;
-    alice.join("team").await.unwrap();
-    let connection = alice.connection().unwrap().stable_id();
-
-    let sent = frames(1, 60);
+    let endpoint = endpoint();
+    let other = if mover == "alice" { "bob" } else { "alice" };
+    let (other_client, other_events) = relay.member(other, "team").await;
+    let (moving, moving_events) = if quick {
+        connect_quick_on(relay, endpoint.clone(), mover).await
+    } else {
+        connect_on(relay, endpoint.clone(), mover).await
+    };
+    moving.join("team").await.unwrap();
+    let ((alice, alice_events), (bob, mut bob_events)) = if mover == "alice" {
+        ((moving, moving_events), (other_client, other_events))
+    } else {
+        ((other_client, other_events), (moving, moving_events))
+    };
+    let sent = frames(seed, 60);
     let mut talk = alice
         .talk("team", ptt_client::ClipParams::default())
         .await
@@ -178,6 +203,34 @@ async fn a_talker_whose_socket_switches_mid_clip_carries_on_without_reconnecting
     speak(&mut talk, &sent[..20]).await;
     let mut seen = Seen::default();
     watch_clip(&mut bob_events, clip, &mut seen, Some(10)).await;
+    MidClip {
+        alice,
+        bob,
+        bob_events,
+        endpoint,
+        talk,
+        clip,
+        sent,
+        seen,
+        _alice_events: alice_events,
+    }
+}
+
+#[tokio::test]
+async fn a_talker_whose_socket_switches_mid_clip_carries_on_without_reconnecting() {
+    let relay = TestRelay::start().await;
+    let MidClip {
+        alice,
+        mut bob_events,
+        endpoint: alice_endpoint,
+        mut talk,
+        clip,
+        sent,
+        mut seen,
+        bob: _bob,
+        _alice_events,
+    } = mid_clip(&relay, "alice", false, 1).await;
+    let connection = alice.connection().unwrap().stable_id();
     let counters = switch_network(&alice_endpoint);
     speak(&mut talk, &sent[20..]).await;
     let stored = tokio::time::timeout(WAIT, talk.finish(Bytes::new()))
@@ -208,23 +261,17 @@ async fn a_listener_whose_socket_switches_mid_clip_hears_it_live_and_whole() {
     // Each frame written at once (no live budget), so the datagrams on the
     // new port count frames, not 60 ms bursts.
     let relay = TestRelay::start_with(|c| c.live_budget_ms = 0).await;
-    relay
-        .group("team", GroupMode::Notes, &["alice", "bob"])
-        .await;
-    let (alice, _alice_events) = relay.member("alice", "team").await;
-    let bob_endpoint = endpoint();
-    let (bob, mut bob_events) = connect_on(&relay, bob_endpoint.clone(), "bob").await;
-    bob.join("team").await.unwrap();
-
-    let sent = frames(2, 60);
-    let mut talk = alice
-        .talk("team", ptt_client::ClipParams::default())
-        .await
-        .unwrap();
-    let clip = talk.clip_id();
-    speak(&mut talk, &sent[..20]).await;
-    let mut seen = Seen::default();
-    watch_clip(&mut bob_events, clip, &mut seen, Some(10)).await;
+    let MidClip {
+        bob,
+        mut bob_events,
+        endpoint: bob_endpoint,
+        mut talk,
+        clip,
+        sent,
+        mut seen,
+        alice: _alice,
+        _alice_events,
+    } = mid_clip(&relay, "bob", false, 2).await;
     let counters = switch_network(&bob_endpoint);
     speak(&mut talk, &sent[20..]).await;
     talk.finish(Bytes::new()).await.expect("stored");
@@ -274,24 +321,18 @@ async fn connect_quick_on(
 #[tokio::test]
 async fn with_migration_off_a_talkers_switch_loses_the_connection_and_the_clip_is_resent() {
     let relay = TestRelay::start_with(|c| c.allow_migration = false).await;
-    relay
-        .group("team", GroupMode::Notes, &["alice", "bob"])
-        .await;
-    let (_bob, mut bob_events) = relay.member("bob", "team").await;
-    let alice_endpoint = endpoint();
-    let (alice, _alice_events) = connect_quick_on(&relay, alice_endpoint.clone(), "alice").await;
-    alice.join("team").await.unwrap();
+    let MidClip {
+        alice,
+        mut bob_events,
+        endpoint: alice_endpoint,
+        mut talk,
+        clip,
+        sent,
+        mut seen,
+        bob: _bob,
+        _alice_events,
+    } = mid_clip(&relay, "alice", true, 7).await;
     let connection = alice.connection().unwrap().stable_id();
-
-    let sent = frames(7, 60);
-    let mut talk = alice
-        .talk("team", ptt_client::ClipParams::default())
-        .await
-        .unwrap();
-    let clip = talk.clip_id();
-    speak(&mut talk, &sent[..20]).await;
-    let mut seen = Seen::default();
-    watch_clip(&mut bob_events, clip, &mut seen, Some(10)).await;
     switch_network(&alice_endpoint);
     speak(&mut talk, &sent[20..]).await;
     let stored = tokio::time::timeout(WAIT, talk.finish(Bytes::new()))
@@ -315,23 +356,17 @@ async fn with_migration_off_a_talkers_switch_loses_the_connection_and_the_clip_i
 #[tokio::test]
 async fn with_migration_off_a_listeners_switch_loses_the_connection_and_it_catches_up() {
     let relay = TestRelay::start_with(|c| c.allow_migration = false).await;
-    relay
-        .group("team", GroupMode::Notes, &["alice", "bob"])
-        .await;
-    let (alice, _alice_events) = relay.member("alice", "team").await;
-    let bob_endpoint = endpoint();
-    let (bob, mut bob_events) = connect_quick_on(&relay, bob_endpoint.clone(), "bob").await;
-    bob.join("team").await.unwrap();
-
-    let sent = frames(8, 60);
-    let mut talk = alice
-        .talk("team", ptt_client::ClipParams::default())
-        .await
-        .unwrap();
-    let clip = talk.clip_id();
-    speak(&mut talk, &sent[..20]).await;
-    let mut seen = Seen::default();
-    watch_clip(&mut bob_events, clip, &mut seen, Some(10)).await;
+    let MidClip {
+        bob,
+        mut bob_events,
+        endpoint: bob_endpoint,
+        mut talk,
+        clip,
+        sent,
+        mut seen,
+        alice: _alice,
+        _alice_events,
+    } = mid_clip(&relay, "bob", true, 8).await;
     switch_network(&bob_endpoint);
     // Bob's acknowledgements from the new port are dropped: the relay
     // gives up on him after the idle timeout, then he on it (the relay's
@@ -357,23 +392,17 @@ async fn with_migration_off_a_listeners_switch_loses_the_connection_and_it_catch
 #[tokio::test]
 async fn a_listener_that_loses_its_connection_in_a_switch_gets_the_clip_whole_once() {
     let relay = TestRelay::start().await;
-    relay
-        .group("team", GroupMode::Notes, &["alice", "bob"])
-        .await;
-    let (alice, _alice_events) = relay.member("alice", "team").await;
-    let bob_endpoint = endpoint();
-    let (bob, mut bob_events) = connect_on(&relay, bob_endpoint.clone(), "bob").await;
-    bob.join("team").await.unwrap();
-
-    let sent = frames(3, 60);
-    let mut talk = alice
-        .talk("team", ptt_client::ClipParams::default())
-        .await
-        .unwrap();
-    let clip = talk.clip_id();
-    speak(&mut talk, &sent[..20]).await;
-    let mut seen = Seen::default();
-    watch_clip(&mut bob_events, clip, &mut seen, Some(10)).await;
+    let MidClip {
+        bob,
+        mut bob_events,
+        endpoint: bob_endpoint,
+        mut talk,
+        clip,
+        sent,
+        mut seen,
+        alice: _alice,
+        _alice_events,
+    } = mid_clip(&relay, "bob", false, 3).await;
     let counters = switch_network(&bob_endpoint);
     bob.connection()
         .unwrap()

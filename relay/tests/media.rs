@@ -136,19 +136,10 @@ impl MediaClient {
     /// of a HeadedFrame) each.
     async fn frames_headed(&mut self, n: usize) -> Vec<(u64, u32, Bytes, Option<ClipHeader>)> {
         let mut out = Vec::new();
-        while out.len() < n {
-            let (kind, plain) = self.next_packet(WAIT).await.expect("a frame in time");
-            match kind {
-                PacketType::Frame => {
-                    let f = FramePayload::decode(&plain).unwrap();
-                    out.push((f.stream, f.index, Bytes::copy_from_slice(f.data), None));
-                }
-                PacketType::HeadedFrame => {
-                    let f = HeadedFramePayload::decode(&plain).unwrap();
-                    let data = Bytes::copy_from_slice(f.data);
-                    out.push((f.stream, f.index, data, Some(f.header)));
-                }
-                other => panic!("a frame, not {other:?}"),
+        for (kind, stream, header, frames) in self.packets(n).await {
+            assert_ne!(kind, PacketType::Frames, "one frame a packet");
+            for (index, data) in frames {
+                out.push((stream, index, data, header.clone()));
             }
         }
         out
