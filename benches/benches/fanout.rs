@@ -42,6 +42,9 @@ struct Setup {
     /// clips that came again from the store (`ClipStarted` with the
     /// history flag): a run that has any measures recovery, not fan-out.
     recovered: Arc<(AtomicU64, AtomicU64)>,
+    /// What happened to the talker's connection and clips: a run that
+    /// loses frames says why (the talker closed, a clip refused).
+    talker_news: Arc<std::sync::Mutex<Vec<String>>>,
     _endpoints: Vec<quinn::Endpoint>,
 }
 
@@ -126,9 +129,22 @@ async fn setup(n: usize) -> Setup {
         });
         receivers.push(client);
     }
-    let (talker, _events) = Client::connect_with_endpoint(endpoint.clone(), config_for("talker"))
-        .await
-        .expect("talker connects");
+    let (talker, mut talker_events) =
+        Client::connect_with_endpoint(endpoint.clone(), config_for("talker"))
+            .await
+            .expect("talker connects");
+    let talker_news = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let news = talker_news.clone();
+    tokio::spawn(async move {
+        while let Some(event) = talker_events.next().await {
+            if matches!(
+                event,
+                Event::Disconnected { .. } | Event::ClipRejected { .. }
+            ) {
+                news.lock().expect("news").push(format!("{event:?}"));
+            }
+        }
+    });
     let talk = talker
         .talk("bench", ClipParams::default())
         .await
@@ -141,6 +157,7 @@ async fn setup(n: usize) -> Setup {
         receivers,
         delivered,
         recovered,
+        talker_news,
         _endpoints: endpoints,
     }
 }
@@ -169,8 +186,9 @@ async fn run(s: &Setup, frames: u64) -> Duration {
     while s.delivered.load(Ordering::Relaxed) < expected {
         assert!(
             start.elapsed() < Duration::from_secs(120),
-            "frames were lost: {} of {expected} delivered",
-            s.delivered.load(Ordering::Relaxed)
+            "frames were lost: {} of {expected} delivered; the talker saw {:?}",
+            s.delivered.load(Ordering::Relaxed),
+            s.talker_news.lock().expect("news")
         );
         tokio::time::sleep(Duration::from_micros(200)).await;
     }

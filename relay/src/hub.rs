@@ -410,15 +410,16 @@ impl Hub {
         let Some(ids) = self.users.get(talker).map(|ids| ids.clone()) else {
             return;
         };
+        let receipt = ControlMessage::Receipt {
+            group: group.to_owned(),
+            seq,
+            clip_id,
+            user: member.to_owned(),
+            kind,
+        };
         for id in ids {
             if let Some(handle) = self.sessions.get(&id) {
-                handle.send(ControlMessage::Receipt {
-                    group: group.to_owned(),
-                    seq,
-                    clip_id,
-                    user: member.to_owned(),
-                    kind,
-                });
+                handle.send_receipt(&receipt);
             }
         }
     }
@@ -832,6 +833,7 @@ fn apply_live(g: &mut GroupState, event: LiveEvent) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::command::tests::futures_ready;
     use crate::log::LocalLog;
     use crate::store::{ClipMeta, NewClip, RedbStore};
     use bytes::Bytes;
@@ -1022,15 +1024,6 @@ mod tests {
         });
         assert!(futures_ready(bob.overflowed()).is_some());
         s.hub.close().await;
-    }
-
-    fn futures_ready<F: Future>(f: F) -> Option<F::Output> {
-        let mut f = std::pin::pin!(f);
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match f.as_mut().poll(&mut cx) {
-            std::task::Poll::Ready(v) => Some(v),
-            std::task::Poll::Pending => None,
-        }
     }
 
     /// A log whose feeds fail their first read, as a store error would.

@@ -225,6 +225,101 @@ async fn a_session_that_cannot_keep_up_is_closed_with_a_code() {
     .expect("bob gets every floor change");
 }
 
+/// A talker gets a Receipt per member per clip, so a clip in a group of a
+/// thousand brings a thousand at once: more than the session's command
+/// queue holds, even when the talker's control stream stalls only for a
+/// moment. Receipts wait in a backlog of their own: the talker is not
+/// closed for its group's size, and gets every receipt once it reads
+/// again. (Found by the fan-out benchmark, whose talker in a group of
+/// 1,000 was closed with SlowReceiver now and then.)
+#[tokio::test]
+async fn a_burst_of_receipts_larger_than_the_command_queue_reaches_the_talker() {
+    const MEMBERS: usize = 16;
+    const CLIPS: usize = 48;
+    let relay = TestRelay::start_with(|c| {
+        c.clips_per_minute = 10_000;
+        c.max_concurrent_clips = 100;
+    })
+    .await;
+    let names: Vec<String> = (0..MEMBERS).map(|i| format!("m{i}")).collect();
+    let mut everyone: Vec<&str> = names.iter().map(String::as_str).collect();
+    everyone.push("tina");
+    relay.group("big", GroupMode::Notes, &everyone).await;
+    // Members that acknowledge when told to, so that every receipt comes
+    // in one burst.
+    let mut members = Vec::new();
+    for name in &names {
+        let config = relay.config(relay.token(name)).with_auto_ack(false);
+        let (client, events) = relay.connect(config).await;
+        client.join("big").await.expect("join");
+        members.push((client, events));
+    }
+    // The talker's control stream takes 1 KiB (about twenty receipts).
+    let tina = Raw::connect_with(&relay, |c| {
+        let mut t = quinn::TransportConfig::default();
+        t.stream_receive_window(1024u32.into());
+        c.transport_config(std::sync::Arc::new(t));
+    })
+    .await;
+    let (_t_send, mut t_control) = tina.hello_as(&relay, "tina").await;
+    for _ in 0..CLIPS {
+        let mut stream = tina.conn.open_uni().await.unwrap();
+        let mut bytes = BytesMut::new();
+        ClipMessage::Header(header("big")).encode(&mut bytes);
+        ClipMessage::Frame {
+            index: 0,
+            data: Bytes::from_static(b"voice"),
+        }
+        .encode(&mut bytes);
+        ClipMessage::End {
+            frame_count: 1,
+            seq: 0,
+            waveform: Bytes::new(),
+        }
+        .encode(&mut bytes);
+        stream.write_all(&bytes).await.unwrap();
+        stream.finish().unwrap();
+        t_control
+            .until(|m| matches!(m, ControlMessage::Stored { .. }).then_some(()))
+            .await;
+    }
+    // The talker reads nothing more until every member has acknowledged
+    // every clip: MEMBERS × CLIPS receipts at once.
+    for (client, events) in &mut members {
+        for _ in 0..CLIPS {
+            let seq = wait_for(events, |e| match e {
+                Event::ClipEnded { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .await;
+            client.ack("big", seq).await.unwrap();
+        }
+    }
+    let want = MEMBERS * CLIPS;
+    assert!(want > ptt_relay::command::COMMAND_QUEUE + 100);
+    let mut receipts = std::collections::HashSet::new();
+    tokio::time::timeout(WAIT, async {
+        while receipts.len() < want {
+            match t_control.0.next_control().await {
+                Ok(Some(ControlMessage::Receipt { seq, user, .. })) => {
+                    assert!(receipts.insert((seq, user)), "a receipt came twice");
+                }
+                Ok(Some(_)) => {}
+                other => panic!(
+                    "the talker's control stream ended after {} of {want} receipts: {other:?}",
+                    receipts.len()
+                ),
+            }
+        }
+    })
+    .await
+    .expect("every receipt in time");
+    assert!(
+        tina.conn.close_reason().is_none(),
+        "the talker is still connected"
+    );
+}
+
 /// Bug 7: a relay that verifies with an external key cannot sign: it says
 /// so instead of panicking.
 #[tokio::test]

@@ -465,8 +465,10 @@ impl Session {
     /// Sends the control messages still queued for this session.
     async fn flush_queued(&mut self) {
         while let Ok(command) = self.commands.try_recv() {
-            if let SessionCommand::Send(message) = command {
-                self.send(*message).await;
+            match command {
+                SessionCommand::Send(message) => self.send(*message).await,
+                SessionCommand::Receipts => self.send_receipts().await,
+                _ => {}
             }
         }
     }
@@ -497,9 +499,21 @@ impl Session {
     /// overflow ends the wait (the session then closes with
     /// `SlowReceiver`).
     async fn send(&mut self, message: ControlMessage) {
-        let bytes = message.to_bytes();
+        self.write(&message.to_bytes()).await;
+    }
+
+    /// Writes every receipt waiting in the session's backlog, in one write.
+    async fn send_receipts(&mut self) {
+        let receipts = self.handle.take_receipts();
+        if !receipts.is_empty() {
+            self.write(&receipts).await;
+        }
+    }
+
+    /// Writes encoded control messages (see [`Session::send`]).
+    async fn write(&mut self, bytes: &[u8]) {
         tokio::select! {
-            written = self.control_send.write_all(&bytes) => {
+            written = self.control_send.write_all(bytes) => {
                 if let Err(e) = written {
                     tracing::debug!(error = %e, "control write failed");
                 }
@@ -543,6 +557,7 @@ impl Session {
                 }
                 self.send(*message).await;
             }
+            SessionCommand::Receipts => self.send_receipts().await,
             SessionCommand::Deliver(clip) => {
                 if self.joined.contains_key(clip.meta.group.as_str()) {
                     self.spawn_live(clip);
