@@ -11,9 +11,11 @@
 #   scripts/capacity.sh target/release --scenario capacity-notes --media udp --settle 10s --clients 5000
 #
 # BIN_DIR holds `relay` and `client-sim` (cargo build --release -p ptt-relay
-# -p client-sim). Traffic stays on loopback; each step is bounded by the
+# -p client-sim). RELAY_ARGS adds arguments to `relay serve` (split on
+# spaces), e.g. RELAY_ARGS="--worker-threads 2". Traffic stays on loopback; each step is bounded by the
 # scenario's duration and settle time, the search by --clients.
 set -euo pipefail
+read -r -a relay_args <<<"${RELAY_ARGS:-}"
 bin=$1
 shift
 work=$(mktemp -d)
@@ -23,7 +25,8 @@ log=$work/relay.log
 # The simulator's clients all come from 127.0.0.1: the per-address attack
 # limits are off, as in scripts/relay-ab.sh.
 taskset -c 0 "$bin/relay" serve --data-dir "$data" --listen 127.0.0.1:0 \
-    --max-connections-per-ip 0 --handshakes-per-ip-per-second 0 2>"$log" &
+    --max-connections-per-ip 0 --handshakes-per-ip-per-second 0 \
+    ${relay_args[@]+"${relay_args[@]}"} 2>"$log" &
 pid=$!
 addr="" fp=""
 for _ in $(seq 1 100); do

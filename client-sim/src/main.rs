@@ -141,8 +141,10 @@ struct Cli {
     /// Write an SVG of latency over time and its distribution here.
     #[arg(long)]
     plot: Option<PathBuf>,
-    /// Tokio worker threads (0: a current-thread runtime).
-    #[arg(long, default_value_t = 2)]
+    /// Tokio worker threads (0: a current-thread runtime). By default one
+    /// per CPU this process may run on, as the relay's: pinned to one core
+    /// (`taskset -c 1`), one worker.
+    #[arg(long, default_value_t = ptt_relay::config::default_worker_threads())]
     workers: usize,
     /// Run a flooding client beside the normal clients (single runs).
     #[arg(long, value_enum)]

@@ -71,8 +71,8 @@ fn main() -> anyhow::Result<()> {
     }
     let mut listen: SocketAddr = "127.0.0.1:4433".parse()?;
     let mut data_dir = PathBuf::from("./data-floor");
-    // The relay's default: two workers.
-    let mut workers = 2usize;
+    // The relay's default: one worker per CPU this process may run on.
+    let mut workers = ptt_relay::config::default_worker_threads();
     while let Some(arg) = args.next() {
         let value = args
             .next()
