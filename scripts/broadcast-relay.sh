@@ -17,6 +17,7 @@
 # 3,000 connections: about a minute in release) plus the settle. Exit
 # status 1 if a follower missed a clip or got one twice.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/relay.sh"
 cd "$(dirname "$0")/.."
 
 PROFILE=${PROFILE:-release}
@@ -38,15 +39,7 @@ data="$out/data"
     --channel-max-clips-per-day 100000 2>"$out/relay.log" &
 relay=$!
 trap 'kill -TERM "$relay" 2>/dev/null || true; wait "$relay" 2>/dev/null || true' EXIT
-addr="" fp=""
-for _ in $(seq 1 300); do
-    addr=$(sed -n 's/^relay listening on \([^ ]*\).*/\1/p' "$out/relay.log" | head -1)
-    fp=$(sed -n 's/.*certificate sha-256: *\([0-9a-f]*\).*/\1/p' "$out/relay.log" | head -1)
-    [ -n "$addr" ] && [ -n "$fp" ] && break
-    kill -0 "$relay" 2>/dev/null || break
-    sleep 0.1
-done
-[ -n "$addr" ] && [ -n "$fp" ] || { cat "$out/relay.log" >&2; echo "broadcast-relay: the relay did not start" >&2; exit 1; }
+relay_address "$out/relay.log" "$relay" || exit 1
 
 status=0
 "$bin/client-sim" --relay "$addr" --fingerprint "$fp" --token-key "$data/token.key" \

@@ -15,6 +15,7 @@
 # spaces), e.g. RELAY_ARGS="--worker-threads 2". Traffic stays on loopback; each step is bounded by the
 # scenario's duration and settle time, the search by --clients.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/relay.sh"
 read -r -a relay_args <<<"${RELAY_ARGS:-}"
 bin=$1
 shift
@@ -28,13 +29,7 @@ taskset -c 0 "$bin/relay" serve --data-dir "$data" --listen 127.0.0.1:0 \
     --max-connections-per-ip 0 --handshakes-per-ip-per-second 0 \
     ${relay_args[@]+"${relay_args[@]}"} 2>"$log" &
 pid=$!
-addr="" fp=""
-for _ in $(seq 1 100); do
-    addr=$(sed -n 's/^relay listening on \([^ ]*\).*/\1/p' "$log" | head -1)
-    fp=$(sed -n 's/.*certificate sha-256: *\([0-9a-f]*\).*/\1/p' "$log" | head -1)
-    [ -n "$addr" ] && [ -n "$fp" ] && break
-    sleep 0.1
-done
+relay_address "$log" "$pid" || exit 1
 taskset -c 1 "$bin/client-sim" --relay "$addr" --fingerprint "$fp" \
     --token-key "$data/token.key" --relay-pid "$pid" "$@" --report "$work/report.json" || true
 kill -TERM "$pid"

@@ -35,6 +35,7 @@
 # take the cores the relays are measured on (the durability of three
 # servers is what relay/tests/cluster3.rs checks).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/relay.sh"
 cd "$(dirname "$0")/.."
 profile=${PROFILE:-release}
 runs=${RUNS:-1 2}
@@ -110,17 +111,7 @@ start_node() {
         --user-clips-per-minute 0 --user-frames-per-second 0 2>"$log" &
     pid=$!
     pids+=("$pid")
-    addr="" fp=""
-    for _ in $(seq 1 300); do
-        addr=$(sed -n 's/^relay listening on \([^ ]*\).*/\1/p' "$log" | head -1) || true
-        fp=$(sed -n 's/.*certificate sha-256: *\([0-9a-f]*\).*/\1/p' "$log" | head -1) || true
-        [ -n "$addr" ] && [ -n "$fp" ] && return 0
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    echo "relay $name did not start:" >&2
-    cat "$log" >&2
-    exit 1
+    relay_address "$log" "$pid" || exit 1
 }
 
 stop_node() {

@@ -25,6 +25,7 @@
 #   A_BIN=quinn-floor B_ARGS="--live-budget-ms 0" scripts/relay-ab.sh T T 2 --scenario live
 #   A_BIN=quinn-floor B_ARGS="--live-budget-ms 60" scripts/relay-ab.sh T T 2 --scenario live
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/relay.sh"
 a_bin=${A_BIN:-relay} b_bin=${B_BIN:-relay}
 read -r -a a_args <<<"${A_ARGS:-}"
 read -r -a b_args <<<"${B_ARGS:-}"
@@ -50,13 +51,8 @@ run() {
     local log="$work/$label-$n.relay.log"
     taskset -c 0 "$dir/$bin" serve --data-dir "$data" --listen 127.0.0.1:0 "$@" 2>"$log" &
     local pid=$!
-    local addr="" fp=""
-    for _ in $(seq 1 100); do
-        addr=$(sed -n 's/^relay listening on \([^ ]*\).*/\1/p' "$log" | head -1)
-        fp=$(sed -n 's/.*certificate sha-256: *\([0-9a-f]*\).*/\1/p' "$log" | head -1)
-        [ -n "$addr" ] && [ -n "$fp" ] && break
-        sleep 0.1
-    done
+    local addr fp
+    relay_address "$log" "$pid" || exit 1
     taskset -c 1 "$dir/client-sim" --relay "$addr" --fingerprint "$fp" \
         --token-key "$data/token.key" --relay-pid "$pid" "${args[@]}" \
         --report "$work/$label-$n.json" >"$work/$label-$n.out" 2>&1 || true

@@ -13,6 +13,7 @@
 #
 # Wall time: about 2 x ROUNDS x (DURATION + ~10 s).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/relay.sh"
 cd "$(dirname "$0")/.."
 
 ROUNDS=${ROUNDS:-3}
@@ -33,13 +34,8 @@ run() {
     local data="$out/$label-$n" log="$out/$label-$n.relay.log"
     "$bin/relay" serve --data-dir "$data" --listen 127.0.0.1:0 2>"$log" &
     local pid=$!
-    local addr="" fp=""
-    for _ in $(seq 1 200); do
-        addr=$(sed -n 's/^relay listening on \([^ ]*\).*/\1/p' "$log" | head -1)
-        fp=$(sed -n 's/.*certificate sha-256: *\([0-9a-f]*\).*/\1/p' "$log" | head -1)
-        [ -n "$addr" ] && [ -n "$fp" ] && break
-        sleep 0.1
-    done
+    local addr fp
+    relay_address "$log" "$pid" || exit 1
     "$bin/client-sim" --relay "$addr" --fingerprint "$fp" \
         --token-key "$data/token.key" --relay-pid "$pid" --scenario slow-consumers \
         --duration "$DURATION" --quiet --report "$out/$label-$n.json" "$@" \

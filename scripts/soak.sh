@@ -26,6 +26,7 @@
 #
 # Traffic stays on loopback. CPU-light: about a tenth of a core.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/relay.sh"
 cd "$(dirname "$0")/.."
 
 MINUTES=${MINUTES:-30}
@@ -76,14 +77,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-addr="" fp=""
-for _ in $(seq 1 200); do
-    addr=$(sed -n 's/^relay listening on \([^ ]*\).*/\1/p' "$out/relay.log" | head -1)
-    fp=$(sed -n 's/.*certificate sha-256: *\([0-9a-f]*\).*/\1/p' "$out/relay.log" | head -1)
-    [ -n "$addr" ] && [ -n "$fp" ] && break
-    sleep 0.1
-done
-[ -n "$addr" ] || { cat "$out/relay.log" >&2; echo "soak: the relay did not start" >&2; exit 1; }
+relay_address "$out/relay.log" "$relay" || exit 1
 
 # Samples: seconds since start, RSS KiB, threads, fds, tasks, connections.
 sample_loop() {

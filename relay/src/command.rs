@@ -128,21 +128,20 @@ impl SessionHandle {
         }
     }
 
-    /// Queues a `Receipt` in the session's receipt backlog (see the module
-    /// documentation), waking the session if the backlog was empty. A full
-    /// backlog closes the session.
-    pub fn send_receipt(&self, receipt: &ControlMessage) {
+    /// Queues an encoded `Receipt` (`ControlMessage::Receipt`'s bytes,
+    /// encoded once for every session of the talker) in the session's
+    /// receipt backlog (see the module documentation), waking the session
+    /// if the backlog was empty. A full backlog closes the session.
+    pub fn send_receipt(&self, encoded: &[u8]) {
         let wake = {
             let mut backlog = self.receipts.lock().unwrap_or_else(|p| p.into_inner());
-            let before = backlog.len();
-            receipt.encode(&mut backlog);
-            if backlog.len() > RECEIPT_BACKLOG_BYTES {
-                backlog.truncate(before);
+            if backlog.len() + encoded.len() > RECEIPT_BACKLOG_BYTES {
                 drop(backlog);
                 self.overflow("receipt backlog");
                 return;
             }
-            before == 0
+            backlog.extend_from_slice(encoded);
+            backlog.len() == encoded.len()
         };
         if wake {
             self.offer(SessionCommand::Receipts);
@@ -201,7 +200,7 @@ pub(crate) mod tests {
     async fn receipts_share_one_queue_slot_and_go_in_order() {
         let (handle, mut rx) = SessionHandle::new(1, "tina".into());
         for user in 0..COMMAND_QUEUE * 2 {
-            handle.send_receipt(&receipt(user));
+            handle.send_receipt(&receipt(user).to_bytes());
         }
         assert!(matches!(rx.try_recv(), Ok(SessionCommand::Receipts)));
         assert!(rx.try_recv().is_err(), "one slot for every receipt");
@@ -214,7 +213,7 @@ pub(crate) mod tests {
         }
         assert_eq!(frames.buffered(), 0);
         // Taken: the next receipt wakes the session again.
-        handle.send_receipt(&receipt(0));
+        handle.send_receipt(&receipt(0).to_bytes());
         assert!(matches!(rx.try_recv(), Ok(SessionCommand::Receipts)));
         let overflowed = handle.overflowed();
         assert!(futures_ready(overflowed).is_none());
@@ -225,11 +224,11 @@ pub(crate) mod tests {
         let (handle, _rx) = SessionHandle::new(1, "tina".into());
         let one = receipt(0).to_bytes().len();
         for user in 0..RECEIPT_BACKLOG_BYTES / one {
-            handle.send_receipt(&receipt(user % 10));
+            handle.send_receipt(&receipt(user % 10).to_bytes());
         }
         assert!(futures_ready(handle.overflowed()).is_none());
-        handle.send_receipt(&receipt(0));
-        handle.send_receipt(&receipt(0));
+        handle.send_receipt(&receipt(0).to_bytes());
+        handle.send_receipt(&receipt(0).to_bytes());
         assert!(futures_ready(handle.overflowed()).is_some());
         assert!(handle.take_receipts().len() <= RECEIPT_BACKLOG_BYTES);
     }

@@ -157,7 +157,7 @@ pub struct RelayConfig {
     /// Tokio worker threads (0: a current-thread runtime). By default one
     /// per CPU this process may run on, so `taskset -c 0 relay serve` (or a
     /// container's CPU set) gets one: more workers than cores only trade
-    /// the core back and forth (on one pinned core, one worker spent 3–6 %
+    /// the core back and forth (on one pinned core, one worker spent 1–6 %
     /// less CPU per live frame than two, README issue #15).
     #[arg(long, default_value_t = default_worker_threads())]
     pub worker_threads: usize,

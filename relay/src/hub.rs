@@ -416,7 +416,8 @@ impl Hub {
             clip_id,
             user: member.to_owned(),
             kind,
-        };
+        }
+        .to_bytes();
         for id in ids {
             if let Some(handle) = self.sessions.get(&id) {
                 handle.send_receipt(&receipt);
