@@ -103,6 +103,12 @@ impl NatsServer {
                 Instant::now() < deadline,
                 "nats-server did not start listening"
             );
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!(
+                    "nats-server exited at start ({status}): is port {} taken?",
+                    self.port
+                );
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -127,7 +133,9 @@ impl NatsCluster {
     /// first client requests may fail until then).
     pub fn start(n: usize) -> NatsCluster {
         let binary = binary();
-        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut ports = free_ports(2 * n);
+        let clients = ports.split_off(n);
+        let routes = ports;
         let route_urls = routes
             .iter()
             .map(|p| format!("nats://127.0.0.1:{p}"))
@@ -139,7 +147,7 @@ impl NatsCluster {
             .map(|(i, route)| {
                 let mut server = NatsServer {
                     child: None,
-                    port: free_port(),
+                    port: clients[i],
                     binary: binary.clone(),
                     store: tempfile::tempdir().expect("temp dir"),
                     cluster_args: vec![
@@ -191,8 +199,19 @@ fn binary() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    free_ports(1)[0]
+}
+
+/// `n` distinct free ports: every listener is held until all are chosen,
+/// so the kernel cannot hand one out twice (a cluster's route ports and
+/// client ports chosen one by one could collide, and a server whose port
+/// is taken never listens).
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("bound").port())
+        .collect()
 }
