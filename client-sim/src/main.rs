@@ -170,6 +170,10 @@ struct Cli {
     /// ACK frequency): to measure what asking saves.
     #[arg(long)]
     no_upload_ack_frequency: bool,
+    /// Each client's UDP media path on a socket of its own (as phones
+    /// have), not one socket per endpoint read in batches.
+    #[arg(long)]
+    per_client_media_sockets: bool,
     /// Print only the result table.
     #[arg(short, long)]
     quiet: bool,
@@ -211,6 +215,9 @@ impl Cli {
         );
         if self.no_upload_ack_frequency {
             s.upload_ack_frequency = false;
+        }
+        if self.per_client_media_sockets {
+            s.shared_media_socket = false;
         }
         if let Some(n) = self.clients {
             match &mut s.capacity {

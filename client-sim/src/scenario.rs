@@ -208,6 +208,11 @@ pub struct Scenario {
     pub upload_ack_frequency: bool,
     /// Live frames on streams or on the UDP media path.
     pub media: MediaMode,
+    /// With the UDP media path, the clients of one endpoint share one
+    /// media socket read in batches (`ptt_client::MediaSocket`), so that
+    /// the simulator costs less per frame than the relay it drives; off:
+    /// a socket and a task per client, as phones have.
+    pub shared_media_socket: bool,
 }
 
 impl Default for Scenario {
@@ -233,6 +238,7 @@ impl Default for Scenario {
             capacity: None,
             upload_ack_frequency: true,
             media: MediaMode::Streams,
+            shared_media_socket: true,
         }
     }
 }

@@ -177,6 +177,11 @@ pub struct ClientConfig {
     /// A simulated network between the media socket and the client (tests,
     /// client-sim's lossy model); `None`: the real one only.
     pub media_link: Option<std::sync::Arc<dyn crate::media::MediaLink>>,
+    /// A media socket shared with other clients of this process (a load
+    /// generator, a gateway): their live frames are read in batches by one
+    /// task. `None`: each connection's media path binds a socket of its
+    /// own, as a phone's single client does. Ignored with a `media_link`.
+    pub media_socket: Option<std::sync::Arc<crate::MediaSocket>>,
 }
 
 impl ClientConfig {
@@ -203,6 +208,7 @@ impl ClientConfig {
             transport: TransportTuning::default(),
             media: true,
             media_link: None,
+            media_socket: None,
         }
     }
 

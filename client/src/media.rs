@@ -21,6 +21,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use crate::event::Event;
+use crate::media_socket::{MediaSocket, PathKey};
 use crate::shared::{Inner, Stats, lock};
 
 /// How long frames of a stream whose header has not arrived are kept.
@@ -299,7 +301,12 @@ impl MediaInbox {
     /// events at once) unless it was received whole before; a frame of an
     /// announced stream goes to the application at once too. Otherwise as
     /// [`deliver`](Self::deliver). Counts the frames it surfaces.
-    pub async fn deliver_live(
+    ///
+    /// Never waits: it runs on the socket's reader, which may serve many
+    /// clients (a [`MediaSocket`](crate::MediaSocket)). When the events
+    /// channel has no room for the announcement, the frame is kept for the
+    /// stream's reader, as a frame that announces nothing is.
+    pub fn deliver_live(
         &self,
         inner: &Inner,
         stream: u64,
@@ -320,8 +327,13 @@ impl MediaInbox {
         // Events are sent under the inbox's lock, so that a reader that
         // registers later finds them all sent (ClipStarted first).
         let wanted = inner.events.max_capacity().min(2);
-        let Ok(mut permits) = inner.events.reserve_many(wanted).await else {
-            return;
+        let mut permits = match inner.events.try_reserve_many(wanted) {
+            Ok(permits) => permits,
+            Err(mpsc::error::TrySendError::Closed(())) => return,
+            Err(mpsc::error::TrySendError::Full(())) => {
+                lock(&self.state).deliver(stream, frame, &inner.events);
+                return;
+            }
         };
         let mut s = lock(&self.state);
         if s.routes.contains_key(&stream) {
@@ -474,15 +486,21 @@ impl MediaInbox {
     }
 }
 
-/// A connection's media path; its task ends when this is dropped.
+/// A connection's media path; its task ends when this is dropped (and it
+/// leaves its shared socket, if it had one).
 #[derive(Debug)]
 pub(crate) struct MediaPath {
     task: tokio::task::JoinHandle<()>,
+    /// The shared socket it receives on, and its key there.
+    shared: Option<(Arc<MediaSocket>, PathKey, Arc<PathCore>)>,
 }
 
 impl Drop for MediaPath {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some((socket, key, core)) = self.shared.take() {
+            socket.leave(key, &core);
+        }
     }
 }
 
@@ -496,8 +514,9 @@ pub(crate) enum StartError {
 }
 
 /// Starts the media path of `conn` after the relay's offer: keys of
-/// `epoch` from the connection's TLS exporter, a UDP socket, the Bind task.
-/// Frames go to `inbox`.
+/// `epoch` from the connection's TLS exporter, a UDP socket (its own, or
+/// the configured [`MediaSocket`] shared with other clients), the Bind
+/// task. Frames go to `inbox`.
 pub(crate) async fn start(
     inner: Arc<Inner>,
     conn: &quinn::Connection,
@@ -508,12 +527,23 @@ pub(crate) async fn start(
 ) -> Result<MediaPath, StartError> {
     let material = export(conn, epoch).map_err(StartError::Exporter)?;
     let crypto = MediaCrypto::new(Side::Client, conn_id, epoch, &material);
-    let relay = SocketAddr::new(conn.remote_address().ip(), port);
-    let local: SocketAddr = match relay {
-        SocketAddr::V4(_) => ([0, 0, 0, 0], 0).into(),
-        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    let relay = canonical(SocketAddr::new(conn.remote_address().ip(), port));
+    // A simulated network sits between one client's socket and its
+    // decryption, so a path with a MediaLink keeps a socket of its own.
+    let shared = match &inner.config.media_socket {
+        Some(shared) if inner.config.media_link.is_none() => Some(shared.clone()),
+        _ => None,
     };
-    let socket = Arc::new(UdpSocket::bind(local).await?);
+    let socket = match &shared {
+        Some(shared) => shared.socket(),
+        None => {
+            let local: SocketAddr = match relay {
+                SocketAddr::V4(_) => ([0, 0, 0, 0], 0).into(),
+                SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+            };
+            Arc::new(UdpSocket::bind(local).await?)
+        }
+    };
     let crypto = Arc::new(Mutex::new(crypto));
     let (delayed_tx, delayed_rx) = mpsc::channel(UPLINK_QUEUE);
     let uplink = Arc::new(Uplink {
@@ -524,19 +554,35 @@ pub(crate) async fn start(
         relay,
         delayed: delayed_tx,
     });
-    let task = tokio::spawn(run(Runner {
+    let core = Arc::new(PathCore {
         inner,
         conn: conn.clone(),
         crypto,
+        inbox,
+        uplink,
+        bound: AtomicBool::new(false),
+    });
+    let shared = shared.map(|s| {
+        let key = (relay, conn_id);
+        s.join(key, core.clone());
+        (s, key, core.clone())
+    });
+    let task = tokio::spawn(run(Runner {
+        own_socket: shared.is_none(),
+        core,
         socket,
         relay,
-        inbox,
         delayed: VecDeque::new(),
-        uplink,
         uplink_delayed: delayed_rx,
         uplink_due: VecDeque::new(),
     }));
-    Ok(MediaPath { task })
+    Ok(MediaPath { task, shared })
+}
+
+/// An address with an IPv4-mapped IPv6 address written as IPv4, so that
+/// the relay's address and a datagram's source compare equal.
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// The talker's side of the uplink (PROTOCOL.md §14.3): seals each frame
@@ -645,17 +691,31 @@ fn export(
     Ok(material)
 }
 
-struct Runner {
+/// What receiving on a media path needs, shared by its own task and, for
+/// a path on a [`MediaSocket`], by the shared socket's reader.
+pub(crate) struct PathCore {
     inner: Arc<Inner>,
     conn: quinn::Connection,
+    /// Shared with the uplink: one counter for Binds and Uplinks.
     crypto: Arc<Mutex<MediaCrypto>>,
-    socket: Arc<UdpSocket>,
-    relay: SocketAddr,
     inbox: Arc<MediaInbox>,
-    /// Received datagrams a [`MediaLink`] delays: when each is due.
-    delayed: VecDeque<(Instant, Vec<u8>)>,
     /// Handed to the inbox once the path is bound.
     uplink: Arc<Uplink>,
+    /// A BindAck came.
+    bound: AtomicBool,
+}
+
+/// One path's task: Binds on their timer, and for a path with a socket of
+/// its own, receiving (through a [`MediaLink`] if one is configured).
+struct Runner {
+    core: Arc<PathCore>,
+    /// The socket is this path's alone (else a [`MediaSocket`]'s reader
+    /// receives for it).
+    own_socket: bool,
+    socket: Arc<UdpSocket>,
+    relay: SocketAddr,
+    /// Received datagrams a [`MediaLink`] delays: when each is due.
+    delayed: VecDeque<(Instant, Vec<u8>)>,
     /// Uplink packets a [`MediaLink`] delays, and when each is due.
     uplink_delayed: mpsc::Receiver<(Instant, Vec<u8>)>,
     uplink_due: VecDeque<(Instant, Vec<u8>)>,
@@ -669,9 +729,9 @@ async fn run(mut r: Runner) {
     let mut bound = false;
     let mut retry = BIND_RETRY;
     let mut next_bind = tokio::time::Instant::now();
-    let mut buf = vec![0u8; MAX_PACKET_LEN + 1];
+    let mut buf = vec![0u8; if r.own_socket { MAX_PACKET_LEN + 1 } else { 0 }];
     // One future for the whole run, not one per datagram.
-    let conn = r.conn.clone();
+    let conn = r.core.conn.clone();
     let closed = conn.closed();
     tokio::pin!(closed);
     // One timer, moved when the next Bind moves: a timer made per loop
@@ -694,10 +754,17 @@ async fn run(mut r: Runner) {
                 if let Some((_, packet)) = r.uplink_due.pop_front()
                     && r.socket.try_send_to(&packet, r.relay).is_ok()
                 {
-                    Stats::bump(&r.inner.stats.media_frames_uplinked);
+                    Stats::bump(&r.core.inner.stats.media_frames_uplinked);
                 }
             }
             () = &mut bind_timer => {
+                if r.core.is_bound() && !bound {
+                    // Bound since the last Bind (the ack came to the
+                    // socket's reader): the next one keeps the binding.
+                    bound = true;
+                    next_bind = tokio::time::Instant::now() + BIND_INTERVAL;
+                    continue;
+                }
                 r.send_bind(started);
                 if bound {
                     next_bind += BIND_INTERVAL;
@@ -708,22 +775,21 @@ async fn run(mut r: Runner) {
             }
             () = sleep_until_opt(due) => {
                 if let Some((_, mut packet)) = r.delayed.pop_front()
-                    && r.receive(&mut packet).await == Some(PacketType::BindAck)
+                    && r.core.receive(&mut packet) == Some(PacketType::BindAck)
                     && !bound
                 {
                     bound = true;
-                    r.bound();
                     next_bind = tokio::time::Instant::now() + BIND_INTERVAL;
                 }
             }
-            received = r.socket.recv_from(&mut buf) => {
+            received = r.socket.recv_from(&mut buf), if r.own_socket => {
                 let Ok((len, from)) = received else { continue };
-                if from != r.relay {
+                if canonical(from) != r.relay {
                     continue;
                 }
                 // Opened in place; copied only when a MediaLink delays it.
                 let packet = &mut buf[..len];
-                match r.inner.config.media_link.as_ref().map(|l| l.pass(false)) {
+                match r.core.inner.config.media_link.as_ref().map(|l| l.pass(false)) {
                     None | Some(Some(Duration::ZERO)) => {}
                     Some(None) => continue,
                     Some(Some(delay)) => {
@@ -733,9 +799,8 @@ async fn run(mut r: Runner) {
                         continue;
                     }
                 }
-                if r.receive(packet).await == Some(PacketType::BindAck) && !bound {
+                if r.core.receive(packet) == Some(PacketType::BindAck) && !bound {
                     bound = true;
-                    r.bound();
                     next_bind = tokio::time::Instant::now() + BIND_INTERVAL;
                 }
             }
@@ -752,39 +817,48 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
 }
 
 impl Runner {
-    /// The first BindAck came: the relay knows our address, so uploads
-    /// may use the uplink.
-    fn bound(&self) {
-        *lock(&self.inbox.uplink) = Some(self.uplink.clone());
-    }
-
     /// Sends a Bind carrying our clock (ms since the path started).
     fn send_bind(&mut self, started: Instant) {
-        if let Some(link) = &self.inner.config.media_link
+        if let Some(link) = &self.core.inner.config.media_link
             && link.pass(true).is_none()
         {
             return;
         }
         let clock = started.elapsed().as_millis() as u64;
         let mut packet = Vec::with_capacity(64);
-        if self.seal(&clock.to_be_bytes(), &mut packet).is_ok() {
+        if seal(
+            &self.core.conn,
+            &mut lock(&self.core.crypto),
+            PacketType::Bind,
+            &clock.to_be_bytes(),
+            &mut packet,
+        )
+        .is_ok()
+        {
             let _ = self.socket.try_send_to(&packet, self.relay);
         }
     }
+}
 
-    fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), MediaError> {
-        seal(
-            &self.conn,
-            &mut lock(&self.crypto),
-            PacketType::Bind,
-            plaintext,
-            out,
-        )
+impl std::fmt::Debug for PathCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PathCore")
+            .field("conn", &self.conn.stable_id())
+            .field("bound", &self.is_bound())
+            .finish()
+    }
+}
+
+impl PathCore {
+    /// Whether a BindAck came.
+    fn is_bound(&self) -> bool {
+        self.bound.load(Ordering::Relaxed)
     }
 
     /// Opens a datagram from the relay (in place) and routes its frames;
-    /// its type if it was accepted.
-    async fn receive(&mut self, packet: &mut [u8]) -> Option<PacketType> {
+    /// its type if it was accepted. The first BindAck makes the uplink
+    /// usable: the relay knows our address.
+    pub(crate) fn receive(&self, packet: &mut [u8]) -> Option<PacketType> {
         let (kind, plaintext) = {
             let mut crypto = lock(&self.crypto);
             if let Some(epoch) = crypto.wants_epoch(packet) {
@@ -801,18 +875,21 @@ impl Runner {
         };
         let received_at = Instant::now();
         match kind {
-            PacketType::BindAck => Stats::bump(&self.inner.stats.media_binds_acked),
+            PacketType::BindAck => {
+                Stats::bump(&self.inner.stats.media_binds_acked);
+                if !self.bound.swap(true, Ordering::Relaxed) {
+                    *lock(&self.inbox.uplink) = Some(self.uplink.clone());
+                }
+            }
             PacketType::Frame => {
                 let f = FramePayload::decode(plaintext).ok()?;
                 let data = Bytes::copy_from_slice(f.data);
-                self.deliver(f.stream, None, f.index, data, received_at)
-                    .await;
+                self.deliver(f.stream, None, f.index, data, received_at);
             }
             PacketType::HeadedFrame => {
                 let f = HeadedFramePayload::decode(plaintext).ok()?;
                 let data = Bytes::copy_from_slice(f.data);
-                self.deliver(f.stream, Some(f.header), f.index, data, received_at)
-                    .await;
+                self.deliver(f.stream, Some(f.header), f.index, data, received_at);
             }
             PacketType::Frames => {
                 let f = FramesPayload::decode(plaintext).ok()?;
@@ -825,8 +902,7 @@ impl Runner {
                 for (index, data) in &f.frames {
                     let at = data.as_ptr() as usize - base;
                     let data = whole.slice(at..at + data.len());
-                    self.deliver(f.stream, header.take(), *index, data, received_at)
-                        .await;
+                    self.deliver(f.stream, header.take(), *index, data, received_at);
                 }
             }
             _ => {}
@@ -836,7 +912,7 @@ impl Runner {
 
     /// Routes frame `index` of `stream`; `header`: the clip's, if the
     /// packet carries it.
-    async fn deliver(
+    fn deliver(
         &self,
         stream: u64,
         header: Option<ClipHeader>,
@@ -855,9 +931,7 @@ impl Runner {
             data,
             received_at,
         };
-        self.inbox
-            .deliver_live(&self.inner, stream, header, frame)
-            .await;
+        self.inbox.deliver_live(&self.inner, stream, header, frame);
     }
 }
 

@@ -5,7 +5,8 @@
 //! acknowledges it only then. With the talker's QUIC path held back (a
 //! gated UDP proxy), its frames still reach the member by the uplink; with
 //! the member's QUIC path held back, the clip starts and plays from the
-//! `HeadedFrame`s before its stream's header arrives.
+//! `HeadedFrame`s before its stream's header arrives. Clients sharing
+//! one `MediaSocket` each get their own frames.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -488,5 +489,73 @@ async fn with_the_members_quic_path_held_the_clip_starts_from_headed_frames() {
         matches!(events.last(), Some(Event::ClipEnded { seq: s, frame_count: 20, .. }) if *s == seq)
     );
     assert_eq!(bob.stats().media_clips_fetched, 0);
+    h.relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn clients_sharing_one_media_socket_each_get_their_own_frames() {
+    let h = Harness::start().await;
+    let socket = ptt_client::MediaSocket::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let shared = |user: &str| {
+        let mut c = h.config(user, false);
+        c.media_socket = Some(socket.clone());
+        c
+    };
+    let (admin, _events) = Client::connect(h.config("root", true)).await.unwrap();
+    admin.create_group("team", GroupMode::Notes).await.unwrap();
+    for m in ["alice", "bob", "carol"] {
+        admin.add_member("team", m).await.unwrap();
+    }
+    admin.close().await;
+    let mut members = Vec::new();
+    for user in ["alice", "bob", "carol"] {
+        let (client, events) = Client::connect(shared(user)).await.unwrap();
+        client.join("team").await.unwrap();
+        members.push((client, events));
+    }
+    tokio::time::timeout(WAIT, async {
+        while members
+            .iter()
+            .any(|(c, _)| c.stats().media_binds_acked == 0)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the three paths bind through one socket");
+    assert_eq!(socket.paths(), 3);
+
+    // Alice talks (her uplink leaves from the shared socket too); bob and
+    // carol each get every frame once, by UDP, from the one reader.
+    let sent = frames(30);
+    let want = indexed(&sent, 0..30);
+    let seq = talk(&members[0].0, &sent).await;
+    for (client, events) in &mut members[1..] {
+        let got = collect(events, |e| matches!(e, Event::ClipEnded { .. })).await;
+        assert_eq!(frame_events(&got), want, "every frame once, byte-identical");
+        assert!(
+            matches!(got.last(), Some(Event::ClipEnded { seq: s, frame_count: 30, .. }) if *s == seq)
+        );
+        let stats = client.stats();
+        assert_eq!(stats.media_frames_received, 30, "{stats:?}");
+        assert_eq!(stats.media_clips_fetched, 0, "{stats:?}");
+    }
+    assert!(members[0].0.stats().media_frames_uplinked > 0);
+
+    // A closed client's path leaves the socket; the others stay.
+    let (alice, _) = members.remove(0);
+    alice.close().await;
+    tokio::time::timeout(WAIT, async {
+        while socket.paths() != 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("alice's path leaves the socket");
+    for (client, _) in members {
+        client.close().await;
+    }
     h.relay.shutdown().await;
 }
