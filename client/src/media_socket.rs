@@ -151,6 +151,9 @@ async fn read(shared: Arc<Shared>) {
                 continue;
             }
         };
+        // The paths' table is locked once per batch (only joins and
+        // leaves contend for it), and a path is used where it lies.
+        let paths = lock(&shared.paths);
         for (meta, buffer) in metas.iter().zip(buffers.iter_mut()).take(count) {
             let from = canonical(meta.addr);
             let stride = meta.stride.max(1);
@@ -158,8 +161,7 @@ async fn read(shared: Arc<Shared>) {
                 let Ok(header) = PacketHeader::decode(datagram) else {
                     continue;
                 };
-                let core = lock(&shared.paths).get(&(from, header.conn_id)).cloned();
-                if let Some(core) = core {
+                if let Some(core) = paths.get(&(from, header.conn_id)) {
                     core.receive(datagram);
                 }
             }
