@@ -401,16 +401,13 @@ fn endpoints(
 }
 
 /// The media sockets shared by the clients of each endpoint, when they
-/// take the UDP media path without a simulated network on it (a
-/// `MediaLink` needs a socket per client).
+/// take the UDP media path (each client's `LossyMediaLink`, if the
+/// scenario has network faults, still applies to its own datagrams).
 fn media_sockets(
     scenario: &Scenario,
     count: usize,
 ) -> anyhow::Result<Vec<Arc<ptt_client::MediaSocket>>> {
-    if scenario.media != MediaMode::Udp
-        || !scenario.shared_media_socket
-        || scenario.faults.needs_lossy_socket()
-    {
+    if scenario.media != MediaMode::Udp || !scenario.shared_media_socket {
         return Ok(Vec::new());
     }
     (0..count.div_ceil(scenario.clients_per_endpoint).max(1))

@@ -527,21 +527,16 @@ pub(crate) async fn start(
 ) -> Result<MediaPath, StartError> {
     let material = export(conn, epoch).map_err(StartError::Exporter)?;
     let crypto = MediaCrypto::new(Side::Client, conn_id, epoch, &material);
-    let relay = canonical(SocketAddr::new(conn.remote_address().ip(), port));
-    // A simulated network sits between one client's socket and its
-    // decryption, so a path with a MediaLink keeps a socket of its own.
-    let shared = match &inner.config.media_socket {
-        Some(shared) if inner.config.media_link.is_none() => Some(shared.clone()),
-        _ => None,
-    };
-    let socket = match &shared {
-        Some(shared) => shared.socket(),
+    let relay = SocketAddr::new(conn.remote_address().ip(), port);
+    let shared = inner.config.media_socket.clone();
+    let (socket, relay) = match &shared {
+        Some(shared) => (shared.socket(), shared.reach(relay)),
         None => {
             let local: SocketAddr = match relay {
                 SocketAddr::V4(_) => ([0, 0, 0, 0], 0).into(),
                 SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
             };
-            Arc::new(UdpSocket::bind(local).await?)
+            (Arc::new(UdpSocket::bind(local).await?), relay)
         }
     };
     let crypto = Arc::new(Mutex::new(crypto));
@@ -561,9 +556,10 @@ pub(crate) async fn start(
         inbox,
         uplink,
         bound: AtomicBool::new(false),
+        delayed_until: Mutex::new(None),
     });
     let shared = shared.map(|s| {
-        let key = (relay, conn_id);
+        let key = (canonical(relay), conn_id);
         s.join(key, core.clone());
         (s, key, core.clone())
     });
@@ -703,6 +699,10 @@ pub(crate) struct PathCore {
     uplink: Arc<Uplink>,
     /// A BindAck came.
     bound: AtomicBool,
+    /// On a shared socket, when the last datagram its [`MediaLink`]
+    /// delayed is due: later ones wait behind it (kept in order, as a
+    /// socket of its own keeps them).
+    delayed_until: Mutex<Option<Instant>>,
 }
 
 /// One path's task: Binds on their timer, and for a path with a socket of
@@ -784,7 +784,7 @@ async fn run(mut r: Runner) {
             }
             received = r.socket.recv_from(&mut buf), if r.own_socket => {
                 let Ok((len, from)) = received else { continue };
-                if canonical(from) != r.relay {
+                if canonical(from) != canonical(r.relay) {
                     continue;
                 }
                 // Opened in place; copied only when a MediaLink delays it.
@@ -809,7 +809,8 @@ async fn run(mut r: Runner) {
     }
 }
 
-async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+/// Sleeps until `at`; never, without one.
+pub(crate) async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
@@ -853,6 +854,25 @@ impl PathCore {
     /// Whether a BindAck came.
     fn is_bound(&self) -> bool {
         self.bound.load(Ordering::Relaxed)
+    }
+
+    /// What the client's [`MediaLink`], if any, does to a datagram
+    /// received at `now` on a shared socket: `None`, lost; `Some(None)`,
+    /// open it now; `Some(Some(due))`, hold it until `due` (never before
+    /// one held earlier).
+    pub(crate) fn pass_received(&self, now: Instant) -> Option<Option<Instant>> {
+        let Some(link) = &self.inner.config.media_link else {
+            return Some(None);
+        };
+        let delay = link.pass(false)?;
+        let mut until = lock(&self.delayed_until);
+        let due = match *until {
+            Some(last) if last > now => (now + delay).max(last),
+            _ if delay.is_zero() => return Some(None),
+            _ => now + delay,
+        };
+        *until = Some(due);
+        Some(Some(due))
     }
 
     /// Opens a datagram from the relay (in place) and routes its frames;

@@ -14,17 +14,19 @@
 //! learns each peer's address from its Binds, so many peers may share one
 //! address (§14.2).
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use ptt_protocol::media::PacketHeader;
 use quinn::udp::{BATCH_SIZE, RecvMeta, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-use crate::media::{PathCore, canonical};
+use crate::media::{PathCore, canonical, sleep_until_opt};
 use crate::shared::lock;
 
 /// A path's key on a shared socket: the relay's media address and the
@@ -34,15 +36,19 @@ pub(crate) type PathKey = (SocketAddr, u64);
 /// Largest datagram train one receive buffer holds: the kernel may join
 /// datagrams of one sender into one buffer (UDP GRO), up to 64 KiB.
 const BUFFER_LEN: usize = 64 * 1024;
+/// Most datagrams the clients' [`MediaLink`](crate::MediaLink)s may hold
+/// back at once on one socket; more are dropped.
+const DELAYED_MAX: usize = 65_536;
 
 /// A UDP socket shared by the media paths of many clients in one process:
 /// give the same `Arc` to each client's
 /// [`ClientConfig::media_socket`](crate::ClientConfig::media_socket). Its
 /// reader task ends when the last `Arc` is dropped.
 ///
-/// Clients with a [`MediaLink`](crate::MediaLink) keep a socket of their
-/// own (the simulated network sits between one client's socket and its
-/// decryption).
+/// A client's [`MediaLink`](crate::MediaLink) (a simulated network) still
+/// applies to its own datagrams: the reader drops or holds each received
+/// one as that client's link says, and the client's Binds and uplink
+/// packets pass its link before they leave.
 pub struct MediaSocket {
     shared: Arc<Shared>,
     reader: tokio::task::JoinHandle<()>,
@@ -96,6 +102,18 @@ impl MediaSocket {
         lock(&self.shared.paths).len()
     }
 
+    /// `relay` as this socket sends to it: an IPv4 address as IPv4-mapped
+    /// IPv6 from an IPv6 socket, and the other way round.
+    pub(crate) fn reach(&self, relay: SocketAddr) -> SocketAddr {
+        match (self.local_addr(), relay) {
+            (Ok(SocketAddr::V6(_)), SocketAddr::V4(v4)) => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
+            (Ok(SocketAddr::V6(_)), v6) => v6,
+            _ => canonical(relay),
+        }
+    }
+
     /// The socket, for the paths' Binds and uplink packets.
     pub(crate) fn socket(&self) -> Arc<UdpSocket> {
         self.shared.socket.clone()
@@ -122,16 +140,31 @@ impl Drop for MediaSocket {
     }
 }
 
+/// Datagrams held back by their clients' links: the earliest due first.
+type Delayed = BinaryHeap<Reverse<(Instant, u64, PathKey, Vec<u8>)>>;
+
 /// The reader: a batch of datagrams per wake-up, each opened and routed by
 /// its path on this task (a path's routing never waits: see
-/// `MediaInbox::deliver_live`).
+/// `MediaInbox::deliver_live`), or held while its client's link delays it.
 async fn read(shared: Arc<Shared>) {
     let mut buffers = vec![vec![0u8; BUFFER_LEN]; BATCH_SIZE];
     let mut metas = vec![RecvMeta::default(); BATCH_SIZE];
+    let mut delayed = Delayed::new();
+    // Breaks ties between datagrams due at the same instant: arrival order.
+    let mut arrivals = 0u64;
     let socket = &shared.socket;
     loop {
-        if socket.readable().await.is_err() {
-            return;
+        let due = delayed.peek().map(|Reverse((at, ..))| *at);
+        tokio::select! {
+            ready = socket.readable() => {
+                if ready.is_err() {
+                    return;
+                }
+            }
+            () = sleep_until_opt(due.map(Into::into)) => {
+                release(&shared, &mut delayed, Instant::now());
+                continue;
+            }
         }
         let mut slices: Vec<IoSliceMut<'_>> =
             buffers.iter_mut().map(|b| IoSliceMut::new(b)).collect();
@@ -151,6 +184,7 @@ async fn read(shared: Arc<Shared>) {
                 continue;
             }
         };
+        let now = Instant::now();
         // The paths' table is locked once per batch (only joins and
         // leaves contend for it), and a path is used where it lies.
         let paths = lock(&shared.paths);
@@ -161,10 +195,62 @@ async fn read(shared: Arc<Shared>) {
                 let Ok(header) = PacketHeader::decode(datagram) else {
                     continue;
                 };
-                if let Some(core) = paths.get(&(from, header.conn_id)) {
-                    core.receive(datagram);
+                let key = (from, header.conn_id);
+                let Some(core) = paths.get(&key) else {
+                    continue;
+                };
+                match core.pass_received(now) {
+                    None => {}
+                    Some(None) => {
+                        core.receive(datagram);
+                    }
+                    Some(Some(due)) => {
+                        if delayed.len() < DELAYED_MAX {
+                            arrivals += 1;
+                            delayed.push(Reverse((due, arrivals, key, datagram.to_vec())));
+                        }
+                    }
                 }
             }
         }
+    }
+}
+
+/// Opens the held datagrams due by `now`, for the paths still here.
+fn release(shared: &Shared, delayed: &mut Delayed, now: Instant) {
+    let paths = lock(&shared.paths);
+    while let Some(Reverse((at, ..))) = delayed.peek()
+        && *at <= now
+    {
+        let Some(Reverse((_, _, key, mut datagram))) = delayed.pop() else {
+            break;
+        };
+        if let Some(core) = paths.get(&key) {
+            core.receive(&mut datagram);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_relay_is_reached_in_the_sockets_address_family() {
+        let relay: SocketAddr = "127.0.0.1:4434".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:4434".parse().unwrap();
+        let v4 = MediaSocket::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(v4.reach(relay), relay);
+        assert_eq!(v4.reach(mapped), relay);
+        assert_eq!(canonical(mapped), relay);
+        // A dual-stack socket sends to an IPv4 relay by its mapped address
+        // (skipped where the machine has no IPv6).
+        if let Ok(v6) = MediaSocket::bind("[::]:0".parse().unwrap()).await {
+            assert_eq!(v6.reach(relay), mapped);
+            assert_eq!(v6.reach(mapped), mapped);
+        }
+        assert_eq!(v4.paths(), 0);
     }
 }

@@ -39,6 +39,16 @@ impl MediaLink for DropEveryThird {
     }
 }
 
+/// Delays every datagram the client receives on its media socket.
+#[derive(Debug)]
+struct DelayReceived(Duration);
+
+impl MediaLink for DelayReceived {
+    fn pass(&self, outgoing: bool) -> Option<Duration> {
+        Some(if outgoing { Duration::ZERO } else { self.0 })
+    }
+}
+
 /// A UDP proxy in front of the relay's QUIC port whose two directions can
 /// be held: datagrams wait (in order) until released. The media path goes
 /// around it (to the relay's media port directly).
@@ -233,9 +243,25 @@ async fn live_frames_arrive_by_udp_byte_identical() {
 
 #[tokio::test]
 async fn with_every_third_datagram_lost_the_clip_is_fetched_whole_then_acknowledged() {
+    every_third_datagram_lost(false).await;
+}
+
+/// The same on a shared `MediaSocket`: its reader applies bob's link.
+#[tokio::test]
+async fn on_a_shared_socket_the_clients_link_still_loses_every_third_datagram() {
+    every_third_datagram_lost(true).await;
+}
+
+async fn every_third_datagram_lost(shared: bool) {
     let h = Harness::start().await;
     let mut config = h.config("bob", false);
     config.media_link = Some(Arc::new(DropEveryThird::default()));
+    if shared {
+        let socket = ptt_client::MediaSocket::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        config.media_socket = Some(socket);
+    }
     let (alice, mut alice_events, bob, mut bob_events) = h.team(config).await;
     let sent = frames(30);
     let seq = talk(&alice, &sent).await;
@@ -557,5 +583,41 @@ async fn clients_sharing_one_media_socket_each_get_their_own_frames() {
     for (client, _) in members {
         client.close().await;
     }
+    h.relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn on_a_shared_socket_a_delayed_clients_frames_come_late_and_in_order() {
+    const DELAY: Duration = Duration::from_millis(60);
+    let h = Harness::start().await;
+    let socket = ptt_client::MediaSocket::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let mut bob = h.config("bob", false);
+    bob.media_link = Some(Arc::new(DelayReceived(DELAY)));
+    bob.media_socket = Some(socket.clone());
+    let mut alice = h.config("alice", false);
+    alice.media_socket = Some(socket.clone());
+    let (alice, _alice_events, bob, mut bob_events) = h.team_with(alice, bob).await;
+    let sent = frames(30);
+    let started = std::time::Instant::now();
+    talk(&alice, &sent).await;
+    let events = collect(&mut bob_events, |e| matches!(e, Event::ClipEnded { .. })).await;
+    assert_eq!(
+        frame_events(&events),
+        indexed(&sent, 0..30),
+        "every frame once, in order"
+    );
+    let first = events.iter().find_map(|e| match e {
+        Event::Frame { received_at, .. } => Some(*received_at),
+        _ => None,
+    });
+    assert!(
+        first.expect("frames") >= started + DELAY,
+        "the first frame waited for the link's delay"
+    );
+    let stats = bob.stats();
+    assert_eq!(stats.media_frames_received, 30, "{stats:?}");
+    assert_eq!(stats.media_clips_fetched, 0, "{stats:?}");
     h.relay.shutdown().await;
 }
