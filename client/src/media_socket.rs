@@ -200,16 +200,16 @@ async fn read(shared: Arc<Shared>) {
                     continue;
                 };
                 match core.pass_received(now) {
-                    None => {}
                     Some(None) => {
                         core.receive(datagram);
                     }
-                    Some(Some(due)) => {
-                        if delayed.len() < DELAYED_MAX {
-                            arrivals += 1;
-                            delayed.push(Reverse((due, arrivals, key, datagram.to_vec())));
-                        }
+                    Some(Some(due)) if delayed.len() < DELAYED_MAX => {
+                        arrivals += 1;
+                        delayed.push(Reverse((due, arrivals, key, datagram.to_vec())));
                     }
+                    // Lost on the simulated network, or more held than
+                    // allowed.
+                    _ => {}
                 }
             }
         }
