@@ -12,8 +12,9 @@
 #
 # BIN_DIR holds `relay` and `client-sim` (cargo build --release -p ptt-relay
 # -p client-sim). RELAY_ARGS adds arguments to `relay serve` (split on
-# spaces), e.g. RELAY_ARGS="--worker-threads 2". Traffic stays on loopback; each step is bounded by the
-# scenario's duration and settle time, the search by --clients.
+# spaces), e.g. RELAY_ARGS="--worker-threads 2". Traffic stays on
+# loopback; each step is bounded by the scenario's duration and settle
+# time, the search by --clients.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/relay.sh"
 read -r -a relay_args <<<"${RELAY_ARGS:-}"

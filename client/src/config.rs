@@ -180,7 +180,8 @@ pub struct ClientConfig {
     /// A media socket shared with other clients of this process (a load
     /// generator, a gateway): their live frames are read in batches by one
     /// task. `None`: each connection's media path binds a socket of its
-    /// own, as a phone's single client does. Ignored with a `media_link`.
+    /// own, as a phone's single client does. A `media_link` still applies to
+    /// this client's datagrams on a shared socket.
     pub media_socket: Option<std::sync::Arc<crate::MediaSocket>>,
 }
 
