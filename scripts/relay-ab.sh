@@ -24,6 +24,13 @@
 #
 #   A_BIN=quinn-floor B_ARGS="--live-budget-ms 0" scripts/relay-ab.sh T T 2 --scenario live
 #   A_BIN=quinn-floor B_ARGS="--live-budget-ms 60" scripts/relay-ab.sh T T 2 --scenario live
+#
+# A_SIM_ARGS / B_SIM_ARGS add arguments to that side's client-sim, to
+# compare two ways of driving one server, e.g. the simulator's event sink
+# against its event channel:
+#
+#   A_SIM_ARGS="--event-channel" A_ARGS="--live-budget-ms 0" B_ARGS="--live-budget-ms 0" \
+#       scripts/relay-ab.sh T T 2 --scenario live --media udp
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/relay.sh"
 a_bin=${A_BIN:-relay} b_bin=${B_BIN:-relay}
@@ -45,8 +52,10 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 run() {
-    local label=$1 dir=$2 n=$3 bin=$4
-    shift 4
+    local label=$1 dir=$2 n=$3 bin=$4 sim_args=$5
+    shift 5
+    local -a extra
+    read -r -a extra <<<"$sim_args"
     local data="$work/$label-$n"
     local log="$work/$label-$n.relay.log"
     taskset -c 0 "$dir/$bin" serve --data-dir "$data" --listen 127.0.0.1:0 "$@" 2>"$log" &
@@ -54,7 +63,7 @@ run() {
     local addr fp
     relay_address "$log" "$pid" || exit 1
     taskset -c 1 "$dir/client-sim" --relay "$addr" --fingerprint "$fp" \
-        --token-key "$data/token.key" --relay-pid "$pid" "${args[@]}" \
+        --token-key "$data/token.key" --relay-pid "$pid" "${args[@]}" ${extra[@]+"${extra[@]}"} \
         --report "$work/$label-$n.json" >"$work/$label-$n.out" 2>&1 || true
     kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
     python3 - "$label" "$work/$label-$n.json" <<'PY'
@@ -83,6 +92,6 @@ PY
 }
 
 for n in $(seq 1 "$rounds"); do
-    run "A-$a_bin" "$a" "$n" "$a_bin" ${a_args[@]+"${a_args[@]}"}
-    run "B-$b_bin" "$b" "$n" "$b_bin" ${b_args[@]+"${b_args[@]}"}
+    run "A-$a_bin" "$a" "$n" "$a_bin" "${A_SIM_ARGS:-}" ${a_args[@]+"${a_args[@]}"}
+    run "B-$b_bin" "$b" "$n" "$b_bin" "${B_SIM_ARGS:-}" ${b_args[@]+"${b_args[@]}"}
 done

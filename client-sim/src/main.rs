@@ -174,6 +174,10 @@ struct Cli {
     /// have), not one socket per endpoint read in batches.
     #[arg(long)]
     per_client_media_sockets: bool,
+    /// Each member's task reads its client's event channel, instead of an
+    /// event sink taking the events where they happen.
+    #[arg(long)]
+    event_channel: bool,
     /// Print only the result table.
     #[arg(short, long)]
     quiet: bool,
@@ -218,6 +222,9 @@ impl Cli {
         }
         if self.per_client_media_sockets {
             s.shared_media_socket = false;
+        }
+        if self.event_channel {
+            s.event_sink = false;
         }
         if let Some(n) = self.clients {
             match &mut s.capacity {

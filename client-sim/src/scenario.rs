@@ -213,6 +213,12 @@ pub struct Scenario {
     /// the simulator costs less per frame than the relay it drives; off:
     /// a socket and a task per client, as phones have.
     pub shared_media_socket: bool,
+    /// Members take their client's events in an event sink
+    /// (`ptt_client::EventSink`) on the client library's tasks, so that a
+    /// received frame costs no task wake of its own; off: each member's
+    /// task reads its `Events` channel. Slow and stalled readers always
+    /// read the channel (they need its push-back).
+    pub event_sink: bool,
 }
 
 impl Default for Scenario {
@@ -239,6 +245,7 @@ impl Default for Scenario {
             upload_ack_frequency: true,
             media: MediaMode::Streams,
             shared_media_socket: true,
+            event_sink: true,
         }
     }
 }

@@ -1039,12 +1039,21 @@ async fn client_task(
     }
     let group_idx = sim.user_group[user as usize];
     let group_name = sim.groups[group_idx as usize].name.clone();
+    let reading = ReadingPlan::of(&sim, user);
+    let receiving = Arc::new(Receiving {
+        state: Mutex::new(None),
+        stop: stop.clone(),
+    });
+    let sink = (sim.scenario.event_sink && !reading.slow && !reading.stalled)
+        .then(|| receiving.clone() as Arc<dyn ptt_client::EventSink>);
     let mut attempt = 0;
     let (client, events, node) = loop {
         attempt += 1;
         let t0 = Instant::now();
         let node = sim.node_for(user, attempt);
-        match Client::connect_with_endpoint(endpoint.clone(), sim.client_config(user, node)).await {
+        let mut config = sim.client_config(user, node);
+        config.event_sink = sink.clone();
+        match Client::connect_with_endpoint(endpoint.clone(), config).await {
             Ok((client, events)) => {
                 sim.recorder.record(Metric::Connect, t0.elapsed());
                 bump(&sim.counters.connected);
@@ -1067,8 +1076,9 @@ async fn client_task(
     };
     sim.counters.online_now.fetch_add(1, Ordering::Relaxed);
     let joined_at = Instant::now();
-    let rx = Receiver::new(sim.clone(), user, group_idx, joined_at, node);
-    let rx_task = tokio::spawn(rx.run(client.clone(), events, stop.clone()));
+    *lock_rx(&receiving.state) = Some(Receiver::new(sim.clone(), user, group_idx, joined_at, node));
+    let events = sink.is_none().then_some(events);
+    let rx_task = tokio::spawn(receiving.run(reading, client.clone(), events, stop.clone()));
     if let Err(e) = client.join(&group_name).await {
         sim.error(format!("user {user}: join {group_name} failed: {e}"));
     }
@@ -1267,6 +1277,158 @@ async fn talk_one(
     }
 }
 
+/// How a member reads: slow readers pause after each event, stalled
+/// ones never read (both need the event channel's push-back).
+struct ReadingPlan {
+    rng: SmallRng,
+    slow: bool,
+    stalled: bool,
+}
+
+impl ReadingPlan {
+    fn of(sim: &Sim, user: UserIdx) -> ReadingPlan {
+        let f = &sim.scenario.faults;
+        let mut rng = SmallRng::seed_from_u64(f.seed ^ u64::from(user).wrapping_mul(0x9e37));
+        let slow = f.slow_receivers > 0.0
+            && !sim.is_talker(user)
+            && rng.random::<f64>() < f.slow_receivers;
+        let reading = sim.reading(user);
+        ReadingPlan {
+            rng,
+            slow: slow || reading == Reading::Slow,
+            stalled: reading == Reading::Stalled,
+        }
+    }
+}
+
+/// A member's receiving side, fed by its client's event sink (on the
+/// client library's tasks: the media socket's reader, the clip streams'
+/// readers) or by its own task reading the event channel.
+struct Receiving {
+    /// Set once the client is connected; taken when the run ends (events
+    /// after that are left out, as a channel's would be).
+    state: Mutex<Option<Receiver>>,
+    stop: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Receiving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiving").finish_non_exhaustive()
+    }
+}
+
+impl ptt_client::EventSink for Receiving {
+    fn event(&self, event: Event) {
+        self.handle(event);
+    }
+}
+
+fn lock_rx(state: &Mutex<Option<Receiver>>) -> std::sync::MutexGuard<'_, Option<Receiver>> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Receiving {
+    fn handle(&self, event: Event) {
+        if let Some(rx) = lock_rx(&self.state).as_mut() {
+            // Our own close may be seen before the stop branch.
+            rx.stopping |= *self.stop.borrow();
+            rx.handle(event);
+        }
+    }
+
+    /// Until the run stops: reads `events` (when the client has no sink),
+    /// and drops the connection now and then under churn.
+    async fn run(
+        self: Arc<Self>,
+        plan: ReadingPlan,
+        client: Client,
+        mut events: Option<Events>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Vec<Received> {
+        let Some(sim) = lock_rx(&self.state).as_ref().map(|rx| rx.sim.clone()) else {
+            return Vec::new();
+        };
+        let user = lock_rx(&self.state).as_ref().map_or(0, |rx| rx.user);
+        let f = sim.scenario.faults.clone();
+        let ReadingPlan {
+            mut rng,
+            slow,
+            stalled,
+        } = plan;
+        if stalled {
+            // Holds `events` without reading it until the run ends.
+            set(&mut stop).await;
+            drop(events);
+            return Vec::new();
+        }
+        // Listeners drop their connection at random (exponential gaps)
+        // until the talking ends; talkers drop mid-clip (see talk_one).
+        let churn = (f.churn > 0.0 && !sim.is_talker(user)).then_some(f.churn);
+        let next_drop = |rng: &mut SmallRng| {
+            churn.map(|rate| {
+                let gap = -(1.0 - rng.random::<f64>()).ln() * 60.0 / rate;
+                tokio::time::Instant::now() + Duration::from_secs_f64(gap.min(3600.0))
+            })
+        };
+        let mut drop_at = next_drop(&mut rng);
+        // One wait for the stop flag for the whole run: a `watch` wait made
+        // anew for every event registers and drops a `Notified` each time
+        // (5 % of the simulator's CPU at 45 k frames/s).
+        let mut stop_wait = stop.clone();
+        let stopped = set(&mut stop_wait);
+        tokio::pin!(stopped);
+        loop {
+            let sleep_drop = async {
+                match drop_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let next_event = async {
+                match events.as_mut() {
+                    Some(events) => events.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ev = next_event => match ev {
+                    Some(ev) => {
+                        self.handle(ev);
+                        if slow {
+                            tokio::time::sleep(f.slow_delay).await;
+                        }
+                    }
+                    None => break,
+                },
+                () = sleep_drop => {
+                    let talking = sim.talk_start.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+                    if talking && Instant::now() < sim.talk_deadline() {
+                        if let Some(conn) = client.connection() {
+                            conn.close(0u32.into(), b"client-sim churn");
+                            bump(&sim.counters.churn_drops);
+                        }
+                        drop_at = next_drop(&mut rng);
+                    } else if talking {
+                        drop_at = None;
+                    } else {
+                        drop_at = next_drop(&mut rng);
+                    }
+                }
+                () = &mut stopped => break,
+            }
+        }
+        let Some(mut rx) = lock_rx(&self.state).take() else {
+            return Vec::new();
+        };
+        rx.stopping = true;
+        while let Some(ev) = events.as_mut().and_then(Events::try_next) {
+            rx.handle(ev);
+        }
+        rx.flush();
+        rx.received
+    }
+}
+
 /// A clip being received.
 struct RxClip {
     /// Streams of this clip open at once (a talker's retry after a
@@ -1294,7 +1456,6 @@ struct Receiver {
     sim: Arc<Sim>,
     user: UserIdx,
     group: GroupIdx,
-    talker: bool,
     clips: HashMap<ClipId, RxClip>,
     completed: HashSet<ClipId>,
     received: Vec<Received>,
@@ -1318,12 +1479,10 @@ impl Receiver {
         joined_at: Instant,
         node: usize,
     ) -> Receiver {
-        let talker = sim.is_talker(user);
         Receiver {
             sim,
             user,
             group,
-            talker,
             clips: HashMap::new(),
             completed: HashSet::new(),
             intruded: HashSet::new(),
@@ -1335,83 +1494,6 @@ impl Receiver {
             stopping: false,
             node,
         }
-    }
-
-    async fn run(
-        mut self,
-        client: Client,
-        mut events: Events,
-        mut stop: watch::Receiver<bool>,
-    ) -> Vec<Received> {
-        let f = self.sim.scenario.faults.clone();
-        let mut rng = SmallRng::seed_from_u64(f.seed ^ u64::from(self.user).wrapping_mul(0x9e37));
-        let slow = f.slow_receivers > 0.0 && !self.talker && rng.random::<f64>() < f.slow_receivers;
-        let reading = self.sim.reading(self.user);
-        let slow = slow || reading == Reading::Slow;
-        if reading == Reading::Stalled {
-            // Holds `events` without reading it until the run ends.
-            set(&mut stop).await;
-            drop(events);
-            return Vec::new();
-        }
-        // Listeners drop their connection at random (exponential gaps)
-        // until the talking ends; talkers drop mid-clip (see talk_one).
-        let churn = (f.churn > 0.0 && !self.talker).then_some(f.churn);
-        let next_drop = |rng: &mut SmallRng| {
-            churn.map(|rate| {
-                let gap = -(1.0 - rng.random::<f64>()).ln() * 60.0 / rate;
-                tokio::time::Instant::now() + Duration::from_secs_f64(gap.min(3600.0))
-            })
-        };
-        let mut drop_at = next_drop(&mut rng);
-        // One wait for the stop flag for the whole run: a `watch` wait made
-        // anew for every event registers and drops a `Notified` each time
-        // (5 % of the simulator's CPU at 45 k frames/s).
-        let mut stop_wait = stop.clone();
-        let stopped = set(&mut stop_wait);
-        tokio::pin!(stopped);
-        loop {
-            let sleep_drop = async {
-                match drop_at {
-                    Some(t) => tokio::time::sleep_until(t).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                ev = events.next() => match ev {
-                    Some(ev) => {
-                        // Our own close may be seen before the stop branch.
-                        self.stopping |= *stop.borrow();
-                        self.handle(ev);
-                        if slow {
-                            tokio::time::sleep(f.slow_delay).await;
-                        }
-                    }
-                    None => break,
-                },
-                () = sleep_drop => {
-                    let talking = self.sim.talk_start.lock().unwrap_or_else(|p| p.into_inner()).is_some();
-                    if talking && Instant::now() < self.sim.talk_deadline() {
-                        if let Some(conn) = client.connection() {
-                            conn.close(0u32.into(), b"client-sim churn");
-                            bump(&self.sim.counters.churn_drops);
-                        }
-                        drop_at = next_drop(&mut rng);
-                    } else if talking {
-                        drop_at = None;
-                    } else {
-                        drop_at = next_drop(&mut rng);
-                    }
-                }
-                () = &mut stopped => break,
-            }
-        }
-        self.stopping = true;
-        while let Some(ev) = events.try_next() {
-            self.handle(ev);
-        }
-        self.flush();
-        self.received
     }
 
     fn flush(&mut self) {
@@ -1430,7 +1512,90 @@ impl Receiver {
         self.last_flush = Instant::now();
     }
 
+    /// One frame: verified against what its talker sent, its latency
+    /// recorded. The hot path (tens of thousands a second): no clone of
+    /// the shared `Sim` handle.
+    fn frame(&mut self, clip_id: ClipId, index: u32, data: &[u8], received_at: Instant) {
+        if !self.intruded.is_empty() && self.intruded.contains(&clip_id) {
+            return;
+        }
+        let Some(c) = self.clips.get_mut(&clip_id) else {
+            bump(&self.sim.counters.orphan_frames);
+            return;
+        };
+        let hash = verify::frame_hash(data);
+        match &mut c.by_index {
+            Some(by_index) => {
+                let i = index as usize;
+                if by_index.len() <= i {
+                    // Bounded by the clip's length (the sender's
+                    // frames), as the client library bounds indexes.
+                    by_index.resize(i + 1, None);
+                }
+                if by_index[i].replace(hash).is_some() {
+                    c.in_order = false;
+                }
+            }
+            None => {
+                c.digest = c.digest.push(index, hash);
+                if index != c.next {
+                    c.in_order = false;
+                }
+            }
+        }
+        c.next = index.wrapping_add(1);
+        c.frames += 1;
+        self.batch.received += 1;
+        let mut latency = None;
+        let mut started = None;
+        if let (false, Some(rec)) = (c.history, &c.record) {
+            let sent = rec
+                .sent_ns
+                .get(index as usize)
+                .map_or(0, |s| s.load(Ordering::Acquire));
+            // A clip already in flight when we (re)joined replays
+            // its backlog: that is late entry, not frame latency.
+            if sent > 0 && rec.started >= self.joined_at {
+                let at = self.sim.base + Duration::from_nanos(sent);
+                latency = Some(received_at.saturating_duration_since(at));
+            }
+            started = Some(rec.started);
+        }
+        if let Some(latency) = latency {
+            if index == 0 {
+                self.sim.recorder.record(Metric::FirstFrame, latency);
+            }
+            if self.batch.push(latency) {
+                self.flush();
+            }
+        }
+        if let Some(started) = started
+            && self.late_pending
+        {
+            self.late_pending = false;
+            if started < self.joined_at {
+                self.sim.recorder.record(
+                    Metric::LateEntry,
+                    received_at.saturating_duration_since(self.joined_at),
+                );
+            }
+        }
+        if received_at.saturating_duration_since(self.last_flush) > Duration::from_millis(250) {
+            self.flush();
+        }
+    }
+
     fn handle(&mut self, ev: Event) {
+        if let Event::Frame {
+            clip_id,
+            index,
+            data,
+            received_at,
+            ..
+        } = ev
+        {
+            return self.frame(clip_id, index, &data, received_at);
+        }
         let sim = self.sim.clone();
         match ev {
             Event::ClipStarted {
@@ -1472,83 +1637,6 @@ impl Receiver {
                         by_index: media.then(Vec::new),
                     },
                 );
-            }
-            Event::Frame {
-                clip_id,
-                index,
-                data,
-                received_at,
-                ..
-            } => {
-                if !self.intruded.is_empty() && self.intruded.contains(&clip_id) {
-                    return;
-                }
-                let Some(c) = self.clips.get_mut(&clip_id) else {
-                    bump(&sim.counters.orphan_frames);
-                    return;
-                };
-                let hash = verify::frame_hash(&data);
-                match &mut c.by_index {
-                    Some(by_index) => {
-                        let i = index as usize;
-                        if by_index.len() <= i {
-                            // Bounded by the clip's length (the sender's
-                            // frames), as the client library bounds indexes.
-                            by_index.resize(i + 1, None);
-                        }
-                        if by_index[i].replace(hash).is_some() {
-                            c.in_order = false;
-                        }
-                    }
-                    None => {
-                        c.digest = c.digest.push(index, hash);
-                        if index != c.next {
-                            c.in_order = false;
-                        }
-                    }
-                }
-                c.next = index.wrapping_add(1);
-                c.frames += 1;
-                self.batch.received += 1;
-                let mut latency = None;
-                let mut started = None;
-                if let (false, Some(rec)) = (c.history, &c.record) {
-                    let sent = rec
-                        .sent_ns
-                        .get(index as usize)
-                        .map_or(0, |s| s.load(Ordering::Acquire));
-                    // A clip already in flight when we (re)joined replays
-                    // its backlog: that is late entry, not frame latency.
-                    if sent > 0 && rec.started >= self.joined_at {
-                        let at = sim.base + Duration::from_nanos(sent);
-                        latency = Some(received_at.saturating_duration_since(at));
-                    }
-                    started = Some(rec.started);
-                }
-                if let Some(latency) = latency {
-                    if index == 0 {
-                        sim.recorder.record(Metric::FirstFrame, latency);
-                    }
-                    if self.batch.push(latency) {
-                        self.flush();
-                    }
-                }
-                if let Some(started) = started
-                    && self.late_pending
-                {
-                    self.late_pending = false;
-                    if started < self.joined_at {
-                        sim.recorder.record(
-                            Metric::LateEntry,
-                            received_at.saturating_duration_since(self.joined_at),
-                        );
-                    }
-                }
-                if received_at.saturating_duration_since(self.last_flush)
-                    > Duration::from_millis(250)
-                {
-                    self.flush();
-                }
             }
             Event::ClipEnded {
                 clip_id,

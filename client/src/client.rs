@@ -16,7 +16,7 @@ use crate::config::ClientConfig;
 use crate::dedup::DedupCache;
 use crate::driver::{Command, Driver, PendingKind, establish};
 use crate::error::ClientError;
-use crate::event::Events;
+use crate::event::{EventTx, Events};
 use crate::shared::{ClientStats, Inner, StoredClip, lock};
 use crate::talk::{ClipParams, Talk};
 
@@ -89,6 +89,14 @@ impl Client {
     ) -> Result<(Client, Events), ClientError> {
         let quinn_config = crate::tls::quinn_config(&config)?;
         let (events_tx, events_rx) = mpsc::channel(config.event_capacity.max(1));
+        let events_tx = match &config.event_sink {
+            // The channel's sender goes: `Events` ends at once.
+            Some(sink) => {
+                drop(events_tx);
+                EventTx::Sink(sink.clone())
+            }
+            None => EventTx::Channel(events_tx),
+        };
         let (internal_tx, internal_rx) = mpsc::channel(1024);
         let (commands_tx, commands_rx) = mpsc::channel(256);
         let inner = Arc::new(Inner {

@@ -183,6 +183,11 @@ pub struct ClientConfig {
     /// own, as a phone's single client does. A `media_link` still applies to
     /// this client's datagrams on a shared socket.
     pub media_socket: Option<std::sync::Arc<crate::MediaSocket>>,
+    /// Takes the client's events where they happen instead of the
+    /// [`crate::Events`] channel (which then ends at once, and
+    /// `event_capacity` does not apply): see [`crate::EventSink`]. `None`:
+    /// the channel.
+    pub event_sink: Option<std::sync::Arc<dyn crate::EventSink>>,
 }
 
 impl ClientConfig {
@@ -210,6 +215,7 @@ impl ClientConfig {
             media: true,
             media_link: None,
             media_socket: None,
+            event_sink: None,
         }
     }
 

@@ -120,6 +120,10 @@ pub(crate) async fn establish(inner: &Arc<Inner>, epoch: u64) -> Result<Session,
         });
     }
     *lock(&inner.welcome) = welcome.clone();
+    // The connection's frame router, before any clip stream is read: the
+    // media path (if the relay offers it) and live frames in QUIC
+    // datagrams (only the measurement harness sends them) feed it.
+    *lock(&inner.media_inbox) = Some((conn.stable_id(), Arc::default()));
     tokio::spawn(read_control(inner.clone(), epoch, reader));
     tokio::spawn(accept_clips(inner.clone(), conn.clone()));
     Ok(Session {
@@ -348,11 +352,28 @@ impl Driver {
                     Some(cmd) => self.command(session, cmd).await,
                 },
                 Some(msg) = self.internal.recv() => self.internal_message(session, msg).await,
+                Ok(datagram) = session.conn.read_datagram() => {
+                    self.live_frames(session, datagram);
+                    Step::Continue
+                }
                 err = session.conn.closed() => Step::Lost(Loss::from_connection(&err, self.relay_error.as_ref())),
             };
             if !matches!(step, Step::Continue) {
                 return step;
             }
+        }
+    }
+
+    /// Routes the live frames of a QUIC datagram (`LiveFrames`, sent only
+    /// by the measurement harness's DATAGRAM live plane: PROTOCOL.md §4.3)
+    /// as the media path routes its `Frames` packets.
+    fn live_frames(&self, session: &Session, datagram: bytes::Bytes) {
+        let Some(inbox) = self.inner.media_inbox(&session.conn) else {
+            return;
+        };
+        let received_at = std::time::Instant::now();
+        for f in ptt_protocol::datagram::live_frames(&datagram) {
+            crate::media::deliver_frames(&self.inner, &inbox, f, &datagram, &datagram, received_at);
         }
     }
 
@@ -398,7 +419,7 @@ impl Driver {
             return;
         }
         self.pending.remove(&request_id);
-        let inbox = Arc::new(crate::media::MediaInbox::default());
+        let inbox = self.inner.media_inbox(&session.conn).unwrap_or_default();
         match crate::media::start(
             self.inner.clone(),
             &session.conn,

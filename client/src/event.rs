@@ -1,5 +1,6 @@
 //! What the relay tells the application, as a stream of events.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -253,5 +254,93 @@ impl Events {
     /// The underlying channel, for `select!` loops and stream adapters.
     pub fn into_inner(self) -> mpsc::Receiver<Event> {
         self.rx
+    }
+}
+
+/// Takes a client's events as they happen, in place of [`Events`]
+/// ([`ClientConfig::event_sink`](crate::ClientConfig::event_sink)).
+///
+/// [`event`](Self::event) is called on the client's own tasks, in the order
+/// the events would have been queued, one call at a time per clip; the
+/// media path's frames on the task that reads the media socket, which a
+/// [`MediaSocket`](crate::MediaSocket) shares among many clients. So it
+/// must return quickly and never block: the client does not wait for it,
+/// nothing pushes back on the relay, and a slow sink slows every client
+/// it shares a task with. For a load generator or a gateway that handles
+/// thousands of clients' frames where they arrive, without a task wake per
+/// frame; an application that plays audio reads [`Events`].
+pub trait EventSink: std::fmt::Debug + Send + Sync {
+    /// One event.
+    fn event(&self, event: Event);
+}
+
+/// Where a client's events go: the application's channel, or its sink.
+#[derive(Debug, Clone)]
+pub(crate) enum EventTx {
+    Channel(mpsc::Sender<Event>),
+    Sink(Arc<dyn EventSink>),
+}
+
+impl EventTx {
+    /// Sends an event, waiting for room in the channel; an application
+    /// that dropped its [`Events`] loses it.
+    pub async fn send(&self, event: Event) {
+        match self {
+            EventTx::Channel(tx) => {
+                let _ = tx.send(event).await;
+            }
+            EventTx::Sink(sink) => sink.event(event),
+        }
+    }
+
+    /// Sends an event if there is room at once (a sink always has room).
+    /// The error hands the event back, as tokio's `try_send` does.
+    #[allow(clippy::result_large_err)]
+    pub fn try_send(&self, event: Event) -> Result<(), mpsc::error::TrySendError<Event>> {
+        match self {
+            EventTx::Channel(tx) => tx.try_send(event),
+            EventTx::Sink(sink) => {
+                sink.event(event);
+                Ok(())
+            }
+        }
+    }
+
+    /// Room for up to two events at once, reserved, or why not: `Full`
+    /// while the application is behind, `Closed` once it dropped its
+    /// [`Events`].
+    pub fn try_reserve_two(&self) -> Result<Reserved<'_>, mpsc::error::TrySendError<()>> {
+        match self {
+            EventTx::Channel(tx) => {
+                let wanted = tx.max_capacity().min(2);
+                tx.try_reserve_many(wanted).map(Reserved::Permits)
+            }
+            EventTx::Sink(sink) => Ok(Reserved::Sink(sink.as_ref())),
+        }
+    }
+}
+
+/// Room for events, from [`EventTx::try_reserve_two`].
+pub(crate) enum Reserved<'a> {
+    Permits(mpsc::PermitIterator<'a, Event>),
+    Sink(&'a dyn EventSink),
+}
+
+impl Reserved<'_> {
+    /// Sends `event` if a reserved slot is left; whether it went.
+    pub fn send(&mut self, event: impl FnOnce() -> Event) -> bool {
+        match self {
+            Reserved::Permits(permits) => match permits.next() {
+                Some(permit) => {
+                    permit.send(event());
+                    true
+                }
+                None => false,
+            },
+            Reserved::Sink(sink) => {
+                sink.event(event());
+                true
+            }
+        }
     }
 }

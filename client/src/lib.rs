@@ -53,7 +53,7 @@ pub use client::{Client, FloorGrant, JoinInfo};
 pub use config::{ClientConfig, ReconnectPolicy, TransportTuning, Trust, parse_fingerprint};
 pub use dedup::DedupCache;
 pub use error::ClientError;
-pub use event::{Event, Events};
+pub use event::{Event, EventSink, Events};
 pub use media::{EARLY_KEEP, EARLY_MAX, MediaLink};
 pub use media_socket::MediaSocket;
 pub use pcm::PcmTalk;

@@ -35,7 +35,7 @@ use ptt_protocol::{ClipHeader, ClipId};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-use crate::event::Event;
+use crate::event::{Event, EventTx};
 use crate::media_socket::{MediaSocket, PathKey};
 use crate::shared::{Inner, Stats, lock};
 
@@ -141,7 +141,7 @@ impl Route {
 
     /// Puts `frame` on `events` if nothing waits for the reader, else
     /// hands it to the reader. Copies of accepted frames are dropped.
-    fn deliver(&mut self, frame: MediaFrame, events: &mpsc::Sender<Event>) -> Delivery {
+    fn deliver(&mut self, frame: MediaFrame, events: &EventTx) -> Delivery {
         if has(&self.seen, frame.index) {
             return Delivery::Dropped;
         }
@@ -261,12 +261,7 @@ impl InboxState {
 
     /// A frame of a stream with a reader goes to the application or the
     /// reader; one of a stream whose header has not come is kept.
-    fn deliver(
-        &mut self,
-        stream: u64,
-        frame: MediaFrame,
-        events: &mpsc::Sender<Event>,
-    ) -> Delivery {
+    fn deliver(&mut self, stream: u64, frame: MediaFrame, events: &EventTx) -> Delivery {
         self.expire_early(frame.received_at);
         if let Some(route) = self.routes.get_mut(&stream) {
             return route.deliver(frame, events);
@@ -286,12 +281,7 @@ impl MediaInbox {
     /// (what [`deliver_live`](Self::deliver_live) does with a frame that
     /// announces nothing).
     #[cfg(test)]
-    pub fn deliver(
-        &self,
-        stream: u64,
-        frame: MediaFrame,
-        events: &mpsc::Sender<Event>,
-    ) -> Delivery {
+    pub fn deliver(&self, stream: u64, frame: MediaFrame, events: &EventTx) -> Delivery {
         lock(&self.state).deliver(stream, frame, events)
     }
 
@@ -326,8 +316,7 @@ impl MediaInbox {
         }
         // Events are sent under the inbox's lock, so that a reader that
         // registers later finds them all sent (ClipStarted first).
-        let wanted = inner.events.max_capacity().min(2);
-        let mut permits = match inner.events.try_reserve_many(wanted) {
+        let mut permits = match inner.events.try_reserve_two() {
             Ok(permits) => permits,
             Err(mpsc::error::TrySendError::Closed(())) => return,
             Err(mpsc::error::TrySendError::Full(())) => {
@@ -368,16 +357,14 @@ impl MediaInbox {
                     seen: Vec::new(),
                 },
             );
-            if let Some(permit) = permits.next() {
-                permit.send(Event::ClipStarted {
-                    group: header.group.clone(),
-                    clip_id: header.clip_id,
-                    talker: header.talker.clone(),
-                    seq: header.seq,
-                    history: false,
-                    header,
-                });
-            }
+            permits.send(|| Event::ClipStarted {
+                group: header.group.clone(),
+                clip_id: header.clip_id,
+                talker: header.talker.clone(),
+                seq: header.seq,
+                history: false,
+                header,
+            });
             Stats::bump(&inner.stats.media_clips_announced);
         }
         let Some(a) = s.announced.get_mut(&stream) else {
@@ -385,17 +372,18 @@ impl MediaInbox {
         };
         // Marked only when it goes out: a frame without a permit (an event
         // queue of one) counts as missing, and the clip is fetched.
-        if let Some(permit) = permits.next()
-            && mark(&mut a.seen, frame.index)
-        {
-            Stats::bump(&inner.stats.frames_received);
-            permit.send(Event::Frame {
+        if frame.index < MAX_MEDIA_INDEX
+            && !has(&a.seen, frame.index)
+            && permits.send(|| Event::Frame {
                 group: a.group.clone(),
                 clip_id: a.clip_id,
                 index: frame.index,
                 data: frame.data,
                 received_at: frame.received_at,
-            });
+            })
+        {
+            mark(&mut a.seen, frame.index);
+            Stats::bump(&inner.stats.frames_received);
         }
     }
 
@@ -550,6 +538,7 @@ pub(crate) async fn start(
         delayed: delayed_tx,
     });
     let core = Arc::new(PathCore {
+        link: inner.config.media_link.clone(),
         inner,
         conn: conn.clone(),
         crypto,
@@ -690,6 +679,9 @@ fn export(
 /// What receiving on a media path needs, shared by its own task and, for
 /// a path on a [`MediaSocket`], by the shared socket's reader.
 pub(crate) struct PathCore {
+    /// The client's `media_link`, kept here: the shared reader asks it for
+    /// every datagram, and the client's `Inner` is a cold cache line there.
+    link: Option<Arc<dyn MediaLink>>,
     inner: Arc<Inner>,
     conn: quinn::Connection,
     /// Shared with the uplink: one counter for Binds and Uplinks.
@@ -861,7 +853,7 @@ impl PathCore {
     /// open it now; `Some(Some(due))`, hold it until `due` (never before
     /// one held earlier).
     pub(crate) fn pass_received(&self, now: Instant) -> Option<Option<Instant>> {
-        let Some(link) = &self.inner.config.media_link else {
+        let Some(link) = &self.link else {
             return Some(None);
         };
         let delay = link.pass(false)?;
@@ -904,55 +896,95 @@ impl PathCore {
             PacketType::Frame => {
                 let f = FramePayload::decode(plaintext).ok()?;
                 let data = Bytes::copy_from_slice(f.data);
-                self.deliver(f.stream, None, f.index, data, received_at);
+                deliver_frame(
+                    &self.inner,
+                    &self.inbox,
+                    f.stream,
+                    None,
+                    f.index,
+                    data,
+                    received_at,
+                );
             }
             PacketType::HeadedFrame => {
                 let f = HeadedFramePayload::decode(plaintext).ok()?;
                 let data = Bytes::copy_from_slice(f.data);
-                self.deliver(f.stream, Some(f.header), f.index, data, received_at);
+                deliver_frame(
+                    &self.inner,
+                    &self.inbox,
+                    f.stream,
+                    Some(f.header),
+                    f.index,
+                    data,
+                    received_at,
+                );
             }
             PacketType::Frames => {
                 let f = FramesPayload::decode(plaintext).ok()?;
                 // One allocation for the packet; each frame a slice of it.
                 let whole = Bytes::copy_from_slice(plaintext);
-                let base = plaintext.as_ptr() as usize;
-                // The header announces the clip with its first frame; the
-                // rest follow it.
-                let mut header = f.header;
-                for (index, data) in &f.frames {
-                    let at = data.as_ptr() as usize - base;
-                    let data = whole.slice(at..at + data.len());
-                    self.deliver(f.stream, header.take(), *index, data, received_at);
-                }
+                deliver_frames(&self.inner, &self.inbox, f, plaintext, &whole, received_at);
             }
             _ => {}
         }
         Some(kind)
     }
+}
 
-    /// Routes frame `index` of `stream`; `header`: the clip's, if the
-    /// packet carries it.
-    fn deliver(
-        &self,
-        stream: u64,
-        header: Option<ClipHeader>,
-        index: u32,
-        data: Bytes,
-        received_at: Instant,
-    ) {
-        if index >= MAX_MEDIA_INDEX {
-            return;
-        }
-        Stats::bump(&self.inner.stats.media_frames_received);
-        // Only a live delivery's header announces a clip.
-        let header = header.filter(|h| h.flags & ClipHeader::FLAG_MEDIA != 0);
-        let frame = MediaFrame {
-            index,
+/// Routes the frames of a `Frames` payload (a media packet's, or a
+/// `LiveFrames` datagram message's) decoded from `buffer`; `whole` holds
+/// the same bytes as `buffer`, so each frame is a slice of it rather than
+/// a copy.
+pub(crate) fn deliver_frames(
+    inner: &Inner,
+    inbox: &MediaInbox,
+    f: FramesPayload<'_>,
+    buffer: &[u8],
+    whole: &Bytes,
+    received_at: Instant,
+) {
+    let base = buffer.as_ptr() as usize;
+    // The header announces the clip with its first frame; the rest follow
+    // it.
+    let mut header = f.header;
+    for (index, data) in &f.frames {
+        let at = data.as_ptr() as usize - base;
+        let data = whole.slice(at..at + data.len());
+        deliver_frame(
+            inner,
+            inbox,
+            f.stream,
+            header.take(),
+            *index,
             data,
             received_at,
-        };
-        self.inbox.deliver_live(&self.inner, stream, header, frame);
+        );
     }
+}
+
+/// Routes frame `index` of `stream`; `header`: the clip's, if the packet
+/// carries it.
+fn deliver_frame(
+    inner: &Inner,
+    inbox: &MediaInbox,
+    stream: u64,
+    header: Option<ClipHeader>,
+    index: u32,
+    data: Bytes,
+    received_at: Instant,
+) {
+    if index >= MAX_MEDIA_INDEX {
+        return;
+    }
+    Stats::bump(&inner.stats.media_frames_received);
+    // Only a live delivery's header announces a clip.
+    let header = header.filter(|h| h.flags & ClipHeader::FLAG_MEDIA != 0);
+    let frame = MediaFrame {
+        index,
+        data,
+        received_at,
+    };
+    inbox.deliver_live(inner, stream, header, frame);
 }
 
 #[cfg(test)]
@@ -967,8 +999,9 @@ mod tests {
         }
     }
 
-    fn events(capacity: usize) -> (mpsc::Sender<Event>, mpsc::Receiver<Event>) {
-        mpsc::channel(capacity)
+    fn events(capacity: usize) -> (EventTx, mpsc::Receiver<Event>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (EventTx::Channel(tx), rx)
     }
 
     fn frame_index(event: Event) -> u32 {

@@ -210,7 +210,7 @@ pub(crate) struct Inner {
     pub uploads: Mutex<HashMap<ClipId, UploadSlot>>,
     pub dedup: Mutex<DedupCache>,
     pub fetching: Mutex<HashMap<String, FetchState>>,
-    pub events: mpsc::Sender<Event>,
+    pub events: crate::event::EventTx,
     pub internal: mpsc::Sender<Internal>,
     pub stats: Stats,
     pub closed: AtomicBool,
@@ -240,7 +240,7 @@ impl Inner {
 
     /// Sends an event; the application may have dropped its receiver.
     pub async fn emit(&self, event: Event) {
-        let _ = self.events.send(event).await;
+        self.events.send(event).await;
     }
 
     /// Whether a history clip of `group` belongs to a fetch and must be

@@ -12,6 +12,11 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use crate::config::{ClientConfig, TransportTuning, Trust};
 use crate::error::ClientError;
 
+/// Bytes of received QUIC datagrams quinn keeps until the driver reads
+/// them (the oldest dropped first): `LiveFrames` from the measurement
+/// harness; the relay sends no datagrams.
+const LIVE_FRAMES_BUFFER: usize = 64 * 1024;
+
 /// Accepts the one server certificate whose SHA-256 digest (of its DER
 /// encoding) is pinned, and still checks that the server holds its private
 /// key by verifying the TLS 1.3 handshake signature.
@@ -146,10 +151,12 @@ pub fn transport_config(t: &TransportTuning) -> Result<quinn::TransportConfig, C
         // The relay never opens bidirectional streams.
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(0))
         // Datagrams carry our `LiveRead` reports (PROTOCOL.md, section
-        // 4.3). quinn sends datagrams only with reception enabled, though
-        // the relay sends none; a few KiB of reports wait to be sent, the
-        // oldest dropped first (only the newest matter).
-        .datagram_receive_buffer_size(Some(ptt_protocol::LIVE_READ_BUFFER))
+        // 4.3). quinn sends datagrams only with reception enabled; the
+        // relay sends none, the measurement harness's DATAGRAM live plane
+        // (`quinn-floor --live datagram`) sends live frames, so a few
+        // hundred of them may wait to be read. A few KiB of reports wait
+        // to be sent, the oldest dropped first (only the newest matter).
+        .datagram_receive_buffer_size(Some(LIVE_FRAMES_BUFFER))
         .datagram_send_buffer_size(4 * ptt_protocol::LIVE_READ_BUFFER);
     // The relay ACKs a talker's frames a few at a time, as it asks of us:
     // fewer packets for the phone's radio to receive.

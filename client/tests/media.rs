@@ -621,3 +621,102 @@ async fn on_a_shared_socket_a_delayed_clients_frames_come_late_and_in_order() {
     assert_eq!(stats.media_clips_fetched, 0, "{stats:?}");
     h.relay.shutdown().await;
 }
+
+/// Keeps every event it is given.
+#[derive(Debug, Default)]
+struct Keep(std::sync::Mutex<Vec<Event>>);
+
+impl ptt_client::EventSink for Keep {
+    fn event(&self, event: Event) {
+        self.0.lock().unwrap().push(event);
+    }
+}
+
+impl Keep {
+    /// The events so far once one says the clip ended, with a deadline.
+    async fn until_ended(&self) -> Vec<Event> {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                {
+                    let events = self.0.lock().unwrap();
+                    if events.iter().any(|e| matches!(e, Event::ClipEnded { .. })) {
+                        return events.clone();
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out; events so far: {:#?}", self.0.lock().unwrap()))
+    }
+}
+
+#[tokio::test]
+async fn an_event_sink_takes_the_events_of_both_live_planes_in_order() {
+    // Bob on the media path (a shared socket, whose reader calls his sink),
+    // carol on streams: each sink gets the clip's start, every frame once
+    // in order, and its end, and neither `Events` channel gets anything.
+    let h = Harness::start().await;
+    let socket = ptt_client::MediaSocket::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let (admin, _events) = Client::connect(h.config("root", true)).await.unwrap();
+    admin.create_group("team", GroupMode::Notes).await.unwrap();
+    for m in ["alice", "bob", "carol"] {
+        admin.add_member("team", m).await.unwrap();
+    }
+    admin.close().await;
+    let (alice, _alice_events) = Client::connect(h.config("alice", false).with_media(false))
+        .await
+        .unwrap();
+    alice.join("team").await.unwrap();
+    let mut members = Vec::new();
+    for (user, media) in [("bob", true), ("carol", false)] {
+        let sink = Arc::new(Keep::default());
+        let mut config = h.config(user, false).with_media(media);
+        config.media_socket = Some(socket.clone());
+        config.event_sink = Some(sink.clone());
+        let (client, mut events) = Client::connect(config).await.unwrap();
+        assert!(events.next().await.is_none(), "the channel ends at once");
+        client.join("team").await.unwrap();
+        members.push((client, sink, media));
+    }
+    tokio::time::timeout(WAIT, async {
+        while members[0].0.stats().media_binds_acked == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("bob's path binds");
+    let sent = frames(30);
+    let seq = talk(&alice, &sent).await;
+    for (client, sink, media) in &members {
+        let got = sink.until_ended().await;
+        let Some(Event::ClipStarted { header, .. }) =
+            got.iter().find(|e| matches!(e, Event::ClipStarted { .. }))
+        else {
+            panic!("no start: {got:#?}");
+        };
+        assert_eq!(header.flags & ClipHeader::FLAG_MEDIA != 0, *media);
+        assert_eq!(
+            frame_events(&got),
+            indexed(&sent, 0..30),
+            "every frame once, in order"
+        );
+        assert!(
+            matches!(got.last(), Some(Event::ClipEnded { seq: s, frame_count: 30, .. }) if *s == seq),
+            "{got:#?}"
+        );
+        let stats = client.stats();
+        assert_eq!(
+            stats.media_frames_received,
+            if *media { 30 } else { 0 },
+            "{stats:?}"
+        );
+    }
+    for (client, _, _) in members {
+        client.close().await;
+    }
+    alice.close().await;
+    h.relay.shutdown().await;
+}

@@ -20,6 +20,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::coding::{get_varint, put_varint, varint_len};
+use crate::media::FramesPayload;
 use crate::message::kind;
 
 /// A member reports at least this often while reading a live clip: after
@@ -87,6 +88,41 @@ impl LiveRead {
     fn payload_len(&self) -> usize {
         varint_len(self.stream) + varint_len(u64::from(self.frames))
     }
+}
+
+/// Appends a `LiveFrames` message (type [`kind::LIVE_FRAMES`]) to `buf`:
+/// live frames of one clip stream in a QUIC datagram, its payload that of
+/// a `Frames` media packet ([`FramesPayload`], PROTOCOL.md §14.3).
+///
+/// Only the measurement harness sends these (`quinn-floor --live
+/// datagram`, the QUIC DATAGRAM live plane that issue #15 measured and did
+/// not adopt); the relay's live planes are streams and the UDP media path.
+/// The reference client reads them as it reads `Frames` packets, so the
+/// harness can be driven by `client-sim`.
+pub fn encode_live_frames<'d>(
+    stream: u64,
+    framed_header: Option<&[u8]>,
+    frames: impl ExactSizeIterator<Item = (u32, &'d [u8])> + Clone,
+    buf: &mut Vec<u8>,
+) {
+    let lens = frames
+        .clone()
+        .map(|(i, d)| FramesPayload::frame_len(i, d))
+        .sum();
+    let payload = FramesPayload::encoded_len(stream, framed_header, lens);
+    put_varint(buf, kind::LIVE_FRAMES);
+    put_varint(buf, payload as u64);
+    FramesPayload::encode_with(stream, framed_header, frames, buf);
+}
+
+/// The `LiveFrames` messages in `datagram` ([`encode_live_frames`]), in
+/// order; as [`live_reads`], messages of other types and malformed ones
+/// are skipped and a damaged tail ends the iteration.
+pub fn live_frames(datagram: &[u8]) -> impl Iterator<Item = FramesPayload<'_>> {
+    let mut messages = LiveReadIter { rest: datagram };
+    std::iter::from_fn(move || messages.next_message())
+        .filter(|(kind, _)| *kind == kind::LIVE_FRAMES)
+        .filter_map(|(_, payload)| FramesPayload::decode(payload).ok())
 }
 
 /// The [`LiveRead`] reports in `datagram`, in order.
@@ -228,6 +264,36 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn live_frames_round_trip_beside_reports() {
+        let header = crate::media::tests::media_header();
+        let framed = crate::ClipMessage::Header(header.clone()).to_bytes();
+        let mut d = datagram(&[LiveRead {
+            stream: 3,
+            frames: 25,
+        }]);
+        let frames = [(0u32, &b"abc"[..]), (1, &b"de"[..])];
+        encode_live_frames(7, Some(&framed), frames.iter().copied(), &mut d);
+        encode_live_frames(11, None, [(300u32, &b"f"[..])].into_iter(), &mut d);
+        let got: Vec<_> = live_frames(&d).collect();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].stream, 7);
+        assert_eq!(got[0].header.as_ref(), Some(&header));
+        assert_eq!(got[0].frames, frames);
+        assert_eq!(got[1].stream, 11);
+        assert_eq!(got[1].header, None);
+        assert_eq!(got[1].frames, [(300, &b"f"[..])]);
+        // Reports still read past them.
+        assert_eq!(live_reads(&d).count(), 1);
+        // A damaged LiveFrames (no frames) is skipped, a cut one ends it.
+        let mut bad = vec![0x3c, 0x02, 0x07, 0x00];
+        encode_live_frames(3, None, [(1u32, &b"x"[..])].into_iter(), &mut bad);
+        bad.extend([0x3c, 0x09, 0x03]);
+        let got: Vec<_> = live_frames(&bad).collect();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].frames, [(1, &b"x"[..])]);
     }
 
     #[test]

@@ -925,7 +925,7 @@ impl<'a> FramesPayload<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn material(seed: u8) -> [u8; KEY_MATERIAL_LEN] {
@@ -1068,7 +1068,7 @@ mod tests {
     }
 
     /// A live delivery's header, as HeadedFrame and Frames carry it.
-    fn media_header() -> ClipHeader {
+    pub(crate) fn media_header() -> ClipHeader {
         ClipHeader {
             group: "ops".into(),
             clip_id: crate::ClipId::from_bytes([7; 16]),

@@ -86,6 +86,10 @@ pub mod kind {
     pub const CLIP_END: u64 = 0x3a;
 
     pub const LIVE_READ: u64 = 0x3b;
+    /// Reserved for the measurement harness's QUIC DATAGRAM live plane
+    /// (`quinn-floor --live datagram`, issue #15 item 5 (a)): live frames
+    /// in datagrams, relay → client. The relay never sends it.
+    pub const LIVE_FRAMES: u64 = 0x3c;
 
     pub const SET_LIVE_BUDGET: u64 = 0x68;
 }

@@ -19,9 +19,22 @@
 //! prints the same start-up lines, so `scripts/relay-ab.sh` runs it as a
 //! drop-in (`A_BIN=quinn-floor`).
 //!
+//! Two options give the live-plane variants of issue #15 item 5 (a), on
+//! the same workload:
+//! - `--live datagram`: each member's clip stream carries the ClipHeader
+//!   (flag MEDIA) and ClipEnd, and the frames go in QUIC DATAGRAM frames
+//!   (`LiveFrames` messages, `ptt_protocol::datagram::encode_live_frames`),
+//!   which the client library routes as it routes the UDP media path's
+//!   `Frames` packets. `--live streams` (the default) writes them into the
+//!   streams.
+//! - `--coalesce N` (1 to 16, default 1): the talker's receive loop holds
+//!   N frames and then sends them together to every member (one write of N
+//!   chunks, or one datagram of N frames): the floor of a coalescing
+//!   group's live latency budget (3 frames = 60 ms of 20 ms frames).
+//!
 //! ```text
 //! cargo build --release -p ptt-benches --bin quinn-floor
-//! quinn-floor serve --listen 127.0.0.1:4433 --data-dir /tmp/floor
+//! quinn-floor serve --listen 127.0.0.1:4433 --data-dir /tmp/floor [--live datagram] [--coalesce 3]
 //! ```
 
 use std::collections::HashMap;
@@ -67,8 +80,12 @@ impl Groups {
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     if args.next().as_deref() != Some("serve") {
-        bail!("usage: quinn-floor serve [--listen ADDR] [--data-dir DIR] [--worker-threads N]");
+        bail!(
+            "usage: quinn-floor serve [--listen ADDR] [--data-dir DIR] [--worker-threads N] \
+             [--live streams|datagram] [--coalesce N]"
+        );
     }
+    let mut live = Live::default();
     let mut listen: SocketAddr = "127.0.0.1:4433".parse()?;
     let mut data_dir = PathBuf::from("./data-floor");
     // The relay's default: one worker per CPU this process may run on.
@@ -81,6 +98,22 @@ fn main() -> anyhow::Result<()> {
             "--listen" => listen = value.parse()?,
             "--data-dir" => data_dir = value.into(),
             "--worker-threads" => workers = value.parse()?,
+            "--live" => {
+                live.datagrams = match value.as_str() {
+                    "streams" => false,
+                    "datagram" => true,
+                    other => bail!("--live is streams or datagram, not {other}"),
+                }
+            }
+            "--coalesce" => {
+                live.coalesce = value.parse()?;
+                if !(1..=ptt_protocol::media::MAX_FRAMES_PER_PACKET).contains(&live.coalesce) {
+                    bail!(
+                        "--coalesce is 1 to {}",
+                        ptt_protocol::media::MAX_FRAMES_PER_PACKET
+                    );
+                }
+            }
             other => bail!("unknown option {other}"),
         }
     }
@@ -92,10 +125,10 @@ fn main() -> anyhow::Result<()> {
         b
     };
     let runtime = builder.enable_all().build()?;
-    runtime.block_on(serve(listen, data_dir))
+    runtime.block_on(serve(listen, data_dir, live))
 }
 
-async fn serve(listen: SocketAddr, data_dir: PathBuf) -> anyhow::Result<()> {
+async fn serve(listen: SocketAddr, data_dir: PathBuf, live: Live) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)?;
     let identity = Identity::load_or_create_dev(&data_dir)?;
     let issuer = TokenIssuer::load_or_create(&data_dir.join("token.key"))?;
@@ -133,7 +166,7 @@ async fn serve(listen: SocketAddr, data_dir: PathBuf) -> anyhow::Result<()> {
                 let (groups, verifier) = (groups.clone(), verifier.clone());
                 connections.spawn(async move {
                     if let Ok(conn) = incoming.await {
-                        let _ = connection(id, conn, groups, verifier).await;
+                        let _ = connection(id, conn, groups, verifier, live).await;
                     }
                 });
             }
@@ -153,6 +186,7 @@ async fn connection(
     conn: quinn::Connection,
     groups: Arc<Groups>,
     verifier: Arc<ptt_relay::auth::TokenVerifier>,
+    live: Live,
 ) -> anyhow::Result<()> {
     let (mut send, recv) = conn.accept_bi().await?;
     let mut control = FramedReader::new(recv, MAX_PAYLOAD);
@@ -204,7 +238,7 @@ async fn connection(
             }
             uni = conn.accept_uni() => {
                 let Ok(recv) = uni else { break Ok(()) };
-                clips.spawn(clip(id, recv, groups.clone(), reply_tx.clone()));
+                clips.spawn(clip(id, recv, groups.clone(), reply_tx.clone(), live));
             }
             Some(_) = clips.join_next(), if !clips.is_empty() => {}
         }
@@ -260,13 +294,40 @@ fn answer(
     }
 }
 
-/// One uploaded clip, written straight into every other member's stream
-/// from this receive loop.
+/// How live frames reach members.
+#[derive(Debug, Clone, Copy)]
+struct Live {
+    /// Frames in QUIC datagrams (`LiveFrames`) instead of the streams.
+    datagrams: bool,
+    /// Frames held and sent together.
+    coalesce: usize,
+}
+
+impl Default for Live {
+    fn default() -> Live {
+        Live {
+            datagrams: false,
+            coalesce: 1,
+        }
+    }
+}
+
+/// One member's delivery of a clip: its stream, and the connection and
+/// stream id its datagrams name.
+struct Delivery {
+    conn: quinn::Connection,
+    stream: quinn::SendStream,
+    id: u64,
+}
+
+/// One uploaded clip, sent from this receive loop to every other member:
+/// written straight into each member's stream, or in datagrams.
 async fn clip(
     talker: u64,
     recv: quinn::RecvStream,
     groups: Arc<Groups>,
     reply: mpsc::Sender<Bytes>,
+    live: Live,
 ) -> anyhow::Result<()> {
     let mut reader = FramedReader::new(recv, MAX_PAYLOAD);
     let Some((ClipMessage::Header(mut header), _)) = reader.next_clip().await? else {
@@ -283,30 +344,38 @@ async fn clip(
         .collect();
     header.seq = 0;
     header.flags &= ptt_protocol::ClipHeader::FLAG_EMERGENCY;
+    if live.datagrams {
+        header.flags |= ptt_protocol::ClipHeader::FLAG_MEDIA;
+    }
     let first = ClipMessage::Header(header.clone()).to_bytes();
-    let mut streams = Vec::with_capacity(members.len());
-    for conn in &members {
+    let mut deliveries = Vec::with_capacity(members.len());
+    for conn in members {
         if let Ok(mut stream) = conn.open_uni().await
             && stream.write_chunk(first.clone()).await.is_ok()
         {
-            streams.push(stream);
+            let id = u64::from(stream.id());
+            deliveries.push(Delivery { conn, stream, id });
         }
     }
     let mut frames = 0u32;
+    // Frames held for the next send: (index, Opus packet, framed message).
+    let mut held: Vec<(u32, Bytes, Bytes)> = Vec::with_capacity(live.coalesce);
     loop {
         match reader.next_clip().await? {
-            Some((ClipMessage::Frame { .. }, frame)) => {
+            Some((ClipMessage::Frame { data, .. }, frame)) => {
+                held.push((frames, data, frame.raw));
                 frames += 1;
-                for stream in &mut streams {
-                    let _ = stream.write_chunk(frame.raw.clone()).await;
+                if held.len() >= live.coalesce {
+                    send(&mut deliveries, &mut held, live).await;
                 }
             }
             Some((ClipMessage::End { waveform, .. }, _)) => {
+                send(&mut deliveries, &mut held, live).await;
                 let seq = group.seq.fetch_add(1, Ordering::Relaxed) + 1;
                 let end = end_message(frames, seq, waveform);
-                for stream in &mut streams {
-                    let _ = stream.write_chunk(end.clone()).await;
-                    let _ = stream.finish();
+                for d in &mut deliveries {
+                    let _ = d.stream.write_chunk(end.clone()).await;
+                    let _ = d.stream.finish();
                 }
                 let stored = ControlMessage::Stored {
                     group: header.group.clone(),
@@ -319,6 +388,33 @@ async fn clip(
             _ => bail!("clip stream out of order"),
         }
     }
+}
+
+/// Sends the held frames to every member and empties `held`.
+async fn send(deliveries: &mut [Delivery], held: &mut Vec<(u32, Bytes, Bytes)>, live: Live) {
+    if held.is_empty() {
+        return;
+    }
+    if live.datagrams {
+        for d in deliveries.iter() {
+            let mut datagram =
+                Vec::with_capacity(64 + held.iter().map(|h| h.1.len()).sum::<usize>());
+            let frames = held.iter().map(|(index, data, _)| (*index, &data[..]));
+            ptt_protocol::datagram::encode_live_frames(d.id, None, frames, &mut datagram);
+            // A datagram quinn cannot send is lost, as on the network.
+            let _ = d.conn.send_datagram(datagram.into());
+        }
+    } else if let [(_, _, raw)] = &held[..] {
+        for d in deliveries.iter_mut() {
+            let _ = d.stream.write_chunk(raw.clone()).await;
+        }
+    } else {
+        for d in deliveries.iter_mut() {
+            let mut chunks: Vec<Bytes> = held.iter().map(|h| h.2.clone()).collect();
+            let _ = d.stream.write_all_chunks(&mut chunks).await;
+        }
+    }
+    held.clear();
 }
 
 async fn shutdown_signal() {
