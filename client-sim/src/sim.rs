@@ -1345,10 +1345,12 @@ impl Receiving {
         mut events: Option<Events>,
         mut stop: watch::Receiver<bool>,
     ) -> Vec<Received> {
-        let Some(sim) = lock_rx(&self.state).as_ref().map(|rx| rx.sim.clone()) else {
+        let Some((sim, user)) = lock_rx(&self.state)
+            .as_ref()
+            .map(|rx| (rx.sim.clone(), rx.user))
+        else {
             return Vec::new();
         };
-        let user = lock_rx(&self.state).as_ref().map_or(0, |rx| rx.user);
         let f = sim.scenario.faults.clone();
         let ReadingPlan {
             mut rng,

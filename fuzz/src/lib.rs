@@ -81,8 +81,10 @@ pub fn clip_stream(data: &[u8]) {
     }
 }
 
-/// A QUIC datagram from a member: the `LiveRead` reports in it.
+/// A QUIC datagram: the `LiveRead` reports a relay reads in it, and the
+/// `LiveFrames` a client reads in it (from the measurement harness).
 pub fn live_read_datagram(data: &[u8]) {
+    live_frames_datagram(data);
     let reads: Vec<LiveRead> = live_reads(data).collect();
     // Each report takes at least four bytes (type, length, two varints).
     assert!(reads.len() <= data.len() / 4);
@@ -92,6 +94,27 @@ pub fn live_read_datagram(data: &[u8]) {
         read.encode(&mut again);
     }
     assert_eq!(live_reads(&again).collect::<Vec<_>>(), reads);
+}
+
+/// The `LiveFrames` in a datagram: what decodes encodes to a datagram that
+/// decodes to the same frames.
+fn live_frames_datagram(data: &[u8]) {
+    let decoded: Vec<_> = ptt_protocol::datagram::live_frames(data).collect();
+    let mut again = Vec::new();
+    for f in &decoded {
+        let header = f
+            .header
+            .as_ref()
+            .map(|h| ClipMessage::Header(h.clone()).to_bytes());
+        ptt_protocol::datagram::encode_live_frames(
+            f.stream,
+            header.as_deref(),
+            f.frames.iter().map(|(i, d)| (*i, *d)),
+            &mut again,
+        );
+    }
+    let redecoded: Vec<_> = ptt_protocol::datagram::live_frames(&again).collect();
+    assert_eq!(redecoded, decoded);
 }
 
 /// Any bytes as a WAV upload (what the relay transcodes for clients that
