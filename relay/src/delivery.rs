@@ -27,7 +27,7 @@ use quinn::VarInt;
 
 use tokio::sync::watch;
 
-use crate::live::{ClipState, LiveClip, Progress, end_message, member_header};
+use crate::live::{ClipState, LiveClip, Park, Progress, end_message, member_header};
 use crate::store::{ClipMeta, StoredClip};
 use crate::transport::{Connection, SendStream};
 
@@ -238,21 +238,23 @@ impl LiveReads {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(stream, frames.clone());
         ReadCount {
-            reads: self.clone(),
+            view: ReadView {
+                reads: self.clone(),
+                frames,
+            },
             stream,
-            frames,
         }
     }
 }
 
-/// One live stream's reported reading; stops counting when dropped.
-struct ReadCount {
+/// One live stream's reported reading.
+#[derive(Clone)]
+struct ReadView {
     reads: LiveReads,
-    stream: u64,
     frames: Arc<AtomicU32>,
 }
 
-impl ReadCount {
+impl ReadView {
     /// Frames the member says it has read, `None` if it does not report.
     fn frames(&self) -> Option<usize> {
         self.reads
@@ -263,9 +265,23 @@ impl ReadCount {
     }
 }
 
+/// One live stream's reported reading; stops counting when dropped.
+struct ReadCount {
+    view: ReadView,
+    stream: u64,
+}
+
+impl ReadCount {
+    /// Frames the member says it has read, `None` if it does not report.
+    fn frames(&self) -> Option<usize> {
+        self.view.frames()
+    }
+}
+
 impl Drop for ReadCount {
     fn drop(&mut self) {
-        self.reads
+        self.view
+            .reads
             .0
             .streams
             .lock()
@@ -336,7 +352,8 @@ pub async fn deliver_live(
             return Delivery::Cut;
         }
         let live = state == ClipState::Live;
-        if !batch.is_empty() && (!live || coalescer.pending(tokio::time::Instant::now().into_std()))
+        if !batch.is_empty()
+            && (!live || coalescer.pending(tokio::time::Instant::now().into_std(), batch.len()))
         {
             let sampled =
                 sent / crate::metrics::LATENCY_SAMPLE != available / crate::metrics::LATENCY_SAMPLE;
@@ -357,6 +374,37 @@ pub async fn deliver_live(
         }
         match state {
             ClipState::Live => {
+                // Caught up: the talker's task writes the next frames into
+                // the stream itself (when the budget lets them go) while
+                // it has room, and this task sleeps until they no longer
+                // fit, the member lags or the clip ends.
+                let writing = Writing {
+                    stream,
+                    sent,
+                    batch,
+                    coalescer,
+                    reads: reading.count.view.clone(),
+                    allowed_unread: reading.allowed_unread,
+                    conn: conn.clone(),
+                    frame,
+                    direct: OutCount::default(),
+                };
+                let (back, parked) = match park(clip, writing).await {
+                    Parking::Back(back) => (back, true),
+                    Parking::NotParked(back) => (back, false),
+                    Parking::Lost => return Delivery::Failed,
+                };
+                stream = back.stream;
+                sent = back.sent;
+                // Frames taken and not written whole: held for the budget,
+                // or what is left of a write the talker's task began.
+                batch = back.batch;
+                taken = sent + batch.len();
+                coalescer = back.coalescer;
+                counted.absorb(back.direct);
+                if parked {
+                    continue;
+                }
                 // Frames held back wait for the budget's timer (or for
                 // more frames, which join them); otherwise for the talker.
                 let changed = match coalescer.poll_timeout() {
@@ -391,6 +439,151 @@ pub async fn deliver_live(
     }
 }
 
+/// A live delivery's stream while it is parked on its clip, and what the
+/// talker's task needs to write frames into it under the budget and the
+/// lag rule.
+struct Writing {
+    stream: Guarded,
+    /// Frames written whole.
+    sent: usize,
+    /// The frames after `sent` taken and not written whole: held for the
+    /// budget, or, after a write that took only part of them, what is left
+    /// (the delivery's task writes it before anything else).
+    batch: Vec<Bytes>,
+    coalescer: Coalescer,
+    reads: ReadView,
+    allowed_unread: usize,
+    conn: Connection,
+    frame: Duration,
+    /// Frames (and bytes) the talker's task wrote.
+    direct: OutCount,
+}
+
+impl Writing {
+    /// Writes the batch, if it has to go now, with one poll: it fits the
+    /// stream, or the delivery's task takes over.
+    fn write_due(&mut self, now: std::time::Instant, at: std::time::Instant) -> Park {
+        if self.batch.is_empty() {
+            return Park::Writing;
+        }
+        if !self.coalescer.pending(now, self.batch.len()) {
+            return self
+                .coalescer
+                .poll_timeout()
+                .map_or(Park::Writing, Park::Held);
+        }
+        let before: usize = self.batch.iter().map(Bytes::len).sum();
+        let written = {
+            let write = std::pin::pin!(self.stream.write_all_chunks(&mut self.batch));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            write.poll(&mut cx)
+        };
+        // Quinn empties each chunk it took whole and advances the one it
+        // took part of.
+        let whole = self.batch.iter().take_while(|c| c.is_empty()).count();
+        let left: usize = self.batch[whole..].iter().map(Bytes::len).sum();
+        let sampled = self.sent / crate::metrics::LATENCY_SAMPLE
+            != (self.sent + whole) / crate::metrics::LATENCY_SAMPLE;
+        self.sent += whole;
+        self.direct.add_direct(whole as u64, (before - left) as u64);
+        self.batch.drain(..whole);
+        if sampled {
+            crate::metrics::Metrics::get()
+                .frame_relay_seconds
+                .record(at.elapsed().as_secs_f64());
+        }
+        match written {
+            std::task::Poll::Ready(Ok(())) => {
+                self.coalescer.written();
+                Park::Writing
+            }
+            // The delivery's task writes what is left and meets the error
+            // (or the blocked stream) itself.
+            std::task::Poll::Ready(Err(_)) | std::task::Poll::Pending => Park::Resume,
+        }
+    }
+}
+
+/// A [`Writing`] parked on its clip, with the way back to its task.
+struct Parked {
+    writing: Writing,
+    back: tokio::sync::oneshot::Sender<Writing>,
+}
+
+impl crate::live::ParkedWriter for Parked {
+    fn write(&mut self, index: usize, raw: &Bytes, at: std::time::Instant) -> Park {
+        let w = &mut self.writing;
+        let next = w.sent + w.batch.len();
+        if index < next {
+            // Appended before the delivery parked, and taken by it.
+            return w.coalescer.poll_timeout().map_or(Park::Writing, Park::Held);
+        }
+        if index > next {
+            return Park::Resume;
+        }
+        if let Some(read) = w.reads.frames()
+            && lag_exceeded(index + 1, read, w.sent, w.allowed_unread, || {
+                frames_in(w.conn.rtt(), w.frame)
+            })
+        {
+            return Park::Resume;
+        }
+        w.batch.push(raw.clone());
+        w.write_due(at, at)
+    }
+
+    fn flush(&mut self, now: std::time::Instant) -> Park {
+        self.writing.write_due(now, now)
+    }
+
+    fn resume(self: Box<Self>) {
+        let Parked { writing, back } = *self;
+        // A task that is gone dropped its end of `back`: the stream is
+        // dropped here and reset with its sink's code.
+        let _ = back.send(writing);
+    }
+}
+
+/// How parking a delivery went.
+enum Parking {
+    /// It was parked, and handed back as it stands now.
+    Back(Writing),
+    /// It was not parked: the clip moved on meanwhile.
+    NotParked(Writing),
+    /// It was lost (never: every parked writer is handed back or dropped
+    /// with its task).
+    Lost,
+}
+
+/// Parks `writing` on `clip` until the talker's task hands it back.
+async fn park(clip: &LiveClip, writing: Writing) -> Parking {
+    let (back, returned) = tokio::sync::oneshot::channel();
+    let due = writing.coalescer.poll_timeout();
+    let taken = writing.sent + writing.batch.len();
+    let key = match clip.park(taken, due, Parked { writing, back }) {
+        Ok(key) => key,
+        Err(parked) => return Parking::NotParked(parked.writing),
+    };
+    // If this task is dropped while parked, its stream leaves the clip too.
+    let _unpark = Unpark { clip, key };
+    match returned.await {
+        Ok(writing) => Parking::Back(writing),
+        Err(_) => Parking::Lost,
+    }
+}
+
+/// Takes a parked writer off its clip when its task is dropped.
+struct Unpark<'a> {
+    clip: &'a LiveClip,
+    key: u64,
+}
+
+impl Drop for Unpark<'_> {
+    fn drop(&mut self) {
+        self.clip.unpark(self.key);
+    }
+}
+
 /// The live latency budget of a group in `mode`, ms: its own
 /// (`group_budget_ms`) or the relay's, at most
 /// [`crate::config::MAX_LIVE_BUDGET_MS`]; walkie groups get each frame at
@@ -411,9 +604,10 @@ pub fn live_budget_ms(mode: GroupMode, group_budget_ms: Option<u32>, relay_budge
 /// every frame is written as soon as it arrives. With one, the first
 /// pending frame starts a timer of the budget; the frames that arrive
 /// meanwhile join it, and all are written together (one write, so one
-/// packet) when it fires, or at once when the clip ends. A member of a
-/// notes group with a 60 ms budget and 20 ms frames so gets a packet of
-/// three frames every 60 ms instead of three packets.
+/// packet) when they are as many as the budget holds, when the timer
+/// fires, or at once when the clip ends. A member of a notes group with a
+/// 60 ms budget and 20 ms frames so gets a packet of three frames every
+/// 60 ms instead of three packets.
 #[derive(Debug, Clone, Copy)]
 pub struct Coalescer {
     budget: Option<Duration>,
@@ -432,13 +626,16 @@ impl Coalescer {
         }
     }
 
-    /// Frames may be pending at `now`: whether to write them now. The
-    /// first pending frame arms the timer.
-    pub fn pending(&mut self, now: std::time::Instant) -> bool {
+    /// `held` frames are pending at `now`: whether to write them now. The
+    /// first pending frame arms the timer; they go when it fires, or as
+    /// soon as they are as many as the budget can hold (no later frame
+    /// could join them within it: a write every third 20 ms frame under a
+    /// 60 ms budget, as the coalescing floor writes).
+    pub fn pending(&mut self, now: std::time::Instant, held: usize) -> bool {
         let Some(budget) = self.budget else {
             return true;
         };
-        now >= *self.deadline.get_or_insert(now + budget)
+        now >= *self.deadline.get_or_insert(now + budget) || held >= self.held_frames
     }
 
     /// When the pending frames are to be written (`None`: nothing held).
@@ -463,12 +660,29 @@ impl Coalescer {
 struct OutCount {
     frames: u64,
     bytes: u64,
+    /// Of `frames`, those the talker's task wrote into a parked stream.
+    direct: u64,
 }
 
 impl OutCount {
     fn add(&mut self, bytes: usize) {
         self.frames += 1;
         self.bytes += bytes as u64;
+    }
+
+    /// `frames` whole frames and `bytes` (theirs, and part of the next
+    /// one's) written by the talker's task.
+    fn add_direct(&mut self, frames: u64, bytes: u64) {
+        self.frames += frames;
+        self.bytes += bytes;
+        self.direct += frames;
+    }
+
+    /// Takes over `other`'s counts.
+    fn absorb(&mut self, mut other: OutCount) {
+        self.frames += std::mem::take(&mut other.frames);
+        self.bytes += std::mem::take(&mut other.bytes);
+        self.direct += std::mem::take(&mut other.direct);
     }
 }
 
@@ -478,6 +692,9 @@ impl Drop for OutCount {
             let m = crate::metrics::Metrics::get();
             m.frames_out.increment(self.frames);
             m.bytes_out.increment(self.bytes);
+            if self.direct > 0 {
+                m.live_frames_direct.increment(self.direct);
+            }
         }
     }
 }
@@ -690,8 +907,10 @@ mod tests {
     }
 
     /// Issue #15 item 3, on a simulated clock: with a 60 ms budget and
-    /// 20 ms frames, the first frame arms a 60 ms timer, the next two join
-    /// it, all three go at the timer; the next frame arms a new one.
+    /// 20 ms frames, the first frame arms a 60 ms timer and the next ones
+    /// join it; the third fills what the budget holds, and all three go
+    /// then, as the coalescing floor writes. Fewer frames (a pause) go at
+    /// the timer.
     #[test]
     fn frames_wait_for_the_budget_then_go_together() {
         let t0 = std::time::Instant::now();
@@ -699,26 +918,31 @@ mod tests {
         let mut c = Coalescer::new(Duration::from_millis(60), Duration::from_millis(20));
         assert_eq!(c.held_frames(), 3);
         assert_eq!(c.poll_timeout(), None, "nothing held yet");
-        assert!(!c.pending(at(0)));
+        assert!(!c.pending(at(0), 1));
         assert_eq!(c.poll_timeout(), Some(at(60)));
         // Later frames join the first; they do not push the timer.
-        assert!(!c.pending(at(20)));
-        assert!(!c.pending(at(40)));
-        assert!(!c.pending(at(59)));
+        assert!(!c.pending(at(20), 2));
         assert_eq!(c.poll_timeout(), Some(at(60)));
-        assert!(c.pending(at(60)));
+        assert!(c.pending(at(40), 3), "three frames: the budget's worth");
         c.written();
         assert_eq!(c.poll_timeout(), None);
-        // A late wake-up writes at once what waited the budget or more.
-        assert!(!c.pending(at(80)));
+        // The talker pauses: what is held goes at the timer.
+        assert!(!c.pending(at(80), 1));
         assert_eq!(c.poll_timeout(), Some(at(140)));
-        assert!(c.pending(at(175)));
+        assert!(!c.pending(at(139), 1));
+        assert!(c.pending(at(140), 1));
+        c.written();
+        // A late wake-up writes at once what waited the budget or more.
+        assert!(!c.pending(at(200), 1));
+        assert!(c.pending(at(275), 2));
         c.written();
         // 60 ms frames under a 250 ms budget: up to 5 held.
         let mut long = Coalescer::new(Duration::from_millis(250), Duration::from_millis(60));
         assert_eq!(long.held_frames(), 5);
-        assert!(!long.pending(at(0)));
+        assert!(!long.pending(at(0), 1));
         assert_eq!(long.poll_timeout(), Some(at(250)));
+        assert!(!long.pending(at(240), 4));
+        assert!(long.pending(at(240), 5));
     }
 
     /// No budget, or one no longer than the clip's frames: every frame is
@@ -730,7 +954,7 @@ mod tests {
             let mut c = Coalescer::new(Duration::from_millis(budget), Duration::from_millis(frame));
             assert_eq!(c.held_frames(), 0, "{budget} ms budget, {frame} ms frames");
             for i in 0..5 {
-                assert!(c.pending(t0 + Duration::from_millis(i * frame)));
+                assert!(c.pending(t0 + Duration::from_millis(i * frame), 1));
                 assert_eq!(c.poll_timeout(), None);
                 c.written();
             }

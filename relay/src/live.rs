@@ -73,6 +73,71 @@ pub struct LiveClip {
     /// Signalled when `media_due` is set from none (an uplink frame came
     /// while the talker's task waited for its stream).
     media_due_set: tokio::sync::Notify,
+    /// Stream deliveries that are caught up: each new frame is written
+    /// into their streams by [`push_frame`](Self::push_frame) itself.
+    parked: Parking,
+}
+
+/// A member's live stream delivery, parked on its clip while it is caught
+/// up ([`LiveClip::park`]): the task that appends a frame writes it into
+/// the member's stream there and then (or, under a live latency budget,
+/// holds it and writes the held frames together when they are due), so a
+/// member costs no task wake per frame where its stream has room (issue
+/// #15 item 2). What cannot be written at once (the stream is blocked, the
+/// member is behind its reports, the clip ended) goes back to the
+/// delivery's own task, which resumes it ([`crate::delivery::deliver_live`]).
+///
+/// A trait, so that this module (the clip) does not depend on the one
+/// that writes (the delivery).
+pub trait ParkedWriter: Send {
+    /// Frame `index` (its framed message, `raw`) was appended at `at`:
+    /// write it, or hold it for the budget.
+    fn write(&mut self, index: usize, raw: &Bytes, at: std::time::Instant) -> Park;
+    /// Writes the held frames if they are due at `now`.
+    fn flush(&mut self, now: std::time::Instant) -> Park;
+    /// Hands the stream back to its delivery task.
+    fn resume(self: Box<Self>);
+}
+
+/// What a [`ParkedWriter`] needs after a write or a flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Park {
+    /// Nothing: it stays parked.
+    Writing,
+    /// It stays parked, with frames held until this instant: the clip's
+    /// talker calls [`LiveClip::flush_media_due`] then.
+    Held(std::time::Instant),
+    /// Back to its task: the write did not complete at once (what is left
+    /// of it is the task's to write), or the member must be checked
+    /// against the lag rule.
+    Resume,
+}
+
+/// The parked writers of a clip, by key.
+#[derive(Default)]
+struct Parking {
+    writers: std::sync::Mutex<Vec<(u64, Box<dyn ParkedWriter>)>>,
+    next_key: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Parking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parking").finish_non_exhaustive()
+    }
+}
+
+impl Parking {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Box<dyn ParkedWriter>)>> {
+        self.writers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Hands every parked writer back to its task.
+    fn resume_all(&self) {
+        let writers = std::mem::take(&mut *self.lock());
+        for (_, writer) in writers {
+            writer.resume();
+        }
+    }
 }
 
 /// Frames reserved up front: 15 s of 20 ms frames, a typical voice note,
@@ -97,6 +162,7 @@ impl LiveClip {
             finished: tokio::sync::Notify::new(),
             media_due: std::sync::Mutex::new(None),
             media_due_set: tokio::sync::Notify::new(),
+            parked: Parking::default(),
         })
     }
 
@@ -138,13 +204,15 @@ impl LiveClip {
     pub fn push_frame(&self, raw: Bytes, data: Bytes) {
         let now = std::time::Instant::now();
         let mut media = None;
+        let mut appended = 0;
         self.progress.send_modify(|p| {
             let index = p.data.len();
+            appended = index;
             let uplinked = !p.uplinked.is_empty() && p.uplinked.remove(&(index as u32)).is_some();
             if !p.media.is_empty() && !uplinked {
                 media = Some((p.media.clone(), index));
             }
-            p.raw.push(raw);
+            p.raw.push(raw.clone());
             p.data.push(data.clone());
             p.newest_at = now;
         });
@@ -153,6 +221,86 @@ impl LiveClip {
         {
             self.set_media_due(due);
         }
+        self.write_parked(appended, &raw, now);
+    }
+
+    /// Writes frame `index` (`raw`), just appended, into every parked
+    /// stream (or holds it there for the budget); a writer that cannot
+    /// take it goes back to its task. A writer parked after the append
+    /// already has it (parking counts the frames under the same lock) and
+    /// skips it.
+    fn write_parked(&self, index: usize, raw: &Bytes, at: std::time::Instant) {
+        self.each_parked(|writer| writer.write(index, raw, at));
+    }
+
+    /// Runs `step` on every parked writer; hands back those that ask for
+    /// it, and has the talker's task call back when held frames are due.
+    fn each_parked(&self, mut step: impl FnMut(&mut dyn ParkedWriter) -> Park) {
+        let mut due: Option<std::time::Instant> = None;
+        {
+            let mut writers = self.parked.lock();
+            let mut i = 0;
+            while i < writers.len() {
+                match step(&mut *writers[i].1) {
+                    Park::Writing => i += 1,
+                    Park::Held(at) => {
+                        due = Some(due.map_or(at, |d| d.min(at)));
+                        i += 1;
+                    }
+                    Park::Resume => writers.swap_remove(i).1.resume(),
+                }
+            }
+        }
+        if let Some(due) = due {
+            self.set_media_due(due);
+        }
+    }
+
+    /// Parks a stream delivery that has taken `taken` frames (written, or
+    /// held until `due`): if the clip is live and has no more frames than
+    /// that, `writer` gets every frame appended from now on
+    /// ([`ParkedWriter`]), until it goes back to its task (through the
+    /// writer itself: [`ParkedWriter::resume`]). Under the same lock as
+    /// the frames' writes, so no frame is written twice or skipped. The
+    /// key to [`unpark`](Self::unpark) it with, or the writer, not parked.
+    pub fn park<W: ParkedWriter + 'static>(
+        &self,
+        taken: usize,
+        due: Option<std::time::Instant>,
+        writer: W,
+    ) -> Result<u64, W> {
+        let key = {
+            let mut writers = self.parked.lock();
+            {
+                let progress = self.progress.borrow();
+                if progress.state != ClipState::Live || progress.raw.len() != taken {
+                    return Err(writer);
+                }
+            }
+            let key = self
+                .parked
+                .next_key
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            writers.push((key, Box::new(writer)));
+            key
+        };
+        if let Some(due) = due {
+            self.set_media_due(due);
+        }
+        Ok(key)
+    }
+
+    /// Drops the parked writer `key` if it is still parked (its task was
+    /// dropped: its stream is reset as the delivery's own would be).
+    pub fn unpark(&self, key: u64) {
+        let writer = {
+            let mut writers = self.parked.lock();
+            writers
+                .iter()
+                .position(|(k, _)| *k == key)
+                .map(|i| writers.swap_remove(i))
+        };
+        drop(writer);
     }
 
     /// When frames held for media members' `Frames` packets are next due
@@ -170,7 +318,8 @@ impl LiveClip {
         self.media_due_set.notified().await
     }
 
-    /// Sends the held frames whose budget is spent at `now`.
+    /// Sends the held frames whose budget is spent at `now`: media
+    /// members' and parked streams'.
     pub fn flush_media_due(&self, now: std::time::Instant) {
         let targets = self.progress.borrow().media.clone();
         *self
@@ -180,6 +329,7 @@ impl LiveClip {
         if let Some(due) = crate::media::flush_due(&targets, now) {
             self.set_media_due(due);
         }
+        self.each_parked(|writer| writer.flush(now));
     }
 
     fn set_media_due(&self, due: std::time::Instant) {
@@ -294,6 +444,7 @@ impl LiveClip {
     pub fn end(&self, seq: u64, waveform: Bytes) {
         self.progress
             .send_modify(|p| p.state = ClipState::Ended { seq, waveform });
+        self.parked.resume_all();
         self.finished.notify_waiters();
     }
 
@@ -307,6 +458,7 @@ impl LiveClip {
                 false
             }
         });
+        self.parked.resume_all();
         self.finished.notify_waiters();
     }
 

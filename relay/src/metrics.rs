@@ -71,6 +71,9 @@ pub struct Metrics {
     /// Bytes of `ClipFrame` messages (framing included) written to
     /// members.
     pub bytes_out: Counter,
+    /// Of `frames_out`, live frames the talker's task wrote straight into
+    /// a caught-up member's stream (no task wake of the member's own).
+    pub live_frames_direct: Counter,
     /// Live deliveries cut because the member fell behind.
     pub live_cuts: Counter,
     /// Clips delivered from the store on catch-up or recovery.
@@ -114,6 +117,7 @@ impl Metrics {
             bytes_in: counter!("ptt_bytes_in_total"),
             frames_out: counter!("ptt_frames_out_total"),
             bytes_out: counter!("ptt_bytes_out_total"),
+            live_frames_direct: counter!("ptt_live_frames_direct_total"),
             live_cuts: counter!("ptt_live_cuts_total"),
             catchup_deliveries: counter!("ptt_catchup_deliveries_total"),
             store_commit_seconds: histogram!("ptt_store_commit_seconds"),

@@ -61,26 +61,52 @@ enum Outcome {
     },
 }
 
+/// Notes members, frames held up to a 60 ms budget.
 #[tokio::test]
 async fn a_member_that_stops_reading_is_cut_whatever_its_window() {
-    let run = scenario(&[
-        Behaviour {
-            window: 64 * 1024,
-            reports: true,
-            stalls: true,
-        },
-        Behaviour {
-            window: 4 * 1024,
-            reports: true,
-            stalls: true,
-        },
-        // The control: reads throughout, with the large window.
-        Behaviour {
-            window: 64 * 1024,
-            reports: true,
-            stalls: false,
-        },
-    ])
+    stops_reading(60).await;
+}
+
+/// Each frame at once: the members' streams are written by the talker's
+/// task while they have room, and handed back to their delivery's task
+/// (a write cut short included) once they do not.
+#[tokio::test]
+async fn a_member_that_stops_reading_is_cut_whatever_its_window_frame_by_frame() {
+    stops_reading(0).await;
+}
+
+async fn stops_reading(budget_ms: u32) {
+    let run = scenario(
+        budget_ms,
+        &[
+            Behaviour {
+                window: 64 * 1024,
+                reports: true,
+                stalls: true,
+            },
+            Behaviour {
+                window: 4 * 1024,
+                reports: true,
+                stalls: true,
+            },
+            // The control: reads throughout, with the large window.
+            Behaviour {
+                window: 64 * 1024,
+                reports: true,
+                stalls: false,
+            },
+            // Reads throughout, through a window smaller than a frame
+            // (`FRAME_WIRE_LEN`): every write takes part of a frame and waits
+            // for the member's credit, and whoever wrote the first part (the
+            // talker's task, frame by frame) leaves the rest to the delivery's
+            // task.
+            Behaviour {
+                window: 40,
+                reports: true,
+                stalls: false,
+            },
+        ],
+    )
     .await;
     // The limit: LAG, plus one report interval, plus the round trip (a
     // frame on loopback).
@@ -96,29 +122,45 @@ async fn a_member_that_stops_reading_is_cut_whatever_its_window() {
         );
         assert_recovered(history, &run);
     }
-    let Outcome::Complete { frames, seq } = &run.outcomes[2] else {
-        panic!("the reading member was cut: {:?}", run.outcomes[2]);
-    };
-    assert_eq!(*frames, run.sent);
-    assert_eq!(*seq, run.seq);
+    for outcome in &run.outcomes[2..] {
+        let Outcome::Complete { frames, seq } = outcome else {
+            panic!("a reading member was cut: {outcome:?}");
+        };
+        assert_eq!(*frames, run.sent);
+        assert_eq!(*seq, run.seq);
+    }
 }
 
 #[tokio::test]
 async fn a_member_that_does_not_report_is_cut_when_its_window_fills() {
+    does_not_report(60).await;
+}
+
+/// As above, each frame at once (written by the talker's task until the
+/// window fills).
+#[tokio::test]
+async fn a_member_that_does_not_report_is_cut_when_its_window_fills_frame_by_frame() {
+    does_not_report(0).await;
+}
+
+async fn does_not_report(budget_ms: u32) {
     // Without reports the relay sees only its writes blocking: a 4 KiB
     // window (about 60 frames) fills, then the write waits `LAG` frames.
-    let run = scenario(&[
-        Behaviour {
-            window: 4 * 1024,
-            reports: false,
-            stalls: true,
-        },
-        Behaviour {
-            window: 64 * 1024,
-            reports: false,
-            stalls: false,
-        },
-    ])
+    let run = scenario(
+        budget_ms,
+        &[
+            Behaviour {
+                window: 4 * 1024,
+                reports: false,
+                stalls: true,
+            },
+            Behaviour {
+                window: 64 * 1024,
+                reports: false,
+                stalls: false,
+            },
+        ],
+    )
     .await;
     let Outcome::Cut { code, lag, history } = &run.outcomes[0] else {
         panic!("stalled member was not cut: {:?}", run.outcomes[0]);
@@ -228,13 +270,15 @@ struct Run {
 }
 
 /// A notes group where alice talks `CLIP_FRAMES` frames, one every 20 ms,
-/// to one bare member per behaviour.
-async fn scenario(members: &[Behaviour]) -> Run {
+/// to one bare member per behaviour, under a live latency budget of
+/// `budget_ms`.
+async fn scenario(budget_ms: u32, members: &[Behaviour]) -> Run {
     // Notes groups coalesce (issue #15): the lag rule must hold with the
-    // frames a budget holds back (3 here).
+    // frames a budget holds back (3 at 60 ms), and without a budget, where
+    // the talker's task writes into the members' streams.
     let relay = TestRelay::start_with(|c| {
         c.live_lag_frames = LAG;
-        c.live_budget_ms = 60;
+        c.live_budget_ms = budget_ms;
     })
     .await;
     let names: Vec<String> = (0..members.len()).map(|i| format!("m{i}")).collect();

@@ -98,7 +98,7 @@ impl NatsServer {
             .unwrap_or_else(|e| panic!("starting {}: {e}", self.binary.display()));
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while !self.greets() {
             assert!(
                 Instant::now() < deadline,
                 "nats-server did not start listening"
@@ -111,6 +111,21 @@ impl NatsServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+impl NatsServer {
+    /// Whether the server accepts a connection and greets it with its
+    /// `INFO` line (a listening socket alone is not enough: a client that
+    /// connected while the server was still starting has been seen reset).
+    fn greets(&self) -> bool {
+        use std::io::Read;
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut info = [0u8; 4];
+        stream.read_exact(&mut info).is_ok() && &info == b"INFO"
     }
 }
 
