@@ -5,8 +5,12 @@
 //! bytes it received, as a [`Bytes`] shared by all receivers, never copied)
 //! and wakes the receivers through a [`tokio::sync::watch`] channel. Each
 //! receiver keeps its own position, so a late joiner starts at frame 0 and a
-//! slow receiver falls behind alone: the talker never waits for anyone. A
-//! transcoded WAV upload is delivered through the same type, filled at once.
+//! slow receiver falls behind alone: the talker never waits for anyone.
+//! Receivers that are caught up do not wait for the wake: they park their
+//! stream on the clip ([`LiveClip::park`]) and the appending task writes
+//! into it ([`ParkedWriter`]) for as long as the stream takes each write at
+//! once. A transcoded WAV upload is delivered through the same type, filled
+//! at once.
 
 use std::sync::{Arc, PoisonError};
 
