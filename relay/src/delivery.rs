@@ -271,13 +271,6 @@ struct ReadCount {
     stream: u64,
 }
 
-impl ReadCount {
-    /// Frames the member says it has read, `None` if it does not report.
-    fn frames(&self) -> Option<usize> {
-        self.view.frames()
-    }
-}
-
 impl Drop for ReadCount {
     fn drop(&mut self) {
         self.view
@@ -314,11 +307,15 @@ pub async fn deliver_live(
     // The backlog a late joiner starts with is allowed; beyond it, only
     // `max_frames` more.
     let allowed_lag = rx.borrow().raw.len().max(lag.max_frames) + held;
+    let count = reads.track(stream.quic_id().into());
     let mut reading = Reading {
-        conn,
-        count: reads.track(stream.quic_id().into()),
-        frame,
-        allowed_unread: allowed_lag + frames_in(ptt_protocol::LIVE_READ_INTERVAL, frame),
+        rule: LagRule {
+            reads: count.view.clone(),
+            allowed_unread: allowed_lag + frames_in(ptt_protocol::LIVE_READ_INTERVAL, frame),
+            conn: conn.clone(),
+            frame,
+        },
+        _count: count,
         progress: clip.subscribe(),
         max_stall: lag.max_stall,
     };
@@ -383,10 +380,7 @@ pub async fn deliver_live(
                     sent,
                     batch,
                     coalescer,
-                    reads: reading.count.view.clone(),
-                    allowed_unread: reading.allowed_unread,
-                    conn: conn.clone(),
-                    frame,
+                    rule: reading.rule.clone(),
                     direct: OutCount::default(),
                 };
                 let (back, parked) = match park(clip, writing).await {
@@ -451,26 +445,28 @@ struct Writing {
     /// (the delivery's task writes it before anything else).
     batch: Vec<Bytes>,
     coalescer: Coalescer,
-    reads: ReadView,
-    allowed_unread: usize,
-    conn: Connection,
-    frame: Duration,
+    rule: LagRule,
     /// Frames (and bytes) the talker's task wrote.
     direct: OutCount,
 }
 
 impl Writing {
-    /// Writes the batch, if it has to go now, with one poll: it fits the
-    /// stream, or the delivery's task takes over.
-    fn write_due(&mut self, now: std::time::Instant, at: std::time::Instant) -> Park {
+    /// Staying parked: with frames held until the budget's deadline, if
+    /// any.
+    fn stay(&self) -> Park {
+        self.coalescer
+            .poll_timeout()
+            .map_or(Park::Writing, Park::Held)
+    }
+
+    /// Writes the batch, if it has to go at `now`, with one poll: it fits
+    /// the stream, or the delivery's task takes over.
+    fn write_due(&mut self, now: std::time::Instant) -> Park {
         if self.batch.is_empty() {
             return Park::Writing;
         }
         if !self.coalescer.pending(now, self.batch.len()) {
-            return self
-                .coalescer
-                .poll_timeout()
-                .map_or(Park::Writing, Park::Held);
+            return self.stay();
         }
         let before: usize = self.batch.iter().map(Bytes::len).sum();
         let written = {
@@ -490,7 +486,7 @@ impl Writing {
         if sampled {
             crate::metrics::Metrics::get()
                 .frame_relay_seconds
-                .record(at.elapsed().as_secs_f64());
+                .record(now.elapsed().as_secs_f64());
         }
         match written {
             std::task::Poll::Ready(Ok(())) => {
@@ -516,24 +512,18 @@ impl crate::live::ParkedWriter for Parked {
         let next = w.sent + w.batch.len();
         if index < next {
             // Appended before the delivery parked, and taken by it.
-            return w.coalescer.poll_timeout().map_or(Park::Writing, Park::Held);
+            return w.stay();
         }
-        if index > next {
-            return Park::Resume;
-        }
-        if let Some(read) = w.reads.frames()
-            && lag_exceeded(index + 1, read, w.sent, w.allowed_unread, || {
-                frames_in(w.conn.rtt(), w.frame)
-            })
-        {
+        // A gap, or a member near the lag limit: its task checks it.
+        if index > next || w.rule.too_far_behind(index + 1, w.sent) {
             return Park::Resume;
         }
         w.batch.push(raw.clone());
-        w.write_due(at, at)
+        w.write_due(at)
     }
 
     fn flush(&mut self, now: std::time::Instant) -> Park {
-        self.writing.write_due(now, now)
+        self.writing.write_due(now)
     }
 
     fn resume(self: Box<Self>) {
@@ -701,12 +691,10 @@ impl Drop for OutCount {
 
 /// One live delivery's lag rules: how far behind its reported reading a
 /// member may be, and how long a write may block.
-struct Reading<'a> {
-    conn: &'a Connection,
-    count: ReadCount,
-    frame: Duration,
-    /// Frames the talker may be ahead of the member's last report.
-    allowed_unread: usize,
+struct Reading {
+    rule: LagRule,
+    /// Keeps the member's reports of this stream counted.
+    _count: ReadCount,
     /// The clip's progress, read while a write is blocked (the delivery
     /// loop keeps its own receiver, so this one never hides a change from
     /// it).
@@ -714,22 +702,39 @@ struct Reading<'a> {
     max_stall: Duration,
 }
 
-impl Reading<'_> {
+/// One live delivery's lag rule by the member's reports, applied by its
+/// task and, while it is parked, by the talker's task.
+#[derive(Clone)]
+struct LagRule {
+    reads: ReadView,
+    /// Frames the talker may be ahead of the member's last report.
+    allowed_unread: usize,
+    conn: Connection,
+    frame: Duration,
+}
+
+impl LagRule {
     /// Whether the talker, at `available` frames, is too far ahead of what
     /// the member reported reading; it cannot have read more than the
     /// `sent` frames written to it. A report is up to a round trip old: the
     /// RTT is only looked up when the member is near the limit.
     fn too_far_behind(&self, available: usize, sent: usize) -> bool {
-        let Some(read) = self.count.frames() else {
+        let Some(read) = self.reads.frames() else {
             return false;
         };
         let behind = lag_exceeded(available, read, sent, self.allowed_unread, || {
             frames_in(self.conn.rtt(), self.frame)
         });
         if behind {
-            tracing::debug!(available, read, "live receiver behind its reports: cut");
+            tracing::debug!(available, read, "live receiver behind its reports");
         }
         behind
+    }
+}
+
+impl Reading {
+    fn too_far_behind(&self, available: usize, sent: usize) -> bool {
+        self.rule.too_far_behind(available, sent)
     }
 
     /// Writes one message, after `sent` frames; false if the stream failed,
@@ -997,7 +1002,7 @@ mod tests {
         let reads = LiveReads::default();
         let a = reads.track(3);
         let b = reads.track(7);
-        assert_eq!(a.frames(), None, "a connection that never reported");
+        assert_eq!(a.view.frames(), None, "a connection that never reported");
         let mut datagram = BytesMut::new();
         live_read(&mut datagram, 3, 25);
         // Another message type, then a report for a stream that is not live.
@@ -1005,13 +1010,13 @@ mod tests {
         live_read(&mut datagram, 11, 99);
         live_read(&mut datagram, 7, 50);
         reads.receive(datagram.freeze());
-        assert_eq!(a.frames(), Some(25));
-        assert_eq!(b.frames(), Some(50));
+        assert_eq!(a.view.frames(), Some(25));
+        assert_eq!(b.view.frames(), Some(50));
         // An older report arriving late changes nothing.
         let mut old = BytesMut::new();
         live_read(&mut old, 3, 10);
         reads.receive(old.freeze());
-        assert_eq!(a.frames(), Some(25));
+        assert_eq!(a.view.frames(), Some(25));
     }
 
     #[test]
@@ -1026,7 +1031,7 @@ mod tests {
         let mut big = BytesMut::new();
         live_read(&mut big, 3, u64::from(u32::MAX) + 5);
         reads.receive(big.freeze());
-        assert_eq!(a.frames(), None);
+        assert_eq!(a.view.frames(), None);
         drop(a);
         assert!(reads.0.streams.lock().unwrap().is_empty());
     }
